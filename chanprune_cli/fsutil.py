@@ -1,0 +1,49 @@
+"""Safe output files: refuse surprise overwrites, check writability early, write atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UserError
+
+
+def check_output(path: str | os.PathLike[str], force: bool = False) -> Path:
+    """Fail fast (before any long computation) if `path` cannot or should not be written."""
+    out = Path(path)
+    if out.exists() and out.is_dir():
+        raise UserError(f"output {out} is a directory; give a file path")
+    if out.exists() and not force:
+        raise UserError(f"output {out} already exists; pass --force to overwrite it")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"output directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output directory {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in the destination's directory; rename it over `path` on success.
+
+    On any exception (Ctrl-C included) the temporary file is removed, so no partial output remains.
+    """
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, out)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,67 @@
+"""Record and restore the channel-shape attributes of a pruned model's modules.
+
+A pruned chanprune checkpoint is reloaded by building the base architecture, restoring these
+attributes and the parameter shapes, then loading the weights: no pickle, no graph tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Attributes that surgery may change; every module that has one is recorded.
+SHAPE_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "groups",
+    "num_features",
+    "in_features",
+    "out_features",
+    "num_groups",
+    "num_channels",
+    "normalized_shape",
+    "num_parameters",
+    "pad_front",
+    "pad_back",
+)
+
+
+def _json_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def shape_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Channel-shape attributes of every module that has any, keyed by qualified module name."""
+    record: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        attrs = {a: _json_value(getattr(module, a)) for a in SHAPE_ATTRS if isinstance(getattr(module, a, None), (int, tuple))}
+        if attrs:
+            record[name] = attrs
+    return record
+
+
+def apply_shape_attrs(model: nn.Module, record: dict[str, dict[str, Any]], tensor_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Set recorded attributes and resize parameters/buffers to `tensor_shapes` (values come later).
+
+    Raises KeyError naming the module when `record` names a module the model does not have.
+    """
+    modules = dict(model.named_modules())
+    for name, attrs in record.items():
+        if name not in modules:
+            raise KeyError(name)
+        module = modules[name]
+        for attr, value in attrs.items():
+            if hasattr(module, attr):
+                setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for module_name, module in modules.items():
+        prefix = f"{module_name}." if module_name else ""
+        for pname, param in list(module.named_parameters(recurse=False)):
+            shape = tensor_shapes.get(prefix + pname)
+            if shape is not None and tuple(param.shape) != tuple(shape):
+                setattr(module, pname, nn.Parameter(torch.empty(shape, dtype=param.dtype), requires_grad=param.requires_grad))
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            shape = tensor_shapes.get(prefix + bname)
+            if buf is not None and shape is not None and tuple(buf.shape) != tuple(shape):
+                module.register_buffer(bname, torch.empty(shape, dtype=buf.dtype))
