@@ -1,0 +1,729 @@
+"""Trace a model and find its groups of coupled channels (DESIGN §2).
+
+How it works. The model is traced with torch.fx (in eval *and* train mode, so auxiliary heads
+count) and run once on a random input to learn every tensor's shape and every Python value (sizes,
+split points). Then each tensor is given a *label tensor* of the same shape whose elements are
+channel ids: every producer (conv/linear output), consumer input, norm entry and pad position is a
+"slot" with an id in a union-find. Ops that mix channels the same way for every element (add,
+mul, cat, split, view, permute, pad, pooling, ...) are replayed on the labels themselves, and ids
+that must be removed together are unioned. A *class* is a union-find set: the slots that stand or
+fall together. A *group* is a set of classes that share producer layers; it gets one score vector.
+
+Anything the engine cannot follow pins the ids it touches, with a reason naming the op: a pinned
+class is never removed, so the engine may be conservative but never silently wrong. The surgery
+module's equivalence check then proves each pruned model against the masked original.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from torchvision.ops import stochastic_depth
+
+from .errors import UserError
+from .layers import OptionAShortcut
+
+UNTRACKED = -1
+
+# A slot: (owner module qualified name, kind, index). Kinds:
+#   out / in   output / input channel of a conv or linear (local index within a conv group)
+#   dw         channel of a depthwise conv (its input channel and the output channels it feeds)
+#   norm       per-channel entry of BatchNorm / InstanceNorm / PReLU
+#   gnorm      one GroupNorm group (its channels always fall together)
+#   pad_front / pad_back   one zero channel of an OptionAShortcut
+Slot = tuple[str, str, int]
+PRODUCER_KINDS = ("out", "dw")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+# Leaf modules that act on every element independently: channel ids pass straight through.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+# Leaf modules that act on each channel's spatial map independently (channel axis 1).
+_PER_CHANNEL_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+)
+_STRUCTURAL_MODULES = (nn.Flatten, nn.Unflatten)
+
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+    torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, operator.neg,
+    stochastic_depth,  # scales whole samples: every channel alike
+}
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
+    "contiguous", "float", "double", "half", "bfloat16", "to", "type_as", "detach", "clone",
+    "exp", "abs", "neg", "sqrt", "rsqrt", "hardtanh_",
+}
+_BINARY_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.maximum, torch.minimum,
+}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum"}
+_PER_CHANNEL_SPATIAL_FUNCTIONS = {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate,
+}
+# Ops replayed on the label tensors themselves.
+_STRUCTURAL_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
+    torch.concatenate, torch.stack, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze,
+    torch.narrow, torch.movedim, operator.getitem, F.pad, torch.unflatten,
+}
+_STRUCTURAL_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "chunk",
+    "split", "narrow", "movedim", "unflatten", "expand", "expand_as", "repeat", "t",
+}
+_RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+# Ops whose tensor inputs only contribute their shape (or nothing channel-wise).
+_SHAPE_ONLY = {"size", "dim", "numel", getattr, torch.numel, "new_zeros", "new_ones", "new_empty",
+               torch.zeros_like, torch.ones_like, torch.empty_like, torch._assert}
+
+
+@dataclass
+class ChannelGroup:
+    """Coupled channels that must lose the same indices; scored as one vector."""
+
+    id: int
+    name: str
+    members: list[str]
+    classes: list[list[Slot]]
+    pinned: dict[int, str] = field(default_factory=dict)  # class index -> why it must stay
+
+    @property
+    def channels(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prunable_classes(self) -> list[int]:
+        return [i for i in range(len(self.classes)) if i not in self.pinned]
+
+    @property
+    def prunable(self) -> bool:
+        return self.channels >= 2 and len(self.prunable_classes) >= 1
+
+    @property
+    def reason(self) -> str | None:
+        """Why the group (or part of it) cannot be pruned; None when fully prunable."""
+        reasons = sorted(set(self.pinned.values()))
+        if not reasons and self.prunable:
+            return None
+        if not reasons:
+            return "a single channel"
+        text = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+        if self.prunable:
+            return f"{len(self.pinned)} of {self.channels} channels kept: {text}"
+        return text
+
+
+@dataclass
+class ModuleCost:
+    """What a conv/linear costs per unit of its channel counts (MACs = counts × `per_unit`)."""
+
+    kind: str  # "conv" | "depthwise" | "linear"
+    per_unit: int  # kernel elements × output positions (× tokens for linear)
+    groups: int
+
+
+@dataclass
+class ChannelGraph:
+    groups: list[ChannelGroup]
+    costs: dict[str, ModuleCost]
+    input_shape: tuple[int, ...]
+    unfollowed: list[str]  # ops the engine could not follow (their channels are pinned)
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.slot_of: list[Slot | None] = []
+        self.id_of: dict[Slot, int] = {}
+        self.pin_reason: dict[int, str] = {}
+
+    def new(self, slot: Slot | None = None) -> int:
+        if slot is not None and slot in self.id_of:
+            return self.id_of[slot]
+        i = len(self.parent)
+        self.parent.append(i)
+        self.slot_of.append(slot)
+        if slot is not None:
+            self.id_of[slot] = i
+        return i
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        # Shrink to the axes along which either varies: labels are mostly broadcast vectors.
+        keep = set(_varying_axes(a)) | set(_varying_axes(b))
+        for axis in range(a.dim()):
+            if axis not in keep and a.shape[axis] > 1:
+                a, b = a.narrow(axis, 0, 1), b.narrow(axis, 0, 1)
+        mask = (a >= 0) & (b >= 0) & (a != b)
+        if mask.any():
+            pairs = torch.stack([a[mask], b[mask]]).unique(dim=1)
+            for x, y in pairs.t().tolist():
+                self.union(x, y)
+
+    def pin(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
+        values = ids.unique().tolist() if isinstance(ids, torch.Tensor) else set(ids)
+        for i in values:
+            if i >= 0:
+                self.pin_reason.setdefault(i, reason)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, OptionAShortcut) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph)
+
+
+@dataclass
+class _Shape:
+    shape: tuple[int, ...]
+
+
+def _summarize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _Shape(tuple(value.shape))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_summarize(v) for v in value) if not hasattr(value, "_fields") else tuple(_summarize(v) for v in value)
+    return value
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced model once, keeping shapes of tensors and values of everything else."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n] = _summarize(result)
+        return result
+
+
+def _varying_axes(t: torch.Tensor) -> list[int]:
+    axes = []
+    for a in range(t.dim()):
+        if t.shape[a] > 1 and t.stride(a) != 0 and not bool((t == t.narrow(a, 0, 1)).all()):
+            axes.append(a)
+    return axes
+
+
+class _Propagator:
+    """Walks one traced graph, replaying channel-mixing ops on label tensors."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], uf: _UnionFind,
+                 costs: dict[str, ModuleCost], unfollowed: list[str]) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.values = values
+        self.uf = uf
+        self.costs = costs
+        self.unfollowed = unfollowed
+        self.labels: dict[fx.Node, Any] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _label(self, arg: Any) -> torch.Tensor | None:
+        """Label tensor of a node argument, or None when it is not a tensor."""
+        if isinstance(arg, fx.Node):
+            lab = self.labels.get(arg)
+            if isinstance(lab, torch.Tensor):
+                return lab
+            meta = self.values.get(arg)
+            if isinstance(meta, _Shape):
+                return torch.full((1,), UNTRACKED, dtype=torch.long).expand(meta.shape)
+        return None
+
+    def _concrete(self, arg: Any, for_labels: bool) -> Any:
+        def convert(a: fx.Node) -> Any:
+            if for_labels:
+                lab = self.labels.get(a)
+                if lab is not None:
+                    return lab.contiguous() if isinstance(lab, torch.Tensor) else tuple(
+                        x.contiguous() if isinstance(x, torch.Tensor) else x for x in lab)
+                if isinstance(self.values.get(a), _Shape):
+                    return torch.full(self.values[a].shape, UNTRACKED, dtype=torch.long)
+            return self.values.get(a)
+
+        return fx.node.map_arg(arg, convert)
+
+    def _tensor_inputs(self, node: fx.Node) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+
+        def collect(a: fx.Node) -> None:
+            lab = self.labels.get(a)
+            if isinstance(lab, tuple):
+                out.extend(t for t in lab if isinstance(t, torch.Tensor))
+            elif (t := self._label(a)) is not None:
+                out.append(t)
+
+        fx.node.map_arg((node.args, node.kwargs), collect)
+        return out
+
+    def _pin_inputs(self, node: fx.Node, reason: str) -> None:
+        tracked = [t for t in self._tensor_inputs(node) if bool((t >= 0).any())]
+        if tracked:
+            self.unfollowed.append(reason)
+            for t in tracked:
+                self.uf.pin(t[t >= 0], reason)
+
+    def _untracked_output(self, node: fx.Node) -> None:
+        self.labels[node] = None
+
+    def _channel_vector(self, lab: torch.Tensor, axis: int, node: fx.Node, what: str) -> torch.Tensor:
+        """The ids along `axis`; pins and returns untracked ids when they also vary elsewhere."""
+        axis = axis % lab.dim()
+        index: list[Any] = [0] * lab.dim()
+        index[axis] = slice(None)
+        vec = lab[tuple(index)]
+        if any(a != axis for a in _varying_axes(lab)):
+            reason = f"channels mixed with other axes before {what} ({node.name})"
+            self.unfollowed.append(reason)
+            self.uf.pin(lab[lab >= 0], reason)
+            return torch.full_like(vec, UNTRACKED)
+        return vec
+
+    @staticmethod
+    def _broadcast_vec(vec: torch.Tensor, axis: int, shape: Sequence[int]) -> torch.Tensor:
+        view = [1] * len(shape)
+        view[axis % len(shape)] = vec.numel()
+        return vec.view(view).expand(tuple(shape))
+
+    def _out_shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        meta = self.values.get(node)
+        return meta.shape if isinstance(meta, _Shape) else None
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self._untracked_output(node)
+            elif node.op == "output":
+                for t in self._tensor_inputs(node):
+                    self.uf.pin(t[t >= 0], "model output")
+            elif node.op == "call_module":
+                self._call_module(node)
+            else:
+                self._call_op(node)
+
+    def _call_module(self, node: fx.Node) -> None:
+        name = str(node.target)
+        m = self.modules[name]
+        x = self._label(node.args[0]) if node.args else None
+        shape = self._out_shape(node)
+        if isinstance(m, _CONV) and x is not None and shape is not None:
+            self._conv(node, name, m, x, shape)
+        elif isinstance(m, _CONV_T) and m.groups == 1 and x is not None and shape is not None:
+            vec = self._channel_vector(x, 1, node, name)
+            for j, i in enumerate(vec.tolist()):
+                self._link(self.uf.new((name, "in", j)), i)
+            self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_channels), 1, shape)
+            self.costs[name] = ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]) * 1, 1)
+        elif isinstance(m, nn.Linear) and x is not None and shape is not None:
+            vec = self._channel_vector(x, -1, node, name)
+            for j, i in enumerate(vec.tolist()):
+                self._link(self.uf.new((name, "in", j)), i)
+            self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_features), -1, shape)
+            self.costs[name] = ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1)
+        elif isinstance(m, (*_BATCHNORM, *_INSTANCENORM)) or (isinstance(m, nn.PReLU) and m.num_parameters > 1):
+            self._per_channel_member(node, name, x, "norm")
+        elif isinstance(m, nn.GroupNorm) and x is not None:
+            self._group_norm(node, name, m, x)
+        elif isinstance(m, nn.LayerNorm) and x is not None:
+            normalized = range(x.dim() - len(m.normalized_shape), x.dim())
+            if any(a in normalized for a in _varying_axes(x)):
+                self._pin_inputs(node, f"LayerNorm {name} normalises over channels (removing one changes its statistics)")
+                self._untracked_output(node)
+            else:
+                self.labels[node] = x
+        elif isinstance(m, (*_ELEMENTWISE_MODULES, nn.PReLU)):
+            self.labels[node] = x
+        elif isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)) and x is not None:
+            if (m.dim if m.dim is not None else -1) % x.dim() in _varying_axes(x):
+                self._pin_inputs(node, f"{type(m).__name__} {name} mixes channels")
+                self._untracked_output(node)
+            else:
+                self.labels[node] = x
+        elif isinstance(m, _PER_CHANNEL_SPATIAL_MODULES) and x is not None and shape is not None:
+            self._per_channel_spatial(node, x, shape, name)
+        elif isinstance(m, _STRUCTURAL_MODULES):
+            self._structural(node, lambda *a, **k: m(*a, **k), literal_sizes=True)
+        elif isinstance(m, OptionAShortcut) and x is not None:
+            vec = self._channel_vector(x, 1, node, name)
+            front = self._fresh(name, "pad_front", m.pad_front)
+            back = self._fresh(name, "pad_back", m.pad_back)
+            if shape is not None:
+                self.labels[node] = self._broadcast_vec(torch.cat([front, vec, back]), 1, shape)
+        else:
+            self._pin_inputs(node, f"unsupported module {type(m).__name__} ({name})")
+            self._untracked_output(node)
+
+    def _fresh(self, owner: str, kind: str, count: int) -> torch.Tensor:
+        return torch.tensor([self.uf.new((owner, kind, k)) for k in range(count)], dtype=torch.long)
+
+    def _link(self, slot_id: int, label: int) -> None:
+        if label >= 0:
+            self.uf.union(slot_id, label)
+
+    def _conv(self, node: fx.Node, name: str, m: nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> None:
+        vec = self._channel_vector(x, 1, node, name)
+        cin, cout, g = m.in_channels, m.out_channels, m.groups
+        spatial = math.prod(m.kernel_size) * math.prod(shape[2:])
+        if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
+            mult = cout // cin
+            ids = []
+            for j, i in enumerate(vec.tolist()):
+                sid = self.uf.new((name, "dw", j))
+                if i >= 0:
+                    self.uf.union(sid, i)
+                else:
+                    self.uf.pin([sid], f"depthwise conv {name} reads a fixed input")
+                ids.extend([sid] * mult)
+            out = torch.tensor(ids, dtype=torch.long)
+            self.costs[name] = ModuleCost("depthwise", spatial * mult, g)
+        else:
+            cpg, opg = cin // g, cout // g
+            for j, i in enumerate(vec.tolist()):
+                self._link(self.uf.new((name, "in", j % cpg)), i)
+            local = self._fresh(name, "out", opg)
+            out = local.repeat(g)
+            self.costs[name] = ModuleCost("conv", spatial, g)
+        self.labels[node] = self._broadcast_vec(out, 1, shape)
+
+    def _per_channel_member(self, node: fx.Node, name: str, x: torch.Tensor | None, kind: str) -> None:
+        if x is None:
+            self._untracked_output(node)
+            return
+        vec = self._channel_vector(x, 1, node, name)
+        for c, i in enumerate(vec.tolist()):
+            self._link(self.uf.new((name, kind, c)), i)
+        self.labels[node] = x
+
+    def _group_norm(self, node: fx.Node, name: str, m: nn.GroupNorm, x: torch.Tensor) -> None:
+        vec = self._channel_vector(x, 1, node, name)
+        per = m.num_channels // m.num_groups
+        for grp in range(m.num_groups):
+            sid = self.uf.new((name, "gnorm", grp))
+            for i in vec[grp * per:(grp + 1) * per].tolist():
+                if i >= 0:
+                    self.uf.union(sid, i)
+                else:
+                    self.uf.pin([sid], f"GroupNorm {name} mixes fixed channels")
+        self.labels[node] = x
+
+    def _per_channel_spatial(self, node: fx.Node, x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        vec = self._channel_vector(x, 1, node, what)
+        self.labels[node] = self._broadcast_vec(vec, 1, shape) if bool((vec >= 0).any()) else None
+
+    def _call_op(self, node: fx.Node) -> None:
+        target = node.target
+        is_method = node.op == "call_method"
+        inputs = self._tensor_inputs(node)
+        tracked = [t for t in inputs if bool((t >= 0).any())]
+        shape = self._out_shape(node)
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+        container = self.labels.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if target is operator.getitem and isinstance(container, tuple):
+            self.labels[node] = container[self._concrete(node.args[1], for_labels=False)]
+            return
+        if not tracked:
+            self._untracked_output(node)
+            return
+        if target in _SHAPE_ONLY or (is_method and target in _SHAPE_ONLY):
+            self._untracked_output(node)
+        elif (target in _ELEMENTWISE_FUNCTIONS or (is_method and target in _ELEMENTWISE_METHODS)) and len(tracked) == 1 and shape is not None:
+            first = self._label(node.args[0])
+            if first is not None and tuple(first.shape) == shape and len(inputs) == 1:
+                self.labels[node] = first
+            else:
+                self._binary(node, shape)
+        elif target in _BINARY_FUNCTIONS or (is_method and target in _BINARY_METHODS):
+            if shape is None:
+                self._pin_inputs(node, f"{name} ({node.name}) gives a non-tensor")
+                self._untracked_output(node)
+            else:
+                self._binary(node, shape)
+        elif target in _PER_CHANNEL_SPATIAL_FUNCTIONS and shape is not None and (x := self._label(node.args[0])) is not None:
+            self._per_channel_spatial(node, x, shape, name)
+        elif target in _REDUCTIONS or (is_method and target in _REDUCTIONS):
+            self._reduction(node, shape)
+        elif target in _STRUCTURAL_FUNCTIONS or (is_method and target in _STRUCTURAL_METHODS):
+            fn: Callable[..., Any] = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if is_method else target  # type: ignore[assignment]
+            self._structural(node, fn, literal_sizes=False)
+        else:
+            self._pin_inputs(node, f"unsupported op {name} ({node.name})")
+            self._untracked_output(node)
+
+    def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> None:
+        """Elementwise op: ids meeting at one position are unioned; a tracked channel meeting a
+        fixed per-channel tensor is pinned (that tensor cannot be sliced)."""
+        labs = [self._label(a) for a in (*node.args, *node.kwargs.values())]
+        labs = [t for t in labs if t is not None]
+        full = [t.expand(shape) if t.dim() == len(shape) else t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)).expand(shape) for t in labs]
+        tracked = [f for f in full if bool((f >= 0).any())]
+        base = tracked[0]
+        for other, orig in zip(full, labs):
+            if other is base:
+                continue
+            self.uf.union_pairs(base, other)
+            # Elements where a tracked id meets an untracked value that differs per channel.
+            if bool(((other < 0) & (base >= 0)).any()) or bool(((base < 0) & (other >= 0)).any()):
+                aligned = (1,) * (len(shape) - orig.dim()) + tuple(orig.shape)
+                axes = set(_varying_axes(base)) | set(_varying_axes(other))
+                if any(aligned[a] > 1 for a in axes):
+                    mixed = torch.where(base >= 0, base, other)
+                    bad = mixed[((other < 0) & (base >= 0)) | ((base < 0) & (other >= 0))]
+                    reason = f"{node.name} combines channels with a fixed per-channel tensor"
+                    self.unfollowed.append(reason)
+                    self.uf.pin(bad, reason)
+        merged = base
+        for other in tracked[1:]:
+            merged = torch.where(merged >= 0, merged, other)
+        self.labels[node] = merged
+
+    def _reduction(self, node: fx.Node, shape: tuple[int, ...] | None) -> None:
+        x = self._label(node.args[0])
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = self._concrete(dims, for_labels=False)
+        keepdim = bool(self._concrete(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False), for_labels=False))
+        if x is None or dims is None or shape is None:
+            self._pin_inputs(node, f"reduction over all axes ({node.name})")
+            self._untracked_output(node)
+            return
+        dims_list = [d % x.dim() for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        varying = _varying_axes(x)
+        if any(d in varying for d in dims_list):
+            self._pin_inputs(node, f"reduction over channels ({node.name})")
+            self._untracked_output(node)
+            return
+        out = x
+        for d in sorted(dims_list, reverse=True):
+            out = out.narrow(d, 0, 1)
+            if not keepdim:
+                out = out.squeeze(d)
+        self.labels[node] = out.expand(shape) if tuple(out.shape) != shape else out
+
+    def _structural(self, node: fx.Node, fn: Callable[..., Any], literal_sizes: bool) -> None:
+        args = self._concrete(node.args, for_labels=True)
+        kwargs = self._concrete(node.kwargs, for_labels=True)
+        target = node.target
+        if target is F.pad:
+            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            if mode != "constant":
+                self._pin_inputs(node, f"non-constant pad ({node.name})")
+                self._untracked_output(node)
+                return
+            kwargs = {"mode": "constant", "value": UNTRACKED}
+            args = args[:2]
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # the op behaves differently on labels: cannot follow it
+            self._pin_inputs(node, f"cannot follow {node.name}: {type(exc).__name__}")
+            self._untracked_output(node)
+            return
+        inputs = self._tensor_inputs(node)
+        if isinstance(result, torch.Tensor):
+            self._check_selection(node, inputs, [result])
+            if target in _RESHAPES or literal_sizes:
+                result = self._resolve_split_axes(node, result, literal_sizes)
+            self.labels[node] = result
+        elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
+            if target in ("chunk", torch.chunk, "split", torch.split):
+                self._pieces(node, inputs, list(result))
+            self.labels[node] = tuple(result)
+        else:
+            self.labels[node] = None
+
+    def _check_selection(self, node: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """A structural op that drops channel ids (slicing, indexing) pins the channels involved."""
+        before = torch.cat([t.reshape(-1) for t in inputs]).unique() if inputs else torch.empty(0, dtype=torch.long)
+        after = torch.cat([t.reshape(-1) for t in outputs]).unique()
+        before, after = before[before >= 0], after[after >= 0]
+        if before.numel() != after.numel():
+            reason = f"channel selection at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(before, reason)
+
+    def _pieces(self, node: fx.Node, inputs: list[torch.Tensor], pieces: list[torch.Tensor]) -> None:
+        """chunk/split along the channel axis: every piece must lose the same positions."""
+        dim = self._concrete(node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), for_labels=False)
+        x = inputs[0] if inputs else None
+        if x is None or (dim % x.dim()) not in _varying_axes(x):
+            return
+        size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
+        sizes = {p.shape[dim] for p in pieces}
+        literal_split = node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node)
+        if len(sizes) != 1 or literal_split:
+            reason = f"split into fixed sizes at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(x[x >= 0], reason)
+            return
+        for p in pieces[1:]:
+            self.uf.union_pairs(pieces[0], p)
+
+    def _resolve_split_axes(self, node: fx.Node, result: torch.Tensor, literal_sizes: bool) -> torch.Tensor:
+        """A reshape that splits the channel axis into several (channel shuffle, heads): the axes
+        given as literal sizes must keep their size, so ids along them fall together."""
+        varying = [a for a in _varying_axes(result) if a != 0]
+        if len(varying) <= 1:
+            return result
+        shape_args = list(node.args[1:])
+        if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+            shape_args = list(shape_args[0])
+        if node.target in ("unflatten", torch.unflatten) and len(node.args) >= 3:
+            start = self._concrete(node.args[1], for_labels=False)
+            sizes = node.args[2]
+            shape_args = [None] * (start % result.dim()) + list(sizes)
+        literal = [a for a in varying if literal_sizes or (a < len(shape_args) and isinstance(shape_args[a], int) and shape_args[a] != -1)]
+        if not literal:
+            reason = f"reshape splits channels at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(result[result >= 0], reason)
+            return result
+        for a in literal:
+            moved = result.movedim(a, -1).reshape(-1, result.shape[a])
+            for k in range(1, moved.shape[1]):
+                self.uf.union_pairs(moved[:, 0], moved[:, k])
+        return result
+
+
+def _run_mode(model: nn.Module, example: torch.Tensor, train: bool, uf: _UnionFind,
+              costs: dict[str, ModuleCost], unfollowed: list[str]) -> None:
+    subject = copy.deepcopy(model) if train else model  # train mode updates BN statistics
+    was_training = subject.training
+    subject.train(train)
+    try:
+        gm = trace(subject)
+        recorder = _Recorder(gm)
+        with torch.no_grad():
+            recorder.run(example)
+        _Propagator(gm, recorder.values, uf, costs, unfollowed).run()
+    finally:
+        subject.train(was_training)
+
+
+def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[str] = (),
+                train_mode: bool = True) -> ChannelGraph:
+    """Trace `model` (eval, and train mode unless disabled) and return its channel groups.
+
+    `ignore`: glob patterns of module names whose channels must not be removed.
+    Raises UserError when the model cannot be traced or run on `input_shape`.
+    """
+    uf = _UnionFind()
+    costs: dict[str, ModuleCost] = {}
+    unfollowed: list[str] = []
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn((2, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    for train in ((False, True) if train_mode else (False,)):
+        try:
+            _run_mode(model, example, train, uf, costs, unfollowed)
+        except Exception as exc:
+            raise UserError(f"cannot trace the model with torch.fx on input {tuple(input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    return _collect_groups(model, uf, costs, input_shape, ignore, unfollowed)
+
+
+def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCost],
+                    input_shape: Sequence[int], ignore: Sequence[str], unfollowed: list[str]) -> ChannelGraph:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    classes: dict[int, list[Slot]] = {}
+    pins: dict[int, str] = {}
+    for sid, slot in enumerate(uf.slot_of):
+        root = uf.find(sid)
+        if slot is not None:
+            classes.setdefault(root, []).append(slot)
+        if sid in uf.pin_reason:
+            pins.setdefault(root, uf.pin_reason[sid])
+    units = {r: s for r, s in classes.items() if any(k in PRODUCER_KINDS for _, k, _ in s)}
+
+    # Layer-level groups: classes that share a producer module belong together.
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for slots in units.values():
+        producers = [m for m, k, _ in slots if k in PRODUCER_KINDS]
+        for p in producers[1:]:
+            ra, rb = find(producers[0]), find(p)
+            if ra != rb:
+                parent[max(ra, rb, key=lambda n: order.get(n, 0))] = min(ra, rb, key=lambda n: order.get(n, 0))
+
+    by_group: dict[str, list[int]] = {}
+    for root, slots in units.items():
+        first = next(m for m, k, _ in slots if k in PRODUCER_KINDS)
+        by_group.setdefault(find(first), []).append(root)
+
+    def class_key(root: int) -> tuple[int, int]:
+        return min((order.get(m, 0), i) for m, k, i in units[root] if k in PRODUCER_KINDS)
+
+    groups: list[ChannelGroup] = []
+    for head in sorted(by_group, key=lambda n: order.get(n, 0)):
+        roots = sorted(by_group[head], key=class_key)
+        members = sorted({m for r in roots for m, _, _ in units[r]}, key=lambda n: order.get(n, 0))
+        cls = [sorted(units[r], key=lambda s: (order.get(s[0], 0), s[1], s[2])) for r in roots]
+        pinned = {i: pins[r] for i, r in enumerate(roots) if r in pins}
+        for i, slots in enumerate(cls):
+            if i not in pinned and any(fnmatch.fnmatchcase(m, pat) for m, k, _ in slots if k in PRODUCER_KINDS for pat in ignore):
+                pinned[i] = "ignored by --ignore"
+        groups.append(ChannelGroup(id=len(groups), name=head, members=members, classes=cls, pinned=pinned))
+    return ChannelGraph(groups=groups, costs=costs, input_shape=tuple(input_shape),
+                        unfollowed=sorted(set(unfollowed)))
+
+
+def match_ignored(graph_modules: Iterable[str], patterns: Sequence[str]) -> list[str]:
+    """Patterns of `--ignore` that match no module (the CLI warns about them)."""
+    names = list(graph_modules)
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
