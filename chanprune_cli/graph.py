@@ -149,6 +149,8 @@ class ModuleCost:
     kind: str  # "conv" | "depthwise" | "linear"
     per_unit: int  # kernel elements × output positions (× tokens for linear)
     groups: int
+    ins: int  # input channels per group (depthwise: channels)
+    outs: int  # output channels per group (depthwise: channels)
 
 
 @dataclass
@@ -364,13 +366,13 @@ class _Propagator:
             for j, i in enumerate(vec.tolist()):
                 self._link(self.uf.new((name, "in", j)), i)
             self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_channels), 1, shape)
-            self.costs[name] = ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]) * 1, 1)
+            self.costs[name] = ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]), 1, m.in_channels, m.out_channels)
         elif isinstance(m, nn.Linear) and x is not None and shape is not None:
             vec = self._channel_vector(x, -1, node, name)
             for j, i in enumerate(vec.tolist()):
                 self._link(self.uf.new((name, "in", j)), i)
             self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_features), -1, shape)
-            self.costs[name] = ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1)
+            self.costs[name] = ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1, m.in_features, m.out_features)
         elif isinstance(m, (*_BATCHNORM, *_INSTANCENORM)) or (isinstance(m, nn.PReLU) and m.num_parameters > 1):
             self._per_channel_member(node, name, x, "norm")
         elif isinstance(m, nn.GroupNorm) and x is not None:
@@ -426,14 +428,14 @@ class _Propagator:
                     self.uf.pin([sid], f"depthwise conv {name} reads a fixed input")
                 ids.extend([sid] * mult)
             out = torch.tensor(ids, dtype=torch.long)
-            self.costs[name] = ModuleCost("depthwise", spatial * mult, g)
+            self.costs[name] = ModuleCost("depthwise", spatial * mult, g, cin, cin)
         else:
             cpg, opg = cin // g, cout // g
             for j, i in enumerate(vec.tolist()):
                 self._link(self.uf.new((name, "in", j % cpg)), i)
             local = self._fresh(name, "out", opg)
             out = local.repeat(g)
-            self.costs[name] = ModuleCost("conv", spatial, g)
+            self.costs[name] = ModuleCost("conv", spatial, g, cpg, opg)
         self.labels[node] = self._broadcast_vec(out, 1, shape)
 
     def _per_channel_member(self, node: fx.Node, name: str, x: torch.Tensor | None, kind: str) -> None:

@@ -1,0 +1,197 @@
+"""Turn scores into a plan: which channels of each group to remove (DESIGN §5).
+
+`--ratio r` removes the fraction r of every prunable group's channels (lowest scores first).
+`--target-flops f` removes the fraction f of the model's MACs with one global threshold on
+normalised scores (each group's scores divided by their mean), found by bisection; floors
+(`--min-keep`) and `--round-to` are applied per group at every threshold, so the search sees the
+widths that will really be built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+from .graph import ChannelGraph, ChannelGroup
+
+DEFAULT_MIN_KEEP = 0.1
+
+
+@dataclass
+class Allocation:
+    plan: dict[int, list[int]]  # group id -> class indices to remove (sorted)
+    requested: dict[str, float]
+    estimated_macs_before: int
+    estimated_macs_after: int
+    floors: dict[int, int] = field(default_factory=dict)  # group id -> minimum channels kept
+
+
+def parse_min_keep(value: float) -> float:
+    if value <= 0:
+        raise UserError(f"--min-keep must be positive (a fraction below 1 or a channel count), got {value}")
+    if value >= 1 and not float(value).is_integer():
+        raise UserError(f"--min-keep {value}: use a fraction below 1 or a whole channel count")
+    return value
+
+
+def _width_floor(width: int, min_keep: float) -> int:
+    """Channels a layer of `width` keeps at least under --min-keep (a fraction or a count)."""
+    return min(width, max(1, math.ceil(min_keep * width) if min_keep < 1 else int(min_keep)))
+
+
+def _floor(group: ChannelGroup, min_keep: float, round_to: int) -> int:
+    return min(group.channels, max(_width_floor(group.channels, min_keep), len(group.pinned), round_to))
+
+
+def _kept_count(group: ChannelGroup, remove: int, floor: int, round_to: int) -> int:
+    kept = max(group.channels - remove, floor)
+    if round_to > 1:
+        kept = min(group.channels, math.ceil(kept / round_to) * round_to)
+    return kept
+
+
+def _module_sizes(group: ChannelGroup) -> dict[tuple[str, str], int]:
+    sizes: dict[tuple[str, str], int] = {}
+    for slots in group.classes:
+        for module, kind, _ in slots:
+            if kind in ("out", "dw", "in"):
+                sizes[(module, kind)] = sizes.get((module, kind), 0) + 1
+    return sizes
+
+
+def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor: Callable[[int], int]) -> list[int]:
+    """The lowest-scoring prunable classes, as many as needed to keep `kept` channels.
+
+    A class is skipped when removing it would take one of its layers below `module_floor(width)`:
+    in a group spanning several stages (the option-A ResNets), the lowest scores could otherwise
+    empty one stage entirely.
+    """
+    n_remove = min(group.channels - kept, len(group.prunable_classes))
+    if n_remove <= 0:
+        return []
+    sizes = _module_sizes(group)
+    left = dict(sizes)
+    chosen: list[int] = []
+    for i in sorted(group.prunable_classes, key=lambda i: (float(scores[i]), i)):
+        if len(chosen) == n_remove:
+            break
+        hits: dict[tuple[str, str], int] = {}
+        for module, kind, _ in group.classes[i]:
+            if kind in ("out", "dw", "in"):
+                hits[(module, kind)] = hits.get((module, kind), 0) + 1
+        if all(left[key] - n >= module_floor(sizes[key]) for key, n in hits.items()):
+            for key, n in hits.items():
+                left[key] -= n
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor]) -> None:
+    for g in graph.prunable_groups():
+        s = scores.get(g.id)
+        if s is None:
+            raise UserError(f"no scores for channel group {g.name}; were the scores made for this model?")
+        if s.numel() != g.channels:
+            raise UserError(f"scores for group {g.name} have {s.numel()} entries but the group has {g.channels} channels")
+        if not torch.isfinite(s[g.prunable_classes]).all():
+            raise UserError(f"scores for group {g.name} contain NaN or Inf")
+
+
+class MacsEstimator:
+    """Conv/linear MACs as a function of the kept channels (the cost fvcore reports, bar norms)."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        self.graph = graph
+
+    def macs(self, plan: Mapping[int, list[int]]) -> int:
+        removed: dict[str, dict[str, int]] = {}
+        by_id = {g.id: g for g in self.graph.groups}
+        for gid, indices in plan.items():
+            for ci in indices:
+                for module, kind, _ in by_id[gid].classes[ci]:
+                    counts = removed.setdefault(module, {})
+                    counts[kind] = counts.get(kind, 0) + 1
+        total = 0
+        for name, cost in self.graph.costs.items():
+            gone = removed.get(name, {})
+            if cost.kind == "depthwise":
+                total += (cost.ins - gone.get("dw", 0)) * cost.per_unit
+            else:
+                outs = cost.outs - gone.get("out", 0)
+                ins = cost.ins - gone.get("in", 0)
+                total += cost.groups * outs * ins * cost.per_unit
+        return total
+
+
+def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
+             target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
+             round_to: int = 1) -> Allocation:
+    """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`."""
+    if (ratio is None) == (target_flops is None):
+        raise UserError("give exactly one of --ratio or --target-flops")
+    if round_to < 1:
+        raise UserError(f"--round-to must be at least 1, got {round_to}")
+    parse_min_keep(min_keep)
+    groups = graph.prunable_groups()
+    if not groups:
+        raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
+    if max(g.channels for g in groups) < round_to:
+        raise UserError(f"--round-to {round_to} is larger than every prunable layer (widest: {max(g.channels for g in groups)} channels)")
+    _check_scores(graph, scores)
+    floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
+    estimator = MacsEstimator(graph)
+    before = estimator.macs({})
+
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
+        def ratio_floor(width: int) -> int:  # every layer keeps its share, not only the group
+            return max(_width_floor(width, min_keep), width - round(ratio * width))
+
+        plan = {}
+        for g in groups:
+            kept = _kept_count(g, round(ratio * g.channels), floors[g.id], round_to)
+            plan[g.id] = _removal(g, scores[g.id], kept, ratio_floor)
+        return Allocation({k: v for k, v in plan.items() if v}, {"ratio": ratio}, before, estimator.macs(plan), floors)
+
+    assert target_flops is not None
+    if not 0 < target_flops < 1:
+        raise UserError(f"--target-flops must be between 0 and 1 (exclusive: the fraction of MACs to remove), got {target_flops}")
+    normalised = {}
+    for g in groups:
+        s = scores[g.id].double()
+        mean = s[g.prunable_classes].abs().mean()
+        normalised[g.id] = s / mean if mean > 0 else s
+
+    def plan_at(threshold: float) -> dict[int, list[int]]:
+        plan = {}
+        for g in groups:
+            below = sum(1 for i in g.prunable_classes if float(normalised[g.id][i]) < threshold)
+            kept = _kept_count(g, below, floors[g.id], round_to)
+            plan[g.id] = _removal(g, normalised[g.id], kept, lambda width: _width_floor(width, min_keep))
+        return plan
+
+    def reduction(plan: Mapping[int, list[int]]) -> float:
+        return 1 - estimator.macs(plan) / before if before else 0.0
+
+    values = sorted({float(normalised[g.id][i]) for g in groups for i in g.prunable_classes})
+    most = plan_at(math.inf)
+    if reduction(most) < target_flops:
+        raise UserError(f"--target-flops {target_flops:g} is unreachable: with --min-keep {min_keep:g} at most "
+                        f"{reduction(most):.1%} of the prunable MACs can be removed")
+    # Smallest threshold (index into the sorted score values) that reaches the target.
+    lo, hi = 0, len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        threshold = values[mid] if mid < len(values) else math.inf
+        if reduction(plan_at(math.nextafter(threshold, math.inf))) >= target_flops:
+            hi = mid
+        else:
+            lo = mid + 1
+    threshold = values[lo] if lo < len(values) else math.inf
+    plan = plan_at(math.nextafter(threshold, math.inf))
+    return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan), floors)

@@ -1,0 +1,88 @@
+"""One pruning round as a plain function: scores → plan → surgery → verification → report data."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import DEFAULT_MIN_KEEP, Allocation, allocate
+from .checkpoint import nonfinite_tensors
+from .errors import ChanpruneError, UserError
+from .graph import ChannelGraph
+from .measure import count_params, per_module_macs
+from .surgery import VerifyResult, prune_model, verify
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, nn.Linear)
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module
+    allocation: Allocation
+    verify: VerifyResult | None
+    before: dict[str, int]
+    after: dict[str, int]
+    layers: list[dict[str, Any]]
+    plan_record: dict[str, Any]
+
+
+def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Totals (params, MACs) and the conv/linear layers with channel counts, params and MACs."""
+    macs = per_module_macs(model, input_shape)
+    rows = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYER_TYPES):
+            cin = getattr(m, "in_channels", getattr(m, "in_features", 0))
+            cout = getattr(m, "out_channels", getattr(m, "out_features", 0))
+            rows[name] = {"name": name, "type": type(m).__name__, "in": cin, "out": cout,
+                          "params": count_params(m), "macs": macs.get(name, 0)}
+    return {"params": count_params(model), "macs": sum(macs.values())}, rows
+
+
+def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> dict[str, Any]:
+    """The plan as stored in chanprune checkpoints: kept class indices per group."""
+    groups = []
+    for g in graph.groups:
+        removed = set(allocation.plan.get(g.id, []))
+        if removed:
+            groups.append({"group": g.name, "channels": g.channels,
+                           "kept": [i for i in range(g.channels) if i not in removed],
+                           "members": g.members})
+    return {"criterion": criterion, "requested": allocation.requested, "groups": groups}
+
+
+def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
+          criterion: str, ratio: float | None = None, target_flops: float | None = None,
+          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, check: bool = True) -> PruneOutcome:
+    """Prune a copy of `model` by `scores`; the original is left untouched.
+
+    Raises UserError for impossible requests or non-finite weights, and ChanpruneError when the
+    pruned model does not compute the same function as the masked original.
+    """
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model")
+    allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to)
+    before, before_layers = snapshot(model, input_shape)
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, allocation.plan)
+    result = verify(model, graph, allocation.plan, pruned, input_shape) if check else None
+    if result is not None and not result.passed:
+        raise ChanpruneError(
+            f"verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:.3g}); nothing was written. Please report this model; --ignore the "
+            "layers involved to work around it")
+    after, after_layers = snapshot(pruned, input_shape)
+    layers = [{"name": n, "type": b["type"], "in_before": b["in"], "out_before": b["out"],
+               "in_after": after_layers[n]["in"], "out_after": after_layers[n]["out"],
+               "params_before": b["params"], "params_after": after_layers[n]["params"],
+               "macs_before": b["macs"], "macs_after": after_layers[n]["macs"]}
+              for n, b in before_layers.items() if n in after_layers]
+    return PruneOutcome(pruned, allocation, result, before, after, layers, plan_record(graph, allocation, criterion))
