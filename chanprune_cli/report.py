@@ -1,0 +1,246 @@
+"""Rendering: rich tables for people, JSON documents for scripts (DESIGN §6, §8).
+
+Nothing here measures or loads anything: callers pass in plain numbers. The one exception is
+reading module attributes (channels, kernel) to describe layers, which is presentation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from . import __version__
+from .fsutil import write_text_atomic
+
+if TYPE_CHECKING:
+    from .models import ArchSpec
+
+SCHEMA_VERSION = 1
+TOOL_NAME = "chanprune"
+
+# The module kinds the layer table describes: the ones that own channels.
+_CONV = nn.modules.conv._ConvNd
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+# --------------------------------------------------------------------------------------------
+# formatting helpers
+
+
+def human_count(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M'. Decimal prefixes, as papers quote params and MACs."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console bound to the current stdout/stderr (so test runners that swap them capture it)."""
+    # Wider than rich's 80-column default when not on a terminal: tables in logs stay readable.
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal else 120
+    return Console(stderr=stderr, width=width, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------
+# layer descriptions
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One channel-owning leaf module of a model, as the analyze table shows it."""
+
+    name: str
+    type: str
+    in_channels: int | None
+    out_channels: int | None
+    kernel: tuple[int, ...] | None
+    stride: tuple[int, ...] | None
+    groups: int
+    params: int
+    macs: int
+
+    def to_json(self, total_macs: int) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel": list(self.kernel) if self.kernel is not None else None,
+            "stride": list(self.stride) if self.stride is not None else None,
+            "groups": self.groups,
+            "params": self.params,
+            "macs": self.macs,
+            "macs_pct": _pct(self.macs, total_macs),
+        }
+
+
+def _pct(part: int, total: int) -> float:
+    return round(100.0 * part / total, 4) if total else 0.0
+
+
+def _norm_channels(module: nn.Module) -> int | None:
+    for attr in ("num_features", "num_channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(module, "normalized_shape", None)  # LayerNorm: channels are its first dim
+    return int(shape[0]) if shape else None
+
+
+def layer_rows(model: nn.Module, module_macs: dict[str, int]) -> list[LayerRow]:
+    """Describe the conv / linear / norm leaf modules of `model` in definition order.
+
+    `module_macs` maps leaf module names to MACs (measure.per_module_macs); missing names count 0.
+    """
+    rows: list[LayerRow] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _CONV):
+            c_in, c_out = module.in_channels, module.out_channels
+            kernel: tuple[int, ...] | None = tuple(module.kernel_size)
+            stride: tuple[int, ...] | None = tuple(module.stride)
+            groups = module.groups
+        elif isinstance(module, nn.Linear):
+            c_in, c_out, kernel, stride, groups = module.in_features, module.out_features, None, None, 1
+        elif isinstance(module, _NORM):
+            c_in = c_out = _norm_channels(module)
+            kernel, stride, groups = None, None, getattr(module, "num_groups", 1)
+        else:
+            continue
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        rows.append(LayerRow(name, type(module).__name__, c_in, c_out, kernel, stride, groups, params, int(module_macs.get(name, 0))))
+    return rows
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers: what the weights take on disk or in memory."""
+    tensors: Iterable[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _kernel_text(row: LayerRow) -> str:
+    if row.kernel is None:
+        return "-"
+    text = "×".join(str(k) for k in row.kernel)
+    if row.stride and any(s != 1 for s in row.stride):
+        text += f" /{row.stride[0]}" if len(set(row.stride)) == 1 else f" /{'×'.join(map(str, row.stride))}"
+    if row.groups > 1:
+        text += f" g{row.groups}"
+    return text
+
+
+def _channels_text(row: LayerRow) -> str:
+    if row.in_channels is None and row.out_channels is None:
+        return "-"
+    if row.in_channels == row.out_channels and row.kernel is None and row.type != "Linear":
+        return str(row.out_channels)  # norms: one channel count
+    return f"{row.in_channels}→{row.out_channels}"
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+
+
+def json_document(command: str, body: dict[str, Any], *, seed: int | None) -> dict[str, Any]:
+    """Wrap a command's report with the fields every chanprune JSON document has (DESIGN §6)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "torch_version": torch.__version__,
+        "seed": seed,
+        **body,
+    }
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> None:
+    """Write `doc` to `path` atomically; `-` means stdout."""
+    text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text_atomic(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# analyze
+
+
+@dataclass
+class AnalyzeReport:
+    """Everything `chanprune analyze` shows, as plain data."""
+
+    checkpoint: str
+    source_format: str
+    arch: ArchSpec | None
+    input_shape: tuple[int, int, int]
+    params: int
+    macs: int
+    size_bytes: int
+    layers: list[LayerRow]
+    seed: int | None = None
+    accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / float(1 << 20)  # MiB, labelled MB as most tools do (measure.file_size_mb)
+
+
+def analyze_document(report: AnalyzeReport) -> dict[str, Any]:
+    """The JSON document of `chanprune analyze` (DESIGN §8: model.params, model.macs, accuracy.*)."""
+    body: dict[str, Any] = {
+        "checkpoint": {"path": report.checkpoint, "format": report.source_format},
+        "arch": report.arch.to_json() if report.arch is not None else None,
+        "input_shape": list(report.input_shape),
+        "model": {"params": int(report.params), "macs": int(report.macs), "size_mb": round(report.size_mb, 6)},
+        "layers": [row.to_json(report.macs) for row in report.layers],
+    }
+    # Hook: the `groups[]` section (channels, prunable, reason, members) joins here once graph.py
+    # exists; DESIGN §8 lists it. It is left out until then rather than emitted empty.
+    if report.accuracy is not None:
+        body["accuracy"] = dict(report.accuracy)
+    return json_document("analyze", body, seed=report.seed)
+
+
+def render_analyze(report: AnalyzeReport, console: Console) -> None:
+    """The analyze report as a rich table of layers followed by totals."""
+    arch = report.arch.name if report.arch is not None else "(pickled module)"
+    shape = "×".join(str(d) for d in report.input_shape)
+    table = Table(title=f"{report.checkpoint}  ·  {arch}  ·  input {shape}", title_justify="left", show_footer=True)
+    table.add_column("layer", footer="total", overflow="fold")
+    table.add_column("type")
+    table.add_column("channels", justify="right")
+    table.add_column("kernel", justify="right")
+    table.add_column("params", justify="right", footer=f"{report.params:,}")
+    table.add_column("MACs", justify="right", footer=human_count(report.macs))
+    table.add_column("% MACs", justify="right", footer="100.0")
+    for row in report.layers:
+        table.add_row(
+            row.name,
+            row.type,
+            _channels_text(row),
+            _kernel_text(row),
+            f"{row.params:,}",
+            human_count(row.macs),
+            f"{_pct(row.macs, report.macs):.1f}",
+        )
+    console.print(table)
+    console.print(f"params     {report.params:,} ({human_count(report.params)})")
+    console.print(f"MACs       {report.macs:,} ({human_count(report.macs)}, fvcore, batch 1)")
+    console.print(f"size       {report.size_mb:.2f} MB (parameters + buffers)")
+    if report.accuracy is not None:
+        acc = report.accuracy
+        console.print(f"top-1      {acc['top1']:.2f} %")
+        console.print(f"top-5      {acc['top5']:.2f} %")
+        console.print(f"images     {acc['images']:,} ({acc.get('data', '')})")

@@ -1,0 +1,317 @@
+"""The `chanprune` command line through its real entry points (DESIGN §8: names, JSON, exit codes).
+
+Most tests drive the Typer app in-process with CliRunner (fast); a few run
+`python -m chanprune_cli` in a subprocess to cover the console entry, stdout/stderr separation
+and exit codes exactly as a shell sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chanprune_cli import __version__
+from chanprune_cli.cli import app, main
+from chanprune_cli.models import build_model, parse_arch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+RESNET56 = SHARED / "checkpoints" / "resnet56-4bfd9763.th"
+CIFAR_TEST = SHARED / "data" / "cifar10-jpeg-test.tar.gz"
+needs_shared = pytest.mark.skipif(not (RESNET56.exists() and CIFAR_TEST.exists()), reason="../shared is absent")
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> object:
+    """Invoke the app in-process; CHANPRUNE_DEBUG from the caller's environment must not leak in."""
+    return runner.invoke(app, list(args), env={"CHANPRUNE_DEBUG": None})
+
+
+def run_module(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "CHANPRUNE_DEBUG"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "chanprune_cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=600,
+    )
+
+
+def assert_one_line_error(stderr: str, *, contains: str = "") -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in stderr
+    assert contains.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) digits_cnn saved the way most training scripts do: {'state_dict', 'arch'}."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    torch.save({"state_dict": build_model(parse_arch("digits_cnn", None)).state_dict(), "arch": "digits_cnn"}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# help, version
+
+
+def test_help_lists_analyze_with_description() -> None:
+    result = cli("--help")
+    assert result.exit_code == 0
+    assert "analyze" in result.stdout
+    assert "MACs" in result.stdout  # the one-line description is shown next to the name
+    assert "Exit codes" in result.stdout
+
+
+def test_analyze_help_shows_examples() -> None:
+    result = cli("analyze", "--help")
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout
+    assert "chanprune analyze" in result.stdout
+    for option in ("--arch", "--arch-kwargs", "--input-shape", "--trust-pickle", "--device", "--data",
+                   "--mean", "--std", "--batch-size", "--workers", "--seed", "--json", "--list-archs"):
+        assert option in result.stdout, option
+
+
+def test_python_dash_m_help_and_version() -> None:
+    proc = run_module("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "analyze" in proc.stdout
+    proc = run_module("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"chanprune {__version__}"
+
+
+def test_list_archs_needs_no_checkpoint() -> None:
+    result = cli("analyze", "--list-archs")
+    assert result.exit_code == 0
+    for name in ("cifar_resnet20", "cifar_resnet56", "cifar_resnet110", "digits_cnn", "torchvision:"):
+        assert name in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# analyze
+
+
+def test_analyze_table(digits_ckpt: Path) -> None:
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    for text in ("conv1", "bn1", "fc2", "Conv2d", "BatchNorm2d", "Linear", "16→32", "3×3", "params", "MACs", "size"):
+        assert text in out, text
+    assert "top-1" not in out  # no accuracy without --data
+
+
+def test_analyze_json_with_data(digits_ckpt: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", "digits:test",
+                 "--mean", "0.5", "--std", "0.5", "--seed", "3", "--json", str(report))
+    assert result.exit_code == 0, result.stderr
+    assert "top-1" in result.stdout
+    doc = json.loads(report.read_text())
+    assert doc["schema_version"] == 1
+    assert doc["command"] == "analyze"
+    assert doc["tool"] == {"name": "chanprune", "version": __version__}
+    assert doc["torch_version"] == torch.__version__
+    assert doc["seed"] == 3
+    assert doc["checkpoint"] == {"path": str(digits_ckpt), "format": "state_dict"}
+    assert doc["arch"] == {"name": "digits_cnn", "kwargs": {}}
+    assert doc["input_shape"] == [1, 8, 8]
+    model = build_model(parse_arch("digits_cnn", None))
+    assert isinstance(doc["model"]["params"], int) and doc["model"]["params"] == sum(p.numel() for p in model.parameters())
+    assert isinstance(doc["model"]["macs"], int) and doc["model"]["macs"] > 0
+    assert doc["model"]["size_mb"] > 0
+    acc = doc["accuracy"]
+    assert 0 <= acc["top1"] <= 100 and 0 <= acc["top5"] <= 100 and acc["top1"] <= acc["top5"]
+    assert isinstance(acc["images"], int) and acc["images"] > 0
+    layers = {row["name"]: row for row in doc["layers"]}
+    assert layers["conv2"]["in_channels"] == 16 and layers["conv2"]["out_channels"] == 32
+    assert layers["conv2"]["kernel"] == [3, 3]
+    assert layers["fc1"]["type"] == "Linear" and layers["fc1"]["kernel"] is None
+    assert all(isinstance(row["macs"], int) and isinstance(row["params"], int) for row in doc["layers"])
+    assert sum(row["macs"] for row in doc["layers"]) <= doc["model"]["macs"]
+
+
+def test_analyze_json_existing_output_needs_force(digits_ckpt: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text("keep me")
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--json", str(report))
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, contains="--force")
+    assert report.read_text() == "keep me"
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--json", str(report), "--force")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(report.read_text())["schema_version"] == 1
+
+
+def test_analyze_json_to_stdout_subprocess(digits_ckpt: Path) -> None:
+    """`--json -`: stdout is exactly the JSON document; the table goes to stderr."""
+    proc = run_module("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", "digits:test",
+                      "--calib-batches", "2", "--batch-size", "16", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["accuracy"]["images"] == 32
+    assert doc["accuracy"]["max_batches"] == 2
+    assert "conv1" in proc.stderr
+
+
+def test_unreadable_image_is_one_warning_line(digits_ckpt: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=40 * i).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not a png")
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", str(tmp_path / "imgs"), "--input-shape", "1,8,8")
+    assert result.exit_code == 0, result.stderr
+    warning_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith("warning: "), result.stderr
+    assert "broken.png" in warning_lines[0]
+    assert "top-1" in result.stdout
+
+
+def test_trusted_pickle_needs_input_shape(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(build_model(parse_arch("digits_cnn", None)), path)
+    result = cli("analyze", str(path), "--trust-pickle")
+    assert result.exit_code == 2
+    assert_one_line_error(result.stderr, contains="--input-shape")
+    result = cli("analyze", str(path), "--trust-pickle", "--input-shape", "1,8,8")
+    assert result.exit_code == 0, result.stderr
+    assert "fc2" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line on stderr, exit 2, no traceback
+
+
+@pytest.mark.parametrize(
+    ("case", "contains"),
+    [
+        ("missing_file", "does not exist"),
+        ("unknown_arch", "unknown architecture"),
+        ("bad_kwargs_json", "--arch-kwargs"),
+        ("weights_do_not_fit", "do not fit"),
+        ("pickle_untrusted", "--trust-pickle"),
+        ("empty_data_dir", "empty"),
+        ("bad_input_shape", "3,32,32"),
+        ("bad_mean", "--mean"),
+    ],
+)
+def test_user_errors(case: str, contains: str, digits_ckpt: Path, tmp_path: Path) -> None:
+    pickled = tmp_path / "whole.pt"
+    torch.save(build_model(parse_arch("digits_cnn", None)), pickled)
+    (tmp_path / "empty").mkdir()
+    ck = str(digits_ckpt)
+    args = {
+        "missing_file": ["analyze", str(tmp_path / "missing.pt"), "--arch", "digits_cnn"],
+        "unknown_arch": ["analyze", ck, "--arch", "no_such_net"],
+        "bad_kwargs_json": ["analyze", ck, "--arch", "digits_cnn", "--arch-kwargs", "{num_classes: 10"],
+        "weights_do_not_fit": ["analyze", ck, "--arch", "cifar_resnet20"],
+        "pickle_untrusted": ["analyze", str(pickled)],
+        "empty_data_dir": ["analyze", ck, "--arch", "digits_cnn", "--data", str(tmp_path / "empty")],
+        "bad_input_shape": ["analyze", ck, "--arch", "digits_cnn", "--input-shape", "3,32"],
+        "bad_mean": ["analyze", ck, "--arch", "digits_cnn", "--data", "digits:test", "--mean", "abc"],
+    }[case]
+    result = cli(*args)
+    assert result.exit_code == 2, result.stderr
+    assert_one_line_error(result.stderr, contains=contains)
+    assert result.stdout == ""
+
+
+def test_user_error_subprocess(digits_ckpt: Path, tmp_path: Path) -> None:
+    proc = run_module("analyze", str(digits_ckpt), "--arch", "no_such_net", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.stderr, contains="unknown architecture")
+    assert proc.stdout == ""
+
+
+def test_usage_error_exit_2() -> None:
+    result = cli("analyze", "x.pt", "--no-such-option")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert cli("no-such-command").exit_code == 2
+    assert cli("analyze").exit_code == 2  # neither CKPT nor --list-archs
+
+
+@pytest.mark.parametrize("form", ["global", "command", "env"])
+def test_debug_shows_traceback(form: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pt")
+    args = {"global": ["--debug", "analyze", missing], "command": ["analyze", missing, "--debug"], "env": ["analyze", missing]}[form]
+    env = {"CHANPRUNE_DEBUG": "1" if form == "env" else None}
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 2  # same exit code, more detail
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_unexpected_exception_one_line_exit_1(digits_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*_args: object, **_kwargs: object) -> int:
+        raise RuntimeError("simulated failure\nsecond line")
+
+    monkeypatch.setattr("chanprune_cli.measure.count_macs", boom)
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn")
+    assert result.exit_code == 1
+    assert_one_line_error(result.stderr, contains="RuntimeError: simulated failure second line (re-run with --debug")
+
+
+def test_keyboard_interrupt_exit_130(digits_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(*_args: object, **_kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("chanprune_cli.measure.count_macs", interrupt)
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted"
+
+
+def test_main_returns_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", str(tmp_path / "missing.pt"), "--arch", "digits_cnn"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert main(["--version"]) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# the shared pretrained ResNet-56 (../shared/README.md numbers)
+
+
+def _analyze_resnet56(tmp_path: Path, *extra: str) -> dict:
+    report = tmp_path / "r56.json"
+    result = cli("analyze", str(RESNET56), "--arch", "cifar_resnet56", "--json", str(report), *extra)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(report.read_text())
+
+
+@needs_shared
+def test_resnet56_params_and_macs(tmp_path: Path) -> None:
+    doc = _analyze_resnet56(tmp_path)
+    assert doc["model"]["params"] == 853_018
+    assert doc["model"]["macs"] == pytest.approx(126.6e6, rel=0.005)
+    assert doc["input_shape"] == [3, 32, 32]
+
+
+@needs_shared
+def test_resnet56_accuracy_subset(tmp_path: Path) -> None:
+    """4 random batches of the JPEG test set: a quick sanity check of loading + normalisation."""
+    doc = _analyze_resnet56(tmp_path, "--data", str(CIFAR_TEST), "--calib-batches", "4", "--batch-size", "128")
+    assert doc["accuracy"]["images"] == 512
+    assert 70 <= doc["accuracy"]["top1"] <= 95
+
+
+@pytest.mark.slow
+@needs_shared
+def test_resnet56_accuracy_full(tmp_path: Path) -> None:
+    """The full 10 000-image JPEG test set: 83.20 % (../shared/README.md). ~2 min on 2 cores."""
+    doc = _analyze_resnet56(tmp_path, "--data", str(CIFAR_TEST), "--batch-size", "200")
+    assert doc["accuracy"]["images"] == 10_000
+    assert doc["accuracy"]["top1"] == pytest.approx(83.20, abs=0.05)
