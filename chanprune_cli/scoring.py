@@ -1,0 +1,99 @@
+"""Scoring channels and keeping the scores: compute with a criterion, save, load and check.
+
+A score file is one safetensors file: a tensor per channel group (keyed by the group's name) and
+JSON metadata naming the criterion, its options, the data and a fingerprint of the model, so that
+`prune --scores` can refuse scores made for a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import load_state_dict_file, safetensors_metadata, tool_version
+from .criteria import Scores, check_requirements, get_criterion
+from .criteria.base import Batch
+from .errors import UserError
+from .fsutil import atomic_path, check_output
+from .graph import ChannelGraph
+
+SCORES_FORMAT = "chanprune-scores"
+SCORES_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over parameter/buffer names, shapes and values: equal only for the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str, data: Iterable[Batch] | None,
+                   device: torch.device, *, seed: int = 0, options: dict[str, Any] | None = None) -> Scores:
+    """Score every prunable group with `criterion`; the model is left as it was."""
+    crit = get_criterion(criterion)
+    check_requirements(crit, data is not None)
+    was_training = model.training
+    try:
+        scores = crit.score(model, graph, data, device, seed=seed, **(options or {}))
+    finally:
+        model.train(was_training)
+    return {gid: s.detach().double().cpu() for gid, s in scores.items()}
+
+
+def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module, *, criterion: str,
+                options: dict[str, Any], data: dict[str, Any] | None, force: bool = False) -> None:
+    check_output(path, force)
+    names = {g.id: g.name for g in graph.groups}
+    tensors = {f"group/{names[gid]}": s.contiguous() for gid, s in scores.items()}
+    meta = {
+        "format": SCORES_FORMAT,
+        "format_version": SCORES_VERSION,
+        "criterion": criterion,
+        "options": options,
+        "data": data,
+        "model_fingerprint": model_fingerprint(model),
+        "input_shape": list(graph.input_shape),
+        "groups": {names[gid]: int(s.numel()) for gid, s in scores.items()},
+        "tool_version": tool_version(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"chanprune_scores": json.dumps(meta, default=str)})
+
+
+def read_scores_meta(path: str) -> dict[str, Any]:
+    meta = safetensors_metadata(path)
+    raw = (meta or {}).get("chanprune_scores")
+    if raw is None:
+        raise UserError(f"{path} is not a chanprune score file (make one with `chanprune score`)")
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: score metadata is not valid JSON ({exc.msg})") from exc
+    if info.get("format_version", 0) > SCORES_VERSION:
+        raise UserError(f"{path} was made by a newer chanprune (score format {info.get('format_version')}); upgrade chanprune")
+    return info
+
+
+def load_scores(path: str, graph: ChannelGraph, model: nn.Module) -> tuple[Scores, dict[str, Any]]:
+    """Scores for `graph`'s groups; UserError when they were made for another model."""
+    info = read_scores_meta(path)
+    if info.get("model_fingerprint") != model_fingerprint(model):
+        raise UserError(f"{path} holds scores for a different model (weights differ); re-run `chanprune score` on this checkpoint")
+    tensors = load_state_dict_file(path)  # validates the safetensors header first
+    scores: Scores = {}
+    for g in graph.prunable_groups():
+        s = tensors.get(f"group/{g.name}")
+        if s is None or s.numel() != g.channels:
+            raise UserError(f"{path} has no scores matching channel group {g.name}; re-run `chanprune score` on this checkpoint")
+        scores[g.id] = s.double()
+    return scores, info
