@@ -135,9 +135,29 @@ def analyze_stage(ctx: DemoContext) -> None:
     ctx.files["analyze_json"] = report
 
 
+def prune_stage(ctx: DemoContext) -> None:
+    """`chanprune prune`: remove half of the MACs by L1 norm, verify, save a chanprune file."""
+    pruned = ctx.out / f"{ARCH}.pruned.safetensors"
+    run_chanprune([
+        "prune", str(ctx.files["checkpoint"]), "--arch", ARCH, "--criterion", "l1",
+        "--target-flops", "0.5", "--out", str(pruned), "--json", str(ctx.out / "prune.json"), "--force",
+    ])
+    ctx.files["pruned"] = pruned
+
+
+def analyze_pruned_stage(ctx: DemoContext) -> None:
+    """`chanprune analyze` on the pruned file: no --arch needed, accuracy right after pruning."""
+    run_chanprune([
+        "analyze", str(ctx.files["pruned"]), "--data", "digits:test", "--mean", MEAN, "--std", STD,
+        "--seed", str(ctx.seed), "--json", str(ctx.out / "analyze-pruned.json"), "--force",
+    ])
+
+
 STAGES: list[Stage] = [
     Stage("train", "train a small CNN on the bundled 8×8 digits (a few seconds on CPU)", train_stage),
     Stage("analyze", "layers, params, MACs, size and test accuracy", analyze_stage),
+    Stage("prune", "remove 50 % of the MACs (L1 norm), verify against the masked original", prune_stage),
+    Stage("analyze pruned", "the pruned chanprune file reloads without --arch", analyze_pruned_stage),
 ]
 
 

@@ -191,6 +191,7 @@ class AnalyzeReport:
     layers: list[LayerRow]
     seed: int | None = None
     accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches
+    groups: list[dict[str, Any]] | None = None  # group_rows(graph)
 
     @property
     def size_mb(self) -> float:
@@ -206,8 +207,8 @@ def analyze_document(report: AnalyzeReport) -> dict[str, Any]:
         "model": {"params": int(report.params), "macs": int(report.macs), "size_mb": round(report.size_mb, 6)},
         "layers": [row.to_json(report.macs) for row in report.layers],
     }
-    # Hook: the `groups[]` section (channels, prunable, reason, members) joins here once graph.py
-    # exists; DESIGN §8 lists it. It is left out until then rather than emitted empty.
+    if report.groups is not None:
+        body["groups"] = report.groups
     if report.accuracy is not None:
         body["accuracy"] = dict(report.accuracy)
     return json_document("analyze", body, seed=report.seed)
@@ -236,6 +237,8 @@ def render_analyze(report: AnalyzeReport, console: Console) -> None:
             f"{_pct(row.macs, report.macs):.1f}",
         )
     console.print(table)
+    if report.groups is not None:
+        render_groups(report.groups, console)
     console.print(f"params     {report.params:,} ({human_count(report.params)})")
     console.print(f"MACs       {report.macs:,} ({human_count(report.macs)}, fvcore, batch 1)")
     console.print(f"size       {report.size_mb:.2f} MB (parameters + buffers)")
@@ -244,3 +247,132 @@ def render_analyze(report: AnalyzeReport, console: Console) -> None:
         console.print(f"top-1      {acc['top1']:.2f} %")
         console.print(f"top-5      {acc['top5']:.2f} %")
         console.print(f"images     {acc['images']:,} ({acc.get('data', '')})")
+
+
+# --------------------------------------------------------------------------------------------
+# channel groups (analyze) and pruning (prune)
+
+
+def group_rows(graph: Any) -> list[dict[str, Any]]:
+    """The channel groups of a ChannelGraph as JSON-ready rows (DESIGN §8 analyze.groups[])."""
+    return [
+        {"name": g.name, "channels": g.channels, "prunable": g.prunable,
+         "prunable_channels": len(g.prunable_classes) if g.prunable else 0,
+         "reason": g.reason, "members": list(g.members)}
+        for g in graph.groups
+    ]
+
+
+def render_groups(groups: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="channel groups (coupled channels are removed together)", title_justify="left")
+    table.add_column("group", overflow="fold")
+    table.add_column("channels", justify="right")
+    table.add_column("layers", justify="right")
+    table.add_column("prunable")
+    table.add_column("why not / what stays", overflow="fold")
+    for g in groups:
+        status = "[green]yes[/green]" if g["prunable"] else "[red]blocked[/red]"
+        table.add_row(g["name"], str(g["channels"]), str(len(g["members"])), status, g["reason"] or "")
+    console.print(table)
+    prunable = sum(1 for g in groups if g["prunable"])
+    console.print(f"groups     {prunable} of {len(groups)} prunable")
+
+
+@dataclass
+class PruneReport:
+    """Everything `chanprune prune` shows, as plain data."""
+
+    checkpoint: str
+    output: str
+    criterion: str
+    requested: dict[str, float]
+    before: dict[str, int]
+    after: dict[str, int]
+    layers: list[dict[str, Any]]
+    verify: dict[str, Any] | None
+    blocked: list[dict[str, Any]]
+    seed: int | None = None
+    accuracy: dict[str, Any] | None = None  # before/after top-1 (and after BN recalibration)
+
+
+def _reduction(before: int, after: int) -> float:
+    return round(100.0 * (1 - after / before), 4) if before else 0.0
+
+
+def prune_document(report: PruneReport) -> dict[str, Any]:
+    """The JSON document of `chanprune prune` (DESIGN §8)."""
+    achieved = {"params_reduction_pct": _reduction(report.before["params"], report.after["params"]),
+                "macs_reduction_pct": _reduction(report.before["macs"], report.after["macs"]),
+                "channels_removed": sum(max(0, r["out_before"] - r["out_after"]) for r in report.layers)}
+    body: dict[str, Any] = {
+        "checkpoint": report.checkpoint,
+        "output": report.output,
+        "criterion": report.criterion,
+        "requested": report.requested,
+        "achieved": achieved,
+        "before": report.before,
+        "after": report.after,
+        "verify": report.verify,
+        "layers": report.layers,
+        "blocked": report.blocked,
+    }
+    if report.accuracy is not None:
+        body["accuracy"] = report.accuracy
+    return json_document("prune", body, seed=report.seed)
+
+
+def render_prune(report: PruneReport, console: Console) -> None:
+    table = Table(title=f"{report.checkpoint} → {report.output}  ·  criterion {report.criterion}",
+                  title_justify="left", show_footer=True)
+    table.add_column("layer", footer="total", overflow="fold")
+    table.add_column("channels", justify="right")
+    table.add_column("params", justify="right", footer=f"{report.before['params']:,} → {report.after['params']:,}")
+    table.add_column("MACs", justify="right", footer=f"{human_count(report.before['macs'])} → {human_count(report.after['macs'])}")
+    for r in report.layers:
+        changed = (r["in_before"], r["out_before"]) != (r["in_after"], r["out_after"])
+        style = "" if changed else "dim"
+        table.add_row(r["name"], f"{r['in_before']}→{r['out_before']}  ⇒  {r['in_after']}→{r['out_after']}",
+                      f"{r['params_before']:,} → {r['params_after']:,}",
+                      f"{human_count(r['macs_before'])} → {human_count(r['macs_after'])}", style=style)
+    console.print(table)
+    req = ", ".join(f"{k} {v:g}" for k, v in report.requested.items())
+    console.print(f"requested  {req}")
+    console.print(f"params     {report.before['params']:,} → {report.after['params']:,} "
+                  f"(-{_reduction(report.before['params'], report.after['params']):.1f} %)")
+    console.print(f"MACs       {human_count(report.before['macs'])} → {human_count(report.after['macs'])} "
+                  f"(-{_reduction(report.before['macs'], report.after['macs']):.1f} %, fvcore)")
+    if report.verify is None:
+        console.print("verify     [yellow]skipped (--no-verify)[/yellow]")
+    else:
+        v = report.verify
+        mark = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
+        console.print(f"verify     {mark}: max |pruned − masked original| = {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:.1e}, float64)")
+    if report.blocked:
+        console.print(f"blocked    {len(report.blocked)} group(s) kept whole: "
+                      + "; ".join(f"{b['name']} ({b['reason']})" for b in report.blocked[:4])
+                      + (" …" if len(report.blocked) > 4 else ""))
+    if report.accuracy is not None:
+        for key, value in report.accuracy.items():
+            if isinstance(value, (int, float)):
+                console.print(f"{key:<10} {value:.2f} %")
+
+
+def score_document(checkpoint: str, output: str, criterion: str, ratio: float, rows: list[dict[str, Any]],
+                   data: dict[str, Any] | None, seed: int | None) -> dict[str, Any]:
+    body = {"checkpoint": checkpoint, "output": output, "criterion": criterion, "data": data,
+            "summary_ratio": ratio, "groups": rows}
+    return json_document("score", body, seed=seed)
+
+
+def render_scores(criterion: str, output: str, ratio: float, rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title=f"{criterion} scores → {output}", title_justify="left")
+    table.add_column("group", overflow="fold")
+    table.add_column("channels", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("median", justify="right")
+    table.add_column("max", justify="right")
+    table.add_column(f"removed at --ratio {ratio:g}", justify="right")
+    for r in rows:
+        table.add_row(r["group"], str(r["channels"]), f"{r['min']:.3g}", f"{r['median']:.3g}", f"{r['max']:.3g}",
+                      str(r["removed_at_ratio"]))
+    console.print(table)
