@@ -1,0 +1,269 @@
+"""Shared pieces of the `chanprune` command line: the app, error mapping, options, common steps.
+
+Adding a subcommand: a module in this package that decorates a function with `@app.command`,
+imported by `cli/__init__.py`. Reuse the `*Opt` option types below (they carry the names, help text and
+help panels of DESIGN §8), load with `load_model`, build loaders with `make_eval_loader`, render
+through report.py. Errors are library exceptions (errors.py); `_ChanpruneGroup` turns them into
+one stderr line and the documented exit code, so commands never print errors themselves.
+
+Heavy imports (torch and everything built on it) happen inside the commands so that
+`chanprune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.markup import escape
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+from .. import __version__
+from ..errors import ChanpruneError, UserError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from ..checkpoint import LoadedCheckpoint
+
+_DEBUG_KEY = "chanprune.debug"  # in ctx.meta, which every nested context shares
+_DEBUG_ENV = "CHANPRUNE_DEBUG"
+
+# Help panels group the options of long commands the same way everywhere.
+MODEL_PANEL = "Model"
+DATA_PANEL = "Data"
+OUTPUT_PANEL = "Output"
+
+
+# --------------------------------------------------------------------------------------------
+# error handling
+
+
+def _debug_enabled(ctx: typer.Context | None) -> bool:
+    if os.environ.get(_DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    return bool(ctx is not None and ctx.meta.get(_DEBUG_KEY))
+
+
+def _one_line(text: str) -> str:
+    # The contract is one line on stderr; library messages should already be one line.
+    return " ".join(text.split())
+
+
+def _fail(ctx: typer.Context, message: str, code: int) -> NoReturn:
+    if _debug_enabled(ctx):
+        traceback.print_exc(file=sys.stderr)
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
+    """Show chanprune's own warnings (e.g. skipped unreadable images) as one `warning:` line."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if category.__module__.startswith("chanprune_cli"):
+            print(f"warning: {_one_line(str(message))}", file=sys.stderr)
+        else:  # third-party warnings keep Python's format: their source location matters
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
+class _ChanpruneGroup(TyperGroup):
+    """Maps exceptions to one stderr line and the exit codes of DESIGN §8.
+
+    Done here rather than in `main()` so that every way of running the app (console script,
+    `python -m chanprune_cli`, `typer.testing.CliRunner`) behaves the same.
+    """
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            with warnings.catch_warnings():  # restores the previous handler afterwards
+                warnings.showwarning = _warning_printer(warnings.showwarning)
+                return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException, BrokenPipeError):
+            raise  # exits, usage errors (exit 2) and closed pipes keep Typer's own handling
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except ChanpruneError as exc:
+            _fail(ctx, f"error: {_one_line(str(exc))}", exc.exit_code)
+        except Exception as exc:  # a bug or an unforeseen failure: still one line, exit 1
+            _fail(ctx, f"error: {type(exc).__name__}: {_one_line(str(exc))} (re-run with --debug for the traceback)", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# help text helpers
+
+
+def examples(*pairs: tuple[str, str]) -> str:
+    """An 'Examples' epilog: (what it does, command line) pairs."""
+    lines = [f"  [dim]# {escape(what)}[/dim]\n  $ {escape(cmd)}" for what, cmd in pairs]
+    return "[bold]Examples[/bold]\n\n" + "\n\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# shared options (DESIGN §8: the same names and meaning in every command)
+
+
+def _debug_callback(ctx: typer.Context, value: bool) -> bool:
+    if value:
+        ctx.meta[_DEBUG_KEY] = True
+    return value
+
+
+CkptArg = Annotated[Optional[str], typer.Argument(metavar="CKPT", help="Checkpoint file (state dict, safetensors, chanprune file, or a pickled module with --trust-pickle).", show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="ARCH", help="Architecture: a built-in name (see --list-archs), [b]torchvision:NAME[/b], or [b]package.module:factory[/b]. Not needed for chanprune files.", rich_help_panel=MODEL_PANEL, show_default=False)]
+ArchKwargsOpt = Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Factory keyword arguments as a JSON object, e.g. '{\"num_classes\": 10}'.", rich_help_panel=MODEL_PANEL, show_default=False)]
+InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input shape (default: recorded in the checkpoint or known for the architecture). Data is resized to it.", rich_help_panel=MODEL_PANEL, show_default=False)]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled objects. Pickles run code: only for files you trust.", rich_help_panel=MODEL_PANEL)]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run the model (auto: CUDA when available).", rich_help_panel=MODEL_PANEL)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", metavar="DATA", help="Dataset: ImageFolder directory, .tar/.tar.gz of one, MNIST IDX directory, [b]synthetic:CxHxW[:K[:N]][/b], or [b]digits:train[/b]/[b]digits:test[/b].", rich_help_panel=DATA_PANEL, show_default=False)]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", metavar="M[,M,M]", help="Per-channel normalisation mean; one value applies to every channel (default: ImageNet statistics for RGB images, the data set's own for digits and MNIST).", rich_help_panel=DATA_PANEL, show_default=False)]
+StdOpt = Annotated[Optional[str], typer.Option("--std", metavar="S[,S,S]", help="Per-channel normalisation std (default: as --mean).", rich_help_panel=DATA_PANEL, show_default=False)]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size for data passes.", rich_help_panel=DATA_PANEL)]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data loading worker processes (0: load in the main process).", rich_help_panel=DATA_PANEL)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffling), recorded in JSON reports.", rich_help_panel=DATA_PANEL)]
+CalibBatchesOpt = Annotated[Optional[int], typer.Option("--calib-batches", min=1, metavar="N", help="Use at most N batches of --data, drawn at random with --seed (default: all).", rich_help_panel=DATA_PANEL, show_default=False)]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the report as JSON to PATH ('-': stdout, the table then goes to stderr).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT_PANEL)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors (also: CHANPRUNE_DEBUG=1).", callback=_debug_callback, is_eager=True, rich_help_panel=OUTPUT_PANEL)]
+
+
+# --------------------------------------------------------------------------------------------
+# shared steps
+
+
+def check_json_out(path: str | None, force: bool) -> None:
+    """Fail before any long computation when the JSON report could not be written."""
+    if path is not None and path != "-":
+        from ..fsutil import check_output
+
+        check_output(path, force)
+
+
+def load_model(ckpt: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> LoadedCheckpoint:
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+
+
+def resolve_input_shape(explicit: tuple[int, int, int] | None, loaded: LoadedCheckpoint) -> tuple[int, int, int]:
+    """--input-shape, else the shape recorded in the checkpoint, else the architecture's default."""
+    if explicit is not None:
+        return explicit
+    if loaded.input_shape is not None:
+        return tuple(loaded.input_shape)  # type: ignore[return-value]
+    from ..models import default_input_shape
+
+    shape = default_input_shape(loaded.arch)
+    if shape is None:
+        raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (e.g. --input-shape 3,224,224)")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_eval_loader(
+    source: str,
+    *,
+    input_shape: tuple[int, int, int],
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    max_batches: int | None = None,
+) -> DataLoader:
+    """An evaluation loader; with `max_batches` it draws that many random batches (seeded)."""
+    from ..data import make_loader
+
+    # mean/std None: the source's own statistics (ImageNet for RGB images, see data.open_dataset).
+    return make_loader(source, batch_size=batch_size, workers=workers, seed=seed, shuffle=max_batches is not None,
+                       max_batches=max_batches, train=False, input_shape=input_shape, mean=mean, std=std)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the app
+
+
+app = typer.Typer(
+    name="chanprune",
+    cls=_ChanpruneGroup,
+    help="Structured channel pruning for trained CNNs: checkpoint in, smaller verified checkpoint out.",
+    epilog="Exit codes: 0 success · 1 runtime failure · 2 bad usage or input · 3 a gate was not met · 130 interrupted.\n\n"
+    "Run [b]chanprune COMMAND --help[/b] for a command's options and examples.",
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,  # errors are one line (or a plain traceback with --debug)
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"chanprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", envvar=_DEBUG_ENV, help="Show full tracebacks on errors.", show_envvar=True)] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
+) -> None:
+    """Structured channel pruning for trained CNNs: checkpoint in, smaller verified checkpoint out."""
+    if debug:
+        ctx.meta[_DEBUG_KEY] = True
+
+
+def print_archs() -> None:
+    from rich.table import Table
+
+    from ..models import builtin_archs
+    from ..report import make_console
+
+    table = Table(title="built-in architectures (--arch NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in builtin_archs().items():
+        table.add_row(name, description)
+    console = make_console()
+    console.print(table)
+    console.print("Also: [b]torchvision:NAME[/b] (any torchvision classification model) and "
+                  "[b]package.module:factory[/b] (your own model, importable from the working directory).")
+
+
+CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Channel-importance criterion (see [b]chanprune score --help[/b] for the list).", show_default=False)]
+OutOpt = Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Output file (safetensors).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
+
+
+def validate_common(input_shape: str | None, mean: str | None, std: str | None, json_out: str | None,
+                     force: bool) -> tuple[tuple[int, int, int] | None, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Parse the shared options and check the JSON destination before any slow step."""
+    from ..data import parse_floats, parse_shape
+
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    mean_t = parse_floats(mean, name="mean") if mean is not None else None
+    std_t = parse_floats(std, name="std") if std is not None else None
+    check_json_out(json_out, force)
+    return shape, mean_t, std_t
+
+
+def calibration_loader(data: str | None, shape: tuple[int, int, int], mean: tuple[float, ...] | None,
+                        std: tuple[float, ...] | None, batch_size: int, workers: int, seed: int,
+                        calib_batches: int | None) -> DataLoader | None:
+    return None if data is None else make_eval_loader(data, input_shape=shape, mean=mean, std=std, batch_size=batch_size,
+                                                  workers=workers, seed=seed, max_batches=calib_batches)

@@ -1,0 +1,139 @@
+"""`chanprune prune`: remove channels, verify against the masked original, save a chanprune file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from .common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchSizeOpt,
+    CalibBatchesOpt,
+    CkptArg,
+    CriterionOpt,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    MeanOpt,
+    OutOpt,
+    SeedOpt,
+    StdOpt,
+    TrustPickleOpt,
+    WorkersOpt,
+    app,
+    calibration_loader,
+    examples,
+    load_model,
+    resolve_input_shape,
+    seed_everything,
+    validate_common,
+)
+
+
+@app.command(
+    epilog=examples(
+        ("remove half of every layer's channels by L1 norm, verified, as a chanprune file",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --criterion l1 --ratio 0.5 --out r56-half.safetensors"),
+        ("remove 50 % of the MACs with one global ranking, keeping widths multiples of 8",
+         "chanprune prune model.pt --arch torchvision:resnet50 --criterion fpgm --target-flops 0.5 --round-to 8 --out r50.safetensors"),
+        ("prune with scores made earlier by `chanprune score`, report as JSON",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.taylor.safetensors --target-flops 0.5 --out p.safetensors --json p.json"),
+        ("keep the classifier head and the stem untouched",
+         "chanprune prune model.pt --arch torchvision:mobilenet_v2 --ratio 0.3 --ignore 'features.0.*' --ignore classifier.1 --out m.safetensors"),
+    ),
+)
+def prune(
+    ckpt: CkptArg = None,
+    criterion: CriterionOpt = None,
+    scores_path: Annotated[Optional[str], typer.Option("--scores", metavar="S", help="Scores from [b]chanprune score[/b] (instead of --criterion).", show_default=False)] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Remove this fraction of the channels of every prunable group (0 < R < 1).", show_default=False)] = None,
+    target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Remove this fraction of the MACs by one global ranking (0 < F < 1).", show_default=False)] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
+    min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
+    round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
+    out: OutOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+    data: DataOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    calib_batches: CalibBatchesOpt = None,
+    json_out: JsonOpt = None,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove channels physically, prove the result equals the masked original, save it."""
+    if ckpt is None:
+        raise UserError("give a checkpoint to prune: chanprune prune CKPT --ratio 0.5 --out pruned.safetensors")
+    if out is None:
+        raise UserError("give an output file: --out pruned.safetensors")
+    if criterion is not None and scores_path is not None:
+        raise UserError("give either --criterion or --scores, not both")
+    if (ratio is None) == (target_flops is None):
+        raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
+    for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
+        if value is not None and not 0 < value < 1:
+            raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+    criterion_name = criterion or ("l1" if scores_path is None else None)
+    shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
+    from ..allocate import parse_min_keep
+    from ..criteria import check_requirements, get_criterion
+    from ..fsutil import check_output
+
+    parse_min_keep(min_keep)
+    check_output(out, force)
+    if criterion_name is not None:
+        check_requirements(get_criterion(criterion_name), data is not None)
+    seed_everything(seed)
+
+    from .. import pruning
+    from ..checkpoint import save_chanprune, tool_version
+    from ..device import resolve_device
+    from ..graph import build_graph, match_ignored
+    from ..report import PruneReport, group_rows, make_console, prune_document, render_prune, write_json
+    from ..scoring import compute_scores, load_scores
+
+    loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
+    if loaded.arch is None:
+        raise UserError("this pickled model has no architecture to rebuild it from; pass --arch as well")
+    shape = resolve_input_shape(shape, loaded)
+    model = loaded.model.eval()
+    console = make_console(stderr=json_out == "-")
+    graph = build_graph(model, shape, ignore=ignore or ())
+    for pattern in match_ignored((n for n, _ in model.named_modules()), ignore or ()):
+        typer.echo(f"warning: --ignore {pattern!r} matches no module", err=True)
+    if scores_path is not None:
+        scores, info = load_scores(scores_path, graph, model)
+        criterion_name = str(info.get("criterion"))
+    else:
+        assert criterion_name is not None
+        loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
+        scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed)
+    outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
+                            target_flops=target_flops, min_keep=min_keep, round_to=round_to, check=not no_verify)
+    verify = None if outcome.verify is None else {
+        "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
+    history_entry = {"command": "prune", "criterion": criterion_name, "requested": outcome.allocation.requested,
+                     "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
+                     "verify": verify, "tool_version": tool_version()}
+    save_chanprune(out, outcome.model, loaded.arch, input_shape=shape, history=[*loaded.history, history_entry],
+                   plans=[*loaded.plans, outcome.plan_record], meta=loaded.meta, force=force)
+    blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]} for g in group_rows(graph) if not g["prunable"]]
+    report = PruneReport(ckpt, out, criterion_name, outcome.allocation.requested, outcome.before, outcome.after,
+                         outcome.layers, verify, blocked, seed=seed)
+    render_prune(report, console)
+    if json_out is not None:
+        write_json(prune_document(report), json_out)

@@ -1,0 +1,102 @@
+"""`chanprune score`: score every prunable channel with a criterion and save the scores."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+from .common import (
+    ArchKwargsOpt,
+    ArchOpt,
+    BatchSizeOpt,
+    CalibBatchesOpt,
+    CkptArg,
+    CriterionOpt,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    MeanOpt,
+    OutOpt,
+    SeedOpt,
+    StdOpt,
+    TrustPickleOpt,
+    WorkersOpt,
+    app,
+    calibration_loader,
+    examples,
+    load_model,
+    resolve_input_shape,
+    seed_everything,
+    validate_common,
+)
+
+
+@app.command(
+    epilog=examples(
+        ("second-order sensitivity on 20 calibration batches",
+         "chanprune score resnet56.th --arch cifar_resnet56 --criterion sensitivity --data train.tar.gz --calib-batches 20 --out r56.sens.safetensors"),
+        ("a weight-only criterion needs no data",
+         "chanprune score model.pt --arch torchvision:resnet18 --criterion fpgm --out r18.fpgm.safetensors"),
+        ("then prune with those scores", "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.sens.safetensors --target-flops 0.5 --out p.safetensors"),
+    ),
+)
+def score(
+    ckpt: CkptArg = None,
+    criterion: CriterionOpt = None,
+    out: OutOpt = None,
+    ratio: Annotated[float, typer.Option("--ratio", metavar="R", help="For the summary: how many channels of each layer this ratio would remove.")] = 0.5,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+    data: DataOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = 0,
+    seed: SeedOpt = 0,
+    calib_batches: CalibBatchesOpt = None,
+    json_out: JsonOpt = None,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score every prunable channel with a criterion and save the scores for `prune --scores`."""
+    if ckpt is None or criterion is None or out is None:
+        raise UserError("usage: chanprune score CKPT --criterion NAME --out SCORES.safetensors (see --help)")
+    if not 0 < ratio < 1:
+        raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio:g}")
+    shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
+    from ..criteria import check_requirements, get_criterion
+    from ..fsutil import check_output
+
+    check_requirements(get_criterion(criterion), data is not None)
+    check_output(out, force)
+    seed_everything(seed)
+
+    from ..allocate import allocate
+    from ..device import resolve_device
+    from ..graph import build_graph
+    from ..report import make_console, render_scores, score_document, write_json
+    from ..scoring import compute_scores, save_scores
+
+    loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
+    shape = resolve_input_shape(shape, loaded)
+    model = loaded.model.eval()
+    graph = build_graph(model, shape)
+    loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
+    scores = compute_scores(model, graph, criterion, loader, resolve_device(device), seed=seed)
+    data_record = None if data is None else {"source": data, "batches": calib_batches, "batch_size": batch_size, "seed": seed}
+    save_scores(out, scores, graph, model, criterion=criterion, options={}, data=data_record, force=force)
+    removal = allocate(graph, scores, ratio=ratio).plan
+    rows = [{"group": g.name, "channels": g.channels, "min": float(scores[g.id].min()), "median": float(scores[g.id].median()),
+             "max": float(scores[g.id].max()), "removed_at_ratio": len(removal.get(g.id, []))} for g in graph.prunable_groups()]
+    console = make_console(stderr=json_out == "-")
+    render_scores(criterion, out, ratio, rows, console)
+    if json_out is not None:
+        write_json(score_document(ckpt, out, criterion, ratio, rows, data_record, seed), json_out)
