@@ -140,7 +140,8 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     if not groups:
         raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
     if max(g.channels for g in groups) < round_to:
-        raise UserError(f"--round-to {round_to} is larger than every prunable layer (widest: {max(g.channels for g in groups)} channels)")
+        raise UserError(f"--round-to {round_to} is larger than every prunable layer (widest: {max(g.channels for g in groups)} channels); "
+                        "use a smaller --round-to")
     _check_scores(graph, scores)
     floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
     estimator = MacsEstimator(graph)
@@ -182,7 +183,7 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     most = plan_at(math.inf)
     if reduction(most) < target_flops:
         raise UserError(f"--target-flops {target_flops:g} is unreachable: with --min-keep {min_keep:g} at most "
-                        f"{reduction(most):.1%} of the prunable MACs can be removed")
+                        f"{reduction(most):.1%} of the prunable MACs can be removed; ask for less or lower --min-keep")
     # Smallest threshold (index into the sorted score values) that reaches the target.
     lo, hi = 0, len(values)
     while lo < hi:

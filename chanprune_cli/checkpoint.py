@@ -26,7 +26,7 @@ from torch import nn
 from . import shapes
 from .errors import UserError
 from .fsutil import atomic_path, check_output
-from .models import ArchSpec, build_model, ensure_cwd_importable, parse_arch
+from .models import ArchSpec, build_model, builtin_archs, ensure_cwd_importable, parse_arch
 
 __all__ = [
     "FORMAT_NAME",
@@ -87,7 +87,7 @@ class LoadedCheckpoint:
 def _check_input(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists():
-        raise UserError(f"checkpoint {p} does not exist")
+        raise UserError(f"checkpoint {p} does not exist; check the path")
     if p.is_dir():
         raise UserError(f"checkpoint {p} is a directory; pass a checkpoint file")
     try:
@@ -97,7 +97,7 @@ def _check_input(path: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise UserError(f"cannot read checkpoint {p}: {exc.strerror or exc}") from None
     if size == 0:
-        raise UserError(f"checkpoint {p} is empty (0 bytes)")
+        raise UserError(f"checkpoint {p} is empty (0 bytes); the download or save did not finish, fetch or save it again")
     return p
 
 
@@ -129,6 +129,13 @@ _ST_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 def _read_safetensors_header(p: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Validated (tensor entries, metadata) of a safetensors file. UserError on any inconsistency."""
+    try:
+        return _parse_safetensors_header(p)
+    except UserError as exc:
+        raise UserError(f"{exc}; fetch or re-create the file") from None
+
+
+def _parse_safetensors_header(p: Path) -> tuple[dict[str, Any], dict[str, str]]:
     size = p.stat().st_size
     bad = f"{p} is not a valid safetensors file"
     if size < 10:
@@ -142,7 +149,7 @@ def _read_safetensors_header(p: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise UserError(f"{bad}: header is not valid JSON (corrupt or truncated)") from None
     if not isinstance(header, dict):
         raise UserError(f"{bad}: header is not a JSON object")
@@ -179,7 +186,10 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     try:
         tensors = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{p} is not a valid safetensors file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(
+            f"{p} is not a valid safetensors file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "fetch or re-create the file"
+        ) from None
     return dict(tensors), metadata
 
 
@@ -215,7 +225,8 @@ def _safe_globals() -> list[Any]:
     return allowed
 
 
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+# torch's weights-only unpickler names the refused global in one of two phrasings.
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
 
 
 def _unsafe_global(message: str) -> str | None:
@@ -240,7 +251,33 @@ def _first_line(exc: BaseException) -> str:
     return text[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
+_ZIP_MAX_RATIO = 100  # torch.save stores records uncompressed: real files declare about their own size
+_ZIP_FLOOR = 64 * 1024 * 1024
+
+
+def _check_zip_sizes(p: Path) -> None:
+    """Refuse a zip checkpoint declaring far more content than the file holds (a 'zip bomb'):
+    torch.load would inflate compressed records into memory of the declared size before any check."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            declared = sum(max(int(info.file_size), 0) for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, OverflowError):
+        return  # not a readable zip: torch.load reports the damage itself
+    size = p.stat().st_size
+    if declared > max(_ZIP_MAX_RATIO * size, _ZIP_FLOOR):
+        raise UserError(
+            f"{p} declares {declared / 2**20:.0f} MiB of content in a {size / 2**20:.1f} MiB file (a zip bomb?); "
+            "refusing to unpack it, fetch the checkpoint again from its source"
+        )
+
+
 def _torch_load(p: Path, trust_pickle: bool) -> Any:
+    with p.open("rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        _check_zip_sizes(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol/version chatter; failures raise anyway
@@ -253,12 +290,15 @@ def _torch_load(p: Path, trust_pickle: bool) -> Any:
                 raise UserError(
                     f"{p} contains pickled code/objects ({unsafe}); re-run with --trust-pickle only if you trust its source"
                 ) from None
-            raise UserError(f"{p} is corrupt or not a PyTorch checkpoint (torch.save) or safetensors file") from None
+            raise UserError(
+                f"{p} is corrupt or not a PyTorch checkpoint (torch.save) or safetensors file; fetch or save it again"
+            ) from None
     except Exception as exc:  # zip/stream errors, EOF, bad magic number: all mean a damaged file
         message = str(exc)
         if "TorchScript" in message:
-            raise UserError(f"{p} is a TorchScript archive; chanprune needs an eager model's weights (a state dict) plus --arch") from None
-        raise UserError(f"{p} is corrupt or truncated ({_first_line(exc)})") from None
+            raise UserError(f"{p} is a TorchScript archive; chanprune needs an eager model's weights: use torch.save(model.state_dict()) "
+                            "in the training script and pass --arch") from None
+        raise UserError(f"{p} is corrupt or truncated ({_first_line(exc)}); fetch or save it again") from None
     # The user vouched for this file: a full unpickle (this can run code from the file).
     ensure_cwd_importable()
     try:
@@ -479,7 +519,9 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load any supported checkpoint form into an eval-mode CPU model. UserError on every bad input.
 
-    A chanprune file carries its own architecture, so `arch`/`arch_kwargs` are ignored for it.
+    A chanprune file carries its own architecture, so `arch`/`arch_kwargs` are ignored for it, except
+    that a recorded `package.module:factory` is only imported when `arch` names the same factory or
+    `trust_pickle` is set (building it runs code the file names).
     """
     p = _check_input(path)
     kind = _sniff(p)
@@ -488,7 +530,7 @@ def load_checkpoint(
     if kind == "safetensors":
         tensors, metadata = _read_safetensors(p)
         if METADATA_KEY in metadata:
-            return _load_chanprune(p, tensors, metadata[METADATA_KEY])
+            return _load_chanprune(p, tensors, metadata[METADATA_KEY], arch=arch, trust_code=trust_pickle)
         sd: dict[str, torch.Tensor] | None = tensors
         source = "safetensors"
     elif kind in ("zip", "pickle"):
@@ -500,7 +542,7 @@ def load_checkpoint(
         if module is None and sd is None:
             raise UserError(f"{p} holds no model weights (no state dict of tensors found)")
     else:
-        raise UserError(f"{p} is not a PyTorch checkpoint (torch.save) or safetensors file (unrecognised content)")
+        raise UserError(f"{p} is not a PyTorch checkpoint (torch.save) or safetensors file (unrecognised content); pass the model's weights file")
 
     if module is not None and arch is None:
         module = module.to("cpu").eval()
@@ -523,7 +565,7 @@ def load_state_dict_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
     if kind == "safetensors":
         return _read_safetensors(p)[0]
     if kind not in ("zip", "pickle"):
-        raise UserError(f"{p} is not a PyTorch checkpoint (torch.save) or safetensors file (unrecognised content)")
+        raise UserError(f"{p} is not a PyTorch checkpoint (torch.save) or safetensors file (unrecognised content); pass the model's weights file")
     obj = _torch_load(p, trust_pickle)
     module = _find_module(obj)
     if module is not None:
@@ -534,44 +576,67 @@ def load_state_dict_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
     return sd
 
 
-def _load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str) -> LoadedCheckpoint:
+def _confirmed_factory(spec: ArchSpec, arch: str | ArchSpec | None, trust_code: bool) -> bool:
+    """Whether building `spec` may run code the user did not name.
+
+    Built-ins and `torchvision:NAME` only construct known models. A `package.module:factory` record
+    imports and calls whatever the file names (e.g. `subprocess:run`), so a downloaded chanprune
+    file may only do that when the user names the same factory with --arch or trusts the file.
+    """
+    if spec.name in builtin_archs() or spec.name.startswith("torchvision:") or ":" not in spec.name:
+        return True
+    named = arch.name if isinstance(arch, ArchSpec) else arch
+    return trust_code or (isinstance(named, str) and named.strip() == spec.name)
+
+
+_DAMAGED = "; the file is damaged or was edited, re-create it with chanprune prune"
+
+
+def _load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str, *, arch: str | ArchSpec | None = None,
+                    trust_code: bool = False) -> LoadedCheckpoint:
     try:
         doc = json.loads(raw)
-    except json.JSONDecodeError:
-        raise UserError(f"{p}: chanprune metadata is not valid JSON (file damaged?)") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise UserError(f"{p}: chanprune metadata is not valid JSON (file damaged?); re-create it with chanprune") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise UserError(f"{p}: chanprune metadata is malformed (no 'format': 'chanprune')")
+        raise UserError(f"{p}: chanprune metadata is malformed (no 'format': 'chanprune'){_DAMAGED}")
     version = doc.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise UserError(f"{p}: chanprune metadata has an invalid format_version {version!r}")
+        raise UserError(f"{p}: chanprune metadata has an invalid format_version {version!r}{_DAMAGED}")
     if version > FORMAT_VERSION:
         raise UserError(f"{p} was made by a newer chanprune (format {version}); upgrade chanprune")
     spec = ArchSpec.from_json(doc.get("arch"))  # type: ignore[arg-type]
+    if not _confirmed_factory(spec, arch, trust_code):
+        raise UserError(
+            f"{p} records architecture {spec.name}, a package.module:factory that chanprune would import and call "
+            f"(code named by the file); if you trust it, pass --arch {spec.name} (or --trust-pickle)"
+        )
     module_shapes = doc.get("module_shapes") or {}
     if not isinstance(module_shapes, dict):
-        raise UserError(f"{p}: chanprune metadata is malformed (module_shapes is not an object)")
+        raise UserError(f"{p}: chanprune metadata is malformed (module_shapes is not an object){_DAMAGED}")
     input_shape = doc.get("input_shape")
     if input_shape is not None:
         if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(isinstance(d, int) and d > 0 for d in input_shape)):
-            raise UserError(f"{p}: chanprune metadata has an invalid input_shape {input_shape!r}")
+            raise UserError(f"{p}: chanprune metadata has an invalid input_shape {input_shape!r}{_DAMAGED}")
         input_shape = tuple(input_shape)
     history, plans, meta = doc.get("history") or [], doc.get("plans") or [], doc.get("meta") or {}
     if not isinstance(history, list) or not isinstance(plans, list) or not isinstance(meta, dict):
-        raise UserError(f"{p}: chanprune metadata is malformed (history/plans must be lists, meta an object)")
+        raise UserError(f"{p}: chanprune metadata is malformed (history/plans must be lists, meta an object){_DAMAGED}")
 
     try:
         model = build_model(spec)
     except UserError as exc:
-        raise UserError(f"{p} records architecture {spec}, which cannot be built: {exc}") from None
+        raise UserError(f"{p} records architecture {spec}, which cannot be built: {exc}; make it importable here "
+                        "or re-create the file") from None
     try:
         shapes.apply_shape_attrs(model, module_shapes, {k: tuple(v.shape) for k, v in tensors.items()})
         problem = _fit_problems(model, tensors) or _attr_shape_problems(model)
     except KeyError as exc:
-        raise UserError(f"{p} records module {exc.args[0]!r}, which {spec} does not have; the file does not fit its architecture") from None
+        raise UserError(f"{p} records module {exc.args[0]!r}, which {spec} does not have{_DAMAGED}") from None
     except (TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
-        raise UserError(f"{p}: recorded module shapes cannot be applied to {spec} ({_first_line(exc)})") from None
+        raise UserError(f"{p}: recorded module shapes cannot be applied to {spec} ({_first_line(exc)}){_DAMAGED}") from None
     if problem:
-        raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: {problem}")
+        raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: {problem}; the file is damaged or was edited, re-create it with chanprune prune")
     _load_into(model, tensors)
     if input_shape is not None:
         # apply_shape_attrs sizes tensors from the file, so a lying file could still leave
@@ -580,7 +645,10 @@ def _load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str) -> Load
             with torch.no_grad():
                 model.eval()(torch.zeros(1, *input_shape))
         except Exception as exc:
-            raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: forward pass fails ({_first_line(exc)})") from None
+            raise UserError(
+                f"weights in {p} do not fit its recorded plan for {spec}: forward pass fails ({_first_line(exc)}); "
+                "the file is damaged or was edited, re-create it with chanprune prune"
+            ) from None
     return LoadedCheckpoint(
         model=model.to("cpu").eval(),
         arch=spec,

@@ -313,6 +313,20 @@ def _probe_image(path: str) -> tuple[int, int] | None:
         return None
 
 
+_COLOR_MODES = frozenset({"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+def _image_mode(path: str) -> str | None:
+    """PIL mode of an image from its header (e.g. "L", "RGB"), or None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(im.mode)
+    except Exception:
+        return None
+
+
 class ImageFolderDataset(ChanpruneDataset):
     """`root/<class>/<image>` with lazy decoding; unreadable files are skipped at index time."""
 
@@ -362,7 +376,8 @@ class ImageFolderDataset(ChanpruneDataset):
         self.skipped = len(self.skipped_files)
         if not self.paths:
             raise UserError(
-                f"no readable images in {display} ({self.skipped} files could not be decoded)"
+                f"no readable images in {display} ({self.skipped} files could not be decoded), e.g. {self.skipped_files[0]}; "
+                "check that they are complete image files"
             )
         if self.skipped:
             warnings.warn(
@@ -384,6 +399,15 @@ class ImageFolderDataset(ChanpruneDataset):
         self.input_shape = input_shape
         self.train = train
         self._mode = "L" if input_shape[0] == 1 else "RGB"
+        first_mode = _image_mode(self.paths[0])
+        if self._mode == "L" and first_mode in _COLOR_MODES:
+            warnings.warn(
+                DataWarning(
+                    f"images in {display} are color ({first_mode}) but the model takes 1 channel; "
+                    "converting them to grayscale (check --data if the model expects color images)"
+                ),
+                stacklevel=3,
+            )
         default = (GRAY_MEAN, GRAY_STD) if input_shape[0] == 1 else (IMAGENET_MEAN, IMAGENET_STD)
         self._set_stats(*_resolve_stats(mean, std, input_shape[0], default))
         self._small = max(input_shape[1:]) <= SMALL_IMAGE_MAX
@@ -654,7 +678,7 @@ def _open_synthetic(spec: str, input_shape: tuple[int, int, int] | None) -> Synt
     if input_shape is not None and tuple(input_shape) != shape:
         raise UserError(
             f"data source {spec!r} makes {'x'.join(map(str, shape))} inputs but the input shape is "
-            f"{'x'.join(map(str, input_shape))}"
+            f"{'x'.join(map(str, input_shape))}; use synthetic:{'x'.join(map(str, input_shape))} or fix --input-shape"
         )
     numbers: list[int] = []
     for f in fields[1:]:
@@ -726,7 +750,8 @@ def _checked_members(tf: tarfile.TarFile, display: str, filter_available: bool) 
     for member in tf:
         problem = _member_problem(member, filter_available)
         if problem:
-            raise UserError(f"refusing to extract {display}: member {member.name!r} {problem}")
+            raise UserError(f"refusing to extract {display}: member {member.name!r} {problem}; "
+                            "use an archive whose members stay inside it (relative paths, no outside links)")
         yield member
 
 
@@ -765,9 +790,9 @@ def _extract(archive: Path, final: Path, display: str, digest: str) -> None:
         except UserError:
             raise
         except _FilterError as exc:
-            raise UserError(f"refusing to extract {display}: {exc}") from None
+            raise UserError(f"refusing to extract {display}: {exc}; use an archive whose members stay inside it") from None
         except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
-            raise UserError(f"cannot read archive {display}: {exc} (is it a complete .tar/.tar.gz?)") from None
+            raise UserError(f"cannot read archive {display}: {exc}; it is damaged or incomplete, fetch or re-create it") from None
         except OSError as exc:
             raise ChanpruneError(
                 f"cannot extract {display} into {parent}: {exc}; set XDG_CACHE_HOME to a writable "
@@ -882,7 +907,7 @@ def open_dataset(
         scheme = re.match(r"^([a-z][a-z0-9+.-]*):", lower)
         if scheme and len(scheme.group(1)) > 1:  # one letter would be a Windows drive
             raise UserError(f"unknown data source {scheme.group(1)!r}: in {text!r}; accepted: {ACCEPTED_FORMS}")
-        raise UserError(f"data path {text} does not exist; accepted: {ACCEPTED_FORMS}")
+        raise UserError(f"data path {text} does not exist; check the path (accepted: {ACCEPTED_FORMS})")
     if path.is_dir():
         return _open_directory(path, text, **kw)
     if _is_archive(path):

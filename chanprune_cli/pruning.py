@@ -68,7 +68,8 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     bad = nonfinite_tensors(model)
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model")
+        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model "
+                        "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to)
     before, before_layers = snapshot(model, input_shape)
     pruned = copy.deepcopy(model)

@@ -352,9 +352,12 @@ def render_prune(report: PruneReport, console: Console) -> None:
                       + "; ".join(f"{b['name']} ({b['reason']})" for b in report.blocked[:4])
                       + (" …" if len(report.blocked) > 4 else ""))
     if report.accuracy is not None:
-        for key, value in report.accuracy.items():
-            if isinstance(value, (int, float)):
-                console.print(f"{key:<10} {value:.2f} %")
+        labels = {"top1_before": "before", "top1_pruned": "pruned", "top1_recalibrated": "pruned + BN recalibration"}
+        shown = [f"{labels[k]} {v:.2f} %" for k, v in report.accuracy.items() if k in labels]
+        if shown:
+            console.print("top-1      " + " → ".join(shown))
+        if report.accuracy.get("recalibrated_bn_batches"):
+            console.print(f"BN stats   re-estimated on {report.accuracy['recalibrated_bn_batches']} batches of --data")
 
 
 def score_document(checkpoint: str, output: str, criterion: str, ratio: float, rows: list[dict[str, Any]],

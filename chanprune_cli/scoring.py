@@ -71,6 +71,10 @@ def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module
 
 
 def read_scores_meta(path: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise UserError(f"score file {path} does not exist; make one with `chanprune score` or check the path")
     meta = safetensors_metadata(path)
     raw = (meta or {}).get("chanprune_scores")
     if raw is None:
@@ -78,8 +82,13 @@ def read_scores_meta(path: str) -> dict[str, Any]:
     try:
         info = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: score metadata is not valid JSON ({exc.msg})") from exc
-    if info.get("format_version", 0) > SCORES_VERSION:
+        raise UserError(f"{path}: score metadata is not valid JSON ({exc.msg}); re-run `chanprune score`") from exc
+    except RecursionError:
+        raise UserError(f"{path}: score metadata is not valid JSON (nested too deeply); re-run `chanprune score`") from None
+    version = info.get("format_version", 0) if isinstance(info, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(f"{path}: score metadata is malformed (no integer format_version); re-run `chanprune score`")
+    if version > SCORES_VERSION:
         raise UserError(f"{path} was made by a newer chanprune (score format {info.get('format_version')}); upgrade chanprune")
     return info
 

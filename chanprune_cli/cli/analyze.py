@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    MODEL_PANEL,
     ArchKwargsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -18,7 +19,6 @@ from .common import (
     ForceOpt,
     InputShapeOpt,
     JsonOpt,
-    MODEL_PANEL,
     MeanOpt,
     SeedOpt,
     StdOpt,
@@ -87,11 +87,29 @@ def analyze(
     seed_everything(seed)
 
     from .. import measure
-    from ..report import AnalyzeReport, analyze_document, layer_rows, make_console, model_size_bytes, render_analyze, write_json
+    from ..report import (
+        AnalyzeReport,
+        analyze_document,
+        layer_rows,
+        make_console,
+        model_size_bytes,
+        render_analyze,
+        write_json,
+    )
 
     loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
     shape = resolve_input_shape(shape, loaded)
     model = loaded.model.eval()
+    from ..checkpoint import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:  # analyze still reports the structure; score and prune refuse such a model
+        typer.echo(f"warning: the model has NaN/Inf weights in {', '.join(bad[:3])}"
+                   f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; score and prune will refuse it", err=True)
+    # Open --data before the slow analysis steps, so that bad data fails first.
+    loader = None if data is None else make_eval_loader(
+        data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size, workers=workers, seed=seed,
+        max_batches=calib_batches)
     macs = measure.count_macs(model, shape)
     rows = layer_rows(model, measure.per_module_macs(model, shape))
     from ..graph import build_graph
@@ -100,9 +118,7 @@ def analyze(
     groups = group_rows(build_graph(model, shape))
 
     accuracy: dict[str, Any] | None = None
-    if data is not None:
-        loader = make_eval_loader(data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size,
-                              workers=workers, seed=seed, max_batches=calib_batches)
+    if loader is not None:
         result = measure.evaluate(model, loader, dev, max_batches=calib_batches, progress=True)
         accuracy = {
             "top1": float(result["top1"]),

@@ -66,10 +66,15 @@ def _fail(ctx: typer.Context, message: str, code: int) -> NoReturn:
 def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
     """Show chanprune's own warnings (e.g. skipped unreadable images) as one `warning:` line."""
 
+    shown: set[str] = set()  # a data set opened twice in one run (calibration, recalibration) warns once
+
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:
         if category.__module__.startswith("chanprune_cli"):
-            print(f"warning: {_one_line(str(message))}", file=sys.stderr)
+            text = _one_line(str(message))
+            if text not in shown:
+                shown.add(text)
+                print(f"warning: {text}", file=sys.stderr)
         else:  # third-party warnings keep Python's format: their source location matters
             previous(message, category, filename, lineno, file, line)
 
@@ -83,13 +88,32 @@ class _ChanpruneGroup(TyperGroup):
     `python -m chanprune_cli`, `typer.testing.CliRunner`) behaves the same.
     """
 
+    @staticmethod
+    def _usage_error(ctx: typer.Context, exc: TyperException) -> None:
+        """Usage errors (bad option values, unknown options; exit 2) follow the one-line contract
+        too, instead of a usage banner plus a boxed message. Help requests keep Typer's output."""
+        if getattr(exc, "exit_code", None) != 2 or type(exc).__name__ == "NoArgsIsHelpError":
+            return
+        where = getattr(getattr(exc, "ctx", None), "command_path", None) or ctx.command_path
+        _fail(ctx, f"error: {_one_line(exc.format_message())} (see '{where} --help')", 2)
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        try:
+            return super().parse_args(ctx, args)
+        except TyperException as exc:  # the root's own options (`chanprune --bogus`)
+            self._usage_error(ctx, exc)
+            raise
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             with warnings.catch_warnings():  # restores the previous handler afterwards
                 warnings.showwarning = _warning_printer(warnings.showwarning)
                 return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, TyperException, BrokenPipeError):
-            raise  # exits, usage errors (exit 2) and closed pipes keep Typer's own handling
+        except TyperException as exc:
+            self._usage_error(ctx, exc)
+            raise
+        except (typer.Exit, typer.Abort, BrokenPipeError):
+            raise  # exits and closed pipes keep Typer's own handling
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -147,6 +171,29 @@ def check_json_out(path: str | None, force: bool) -> None:
         from ..fsutil import check_output
 
         check_output(path, force)
+
+
+def check_distinct_outputs(*options: tuple[str, str | None]) -> None:
+    """Two output options naming one file would silently overwrite one result with the other."""
+    seen: dict[str, str] = {}
+    for option, path in options:
+        if path is None or path == "-":
+            continue
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            raise UserError(f"{seen[key]} and {option} both name {path}; give each output its own file")
+        seen[key] = option
+
+
+def refuse_nonfinite(model: Any, action: str) -> None:
+    """UserError naming the NaN/Inf tensors: scores and pruning of a broken model are meaningless."""
+    from ..checkpoint import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to {action} a broken model "
+                        "(use a checkpoint from before training diverged)")
 
 
 def load_model(ckpt: str, arch: str | None, arch_kwargs: str | None, trust_pickle: bool) -> LoadedCheckpoint:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import UserError
 from .common import (
+    DATA_PANEL,
     ArchKwargsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -28,8 +29,11 @@ from .common import (
     WorkersOpt,
     app,
     calibration_loader,
+    check_distinct_outputs,
     examples,
     load_model,
+    refuse_nonfinite,
+    make_eval_loader,
     resolve_input_shape,
     seed_everything,
     validate_common,
@@ -58,6 +62,8 @@ def prune(
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
+    recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     out: OutOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -95,6 +101,11 @@ def prune(
 
     parse_min_keep(min_keep)
     check_output(out, force)
+    check_distinct_outputs(("--out", out), ("--json", json_out))
+    if scores_path is not None:
+        from ..scoring import read_scores_meta
+
+        read_scores_meta(scores_path)  # a missing or foreign score file fails before the slow steps
     if criterion_name is not None:
         check_requirements(get_criterion(criterion_name), data is not None)
     seed_everything(seed)
@@ -103,7 +114,14 @@ def prune(
     from ..checkpoint import save_chanprune, tool_version
     from ..device import resolve_device
     from ..graph import build_graph, match_ignored
-    from ..report import PruneReport, group_rows, make_console, prune_document, render_prune, write_json
+    from ..report import (
+        PruneReport,
+        group_rows,
+        make_console,
+        prune_document,
+        render_prune,
+        write_json,
+    )
     from ..scoring import compute_scores, load_scores
 
     loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
@@ -111,10 +129,15 @@ def prune(
         raise UserError("this pickled model has no architecture to rebuild it from; pass --arch as well")
     shape = resolve_input_shape(shape, loaded)
     model = loaded.model.eval()
+    refuse_nonfinite(model, "prune")
     console = make_console(stderr=json_out == "-")
     graph = build_graph(model, shape, ignore=ignore or ())
     for pattern in match_ignored((n for n, _ in model.named_modules()), ignore or ()):
         typer.echo(f"warning: --ignore {pattern!r} matches no module", err=True)
+    narrow = [g for g in graph.prunable_groups() if round_to > 1 and g.channels <= round_to]
+    if narrow and len(narrow) < len(graph.prunable_groups()):
+        typer.echo(f"warning: --round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
+                   f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned", err=True)
     if scores_path is not None:
         scores, info = load_scores(scores_path, graph, model)
         criterion_name = str(info.get("criterion"))
@@ -124,16 +147,45 @@ def prune(
         scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed)
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
                             target_flops=target_flops, min_keep=min_keep, round_to=round_to, check=not no_verify)
+    dev = resolve_device(device)
+    accuracy = _accuracy_and_recalibration(model, outcome.model, data, val_data, recalibrate_bn, dev, shape, mean_t, std_t,
+                                           batch_size, workers, seed)
     verify = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
     history_entry = {"command": "prune", "criterion": criterion_name, "requested": outcome.allocation.requested,
                      "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
-                     "verify": verify, "tool_version": tool_version()}
+                     "verify": verify, "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0),
+                     "tool_version": tool_version()}
     save_chanprune(out, outcome.model, loaded.arch, input_shape=shape, history=[*loaded.history, history_entry],
                    plans=[*loaded.plans, outcome.plan_record], meta=loaded.meta, force=force)
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]} for g in group_rows(graph) if not g["prunable"]]
     report = PruneReport(ckpt, out, criterion_name, outcome.allocation.requested, outcome.before, outcome.after,
-                         outcome.layers, verify, blocked, seed=seed)
+                         outcome.layers, verify, blocked, seed=seed, accuracy=accuracy or None)
     render_prune(report, console)
     if json_out is not None:
         write_json(prune_document(report), json_out)
+
+
+def _accuracy_and_recalibration(original: Any, pruned: Any, data: str | None, val_data: str | None, batches: int,
+                                device: Any, shape: tuple[int, int, int], mean: Any, std: Any, batch_size: int,
+                                workers: int, seed: int) -> dict[str, Any]:
+    """BN recalibration of `pruned` on --data (in place), with top-1 before/after on --val-data."""
+    from ..measure import evaluate
+    from ..recalibration import recalibrate_bn
+
+    result: dict[str, Any] = {}
+
+    def top1(model: Any, key: str) -> None:
+        if val_data is not None:
+            loader = make_eval_loader(val_data, input_shape=shape, mean=mean, std=std, batch_size=batch_size,
+                                      workers=workers, seed=seed)
+            result[key] = float(evaluate(model, loader, device, progress=True)["top1"])
+
+    top1(original, "top1_before")
+    top1(pruned, "top1_pruned")
+    if data is not None and batches > 0:
+        loader = calibration_loader(data, shape, mean, std, batch_size, workers, seed, batches)
+        result["recalibrated_bn_batches"] = recalibrate_bn(pruned, loader, device, batches)
+        top1(pruned, "top1_recalibrated")
+    pruned.cpu().eval()
+    return result

@@ -28,8 +28,10 @@ from .common import (
     WorkersOpt,
     app,
     calibration_loader,
+    check_distinct_outputs,
     examples,
     load_model,
+    refuse_nonfinite,
     resolve_input_shape,
     seed_everything,
     validate_common,
@@ -77,6 +79,7 @@ def score(
 
     check_requirements(get_criterion(criterion), data is not None)
     check_output(out, force)
+    check_distinct_outputs(("--out", out), ("--json", json_out))
     seed_everything(seed)
 
     from ..allocate import allocate
@@ -88,9 +91,21 @@ def score(
     loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
     shape = resolve_input_shape(shape, loaded)
     model = loaded.model.eval()
+    refuse_nonfinite(model, "score")
     graph = build_graph(model, shape)
     loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
-    scores = compute_scores(model, graph, criterion, loader, resolve_device(device), seed=seed)
+    from .. import distributed as D
+
+    # Under torchrun the calibration batches are split over the processes and the scores reduced
+    # (weighted by batches); rank 0 writes. A plain run is one process of one.
+    with D.distributed_session(resolve_device(device)) as (env, run_device):
+        if env.distributed and loader is not None:
+            loader = D.ShardedBatches(loader, env)
+        scores = compute_scores(model, graph, criterion, loader, run_device, seed=seed)
+        if env.distributed:
+            scores = D.reduce_scores(scores, loader.batches if loader is not None else 1, env)
+    if not env.is_main:
+        return
     data_record = None if data is None else {"source": data, "batches": calib_batches, "batch_size": batch_size, "seed": seed}
     save_scores(out, scores, graph, model, criterion=criterion, options={}, data=data_record, force=force)
     removal = allocate(graph, scores, ratio=ratio).plan

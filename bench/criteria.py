@@ -1,0 +1,200 @@
+"""Quality benchmark: every criterion, ours and Torch-Pruning's, at the same MACs target, one run.
+
+For each criterion: score on calibration batches of the training split, prune to the MACs target,
+then top-1 on the test split (a) right after pruning and (b) after BatchNorm recalibration on
+training batches. Two protocols:
+
+* ``inner``: only the inner channel of each residual block may be pruned (the protocol of
+  White-Box and HRank on CIFAR ResNets). Torch-Pruning cannot prune the option-A shortcut
+  channels correctly, so its side-by-side rows use this protocol.
+* ``all``: every prunable group, residual streams included (chanprune only; Torch-Pruning is
+  attempted and its failure recorded).
+
+MACs are counted by fvcore for both tools. Example (the recorded run, see BENCHMARKS.md):
+
+    python bench/criteria.py --arch cifar_resnet56 \\
+        --checkpoint ../shared/checkpoints/resnet56-cifar10jpeg.pt --target-flops 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from chanprune_cli import pruning  # noqa: E402
+from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
+from chanprune_cli.criteria import available  # noqa: E402
+from chanprune_cli.data import make_loader  # noqa: E402
+from chanprune_cli.graph import build_graph  # noqa: E402
+from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
+from chanprune_cli.recalibration import recalibrate_bn  # noqa: E402
+from chanprune_cli.scoring import compute_scores  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHAPE = (3, 32, 32)
+# Producers of the residual streams of a CIFAR ResNet: ignoring them leaves the inner channels.
+INNER_IGNORE = ("conv1", "layer*.*.conv2")
+TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bn", "tp-lamp", "tp-fpgm", "tp-taylor", "tp-hessian", "tp-random")
+
+
+def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    common = {"input_shape": SHAPE, "mean": MEAN, "std": STD, "batch_size": args.batch_size, "seed": args.seed}
+    calib = make_loader(args.train, shuffle=True, max_batches=args.calib_batches, **common)
+    recal = make_loader(args.train, shuffle=True, max_batches=args.recal_batches, **{**common, "seed": args.seed + 1})
+    test_batches = -(-args.eval_images // 200)
+    test = make_loader(args.test, shuffle=args.eval_images < 10000, max_batches=test_batches,
+                       **{**common, "batch_size": 200, "seed": 1234})
+    return calib, recal, test
+
+
+def top1(model: nn.Module, test: Any) -> float:
+    return round(float(evaluate(model, test, torch.device("cpu"), progress=False)["top1"]), 2)
+
+
+def finish(model: nn.Module, pruned: nn.Module, recal: Any, test: Any, row: dict[str, Any], args: argparse.Namespace) -> None:
+    base = count_macs(model, SHAPE)
+    row["macs_reduction_pct"] = round(100 * (1 - count_macs(pruned, SHAPE) / base), 2)
+    row["params"] = count_params(pruned)
+    row["top1_pruned"] = top1(pruned, test)
+    recalibrated = copy.deepcopy(pruned)
+    recalibrate_bn(recalibrated, recal, torch.device("cpu"), args.recal_batches)
+    row["top1_recalibrated"] = top1(recalibrated, test)
+
+
+def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
+    row: dict[str, Any] = {"tool": "chanprune", "criterion": name, "protocol": protocol}
+    start = time.perf_counter()
+    graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
+    scores = compute_scores(model, graph, name, calib, torch.device("cpu"), seed=args.seed)
+    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=name, target_flops=args.target_flops)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    row["verified"] = bool(outcome.verify and outcome.verify.passed)
+    finish(model, outcome.model, recal, test, row, args)
+    return row
+
+
+def _tp_importance(tp: Any, name: str) -> Any:
+    imp = tp.importance
+    return {"tp-l1": lambda: imp.MagnitudeImportance(p=1), "tp-l2": lambda: imp.MagnitudeImportance(p=2),
+            "tp-bn": imp.BNScaleImportance, "tp-lamp": imp.LAMPImportance, "tp-fpgm": imp.FPGMImportance,
+            "tp-taylor": imp.TaylorImportance, "tp-hessian": imp.HessianImportance,
+            "tp-random": imp.RandomImportance}[name]()
+
+
+def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch_pruning as tp
+
+    from importlib.metadata import version
+
+    row: dict[str, Any] = {"tool": "torch-pruning " + version("torch-pruning"), "criterion": name, "protocol": protocol}
+    pruned = copy.deepcopy(model).eval()
+    ignored: list[nn.Module] = [pruned.linear]
+    if protocol == "inner":
+        ignored += [pruned.conv1] + [m for n, m in pruned.named_modules() if n.endswith(".conv2")]
+    importance = _tp_importance(tp, name)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    pruner = tp.pruner.MetaPruner(pruned, torch.randn(1, *SHAPE), importance, global_pruning=True,
+                                  pruning_ratio=0.9, iterative_steps=args.tp_steps, ignored_layers=ignored)
+    example = torch.randn(1, *SHAPE)
+    base, _ = tp.utils.count_ops_and_params(model, example)  # TP's own counter: cheap enough to call every step
+    batches = iter(calib)
+    for _ in range(args.tp_steps):
+        if name in ("tp-taylor", "tp-hessian"):
+            images, labels = next(batches, None) or next(iter(calib))
+            pruned.zero_grad()
+            if name == "tp-hessian":
+                importance.zero_grad()
+                for loss in nn.functional.cross_entropy(pruned(images), labels, reduction="none")[:16]:
+                    pruned.zero_grad()
+                    loss.backward(retain_graph=True)
+                    importance.accumulate_grad(pruned)
+            else:
+                nn.functional.cross_entropy(pruned(images), labels).backward()
+        pruner.step()
+        if 1 - tp.utils.count_ops_and_params(pruned, example)[0] / base >= args.target_flops:
+            break
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    pruned.zero_grad(set_to_none=True)
+    row["verified"] = None  # Torch-Pruning has no equivalence check
+    finish(model, pruned, recal, test, row, args)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> str:
+    lines = [f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
+             f"calibration {args.calib_batches}×{args.batch_size} images, BN recalibration {args.recal_batches} batches.", "",
+             "| protocol | tool | criterion | MACs ↓ % | params | top-1 pruned | top-1 + BN recal | verified | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | – | – | failed: {r['error']} | – | – | – |")
+        else:
+            lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | {r['macs_reduction_pct']:.1f} | {r['params']:,} | "
+                         f"{r['top1_pruned']:.2f} | {r['top1_recalibrated']:.2f} | {r['verified']} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="cifar_resnet56")
+    parser.add_argument("--checkpoint", default=str(SHARED / "checkpoints" / "resnet56-cifar10jpeg.pt"))
+    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg-train.tar.gz"))
+    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg-test.tar.gz"))
+    parser.add_argument("--target-flops", type=float, default=0.5)
+    parser.add_argument("--calib-batches", type=int, default=16)
+    parser.add_argument("--recal-batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-images", type=int, default=2000, help="test images (a fixed random subset; 10000 = all)")
+    parser.add_argument("--protocols", default="inner,all")
+    parser.add_argument("--criteria", default="all", help="comma list of ours, or 'all'")
+    parser.add_argument("--tp-criteria", default=",".join(TP_CRITERIA), help="comma list, or 'none'")
+    parser.add_argument("--tp-steps", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(args.checkpoint, arch=args.arch).model.eval()
+    calib, recal, test = loaders(args)
+    baseline = top1(model, test)
+    print(f"baseline top-1 {baseline:.2f} %", flush=True)
+    ours_names = list(available()) if args.criteria == "all" else args.criteria.split(",")
+    tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
+    rows: list[dict[str, Any]] = []
+    for protocol in args.protocols.split(","):
+        jobs = [(ours, n) for n in ours_names] + [(torch_pruning, n) for n in tp_names]
+        for fn, name in jobs:
+            try:
+                row = fn(name, model, protocol, calib, recal, test, args)
+            except Exception as exc:  # a failing method is a result, not the end of the run
+                row = {"tool": "chanprune" if fn is ours else "torch-pruning", "criterion": name, "protocol": protocol,
+                       "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+                traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+            "torch": torch.__version__, "command": " ".join(sys.argv), "baseline_top1": baseline, **vars(args)}
+    (out / "criteria.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "criteria.md").write_text(markdown(rows, args, baseline))
+    print(markdown(rows, args, baseline))
+
+
+if __name__ == "__main__":
+    main()
