@@ -153,11 +153,23 @@ def analyze_pruned_stage(ctx: DemoContext) -> None:
     ])
 
 
+def finetune_stage(ctx: DemoContext) -> None:
+    """`chanprune finetune`: recover the pruned model's accuracy in a few epochs (SGD, cosine lr)."""
+    tuned = ctx.out / f"{ARCH}.finetuned.safetensors"
+    run_chanprune([
+        "finetune", str(ctx.files["pruned"]), "--data", "digits:train", "--val-data", "digits:test",
+        "--mean", MEAN, "--std", STD, "--epochs", "3", "--lr", "0.05", "--threads", "1",
+        "--seed", str(ctx.seed), "--out", str(tuned), "--json", str(ctx.out / "finetune.json"), "--force",
+    ])
+    ctx.files["finetuned"] = tuned
+
+
 STAGES: list[Stage] = [
     Stage("train", "train a small CNN on the bundled 8×8 digits (a few seconds on CPU)", train_stage),
     Stage("analyze", "layers, params, MACs, size and test accuracy", analyze_stage),
     Stage("prune", "remove 50 % of the MACs (L1 norm), verify against the masked original", prune_stage),
     Stage("analyze pruned", "the pruned chanprune file reloads without --arch", analyze_pruned_stage),
+    Stage("finetune", "fine-tune the pruned model for 3 epochs to recover its accuracy", finetune_stage),
 ]
 
 

@@ -132,7 +132,9 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module
         if stride != 1 or in_planes != planes:
             # Option A: subsample + zero-pad channels (planes//4 each side doubles 16→32, 32→64).
-            self.shortcut = OptionAShortcut(pad_front=planes // 4, pad_back=planes // 4, stride=stride)
+            # (planes - in_planes) // 2 == planes // 4 for the standard doubling; any width works.
+            front = (planes - in_planes) // 2
+            self.shortcut = OptionAShortcut(pad_front=front, pad_back=planes - in_planes - front, stride=stride)
         else:
             self.shortcut = nn.Identity()
         self.relu2 = nn.ReLU()
@@ -145,19 +147,20 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32×32 inputs: 16/32/64-channel stages, global average pool, `linear`."""
+    """ResNet-(6n+2) for 32×32 inputs: 16/32/64-channel stages (× `width`), global average pool, `linear`."""
 
-    def __init__(self, num_blocks: list[int], num_classes: int = 10) -> None:
+    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: float = 1) -> None:
         super().__init__()
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        base = max(1, int(round(16 * width)))
+        self.in_planes = base
+        self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(16, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(32, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(64, num_blocks[2], stride=2)
+        self.layer1 = self._make_layer(base, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(2 * base, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(4 * base, num_blocks[2], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(64, num_classes)
+        self.linear = nn.Linear(4 * base, num_classes)
         self.apply(_kaiming_init)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -230,10 +233,13 @@ def _check_kwargs(arch: str, kwargs: dict[str, Any], allowed: tuple[str, ...]) -
 def _make_cifar(depth: int) -> Callable[[dict[str, Any]], nn.Module]:
     def build(kwargs: dict[str, Any]) -> nn.Module:
         arch = f"cifar_resnet{depth}"
-        _check_kwargs(arch, kwargs, ("num_classes",))
+        _check_kwargs(arch, kwargs, ("num_classes", "width"))
         num_classes = _positive_int(arch, "num_classes", kwargs.get("num_classes", 10))
+        width = kwargs.get("width", 1)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+            raise UserError(f"{arch}: kwarg width must be a positive number, got {width!r}")
         n = _CIFAR_DEPTHS[depth]
-        return CifarResNet([n, n, n], num_classes=num_classes)
+        return CifarResNet([n, n, n], num_classes=num_classes, width=width)
 
     return build
 
@@ -251,7 +257,7 @@ _BUILTINS: dict[str, tuple[Callable[[dict[str, Any]], nn.Module], str, tuple[int
     **{
         f"cifar_resnet{d}": (
             _make_cifar(d),
-            f"CIFAR ResNet-{d} (He et al., option-A shortcuts, 32x32 input; kwargs: num_classes)",
+            f"CIFAR ResNet-{d} (He et al., option-A shortcuts, 32x32 input; kwargs: num_classes, width)",
             (3, 32, 32),
         )
         for d in _CIFAR_DEPTHS

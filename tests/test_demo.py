@@ -30,3 +30,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     doc = json.loads((out / "analyze.json").read_text())
     assert doc["accuracy"]["images"] > 300  # the whole digits test split
     assert doc["accuracy"]["top1"] > 90
+
+    # The finetune stage recovers the pruned model (~19 % right after pruning) to > 90 %.
+    assert "$ chanprune finetune" in proc.stdout
+    tuned = json.loads((out / "finetune.json").read_text())
+    assert tuned["final"]["top1"] > 90
+    assert (out / "digits_cnn.finetuned.safetensors").exists()

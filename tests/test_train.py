@@ -1,0 +1,573 @@
+"""The fine-tuning loop (train.py), the pruning schedules (schedules.py) and `chanprune finetune`.
+
+Everything runs on the bundled 8×8 digits with `digits_cnn` and one CPU thread: a step takes a few
+milliseconds, so each test trains for real and still finishes in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
+from chanprune_cli.cli import app
+from chanprune_cli.data import open_dataset
+from chanprune_cli.errors import UserError
+from chanprune_cli.graph import build_graph
+from chanprune_cli.models import build_model, parse_arch
+from chanprune_cli.schedules import (
+    CACSchedule,
+    SoftFilterPruning,
+    WhiteboxSchedule,
+    asfp_coefficients,
+    asfp_rate,
+    make_schedule,
+    widened_spec,
+    zero_filters,
+)
+from chanprune_cli.train import (
+    CheckpointInfo,
+    Hook,
+    OutputPaths,
+    TrainConfig,
+    Trainer,
+    WarmupCosine,
+    build_optimizer,
+    kd_loss,
+    load_train_state,
+    model_from_state,
+    train_step_check,
+)
+
+SHAPE = (1, 8, 8)
+SPEC = parse_arch("digits_cnn", None)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads cost more than they bring on a shared box
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits_train() -> Any:
+    return open_dataset("digits:train", input_shape=SHAPE, mean=(0.5,), std=(0.5,), train=True)
+
+
+@pytest.fixture(scope="module")
+def digits_test() -> Any:
+    return open_dataset("digits:test", input_shape=SHAPE, mean=(0.5,), std=(0.5,), train=False)
+
+
+@pytest.fixture(scope="module")
+def trained_state() -> dict[str, torch.Tensor]:
+    """digits_cnn after a short training run (a realistic starting point for pruning schedules)."""
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    ds = open_dataset("digits:train", input_shape=SHAPE, mean=(0.5,), std=(0.5,), train=True)
+    Trainer(model, ds, TrainConfig(max_steps=60, lr=0.05, progress=False, save_every=None), device=torch.device("cpu")).fit()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def fresh_model(state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def make_trainer(model: torch.nn.Module, data: Any, tmp: Path | None, *, hooks: list[Hook] = (), val: Any = None,
+                 **cfg: Any) -> Trainer:
+    options = {"max_steps": 12, "batch_size": 32, "lr": 0.05, "save_every": 5, "progress": False, **cfg}
+    outputs = OutputPaths.for_out(tmp / "ft.safetensors") if tmp is not None else None
+    info = CheckpointInfo(arch=SPEC, input_shape=SHAPE)
+    return Trainer(model, data, TrainConfig(**options), device=torch.device("cpu"), val_set=val, hooks=list(hooks),
+                   outputs=outputs, ckpt=info)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k].double() - b[k].double()).abs().max()}"
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation basics
+
+
+def test_few_steps_lower_the_loss(digits_train: Any) -> None:
+    model = fresh_model()
+    x = torch.stack([digits_train[i][0] for i in range(256)])
+    y = torch.tensor([digits_train[i][1] for i in range(256)])
+    model.eval()
+    with torch.no_grad():
+        before = float(F.cross_entropy(model(x), y))
+    make_trainer(model, digits_train, None, max_steps=15).fit()
+    model.eval()
+    with torch.no_grad():
+        after = float(F.cross_entropy(model(x), y))
+    assert after < 0.6 * before, (before, after)
+
+
+def test_optimizer_groups_no_decay_on_norms_and_biases() -> None:
+    model = fresh_model()
+    opt = build_optimizer(model, TrainConfig(weight_decay=5e-4))
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["weights"]["weight_decay"] == 5e-4 and by_name["norm+bias"]["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in by_name["weights"]["params"])
+    assert all(p.ndim == 1 for p in by_name["norm+bias"]["params"])
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    everything = build_optimizer(model, TrainConfig(decay_norm_and_bias=True))
+    assert len(everything.param_groups) == 1
+
+
+def test_warmup_cosine_values() -> None:
+    sched = WarmupCosine(total=100, warmup=0.1)
+    assert sched.warmup == 10
+    assert sched.factor(0) == pytest.approx(0.1) and sched.factor(9) == pytest.approx(1.0)
+    assert sched.factor(10) == pytest.approx(1.0)
+    assert sched.factor(55) == pytest.approx(0.5)  # halfway through the cosine part
+    assert sched.factor(100) == pytest.approx(0.0, abs=1e-12)
+    assert sched.lr(0.1, 100) == pytest.approx(0.0, abs=1e-12)
+    assert WarmupCosine(total=100, warmup=0.1, min_lr=0.01).lr(0.1, 100) == pytest.approx(0.01)
+    assert WarmupCosine(total=50, warmup=5).warmup == 5
+    lrs = [sched.factor(s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_kd_loss_sanity() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(16, 10, generator=g)
+    assert float(kd_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(16, 10, generator=g, requires_grad=True)
+    loss = kd_loss(s, t, 4.0)
+    assert float(loss.detach()) > 0
+    # The T² factor: for T → large, T²·KL ≈ (1/2N)·Σ(z_s − z_t − mean)² / ... stays O(1), not → 0.
+    assert float(kd_loss(s.detach(), t, 100.0)) > 1e-3
+    # A gradient step moves the student's soft predictions towards the teacher's.
+    loss.backward()
+    with torch.no_grad():
+        moved = s - 0.5 * s.grad
+    assert float(kd_loss(moved, t, 4.0)) < float(loss.detach())
+    # Equal to the textbook formula.
+    p_t = F.softmax(t / 4, -1)
+    manual = (p_t * (F.log_softmax(t / 4, -1) - F.log_softmax(s.detach() / 4, -1))).sum(-1).mean() * 16
+    assert float(kd_loss(s.detach(), t, 4.0)) == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(digits_train: Any, trained_state: Any) -> None:
+    teacher = fresh_model(trained_state).eval()
+    x = torch.stack([digits_train[i][0] for i in range(200)])
+    with torch.no_grad():
+        target = teacher(x)
+
+    def gap(model: torch.nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(kd_loss(model(x), target, 4.0))
+
+    student = fresh_model()
+    start = gap(student)
+    trainer = make_trainer(student, digits_train, None, max_steps=20, kd_alpha=1.0)
+    trainer.teacher = teacher
+    trainer.fit()
+    assert gap(student) < 0.5 * start
+
+
+def test_train_step_check_on_a_pruned_resnet() -> None:
+    from chanprune_cli.allocate import allocate
+    from chanprune_cli.criteria import get_criterion
+    from chanprune_cli.surgery import prune_model
+
+    model = build_model(parse_arch("cifar_resnet20", None))
+    graph = build_graph(model, (3, 32, 32))
+    scores = get_criterion("l1").score(model, graph, None, torch.device("cpu"))
+    prune_model(model, graph, allocate(graph, scores, ratio=0.4).plan)
+    assert math.isfinite(train_step_check(model, (3, 32, 32), steps=2))
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+
+
+class _Interrupt(Hook):
+    """Sends this process a real SIGINT (or raises, like a kill without saving) after step `at`."""
+
+    name = "interrupt"
+
+    def __init__(self, at: int, how: str) -> None:
+        self.at, self.how = at, how
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == self.at:
+            if self.how == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                raise RuntimeError("killed")
+
+
+def _schedule(name: str) -> Hook | None:
+    return make_schedule(name, input_shape=SHAPE, ratio=0.3 if name != "none" else None, target_flops=None,
+                         interval=3, until=0.75 if name != "cac" else 0.6, min_keep=0.1, round_to=1, ignore=(),
+                         seed=0)
+
+
+@pytest.mark.parametrize("schedule,how", [("none", "sigint"), ("asfp", "kill"), ("cac", "sigint"), ("cac", "kill"),
+                                          ("whitebox", "sigint")])
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, digits_train: Any, trained_state: Any,
+                                               schedule: str, how: str) -> None:
+    opts = {"max_steps": 14, "label_smoothing": 0.1}
+
+    def hooks() -> list[Hook]:
+        h = _schedule(schedule)
+        return [h] if h is not None else []
+
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir.mkdir(), cut_dir.mkdir()
+    reference = make_trainer(fresh_model(trained_state), digits_train, full_dir, hooks=hooks(), **opts).fit().model
+
+    # Interrupted after step 8: SIGINT saves the state at step 8; a kill leaves the save of step 5.
+    cut = make_trainer(fresh_model(trained_state), digits_train, cut_dir, hooks=[*hooks(), _Interrupt(8, how)], **opts)
+    with pytest.raises(KeyboardInterrupt if how == "sigint" else RuntimeError):
+        cut.fit()
+    paths = OutputPaths.for_out(cut_dir / "ft.safetensors")
+    state = load_train_state(paths.state)
+    assert state["step"] == (8 if how == "sigint" else 5)
+    assert load_checkpoint(paths.last).model is not None  # the last checkpoint is a chanprune file
+
+    model = model_from_state(state)
+    resumed = make_trainer(model, digits_train, cut_dir, hooks=hooks(), **opts)
+    # The interrupt hook is not part of the result: the state only requires the same schedules.
+    state["hooks"] = {k: v for k, v in state["hooks"].items() if k != "interrupt"}
+    resumed.restore(state)
+    result = resumed.fit()
+    assert result.resumed_from == state["step"] and result.steps == 14
+    assert_same(weights(result.model), weights(reference))
+
+
+def test_result_does_not_depend_on_data_workers(digits_train: Any, trained_state: Any) -> None:
+    # Every sample's augmentation is seeded by (seed, epoch, index): loader processes change nothing.
+    a = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=0).fit().model
+    b = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=2).fit().model
+    assert_same(weights(a), weights(b))
+
+
+def test_resume_refuses_changed_options(tmp_path: Path, digits_train: Any) -> None:
+    trainer = make_trainer(fresh_model(), digits_train, tmp_path, max_steps=5)
+    trainer.fit()
+    trainer.save_state()
+    state = load_train_state(OutputPaths.for_out(tmp_path / "ft.safetensors").state)
+    other = make_trainer(fresh_model(), digits_train, tmp_path, max_steps=5, lr=0.1)
+    with pytest.raises(UserError, match="lr"):
+        other.restore(state)
+
+
+# --------------------------------------------------------------------------------------------
+# ASFP
+
+
+@pytest.mark.parametrize("T,P", [(8, 0.5), (40, 0.3), (200, 0.6), (3.5, 0.2)])
+def test_asfp_rate_passes_through_the_three_points(T: float, P: float) -> None:
+    a, k, b = asfp_coefficients(T, P)
+    rate = lambda t: a * math.exp(-k * t) + b  # noqa: E731
+    assert rate(0) == pytest.approx(0.0, abs=1e-12)
+    assert rate(T / 8) == pytest.approx(0.75 * P, abs=1e-12)
+    assert rate(T) == pytest.approx(P, abs=1e-12)
+    assert b == pytest.approx(-a) and k > 0
+    # The closed-form approximation of DESIGN §4 and the public function agree.
+    for t in (T / 16, T / 4, T / 2):
+        assert asfp_rate(t, T, P) == pytest.approx(rate(t), abs=1e-15)
+        assert asfp_rate(t, T, P) == pytest.approx(P * (1 - 4 ** (-t / (T / 8))), abs=2e-3 * P)
+    values = [asfp_rate(t, T, P) for t in range(int(T) + 1)]
+    assert all(x <= y for x, y in zip(values, values[1:]))
+
+
+class _Spy(Hook):
+    name = "spy"
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.fn(trainer)
+
+
+def test_asfp_zeroes_reselects_and_removes_physically(tmp_path: Path, digits_train: Any, trained_state: Any) -> None:
+    hook = SoftFilterPruning(asymptotic=True, input_shape=SHAPE, ratio=0.5, interval=2)
+    zero_counts: dict[int, int] = {}
+
+    def count_zero_filters(trainer: Trainer) -> None:
+        w = trainer.model.conv2.weight
+        zero_counts[trainer.step] = int((w.detach().flatten(1).abs().sum(1) == 0).sum())
+
+    trainer = make_trainer(fresh_model(trained_state), digits_train, tmp_path, hooks=[hook, _Spy(count_zero_filters)],
+                           max_steps=16)
+    result = trainer.fit()
+    # 8 intervals of 2 steps: the rate at the end of interval t follows asfp_rate(t, 8, 0.5).
+    assert [e["step"] for e in hook.events] == [2, 4, 6, 8, 10, 12, 14, 16]
+    for event in hook.events:
+        assert event["rate"] == pytest.approx(asfp_rate(event["t"], 8, 0.5), abs=1e-12)
+    assert hook.events[-1]["rate"] == 0.5
+    # Zeroed right after an event (32 channels · rate), then trained again (they are not frozen).
+    assert zero_counts[2] == round(32 * asfp_rate(1, 8, 0.5))
+    assert zero_counts[3] < zero_counts[2] or zero_counts[2] == 0
+    # The end: half of each group removed for real, verified, recorded as a plan.
+    assert result.model.conv2.out_channels == 16 and result.model.conv1.out_channels == 8
+    assert hook.done and hook.verify_result["passed"]
+    assert len(result.plans) == 1 and result.plans[0]["criterion"] == "asfp"
+
+
+def test_sfp_uses_a_constant_rate(digits_train: Any, trained_state: Any) -> None:
+    hook = SoftFilterPruning(asymptotic=False, input_shape=SHAPE, ratio=0.25, interval=4)
+    make_trainer(fresh_model(trained_state), digits_train, None, hooks=[hook], max_steps=12).fit()
+    assert [e["rate"] for e in hook.events] == [0.25, 0.25, 0.25]
+
+
+def test_zero_filters_keeps_norms_and_consumers(trained_state: Any) -> None:
+    model = fresh_model(trained_state)
+    graph = build_graph(model, SHAPE)
+    gid = next(g.id for g in graph.groups if g.name == "conv2")
+    zero_filters(model, graph, {gid: [0, 3]})
+    assert model.conv2.weight[[0, 3]].abs().sum() == 0 and model.conv2.weight[1].abs().sum() > 0
+    assert model.bn2.weight[0] != 0 and model.conv3.weight[:, 0].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# CAC
+
+
+def test_cac_prunes_at_the_scheduled_steps(digits_train: Any, trained_state: Any) -> None:
+    hook = CACSchedule(input_shape=SHAPE, target_flops=0.5, interval=3, until=0.5)
+    widths: dict[int, int] = {}
+    spy = _Spy(lambda tr: widths.__setitem__(tr.step, sum(p.numel() for p in tr.model.parameters())))
+    result = make_trainer(fresh_model(trained_state), digits_train, None, hooks=[hook, spy], max_steps=16).fit()
+    assert hook.event_steps == [3, 6]  # 16 · 0.5 = 8 steps of pruning: rounds at 3 and 6
+    changes = [s for s in range(2, 17) if widths[s] != widths[s - 1]]
+    assert changes == [3, 6]
+    assert all(e["removed"] > 0 for e in hook.events)
+    assert hook.done and hook.gates is None  # gates removed once the target width is reached
+    from chanprune_cli.measure import count_macs
+
+    macs = count_macs(result.model, SHAPE)
+    full = count_macs(fresh_model(), SHAPE)
+    assert 0.45 <= 1 - macs / full <= 0.6
+
+
+def test_replace_model_carries_momentum_through_surgery(digits_train: Any, trained_state: Any) -> None:
+    from chanprune_cli.surgery import prune_model
+
+    trainer = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=3)
+    trainer.fit()
+    old = trainer.optimizer.state[trainer.model.conv2.weight]["momentum_buffer"].clone()
+    graph = build_graph(trainer.model, SHAPE)
+    gid = next(g.id for g in graph.groups if g.name == "conv2")
+    plan = {gid: [1, 5]}
+    pruned = fresh_model(trained_state)
+    pruned.load_state_dict(trainer.model.state_dict())
+    prune_model(pruned, graph, plan)
+    trainer.replace_model(pruned, graph=graph, plan=plan)
+    new = trainer.optimizer.state[trainer.model.conv2.weight]["momentum_buffer"]
+    keep = [i for i in range(32) if i not in (1, 5)]
+    assert torch.equal(new, old[keep])
+    conv3 = trainer.optimizer.state[trainer.model.conv3.weight]["momentum_buffer"]
+    assert conv3.shape[1] == 30
+
+
+def test_dcph_widens_and_prunes_half(digits_train: Any) -> None:
+    spec = widened_spec(SPEC, 2.0)
+    assert spec.kwargs["width"] == 2.0
+    torch.manual_seed(0)
+    model = build_model(spec)
+    assert model.conv2.out_channels == 64
+    hook = CACSchedule(input_shape=SHAPE, ratio=0.5, interval=2, until=0.5)
+    result = make_trainer(model, digits_train, None, hooks=[hook], max_steps=8).fit()
+    assert result.model.conv2.out_channels == 32 and result.model.conv1.out_channels == 16
+    with pytest.raises(UserError, match="built-in"):
+        widened_spec(parse_arch("torchvision:resnet18", None))
+    # The CIFAR ResNets take a width too (DCPH on them): 2x keeps the option-A shortcut shapes valid.
+    wide = build_model(parse_arch("cifar_resnet20", {"width": 2}))
+    assert wide.linear.in_features == 128 and wide(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# White-Box
+
+
+def test_whitebox_trains_masks_on_frozen_weights_then_prunes(digits_train: Any, trained_state: Any) -> None:
+    hook = WhiteboxSchedule(input_shape=SHAPE, target_flops=0.5, until=0.5)
+    start = fresh_model(trained_state)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    spy = _Spy(lambda tr: seen.__setitem__(tr.step, weights(tr.model)))
+    result = make_trainer(fresh_model(trained_state), digits_train, None, hooks=[hook, spy], max_steps=12).fit()
+    # Steps 1-6: only the masks move; weights and BatchNorm statistics are those of the start.
+    for step in range(1, 6):
+        assert_same(seen[step], weights(start))
+    assert hook.events == [{"step": 6, "removed": hook.events[0]["removed"]}] and hook.events[0]["removed"] > 0
+    assert hook.done and hook.verify_result["passed"] and not hook.masks
+    assert seen[7]["conv2.weight"].shape[0] < 32  # pruned at step 6, fine-tuned afterwards
+    assert not torch.equal(seen[12]["fc2.weight"], seen[7]["fc2.weight"])
+    from chanprune_cli.measure import count_macs
+
+    assert 1 - count_macs(result.model, SHAPE) / count_macs(fresh_model(), SHAPE) >= 0.5
+    # Global voting keeps at least 30 % of every layer.
+    assert result.model.conv1.out_channels >= 5 and result.model.conv2.out_channels >= 10
+
+
+def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) -> None:
+    from chanprune_cli.schedules import train_whitebox_masks
+
+    model = fresh_model(trained_state)
+    before = weights(model)
+    graph = build_graph(model, SHAPE)
+    masks = train_whitebox_masks(model, graph, digits_train, steps=5, batch_size=32, lam=0.05)
+    assert {gid: tuple(m.shape) for gid, m in masks.items()} == {g.id: (10, g.channels) for g in graph.prunable_groups()}
+    assert all(not torch.allclose(m, torch.full_like(m, 2 / 11)) for m in masks.values())
+    assert_same(weights(model), before)
+
+
+def test_whitebox_rescale_equals_a_constant_gate(trained_state: Any) -> None:
+    from chanprune_cli.criteria.gates import ChannelGates
+    from chanprune_cli.schedules import _rescale
+
+    model = fresh_model(trained_state).eval()
+    graph = build_graph(model, SHAPE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *SHAPE, generator=g)
+    with ChannelGates(model, graph) as gates:
+        masks = {gid: torch.rand(10, c, generator=g) for gid, c in gates.channels.items()}
+        gates.gates = {gid: m.sum(0) / 2 for gid, m in masks.items()}
+        with torch.no_grad():
+            expected = model(x)
+        points = gates.points
+    _rescale(model, points, masks, {})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def cli(*args: str) -> Any:
+    return runner.invoke(app, list(args), env={"CHANPRUNE_DEBUG": None})
+
+
+@pytest.fixture(scope="module")
+def pruned_ckpt(tmp_path_factory: pytest.TempPathFactory, trained_state: Any) -> Path:
+    """The trained digits model, pruned to half its channels (chanprune file)."""
+    from chanprune_cli.allocate import allocate
+    from chanprune_cli.criteria import get_criterion
+    from chanprune_cli.pruning import prune
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    model = fresh_model(trained_state)
+    torch.save({"state_dict": model.state_dict(), "arch": "digits_cnn"}, folder / "digits.pt")
+    graph = build_graph(model, SHAPE)
+    scores = get_criterion("l1").score(model, graph, None, torch.device("cpu"))
+    outcome = prune(model, graph, scores, SHAPE, criterion="l1", ratio=0.5)
+    assert allocate  # imported for the side effect of registering nothing; keeps linters quiet
+    save_chanprune(folder / "pruned.safetensors", outcome.model, SPEC, input_shape=SHAPE,
+                   history=[{"command": "prune"}], plans=[outcome.plan_record])
+    return folder / "pruned.safetensors"
+
+
+def test_cli_finetune_end_to_end(tmp_path: Path, pruned_ckpt: Path) -> None:
+    out = tmp_path / "ft.safetensors"
+    teacher = pruned_ckpt.parent / "digits.pt"
+    res = cli("finetune", str(pruned_ckpt), "--data", "digits:train", "--val-data", "digits:test", "--mean", "0.5",
+              "--std", "0.5", "--max-steps", "30", "--eval-every", "15", "--lr", "0.05", "--threads", "1",
+              "--teacher", str(teacher), "--label-smoothing", "0.1", "--out", str(out), "--json", str(tmp_path / "r.json"))
+    assert res.exit_code == 0, res.output
+    assert "validation" in res.output and "top-1" in res.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["command"] == "finetune" and doc["steps"] == 30 and doc["teacher"] == str(teacher)
+    assert [e["step"] for e in doc["evals"]] == [15, 30]
+    assert doc["final"]["top1"] > 80 and doc["train"]["images_per_second"] > 0
+    assert doc["before"] == doc["after"]
+    loaded = load_checkpoint(out)
+    assert loaded.history[-1]["command"] == "finetune" and loaded.history[0]["command"] == "prune"
+    assert len(loaded.plans) == 1  # the pruning plan is preserved
+    assert (tmp_path / "ft.best.safetensors").exists()
+    assert not (tmp_path / "ft.state.pt").exists() and not (tmp_path / "ft.last.safetensors").exists()
+    # The output exists now: refused without --force; --resume without a state is a usage error.
+    again = cli("finetune", str(pruned_ckpt), "--data", "digits:train", "--max-steps", "2", "--out", str(out))
+    assert again.exit_code == 2 and "--force" in again.output
+    missing = cli("finetune", str(pruned_ckpt), "--data", "digits:train", "--max-steps", "2", "--resume",
+                  "--out", str(tmp_path / "other.safetensors"))
+    assert missing.exit_code == 2 and "no training state" in missing.output
+
+
+def test_cli_schedule_asfp_and_bad_usage(tmp_path: Path, pruned_ckpt: Path) -> None:
+    raw = pruned_ckpt.parent / "digits.pt"
+    out = tmp_path / "asfp.safetensors"
+    res = cli("finetune", str(raw), "--arch", "digits_cnn", "--data", "digits:train", "--mean", "0.5", "--std", "0.5",
+              "--max-steps", "12", "--schedule", "asfp", "--target-flops", "0.5", "--prune-every", "3",
+              "--prune-until", "0.75", "--threads", "1", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "removed physically" in res.output and "passed" in res.output
+    loaded = load_checkpoint(out)
+    assert loaded.plans[-1]["criterion"] == "asfp"
+    assert sum(p.numel() for p in loaded.model.parameters()) < sum(p.numel() for p in fresh_model().parameters())
+    for args, message in (
+        (["--schedule", "asfp"], "exactly one of --ratio or --target-flops"),
+        (["--ratio", "0.5"], "need a pruning --schedule"),
+        (["--schedule", "foo", "--ratio", "0.5"], "unknown --schedule"),
+        (["--dcph"], "--dcph belongs to --schedule cac"),
+        (["--amp", "fp16", "--device", "cpu"], "needs a CUDA device"),
+        (["--batch-size", "4096"], "fewer than one batch"),
+    ):
+        bad = cli("finetune", str(raw), "--arch", "digits_cnn", "--data", "digits:train", "--max-steps", "1",
+                  "--out", str(tmp_path / "x.safetensors"), *args)
+        assert bad.exit_code == 2, (args, bad.output)
+        assert message in bad.output, (args, bad.output)
+
+
+def test_cli_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path: Path, pruned_ckpt: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["finetune", str(pruned_ckpt), "--data", "digits:train", "--mean", "0.5", "--std", "0.5", "--max-steps", "12",
+            "--batch-size", "32", "--lr", "0.05", "--save-every", "4", "--threads", "1", "--seed", "1"]
+    full = cli(*args, "--out", str(tmp_path / "full.safetensors"))
+    assert full.exit_code == 0, full.output
+
+    original = Trainer._train_step
+
+    def interrupted(self: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = original(self, x, y)
+        if self.step == 6:  # the 7th step is running: Ctrl-C arrives mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupted)
+    out = tmp_path / "cut.safetensors"
+    cut = cli(*args, "--out", str(out))
+    assert cut.exit_code == 130, cut.output
+    assert "--resume" in cut.output and not out.exists()
+    assert load_train_state(tmp_path / "cut.state.pt")["step"] == 7  # the step in flight completed first
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    fresh = cli(*args, "--out", str(out))
+    assert fresh.exit_code == 2 and "--resume" in fresh.output  # a state exists: no silent restart
+    other_lr = [a if a != "0.05" else "0.06" for a in args]
+    refused = cli(*other_lr, "--out", str(out), "--resume")
+    assert refused.exit_code == 2 and "lr" in refused.output  # options that change the result must match
+    resumed = cli(*args, "--out", str(out), "--resume", "--json", str(tmp_path / "r.json"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "r.json").read_text())["resumed_from"] == 7
+    assert_same(load_checkpoint(out).model.state_dict(), load_checkpoint(tmp_path / "full.safetensors").model.state_dict())
