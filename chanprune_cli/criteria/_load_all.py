@@ -1,3 +1,3 @@
 """Importing this module registers every built-in criterion."""
 
-from . import bn, fpgm, norms, random  # noqa: F401
+from . import bn, cac, fpgm, hrank, info, norms, random, sensitivity, taylor, whitebox  # noqa: F401

@@ -1,0 +1,486 @@
+"""Channel gates and activation capture shared by the data-driven criteria.
+
+A *hook point* is a module output where the channels of one group take their final value: the
+output of the BatchNorm that directly follows a producer (conv / linear / depthwise conv) when the
+class has a `norm` slot on that BatchNorm, else the producer's own output; in addition every other
+norm module holding the class (a pre-activation BatchNorm as in DenseNet, InstanceNorm, a
+GroupNorm group), since a norm turns a zero channel into a constant one while pruning removes it.
+A class with several producers (a residual stream, a conv feeding a depthwise conv) has several
+hook points; every one of them is multiplied by the same gate value, so a gate of 0 really removes
+the channel (exactly what `surgery.mask_model` + pruning compute; tested), and the gradient of the
+loss w.r.t. a gate at 1 is the first-order change of the loss when the whole class is scaled.
+
+Which BatchNorm follows which producer is found by one probe forward (eval mode, no grad) on a
+random input of `graph.input_shape`: a BatchNorm whose input *is* a producer's output tensor is
+paired with it. The same probe records the execution order that sorts the points.
+
+`ChannelGates(model, graph)` is a context manager that installs forward hooks (removed on exit):
+
+* `gates.gates[gid] = tensor` sets the multiplicative gate of group `gid`: shape `[channels]`
+  (one value per class, shared by the batch) or `[batch, channels]` (one value per sample);
+  leave a group out (or set None) to leave it untouched. Gates may require grad.
+* `gates.capture = fn` calls `fn(gid, point_index, features)` at every captured point with the
+  point's group channels moved to axis 1 (`[B, k, ...]`, k = len(point.classes)); `point.classes`
+  gives each channel's class index. `gates.primary(gid, p)` lists, for mode "first", the positions
+  at point p whose class is first seen there (module order).
+
+`batches(...)` iterates calibration data on the device once per batch with a transient rich
+progress bar (stderr, only when it is a terminal) showing the throughput; `working_model(...)`
+prepares the model for scoring (eval mode, no weight grads, on `device`) and restores the caller's
+flags afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..graph import ChannelGraph, ChannelGroup
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------
+
+
+def parse_options(criterion: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Merge `options` into `defaults`, coercing to each default's type (strings from the CLI work);
+    an unknown option or a bad value is a UserError naming the valid ones."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise UserError(f"criterion {criterion!r} has no option {', '.join(map(repr, unknown))}; "
+                        f"its options are: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
+    out = dict(defaults)
+    for key, value in options.items():
+        default = defaults[key]
+        try:
+            if value is None or default is None:
+                out[key] = value
+            elif isinstance(default, bool):
+                if isinstance(value, str):
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(value)
+                    out[key] = value.lower() in ("1", "true", "yes", "on")
+                else:
+                    out[key] = bool(value)
+            elif isinstance(default, int):
+                out[key] = int(value)
+            elif isinstance(default, float):
+                out[key] = float(value)
+            else:
+                out[key] = type(default)(value)
+        except (TypeError, ValueError):
+            raise UserError(f"criterion {criterion!r}: option {key}={value!r} is not a valid {type(default).__name__}") from None
+    return out
+
+
+def choice(criterion: str, key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise UserError(f"criterion {criterion!r}: option {key} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, models, batches
+# --------------------------------------------------------------------------------------------
+
+
+def _canonical(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def working_model(model: nn.Module, device: torch.device | str, *, copy_model: bool = False) -> Iterator[nn.Module]:
+    """The model to score: eval mode, every parameter with requires_grad False, on `device`.
+
+    It is `model` itself when already on `device` and `copy_model` is False (its training flags and
+    requires_grad are restored on exit, and nothing else is touched: hooks are removed by their
+    owners, gradients are taken with `torch.autograd.grad` so no `.grad` is written); otherwise a
+    deep copy moved to `device`.
+    """
+    device = _canonical(device)
+    tensors = list(model.parameters()) + list(model.buffers())
+    on_device = all(_canonical(t.device) == device for t in tensors)
+    subject = copy.deepcopy(model).to(device) if copy_model or not on_device else model
+    flags = [(p, p.requires_grad) for p in subject.parameters()]
+    modes = [(m, m.training) for m in subject.modules()]
+    try:
+        subject.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield subject
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def autocast(device: torch.device | str, enabled: bool) -> Any:
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU scores stay in float32)."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The main output of a model (first element of a tuple/list, `out` of a dict)."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if isinstance(output, dict):
+        output = output.get("out", next(iter(output.values())))
+    if not isinstance(output, torch.Tensor):
+        raise UserError(f"the model returns {type(output).__name__}; expected a tensor of logits")
+    return output
+
+
+def gradients(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d output / d inputs without touching any `.grad`; None for inputs the output does not use
+    (e.g. a group that only feeds an auxiliary head inactive in eval mode)."""
+    if not output.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(output, inputs, allow_unused=True))
+
+
+def progress_enabled() -> bool:
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def batches(data: Iterable[Any], device: torch.device | str, *, description: str,
+            need_labels: bool = False, max_images: int | None = None,
+            max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(inputs, labels) on `device`, each batch moved once; labels None when the data has none.
+
+    Stops after `max_batches` batches or `max_images` images (the last batch is cut). Draws a
+    transient progress bar with images/s on stderr when stderr is a terminal.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    device = torch.device(device)
+    try:
+        total: int | None = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    images = 0
+    started = time.perf_counter()
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress_enabled()) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        for step, batch in enumerate(data):
+            if max_batches is not None and step >= max_batches:
+                break
+            if max_images is not None and images >= max_images:
+                break
+            if isinstance(batch, torch.Tensor):
+                x, y = batch, None
+            elif isinstance(batch, dict):
+                x, y = batch.get("image", batch.get("input")), batch.get("label", batch.get("target"))
+            else:
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+            if not isinstance(x, torch.Tensor):
+                raise UserError(f"calibration batches must hold an input tensor, got {type(x).__name__}")
+            if max_images is not None and images + x.shape[0] > max_images:
+                keep = max_images - images
+                x = x[:keep]
+                y = y[:keep] if y is not None else None
+            if y is not None:
+                y = torch.as_tensor(y)
+            if need_labels and (y is None or y.dim() != 1 or y.shape[0] != x.shape[0]):
+                raise UserError("this criterion needs labelled data: batches of (images, class indices)")
+            x = x.to(device, non_blocking=True)
+            if not x.is_floating_point():
+                x = x.float()
+            if y is not None:
+                y = y.to(device, non_blocking=True).long()
+            yield x, y
+            images += x.shape[0]
+            bar.update(task, advance=1, rate=f"{images / max(time.perf_counter() - started, 1e-9):,.0f} img/s")
+    if images == 0:
+        raise UserError("no calibration images: the data is empty")
+
+
+def check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.numel() and (int(y.max()) >= classes or int(y.min()) < 0):
+        raise UserError(f"data has labels {int(y.min())}..{int(y.max())} but the model outputs {classes} classes; "
+                        "check --data and the checkpoint")
+
+
+# --------------------------------------------------------------------------------------------
+# Hook points
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HookPoint:
+    module: str
+    axis: int                 # channel axis of the module output: 1, or -1 for Linear
+    channels: torch.Tensor    # long [k]: output channels of the module that belong to the group
+    classes: torch.Tensor     # long [k]: class index (in the group) of each of those channels
+    order: int                # position of the module in model.named_modules()
+    width: int = 0            # channels of the module output
+    full_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [width]: class or n
+
+
+def producer_channels(module: nn.Module, kind: str, index: int) -> list[int]:
+    """Output channels of `module` that a producer slot (kind out/dw, local index) stands for."""
+    if kind == "dw":
+        mult = module.out_channels // module.in_channels
+        return list(range(index * mult, (index + 1) * mult))
+    if isinstance(module, (*_CONV, *_CONV_T)):
+        opg = module.out_channels // module.groups
+        return [g * opg + index for g in range(module.groups)]
+    return [index]  # Linear
+
+
+def output_width(module: nn.Module) -> int:
+    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    raise UserError(f"cannot gate module of type {type(module).__name__}")
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BatchNorm*, InstanceNorm*, GroupNorm
+
+
+def probe(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """One forward (eval, no grad) on a random input of `graph.input_shape`.
+
+    Returns (pairs, order): producer name -> the BatchNorm whose input *is* the producer's output,
+    and module name -> position in execution order (first call) of every producer and norm.
+    """
+    modules = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    pairs: dict[str, str] = {}
+    order: dict[str, int] = {}
+    handles = []
+
+    def out_hook(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, inp: Any, out: Any) -> None:
+            order.setdefault(name, len(order))
+            if isinstance(out, torch.Tensor) and name in producers:
+                outputs[id(out)] = (name, out)  # keep the tensor alive so ids are not reused
+        return hook
+
+    def bn_hook(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, inp: Any) -> None:
+            if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in outputs:
+                src, tensor = outputs[id(inp[0])]
+                if tensor is inp[0]:
+                    pairs.setdefault(src, name)
+        return hook
+
+    for name, m in modules.items():
+        if name in producers or isinstance(m, _NORMS):
+            handles.append(m.register_forward_hook(out_hook(name)))
+        if isinstance(m, _BN):
+            handles.append(m.register_forward_pre_hook(bn_hook(name)))
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    example = torch.randn((2, *graph.input_shape), generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001 -- the probe only refines where to gate: producers (+ norms) alone are still exact
+        pairs.clear()
+        order.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return pairs, order
+
+
+def find_bn_pairs(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> dict[str, str]:
+    """producer name -> name of the BatchNorm that takes the producer's output directly."""
+    return probe(model, graph, producers)[0]
+
+
+def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup] | None = None) -> dict[int, list[HookPoint]]:
+    """Hook points of every (prunable) group, sorted by execution order (module order as fallback).
+
+    A class is gated at: every norm module holding it (BatchNorm / InstanceNorm `norm` slots,
+    GroupNorm `gnorm` groups), because a norm re-creates a constant channel from a zero input
+    (a pre-activation BatchNorm in DenseNet, say) while pruning removes its entries too; and every
+    producer, except one whose output goes straight into a BatchNorm holding the class (that
+    BatchNorm's output is the same channel, final).
+    """
+    groups = graph.prunable_groups() if groups is None else groups
+    modules = dict(model.named_modules())
+    registration = {name: i for i, name in enumerate(modules)}
+    producers = {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
+    pairs, executed = probe(model, graph, producers)
+    order = {name: (executed.get(name, len(executed)), registration[name]) for name in modules}
+    points: dict[int, list[HookPoint]] = {}
+    for g in groups:
+        norms_in_group = {m for slots in g.classes for m, k, _ in slots
+                          if k == "norm" and isinstance(modules[m], nn.modules.batchnorm._NormBase)}
+        per_module: dict[str, dict[int, int]] = {}  # module -> {output channel: class}
+        for ci, slots in enumerate(g.classes):
+            for name, kind, index in slots:
+                m = modules[name]
+                if kind in ("out", "dw"):
+                    if pairs.get(name) in norms_in_group:
+                        continue  # gated at the BatchNorm's output instead
+                    for ch in producer_channels(m, kind, index):
+                        per_module.setdefault(name, {})[ch] = ci
+                elif kind == "norm" and name in norms_in_group:
+                    per_module.setdefault(name, {})[index] = ci
+                elif kind == "gnorm" and isinstance(m, nn.GroupNorm):
+                    per = m.num_channels // m.num_groups
+                    for ch in range(index * per, (index + 1) * per):
+                        per_module.setdefault(name, {})[ch] = ci
+        pts = []
+        for name, mapping in per_module.items():
+            m = modules[name]
+            width = output_width(m)
+            chans = sorted(mapping)
+            full = torch.full((width,), g.channels, dtype=torch.long)
+            full[chans] = torch.tensor([mapping[c] for c in chans], dtype=torch.long)
+            pts.append(HookPoint(module=name, axis=-1 if isinstance(m, nn.Linear) else 1,
+                                 channels=torch.tensor(chans, dtype=torch.long),
+                                 classes=torch.tensor([mapping[c] for c in chans], dtype=torch.long),
+                                 order=order[name][0] * (len(modules) + 1) + order[name][1], width=width, full_map=full))
+        points[g.id] = sorted(pts, key=lambda p: p.order)
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# The gate context
+# --------------------------------------------------------------------------------------------
+
+
+class ChannelGates:
+    """Forward hooks that scale (gate) and/or capture the channels of every prunable group.
+
+    Use as a context manager; set `gates[gid]` and/or `capture` inside. `capture_mode` ("first"
+    or "all") decides which points call `capture`: with "first" only points where some class is
+    seen first (earliest module), which bounds the cost for long residual streams.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup] | None = None,
+                 capture_mode: str = "first") -> None:
+        self.model = model
+        self.groups = graph.prunable_groups() if groups is None else groups
+        self.points = build_points(model, graph, self.groups)
+        self.channels = {g.id: g.channels for g in self.groups}
+        self.gates: dict[int, torch.Tensor | None] = {}
+        self.capture: Callable[[int, int, torch.Tensor], None] | None = None
+        self._handles: list[Any] = []
+        self._device_maps: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._primary: dict[tuple[int, int], torch.Tensor] = {}
+        for gid, pts in self.points.items():
+            seen: set[int] = set()
+            for p, pt in enumerate(pts):
+                first = [i for i, c in enumerate(pt.classes.tolist()) if c not in seen]
+                seen.update(pt.classes.tolist())
+                self._primary[(gid, p)] = torch.tensor(first, dtype=torch.long)
+        self.capture_points = {(gid, p) for gid, pts in self.points.items() for p in range(len(pts))
+                               if capture_mode == "all" or self._primary[(gid, p)].numel()}
+
+    def primary(self, gid: int, p: int) -> torch.Tensor:
+        """Positions (into point p's channels) whose class is first seen at point p."""
+        return self._primary[(gid, p)]
+
+    def __enter__(self) -> ChannelGates:  # noqa: PYI034
+        modules = dict(self.model.named_modules())
+        by_module: dict[str, list[tuple[int, int]]] = {}
+        for gid, pts in self.points.items():
+            for p, pt in enumerate(pts):
+                by_module.setdefault(pt.module, []).append((gid, p))
+        for name, entries in by_module.items():
+            self._handles.append(modules[name].register_forward_hook(self._make_hook(entries)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _map(self, gid: int, p: int, device: torch.device) -> torch.Tensor:
+        key = (gid, p, device)
+        if key not in self._device_maps:
+            self._device_maps[key] = self.points[gid][p].full_map.to(device)
+        return self._device_maps[key]
+
+    def _make_hook(self, entries: list[tuple[int, int]]) -> Callable[..., Any]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                return None
+            changed = False
+            for gid, p in entries:
+                pt = self.points[gid][p]
+                if self.capture is not None and (gid, p) in self.capture_points:
+                    idx = pt.channels.to(output.device) if pt.channels.device != output.device else pt.channels
+                    feats = output.index_select(pt.axis, idx)
+                    if pt.axis != 1:
+                        feats = feats.movedim(pt.axis, 1)
+                    self.capture(gid, p, feats)
+                gate = self.gates.get(gid)
+                if gate is not None:
+                    output = output * self._multiplier(gate, gid, p, output)
+                    changed = True
+            return output if changed else None
+        return hook
+
+    def _multiplier(self, gate: torch.Tensor, gid: int, p: int, output: torch.Tensor) -> torch.Tensor:
+        pt = self.points[gid][p]
+        full = self._map(gid, p, output.device)
+        gate = gate.to(output.device)
+        if gate.dim() == 1:
+            mult = torch.cat([gate, gate.new_ones(1)]).index_select(0, full)
+            shape = [1] * output.dim()
+            shape[pt.axis] = pt.width
+        else:
+            if gate.shape[0] != output.shape[0]:
+                raise UserError(f"per-sample gate of batch {gate.shape[0]} for an output of batch {output.shape[0]}")
+            mult = torch.cat([gate, gate.new_ones(gate.shape[0], 1)], dim=1).index_select(1, full)
+            shape = [1] * output.dim()
+            shape[0] = output.shape[0]
+            shape[pt.axis] = pt.width
+        return mult.reshape(shape).to(output.dtype)
+
+
+def normalise(values: torch.Tensor, how: str = "minmax") -> torch.Tensor:
+    """Within-group normalisation: "minmax" to [0, 1] (constant vector -> 0), "mean" divide by the
+    mean absolute value (sign and zero kept)."""
+    v = values.double()
+    if how == "minmax":
+        lo, hi = v.min(), v.max()
+        return (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+    scale = v.abs().mean()
+    return v / scale if scale > 0 else torch.zeros_like(v)

@@ -1,0 +1,213 @@
+"""`info`: information capacity and independence of a channel. *Reconstructed.*
+
+The channel's values are taken where they are final (its BatchNorm output, else its producer
+output) and, with `relu=true` (default), passed through ReLU: the information the next layer
+actually receives in ReLU networks.
+
+capacity     the entropy (nats) of the channel's activation distribution over every image and
+             position: a streamed fixed-range histogram with `bins` (default 32) bins. The range is
+             fixed from the first batch: `hist_range=layer` (default) one range for all channels
+             hooked at the same layer output (its min/max), so a channel confined to a few bins
+             of the layer's scale (weak or nearly dead) has low capacity; `hist_range=channel`
+             each channel's own min/max (scale-free: only the shape of the distribution counts).
+             The range is widened by `range_margin` (default 10 %) of the span on each side; later
+             values outside it fall into the end bins. A constant (dead) channel has entropy 0.
+             Data-free (no data given): the entropy of the histogram of the producer filter's
+             weights on the layer-wide weight range.
+independence 1 - mean |Pearson correlation| of the channel with the other channels hooked at the
+             same layer output, from running sums of x, x^2 and x x^T (float64, shifted by the first
+             batch's means for stability). `samples=position` (default) counts every (image,
+             position) as one sample; `samples=pooled` uses each image's spatial mean (cheaper;
+             image-level co-activation only). A constant (dead) channel carries nothing of its
+             own: independence 0 (and it counts as uncorrelated for the others). Data-free:
+             correlations between the producer filters' weight vectors.
+score        norm(capacity) + sigma * norm(independence), norm = min-max within the group
+             (`sigma`, default 1.0).
+
+Measured (ResNet-20 on CIFAR-10, 8 x 64 calibration images, 10 % of every layer masked without
+fine-tuning; top-1 %, random scores 54.5, l1 60.5, taylor 75.5): default 56.6, capacity alone 57.2,
+independence alone 36.8 and sigma=-1 (keep *correlated* channels) 63.6: in a trained network
+the weakly correlated channels tend to be the noisy, weak ones. Without ReLU the default scores
+35.9, with `hist_range=channel` (no ReLU) 35.0, data-free 42.2.
+
+A residual class is measured where it is first produced (`points=first`) or averaged over all its
+points (`points=all`). Options: bins=32, sigma=1.0, samples=position|pooled, hist_range=layer|channel,
+relu=true, range_margin=0.1, points=first|all, max_images=0 (0 = all the data given), amp=false.
+`info_components(...)` returns the capacity and independence vectors separately.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..graph import ChannelGraph
+from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, producer_rows, register
+from .gates import (
+    ChannelGates,
+    autocast,
+    batches,
+    choice,
+    normalise,
+    parse_options,
+    working_model,
+)
+
+DEFAULTS: dict[str, Any] = {"bins": 32, "sigma": 1.0, "samples": "position", "hist_range": "layer", "relu": True,
+                            "range_margin": 0.1, "points": "first", "max_images": 0, "amp": False}
+
+
+def entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of a histogram."""
+    counts = counts.double()
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+def independence_from_moments(n: float, s: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+    """1 - mean |corr| with the other channels, from the count, sum [k] and sum of products [k, k]."""
+    k = s.shape[0]
+    if k < 2 or n < 2:
+        return torch.ones(k, dtype=torch.float64)
+    mean = s / n
+    cov = ss / n - torch.outer(mean, mean)
+    var = cov.diagonal().clamp_min(0)
+    std = var.sqrt()
+    live = std > 1e-12 * max(float(std.max()), 1e-300)
+    denom = torch.outer(std, std)
+    corr = torch.where(torch.outer(live, live), cov / denom.clamp_min(1e-300), torch.zeros_like(cov)).clamp(-1, 1)
+    corr.fill_diagonal_(0)
+    return torch.where(live, 1 - corr.abs().sum(1) / (k - 1), torch.zeros_like(std))
+
+
+class _PointStats:
+    """Streaming histogram and moments of the k channels of one hook point."""
+
+    def __init__(self, k: int, bins: int, margin: float, device: torch.device, shared_range: bool) -> None:
+        self.k, self.bins, self.margin, self.shared = k, bins, margin, shared_range
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        self.counts = torch.zeros(k * bins, dtype=torch.float64, device=device)
+        self.shift: torch.Tensor | None = None
+        self.n = 0.0
+        self.s = torch.zeros(k, dtype=torch.float64, device=device)
+        self.ss = torch.zeros(k, k, dtype=torch.float64, device=device)
+
+    def update(self, feats: torch.Tensor, pooled: bool) -> None:
+        x = feats.float().transpose(0, 1).reshape(self.k, -1)  # [k, samples]
+        if self.lo is None:
+            lo, hi = x.amin(1), x.amax(1)
+            if self.shared:
+                lo, hi = lo.min().expand(self.k), hi.max().expand(self.k)
+            span = (hi - lo) * self.margin
+            self.lo, self.hi = lo - span, hi + span
+        width = (self.hi - self.lo).clamp_min(1e-12)
+        idx = ((x - self.lo[:, None]) / width[:, None] * self.bins).floor().clamp_(0, self.bins - 1).long()
+        idx += torch.arange(self.k, device=x.device)[:, None] * self.bins
+        self.counts += torch.bincount(idx.reshape(-1), minlength=self.k * self.bins).double()
+        samples = feats.float().flatten(2).mean(2).t() if pooled and feats.dim() > 2 else x  # [k, n]
+        if self.shift is None:
+            self.shift = samples.mean(1)
+        centred = samples - self.shift[:, None]
+        self.n += centred.shape[1]
+        self.s += centred.sum(1).double()
+        self.ss += (centred @ centred.t()).double()
+
+    def capacity(self) -> torch.Tensor:
+        return entropy(self.counts.reshape(self.k, self.bins)).cpu()
+
+    def independence(self) -> torch.Tensor:
+        return independence_from_moments(self.n, self.s.cpu(), self.ss.cpu())
+
+
+def _data_free(model: nn.Module, graph: ChannelGraph, bins: int) -> tuple[Scores, Scores]:
+    capacity: Scores = {}
+    independence: Scores = {}
+    for g in graph.prunable_groups():
+        per_module: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for ci, slots in enumerate(g.classes):
+            for name, row in producer_rows(model, slots):
+                per_module[name].append((ci, row.double().cpu()))
+        cap = torch.zeros(g.channels, dtype=torch.float64)
+        ind = torch.zeros(g.channels, dtype=torch.float64)
+        cnt = torch.zeros(g.channels, dtype=torch.float64)
+        for entries in per_module.values():
+            idx = torch.tensor([ci for ci, _ in entries])
+            rows = torch.stack([r for _, r in entries])  # [k, weights]
+            lo, hi = rows.min(), rows.max()
+            width = float(hi - lo) or 1.0
+            b = ((rows - lo) / width * bins).floor().clamp(0, bins - 1).long()
+            counts = torch.zeros(rows.shape[0], bins, dtype=torch.float64).scatter_add_(1, b, torch.ones_like(rows))
+            cap.index_add_(0, idx, entropy(counts))
+            n = float(rows.shape[1])
+            ind.index_add_(0, idx, independence_from_moments(n, rows.t().sum(0), rows @ rows.t()))
+            cnt.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
+        capacity[g.id] = cap / cnt.clamp_min(1)
+        independence[g.id] = ind / cnt.clamp_min(1)
+    return capacity, independence
+
+
+def info_components(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
+                    device: torch.device | str = "cpu", **options: Any) -> tuple[Scores, Scores]:
+    """(capacity, independence) per prunable group; data-free when `data` is None."""
+    opts = parse_options("info", options, DEFAULTS)
+    mode = choice("info", "points", opts["points"], ("first", "all"))
+    pooled = choice("info", "samples", opts["samples"], ("position", "pooled")) == "pooled"
+    hist_range = choice("info", "hist_range", opts["hist_range"], ("layer", "channel"))
+    opts["bins"] = max(opts["bins"], 2)
+    if data is None:
+        return _data_free(model, graph, opts["bins"])
+    device = torch.device(device)
+    with working_model(model, device) as net, ChannelGates(net, graph, capture_mode=mode) as gates:
+        stats: dict[tuple[int, int], _PointStats] = {}
+
+        def capture(gid: int, p: int, feats: torch.Tensor) -> None:
+            if opts["relu"]:
+                feats = feats.clamp_min(0)
+            if (gid, p) not in stats:
+                stats[(gid, p)] = _PointStats(feats.shape[1], opts["bins"], opts["range_margin"], feats.device,
+                                              shared_range=hist_range == "layer")
+            stats[(gid, p)].update(feats, pooled)
+
+        gates.capture = capture
+        with torch.inference_mode():
+            for x, _ in batches(data, device, description="info", max_images=opts["max_images"] or None):
+                with autocast(device, opts["amp"]):
+                    net(x)
+        gates.capture = None
+        capacity: Scores = {}
+        independence: Scores = {}
+        for gid, pts in gates.points.items():
+            cap = torch.zeros(gates.channels[gid], dtype=torch.float64)
+            ind = torch.zeros(gates.channels[gid], dtype=torch.float64)
+            n = torch.zeros(gates.channels[gid], dtype=torch.float64)
+            for p, pt in enumerate(pts):
+                st = stats.get((gid, p))
+                if st is None:
+                    continue
+                pos = torch.arange(len(pt.classes)) if mode == "all" else gates.primary(gid, p)
+                cls = pt.classes[pos]
+                cap.index_add_(0, cls, st.capacity()[pos])
+                ind.index_add_(0, cls, st.independence()[pos])
+                n.index_add_(0, cls, torch.ones(len(pos), dtype=torch.float64))
+            capacity[gid] = cap / n.clamp_min(1)
+            independence[gid] = ind / n.clamp_min(1)
+    return capacity, independence
+
+
+@register
+class Info(Criterion):
+    name = "info"
+    summary = "information capacity (entropy) + independence (1 - mean |corr|); data-free without --data (reconstructed)"
+    needs = NEEDS_WEIGHTS  # uses calibration data when given
+    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
+
+    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
+              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+        opts = parse_options(self.name, options, DEFAULTS)
+        capacity, independence = info_components(model, graph, data, device, **options)
+        return {gid: normalise(capacity[gid]) + opts["sigma"] * normalise(independence[gid]) for gid in capacity}

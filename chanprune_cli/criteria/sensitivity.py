@@ -1,0 +1,283 @@
+"""`sensitivity`: second-order (OBD-style) saliency of a channel's weights. *Reconstructed.*
+
+Per weight q the saliency is 1/2 * H_qq * w_q^2 (the loss increase a diagonal quadratic model
+predicts when w_q is set to 0); a channel scores the sum over the weights that produce it: the
+filter rows (and bias entries) of every producer of its class.
+
+`hessian=fisher` (default, needs labels): H_qq is the empirical Fisher diagonal, the mean over
+calibration batches of the squared gradient of the batch-mean cross-entropy w.r.t. w_q. Squaring
+the *batch* gradient instead of per-sample gradients is the common cheap approximation (one
+backward per batch): near a trained minimum, where the mean gradient is small, it is about
+1/batch-size of the per-sample Fisher, a factor common to all weights, but noisier (one gradient
+sample per batch), so give it a few dozen batches. The BatchNorm gamma/beta entries of the class
+(if any) are included with their own Fisher diagonal (`include_norm`): everything is in loss units.
+
+`hessian=activation` (label-free): the layer-wise Hessian of a layer's output error, whose
+diagonal is E[x^2] of the inputs the weight multiplies: for a conv weight (o, c, kh, kw) the mean
+over images and output positions of x_c^2 at the shifted, strided (zero-padded) position; for a
+linear weight (o, c) the mean of x_c^2. It measures the error at the producer's output, which a
+following BatchNorm rescales by gamma / sqrt(running_var + eps); that factor squared is applied so
+that channels compare in the units of the normalised output (otherwise BatchNorm would undo any
+rescaling of the filter). BatchNorm parameters are not counted in this mode. Transposed convs use
+E[x_c^2] (mean over positions) for every kernel offset, an approximation.
+
+Layer sensitivity (`layer_sensitivity()`): per group, the mean Hessian diagonal over all weights
+of its producers (trace / number of weights), normalised to mean 1 over the groups. With
+`layer_allocation=true` (default) each group's scores are multiplied by it, so that a global
+ranking keeps more channels in layers with a larger Hessian trace; the weights are also attached
+to the result as `scores.group_weights` for an allocator that normalises each group's scores.
+NOTE: chanprune's `--target-flops` divides every group by its mean score, which cancels the
+multiplication, and `scoring.compute_scores` / score files keep plain tensors only, so for now the
+layer sensitivity does not reach the global ranking; the allocator must multiply the normalised
+scores by `group_weights` (and score files must store them) for this to take effect. Uniform
+`--ratio` pruning is unaffected either way.
+
+Options: hessian=fisher|activation, layer_allocation=true, include_norm=true (fisher: add the
+BatchNorm gamma/beta saliency), amp=false (bf16 autocast on CUDA; statistics kept in float32).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import ChannelGraph, ChannelGroup
+from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .gates import (
+    _BN,
+    _CONV,
+    _CONV_T,
+    autocast,
+    batches,
+    check_labels,
+    choice,
+    find_bn_pairs,
+    gradients,
+    logits_of,
+    parse_options,
+    producer_channels,
+    working_model,
+)
+
+DEFAULTS: dict[str, Any] = {"hessian": "fisher", "layer_allocation": True, "include_norm": True, "amp": False}
+
+
+class WeightedScores(dict):
+    """Scores plus a per-group weight an allocator may multiply onto normalised scores."""
+
+    group_weights: dict[int, float]
+
+
+def _producers(graph: ChannelGraph, groups: list[ChannelGroup]) -> set[str]:
+    return {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
+
+
+def _input_energy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-weight-input Hessian diagonal E[x^2]: [in_channels, *kernel] for convs, [in] for linear."""
+    x2 = x.detach().float().square()
+    if isinstance(module, nn.Linear):
+        return x2.reshape(-1, x2.shape[-1]).mean(0)
+    if isinstance(module, _CONV_T):
+        mean = x2.mean(dim=[0, *range(2, x2.dim())])
+        return mean.reshape(-1, *([1] * len(module.kernel_size))).expand(-1, *module.kernel_size)
+    assert isinstance(module, _CONV)
+    pads: list[int] = []
+    if isinstance(module.padding, str):  # "valid" needs none; "same" pads like the module does
+        if module.padding == "same":
+            for d, k in reversed(list(zip(module.dilation, module.kernel_size))):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+    else:
+        for p in reversed(module.padding):
+            pads += [p, p]
+    if any(pads):
+        # Padding x^2 the way the module pads x is exact for every padding mode ((pad x)^2 = pad x^2).
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x2 = F.pad(x2, pads, mode=mode)
+    sizes = x2.shape[2:]
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, d, k, st in zip(sizes, module.dilation, module.kernel_size, module.stride)]
+    h = torch.empty((x2.shape[1], *module.kernel_size), device=x2.device)
+    for offs in itertools.product(*[range(k) for k in module.kernel_size]):
+        sl = [slice(None), slice(None)] + [slice(o * d, o * d + st * (n - 1) + 1, st)
+                                           for o, d, st, n in zip(offs, module.dilation, module.stride, out)]
+        h[(slice(None), *offs)] = x2[tuple(sl)].mean(dim=[0, *range(2, x2.dim())])
+    return h
+
+
+def _weight_hessian(module: nn.Module, h_in: torch.Tensor) -> torch.Tensor:
+    """The activation-Hessian diagonal for every weight of `module`, shaped like its weight."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return h_in.unsqueeze(0).expand_as(w)
+    if isinstance(module, _CONV_T):  # weight [in, out/g, *k]: input channel energy for every output
+        return h_in.unsqueeze(1).expand_as(w)
+    g = module.groups
+    cpg, opg = module.in_channels // g, module.out_channels // g
+    per_group = h_in.reshape(g, cpg, *h_in.shape[1:])
+    return per_group.repeat_interleave(opg, dim=0)  # row o uses the inputs of its conv group o // opg
+
+
+def _rows(module: nn.Module, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Entries of a weight-shaped tensor that produce output channels `rows`: [len(rows), ...]."""
+    if isinstance(module, _CONV_T):  # weight [in, out/g, *k]; output o = g * opg + k uses in-group g
+        ipg, opg = module.in_channels // module.groups, module.out_channels // module.groups
+        return torch.stack([t[(r // opg) * ipg:(r // opg + 1) * ipg, r % opg] for r in rows])
+    return t[rows]
+
+
+def fisher_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], data: Iterable[Batch],
+                     device: torch.device, *, include_norm: bool, amp: bool) -> dict[tuple[str, str], torch.Tensor]:
+    """(module, parameter name) -> mean squared batch gradient, for producers (+ their BatchNorms)."""
+    modules = dict(net.named_modules())
+    names = _producers(graph, groups)
+    if include_norm:
+        names |= {m for g in groups for slots in g.classes for m, k, _ in slots if k == "norm" and isinstance(modules[m], _BN)}
+    params = [((m, pn), p) for m in sorted(names) for pn, p in modules[m].named_parameters(recurse=False) if pn in ("weight", "bias")]
+    sums = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in params}
+    for _, p in params:
+        p.requires_grad_(True)
+    steps = 0
+    for x, y in batches(data, device, description="sensitivity (fisher)", need_labels=True):
+        assert y is not None
+        with autocast(device, amp):
+            logits = logits_of(net(x)).float()
+        check_labels(y, logits.shape[-1])
+        loss = F.cross_entropy(logits, y)
+        grads = gradients(loss, [p for _, p in params])
+        for (key, _), grad in zip(params, grads):
+            if grad is not None:
+                sums[key] += grad.float().square()
+        steps += 1
+    return {key: s / max(steps, 1) for key, s in sums.items()}
+
+
+def activation_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], data: Iterable[Batch],
+                         device: torch.device, *, amp: bool) -> dict[str, torch.Tensor]:
+    """producer module -> mean E[x^2] of its input patches ([in, *kernel] or [in])."""
+    modules = dict(net.named_modules())
+    names = sorted(_producers(graph, groups))
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre_hook(name: str) -> Any:
+        def hook(m: nn.Module, inputs: Any) -> None:
+            h = _input_energy(m, inputs[0])
+            sums[name] = sums[name] + h if name in sums else h
+        return hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(pre_hook(name)))
+    steps = 0
+    try:
+        with torch.inference_mode():
+            for x, _ in batches(data, device, description="sensitivity (activation)"):
+                with autocast(device, amp):
+                    net(x)
+                steps += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def _full_hessian(m: nn.Module, name: str, hessian: str, diag: dict[Any, torch.Tensor]) -> torch.Tensor | None:
+    if hessian == "fisher":
+        return diag.get((name, "weight"))
+    return _weight_hessian(m, diag[name]) if name in diag else None
+
+
+def _saliencies(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], hessian: str,
+                diag: dict[Any, torch.Tensor], include_norm: bool) -> tuple[Scores, dict[int, float]]:
+    """Per group: the saliency of every class, and the group's mean Hessian diagonal (normalised)."""
+    modules = dict(net.named_modules())
+    pairs = find_bn_pairs(net, graph, _producers(graph, groups)) if hessian == "activation" else {}
+    scores: Scores = {}
+    trace: dict[int, float] = {}
+    fulls: dict[str, torch.Tensor | None] = {}
+    for g in groups:
+        s = torch.zeros(g.channels, dtype=torch.float64)
+        tr_sum, tr_n = 0.0, 0
+        seen: set[str] = set()
+        for ci, slots in enumerate(g.classes):
+            for name, kind, index in slots:
+                m = modules[name]
+                if kind in ("out", "dw") and getattr(m, "weight", None) is not None:
+                    if name not in fulls:
+                        fulls[name] = _full_hessian(m, name, hessian, diag)
+                    full = fulls[name]
+                    if full is None:
+                        continue
+                    rows = producer_channels(m, kind, index)
+                    w2 = _rows(m, m.weight.detach().float(), rows).square()
+                    per_row = (_rows(m, full, rows) * w2).flatten(1).sum(1)
+                    if hessian == "fisher":
+                        if getattr(m, "bias", None) is not None and (name, "bias") in diag:
+                            per_row = per_row + diag[(name, "bias")][rows] * m.bias.detach()[rows].float().square()
+                    else:
+                        bn = modules.get(pairs.get(name, ""))
+                        if isinstance(bn, _BN) and bn.weight is not None and bn.running_var is not None:
+                            idx = torch.tensor(rows, device=bn.weight.device)
+                            factor = bn.weight.detach().float()[idx].square() / (bn.running_var.float()[idx] + bn.eps)
+                            per_row = per_row * factor.to(per_row.device)
+                    s[ci] += 0.5 * float(per_row.sum())
+                    if name not in seen:
+                        seen.add(name)
+                        tr_sum += float(full.double().sum())
+                        tr_n += full.numel()
+                elif kind == "norm" and hessian == "fisher" and include_norm and isinstance(m, _BN) and (name, "weight") in diag:
+                    val = 0.5 * float(diag[(name, "weight")][index] * m.weight.detach()[index].float() ** 2)
+                    if (name, "bias") in diag:
+                        val += 0.5 * float(diag[(name, "bias")][index] * m.bias.detach()[index].float() ** 2)
+                    s[ci] += val
+        scores[g.id] = s
+        trace[g.id] = tr_sum / max(tr_n, 1)
+    mean = sum(trace.values()) / max(len(trace), 1)
+    weights = {gid: (t / mean if mean > 0 else 1.0) for gid, t in trace.items()}
+    return scores, weights
+
+
+def _diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], data: Iterable[Batch],
+               device: torch.device, hessian: str, include_norm: bool, amp: bool) -> dict[Any, torch.Tensor]:
+    if hessian == "fisher":
+        return fisher_diagonals(net, graph, groups, data, device, include_norm=include_norm, amp=amp)
+    return activation_diagonals(net, graph, groups, data, device, amp=amp)
+
+
+def layer_sensitivity(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch], device: torch.device | str = "cpu",
+                      *, hessian: str = "fisher", amp: bool = False) -> dict[int, float]:
+    """Per prunable group: mean Hessian diagonal over its producers' weights, normalised to mean 1."""
+    choice("sensitivity", "hessian", hessian, ("fisher", "activation"))
+    device = torch.device(device)
+    groups = graph.prunable_groups()
+    with working_model(model, device) as net:
+        diag = _diagonals(net, graph, groups, data, device, hessian, False, amp)
+        return _saliencies(net, graph, groups, hessian, diag, False)[1]
+
+
+@register
+class Sensitivity(Criterion):
+    name = "sensitivity"
+    summary = "second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)"
+    needs = NEEDS_LABELS
+    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
+
+    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
+              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+        opts = parse_options(self.name, options, DEFAULTS)
+        hessian = choice(self.name, "hessian", opts["hessian"], ("fisher", "activation"))
+        assert data is not None
+        device = torch.device(device)
+        groups = graph.prunable_groups()
+        with working_model(model, device) as net:
+            diag = _diagonals(net, graph, groups, data, device, hessian, opts["include_norm"], opts["amp"])
+            scores, weights = _saliencies(net, graph, groups, hessian, diag, opts["include_norm"])
+        result = WeightedScores()
+        for gid, s in scores.items():
+            result[gid] = s * weights[gid] if opts["layer_allocation"] else s
+        result.group_weights = weights if opts["layer_allocation"] else dict.fromkeys(scores, 1.0)
+        return result

@@ -1,0 +1,79 @@
+"""`taylor`: first-order Taylor importance of a channel gate (Molchanov et al., CVPR 2019).
+
+Every channel class gets a gate g = 1 multiplied onto its final value (the output of its
+BatchNorm, or of its producer when no BatchNorm follows; every producer of a residual class shares
+the gate). For each labelled batch, the mean cross-entropy L is back-propagated to the gates only
+(no weight gradients are computed) and the channel's importance is
+
+    variant=squared (default, the paper's "Taylor-FO on gates"):  mean over batches of (dL/dg)^2
+    variant=abs     (Molchanov et al. 2017 style):             mean over batches of |dL/dg|
+
+Since dL/dg at g = 1 equals sum over positions of activation * gradient, `abs` is the
+|sum activation*gradient| criterion. `per_sample=true` squares (or takes |.|) the gradient of
+every sample separately (per-sample gates) instead of the batch-mean gradient: less dependent on
+batch size, a little more memory.
+
+Options: variant=squared|abs, per_sample=false, amp=false (bf16 autocast, CUDA only).
+The model is scored in eval mode (BatchNorm running statistics); it is left unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import ChannelGraph
+from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .gates import (
+    ChannelGates,
+    autocast,
+    batches,
+    check_labels,
+    choice,
+    gradients,
+    logits_of,
+    parse_options,
+    working_model,
+)
+
+DEFAULTS: dict[str, Any] = {"variant": "squared", "per_sample": False, "amp": False}
+
+
+@register
+class Taylor(Criterion):
+    name = "taylor"
+    summary = "first-order Taylor: (dLoss/dgate)^2 of each channel over labelled batches"
+    needs = NEEDS_LABELS
+    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
+
+    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
+              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+        opts = parse_options(self.name, options, DEFAULTS)
+        variant = choice(self.name, "variant", opts["variant"], ("squared", "abs"))
+        assert data is not None
+        with working_model(model, device) as net, ChannelGates(net, graph) as gates:
+            total = {gid: torch.zeros(c, dtype=torch.float64, device=device) for gid, c in gates.channels.items()}
+            steps = 0
+            for x, y in batches(data, device, description="taylor", need_labels=True):
+                assert y is not None
+                lead = (x.shape[0],) if opts["per_sample"] else ()
+                g = {gid: torch.ones((*lead, c), device=device, requires_grad=True) for gid, c in gates.channels.items()}
+                gates.gates = dict(g)
+                with autocast(device, opts["amp"]):
+                    logits = logits_of(net(x)).float()
+                check_labels(y, logits.shape[-1])
+                loss = F.cross_entropy(logits, y, reduction="sum" if opts["per_sample"] else "mean")
+                grads = gradients(loss, list(g.values()))
+                for gid, grad in zip(g, grads):
+                    if grad is None:
+                        continue
+                    grad = grad.double()
+                    contrib = grad.square() if variant == "squared" else grad.abs()
+                    total[gid] += contrib.mean(0) if opts["per_sample"] else contrib
+                steps += 1
+            gates.gates = {}
+        return {gid: (t / max(steps, 1)).cpu() for gid, t in total.items()}
