@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .criteria.base import group_weights
 from .errors import UserError
 from .graph import ChannelGraph, ChannelGroup
 
@@ -162,11 +163,12 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     assert target_flops is not None
     if not 0 < target_flops < 1:
         raise UserError(f"--target-flops must be between 0 and 1 (exclusive: the fraction of MACs to remove), got {target_flops}")
+    weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
     normalised = {}
     for g in groups:
         s = scores[g.id].double()
         mean = s[g.prunable_classes].abs().mean()
-        normalised[g.id] = s / mean if mean > 0 else s
+        normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
 
     def plan_at(threshold: float) -> dict[int, list[int]]:
         plan = {}

@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import load_state_dict_file, safetensors_metadata, tool_version
 from .criteria import Scores, check_requirements, get_criterion
+from .criteria.base import WeightedScores, group_weights
 from .criteria.base import Batch
 from .errors import UserError
 from .fsutil import atomic_path, check_output
@@ -47,7 +48,9 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str, data: 
         scores = crit.score(model, graph, data, device, seed=seed, **(options or {}))
     finally:
         model.train(was_training)
-    return {gid: s.detach().double().cpu() for gid, s in scores.items()}
+    result = WeightedScores({gid: s.detach().double().cpu() for gid, s in scores.items()})
+    result.group_weights = group_weights(scores)
+    return result
 
 
 def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module, *, criterion: str,
@@ -64,6 +67,7 @@ def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module
         "model_fingerprint": model_fingerprint(model),
         "input_shape": list(graph.input_shape),
         "groups": {names[gid]: int(s.numel()) for gid, s in scores.items()},
+        "group_weights": {names[gid]: w for gid, w in group_weights(scores).items()},
         "tool_version": tool_version(),
     }
     with atomic_path(path) as tmp:
@@ -99,7 +103,9 @@ def load_scores(path: str, graph: ChannelGraph, model: nn.Module) -> tuple[Score
     if info.get("model_fingerprint") != model_fingerprint(model):
         raise UserError(f"{path} holds scores for a different model (weights differ); re-run `chanprune score` on this checkpoint")
     tensors = load_state_dict_file(path)  # validates the safetensors header first
-    scores: Scores = {}
+    scores = WeightedScores()
+    weights = info.get("group_weights") or {}
+    scores.group_weights = {g.id: float(weights[g.name]) for g in graph.prunable_groups() if g.name in weights}
     for g in graph.prunable_groups():
         s = tensors.get(f"group/{g.name}")
         if s is None or s.numel() != g.channels:

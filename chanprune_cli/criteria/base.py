@@ -19,6 +19,17 @@ from ..graph import ChannelGraph, ChannelGroup, Slot
 Batch = tuple[torch.Tensor, torch.Tensor]
 Scores = dict[int, torch.Tensor]  # group id -> one score per class (channel) of the group
 
+
+class WeightedScores(dict):  # type: ignore[type-arg]
+    """Scores plus a per-group weight that a global allocation multiplies onto normalised scores
+    (layer sensitivity: groups with larger weight keep more channels)."""
+
+    group_weights: dict[int, float]
+
+
+def group_weights(scores: Scores) -> dict[int, float]:
+    return dict(getattr(scores, "group_weights", {}) or {})
+
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
 
 

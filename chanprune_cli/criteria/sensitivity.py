@@ -26,11 +26,9 @@ of its producers (trace / number of weights), normalised to mean 1 over the grou
 `layer_allocation=true` (default) each group's scores are multiplied by it, so that a global
 ranking keeps more channels in layers with a larger Hessian trace; the weights are also attached
 to the result as `scores.group_weights` for an allocator that normalises each group's scores.
-NOTE: chanprune's `--target-flops` divides every group by its mean score, which cancels the
-multiplication, and `scoring.compute_scores` / score files keep plain tensors only, so for now the
-layer sensitivity does not reach the global ranking; the allocator must multiply the normalised
-scores by `group_weights` (and score files must store them) for this to take effect. Uniform
-`--ratio` pruning is unaffected either way.
+`--target-flops` normalises each group by its mean score and then multiplies by `group_weights`
+(kept in score files too), so the layer sensitivity reaches the global ranking. Uniform `--ratio`
+pruning ranks within each group and is unaffected.
 
 Options: hessian=fisher|activation, layer_allocation=true, include_norm=true (fisher: add the
 BatchNorm gamma/beta saliency), amp=false (bf16 autocast on CUDA; statistics kept in float32).
@@ -47,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGraph, ChannelGroup
-from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .base import WeightedScores, NEEDS_LABELS, Batch, Criterion, Scores, register
 from .gates import (
     _BN,
     _CONV,
@@ -65,12 +63,6 @@ from .gates import (
 )
 
 DEFAULTS: dict[str, Any] = {"hessian": "fisher", "layer_allocation": True, "include_norm": True, "amp": False}
-
-
-class WeightedScores(dict):
-    """Scores plus a per-group weight an allocator may multiply onto normalised scores."""
-
-    group_weights: dict[int, float]
 
 
 def _producers(graph: ChannelGraph, groups: list[ChannelGroup]) -> set[str]:

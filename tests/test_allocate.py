@@ -1,0 +1,63 @@
+"""Allocation: scores -> plan (uniform ratio, global MACs target, floors, round-to, group weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chanprune_cli.allocate import MacsEstimator, allocate
+from chanprune_cli.criteria.base import WeightedScores
+from chanprune_cli.errors import UserError
+from chanprune_cli.graph import build_graph
+from chanprune_cli.models import build_model, parse_arch
+
+
+@pytest.fixture(scope="module")
+def graph():  # type: ignore[no-untyped-def]
+    return build_graph(build_model(parse_arch("digits_cnn")).eval(), (1, 8, 8))
+
+
+def _scores(graph, seed: int = 0) -> dict[int, torch.Tensor]:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return {grp.id: torch.rand(grp.channels, generator=g, dtype=torch.float64) for grp in graph.prunable_groups()}
+
+
+def test_ratio_removes_the_lowest_scores_of_every_group(graph) -> None:  # type: ignore[no-untyped-def]
+    scores = _scores(graph)
+    plan = allocate(graph, scores, ratio=0.5).plan
+    for grp in graph.prunable_groups():
+        removed = plan[grp.id]
+        assert len(removed) == round(0.5 * grp.channels)
+        kept = [i for i in range(grp.channels) if i not in removed]
+        assert max(float(scores[grp.id][i]) for i in removed) <= min(float(scores[grp.id][i]) for i in kept)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_target_flops_is_reached_with_little_overshoot(graph, target: float) -> None:  # type: ignore[no-untyped-def]
+    alloc = allocate(graph, _scores(graph), target_flops=target)
+    achieved = 1 - alloc.estimated_macs_after / alloc.estimated_macs_before
+    assert target <= achieved < target + 0.1
+    assert alloc.estimated_macs_after == MacsEstimator(graph).macs(alloc.plan)
+
+
+def test_min_keep_and_round_to_shape_every_group(graph) -> None:  # type: ignore[no-untyped-def]
+    plan = allocate(graph, _scores(graph), target_flops=0.6, min_keep=0.25, round_to=4).plan
+    for grp in graph.prunable_groups():
+        kept = grp.channels - len(plan.get(grp.id, []))
+        assert kept >= 0.25 * grp.channels
+        assert kept % 4 == 0 or kept == grp.channels
+
+
+def test_unreachable_target_is_a_user_error(graph) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UserError, match="unreachable"):
+        allocate(graph, _scores(graph), target_flops=0.95, min_keep=0.9)
+
+
+def test_group_weights_make_a_group_keep_more(graph) -> None:  # type: ignore[no-untyped-def]
+    base = _scores(graph)
+    heavy = graph.prunable_groups()[1].id
+    weighted = WeightedScores(base)
+    weighted.group_weights = {heavy: 100.0}
+    plain = allocate(graph, base, target_flops=0.5).plan
+    favoured = allocate(graph, weighted, target_flops=0.5).plan
+    assert len(favoured.get(heavy, [])) < len(plain.get(heavy, []))
