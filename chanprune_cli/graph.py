@@ -98,8 +98,11 @@ _STRUCTURAL_FUNCTIONS = {
 _STRUCTURAL_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "chunk",
     "split", "narrow", "movedim", "unflatten", "expand", "expand_as", "repeat", "t",
+    "view_as", "reshape_as",
 }
-_RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten}
+_RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten, "view_as", "reshape_as"}
+# Structural methods whose second tensor only lends its shape.
+_SHAPE_FROM_OTHER = {"expand_as", "view_as", "reshape_as"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
 # Ops whose tensor inputs only contribute their shape (or nothing channel-wise).
 _SHAPE_ONLY = {"size", "dim", "numel", getattr, torch.numel, "new_zeros", "new_ones", "new_empty",
@@ -201,16 +204,52 @@ class _UnionFind:
             if axis not in keep and a.shape[axis] > 1:
                 a, b = a.narrow(axis, 0, 1), b.narrow(axis, 0, 1)
         mask = (a >= 0) & (b >= 0) & (a != b)
-        if mask.any():
-            pairs = torch.stack([a[mask], b[mask]]).unique(dim=1)
-            for x, y in pairs.t().tolist():
-                self.union(x, y)
+        if not mask.any():
+            return
+        # Perf (maxvit_t spent ~80 s here): `stack(...).unique(dim=1)` sorts every pair. Dedupe
+        # in O(n) instead: scatter one partner per id and union those; the pairs that disagree
+        # with it (rare: an id meeting several partners) are deduplicated by a 1-D sort of a
+        # combined key. Same unions as before.
+        a, b = a[mask], b[mask]
+        partner = torch.full((int(a.max()) + 1,), UNTRACKED, dtype=torch.long)
+        partner[a] = b
+        ids = _unique_ids(a)
+        for x, y in zip(ids.tolist(), partner[ids].tolist()):
+            self.union(x, y)
+        rest = b != partner[a]
+        if rest.any():
+            a, b = a[rest], b[rest]
+            width = int(b.max()) + 1
+            for key in (a * width + b).unique().tolist():
+                self.union(key // width, key % width)
 
     def pin(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
-        values = ids.unique().tolist() if isinstance(ids, torch.Tensor) else set(ids)
+        values = _unique_ids(ids).tolist() if isinstance(ids, torch.Tensor) else set(ids)
         for i in values:
             if i >= 0:
                 self.pin_reason.setdefault(i, reason)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """The same label tensor without its broadcast (stride-0) repeats: same set of ids, free."""
+    for axis in range(t.dim()):
+        if t.stride(axis) == 0 and t.shape[axis] > 1:
+            t = t.narrow(axis, 0, 1)
+    return t
+
+
+def _unique_ids(t: torch.Tensor) -> torch.Tensor:
+    """Sorted distinct non-negative ids of a label tensor.
+
+    Perf: `Tensor.unique` sorts (0.1-0.25 s on a 1.6M-element label map, called thousands of times
+    for maxvit_t); ids are small non-negative ints, so marking them in a bitmap is O(n)."""
+    t = _compact(t)
+    t = t[t >= 0] if t.numel() else t.reshape(-1)
+    if not t.numel():
+        return torch.empty(0, dtype=torch.long)
+    seen = torch.zeros(int(t.max()) + 1, dtype=torch.bool)
+    seen[t.reshape(-1)] = True
+    return seen.nonzero().reshape(-1)
 
 
 class _Tracer(fx.Tracer):
@@ -251,10 +290,30 @@ class _Recorder(fx.Interpreter):
 
 def _varying_axes(t: torch.Tensor) -> list[int]:
     axes = []
+    t = _compact(t)  # perf: broadcast axes never vary; compare the rest on the small tensor
     for a in range(t.dim()):
         if t.shape[a] > 1 and t.stride(a) != 0 and not bool((t == t.narrow(a, 0, 1)).all()):
             axes.append(a)
     return axes
+
+
+def _pad_labels(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: int = UNTRACKED) -> torch.Tensor:
+    """F.pad on labels. Fix: new positions along an axis the ids do not vary along (a spatial pad)
+    belong to the same channels, so they repeat the ids; only padding an axis the ids vary along
+    (the channel axis) adds untracked channels. Padding spatial axes with UNTRACKED made the ids
+    vary spatially and pinned everything downstream (pooling, Linear, reductions over H, W)."""
+    varying = set(_varying_axes(x))
+    for i in range(len(pad) // 2):
+        axis, before, after = x.dim() - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
+        if before == 0 and after == 0:
+            continue
+        if axis in varying or x.shape[axis] <= 1:
+            x = F.pad(x, (0, 0) * i + (before, after), mode="constant", value=value)
+        else:  # constant along this axis: every position, old or new, holds the same ids
+            shape = list(x.shape)
+            shape[axis] += before + after
+            x = x.narrow(axis, 0, 1).expand(shape)
+    return x
 
 
 class _Propagator:
@@ -309,11 +368,11 @@ class _Propagator:
         return out
 
     def _pin_inputs(self, node: fx.Node, reason: str) -> None:
-        tracked = [t for t in self._tensor_inputs(node) if bool((t >= 0).any())]
+        tracked = [t for t in self._tensor_inputs(node) if bool((_compact(t) >= 0).any())]
         if tracked:
             self.unfollowed.append(reason)
             for t in tracked:
-                self.uf.pin(t[t >= 0], reason)
+                self.uf.pin(t, reason)  # perf: pin() compacts and skips untracked ids
 
     def _untracked_output(self, node: fx.Node) -> None:
         self.labels[node] = None
@@ -327,7 +386,7 @@ class _Propagator:
         if any(a != axis for a in _varying_axes(lab)):
             reason = f"channels mixed with other axes before {what} ({node.name})"
             self.unfollowed.append(reason)
-            self.uf.pin(lab[lab >= 0], reason)
+            self.uf.pin(lab, reason)
             return torch.full_like(vec, UNTRACKED)
         return vec
 
@@ -348,7 +407,7 @@ class _Propagator:
                 self._untracked_output(node)
             elif node.op == "output":
                 for t in self._tensor_inputs(node):
-                    self.uf.pin(t[t >= 0], "model output")
+                    self.uf.pin(t, "model output")
             elif node.op == "call_module":
                 self._call_module(node)
             else:
@@ -395,7 +454,8 @@ class _Propagator:
         elif isinstance(m, _PER_CHANNEL_SPATIAL_MODULES) and x is not None and shape is not None:
             self._per_channel_spatial(node, x, shape, name)
         elif isinstance(m, _STRUCTURAL_MODULES):
-            self._structural(node, lambda *a, **k: m(*a, **k), literal_sizes=True)
+            # Only nn.Unflatten carries literal sizes (nn.Flatten never splits an axis).
+            self._structural(node, lambda *a, **k: m(*a, **k), literal_sizes=isinstance(m, nn.Unflatten))
         elif isinstance(m, OptionAShortcut) and x is not None:
             vec = self._channel_vector(x, 1, node, name)
             front = self._fresh(name, "pad_front", m.pad_front)
@@ -467,7 +527,7 @@ class _Propagator:
         target = node.target
         is_method = node.op == "call_method"
         inputs = self._tensor_inputs(node)
-        tracked = [t for t in inputs if bool((t >= 0).any())]
+        tracked = [t for t in inputs if bool((_compact(t) >= 0).any())]  # perf: no full-size compare
         shape = self._out_shape(node)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
@@ -509,6 +569,12 @@ class _Propagator:
         labs = [self._label(a) for a in (*node.args, *node.kwargs.values())]
         labs = [t for t in labs if t is not None]
         full = [t.expand(shape) if t.dim() == len(shape) else t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)).expand(shape) for t in labs]
+        # Perf: work on the axes some operand really has in memory (labels are mostly broadcast
+        # vectors) and broadcast the result back; the where/compare calls materialised full-size
+        # maps (convnext, efficientnet). Same ids at every position.
+        for axis in range(len(shape)):
+            if shape[axis] > 1 and all(f.stride(axis) == 0 for f in full):
+                full = [f.narrow(axis, 0, 1) for f in full]
         tracked = [f for f in full if bool((f >= 0).any())]
         base = tracked[0]
         for other, orig in zip(full, labs):
@@ -528,7 +594,7 @@ class _Propagator:
         merged = base
         for other in tracked[1:]:
             merged = torch.where(merged >= 0, merged, other)
-        self.labels[node] = merged
+        self.labels[node] = merged.expand(shape)
 
     def _reduction(self, node: fx.Node, shape: tuple[int, ...] | None) -> None:
         x = self._label(node.args[0])
@@ -564,6 +630,7 @@ class _Propagator:
                 return
             kwargs = {"mode": "constant", "value": UNTRACKED}
             args = args[:2]
+            fn = _pad_labels
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:  # the op behaves differently on labels: cannot follow it
@@ -571,8 +638,14 @@ class _Propagator:
             self._untracked_output(node)
             return
         inputs = self._tensor_inputs(node)
+        if target in _SHAPE_FROM_OTHER:
+            # Fix: the other tensor only gives a shape; counting its ids as inputs made every
+            # `s.expand_as(x)` look like a channel selection (SE blocks written that way pinned).
+            inputs = [t for t in (self._label(node.args[0]),) if t is not None]
         if isinstance(result, torch.Tensor):
             self._check_selection(node, inputs, [result])
+            if target == "expand":
+                self._check_fixed_expand(node, result)
             if target in _RESHAPES or literal_sizes:
                 result = self._resolve_split_axes(node, result, literal_sizes)
             self.labels[node] = result
@@ -583,11 +656,24 @@ class _Propagator:
         else:
             self.labels[node] = None
 
+    def _check_fixed_expand(self, node: fx.Node, result: torch.Tensor) -> None:
+        """Fix: `x.expand(-1, 64, h, w)` keeps a literal channel count that goes stale when a
+        channel is removed (the pruned model crashed): pin the channels along such an axis."""
+        sizes = list(node.args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = list(sizes[0])
+        fixed = [a for a in _varying_axes(result) if a != 0 and a < len(sizes)
+                 and isinstance(sizes[a], int) and sizes[a] != -1]
+        if fixed:
+            reason = f"expand to a fixed channel count at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(result[result >= 0], reason)
+
     def _check_selection(self, node: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
         """A structural op that drops channel ids (slicing, indexing) pins the channels involved."""
-        before = torch.cat([t.reshape(-1) for t in inputs]).unique() if inputs else torch.empty(0, dtype=torch.long)
-        after = torch.cat([t.reshape(-1) for t in outputs]).unique()
-        before, after = before[before >= 0], after[after >= 0]
+        # Perf: fast id sets on compacted labels (was cat + Tensor.unique on materialised maps).
+        before = _unique_ids(torch.cat([_compact(t).reshape(-1) for t in inputs])) if inputs else torch.empty(0, dtype=torch.long)
+        after = _unique_ids(torch.cat([_compact(t).reshape(-1) for t in outputs]))
         if before.numel() != after.numel():
             reason = f"channel selection at {node.name}"
             self.unfollowed.append(reason)
@@ -614,25 +700,48 @@ class _Propagator:
         """A reshape that splits the channel axis into several (channel shuffle, heads): the axes
         given as literal sizes must keep their size, so ids along them fall together."""
         varying = [a for a in _varying_axes(result) if a != 0]
-        if len(varying) <= 1:
+        if not varying:
             return result
         shape_args = list(node.args[1:])
         if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
             shape_args = list(shape_args[0])
+        unflatten: tuple[Any, Any] | None = None
         if node.target in ("unflatten", torch.unflatten) and len(node.args) >= 3:
-            start = self._concrete(node.args[1], for_labels=False)
-            sizes = node.args[2]
-            shape_args = [None] * (start % result.dim()) + list(sizes)
+            unflatten = (self._concrete(node.args[1], for_labels=False), node.args[2])
+        elif literal_sizes and isinstance(self.modules.get(str(node.target)), nn.Unflatten):
+            m = self.modules[str(node.target)]
+            unflatten = (m.dim, m.unflattened_size)
+        if unflatten is not None:
+            # Fix: a negative dim counts from the end of the *input* (was taken modulo the output
+            # rank), and only the unflattened sizes are literal (nn.Unflatten's other axes are not).
+            start, sizes = unflatten
+            shape_args = [None] * (start % (result.dim() - len(sizes) + 1)) + list(sizes)
+            literal_sizes = False
         literal = [a for a in varying if literal_sizes or (a < len(shape_args) and isinstance(shape_args[a], int) and shape_args[a] != -1)]
+        if literal and len(literal) == len(varying):
+            # Fix: a literal size on every axis the channels occupy (`x.view(-1, 96)` before a
+            # Linear, `y.view(b, 64, 1, 1)`, `nn.Unflatten(1, (6, 4, 4))`, heads × head_dim) goes
+            # stale once a channel is removed: the pruned model crashed. Pin them instead.
+            reason = f"reshape to a fixed channel count at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(result[result >= 0], reason)
+            return result
+        if len(varying) == 1:
+            return result
         if not literal:
             reason = f"reshape splits channels at {node.name}"
             self.unfollowed.append(reason)
             self.uf.pin(result[result >= 0], reason)
             return result
+        # Perf: drop the axes the ids do not vary along first (a materialised attention map is
+        # mostly repeats; maxvit_t spent ~75 s unioning them). Same pairs, far fewer elements.
+        small = result
+        for axis in set(range(result.dim())) - set(_varying_axes(result)):
+            small = small.narrow(axis, 0, 1)
         for a in literal:
-            moved = result.movedim(a, -1).reshape(-1, result.shape[a])
-            for k in range(1, moved.shape[1]):
-                self.uf.union_pairs(moved[:, 0], moved[:, k])
+            moved = small.movedim(a, -1).reshape(-1, small.shape[a])
+            # Perf: one call for all positions along the axis (was one call per position).
+            self.uf.union_pairs(moved[:, :1].expand(-1, moved.shape[1] - 1), moved[:, 1:])
         return result
 
 

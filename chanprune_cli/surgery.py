@@ -126,16 +126,39 @@ def _prune_module(name: str, m: nn.Module, drop: Mapping[str, set[int]]) -> None
         raise ChanpruneError(f"internal: no surgery rule for {type(m).__name__} ({name})")
 
 
+def _producer_width(m: nn.Module, kind: str) -> int | None:
+    if kind == "dw":
+        return m.in_channels
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return m.out_channels // m.groups  # local output index, shared by every conv group
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return None
+
+
 def prune_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
     """Physically remove the planned channels from `model`, in place."""
     modules = dict(model.named_modules())
-    for name, drop in removals(graph, plan).items():
+    drops = removals(graph, plan)
+    # Fix: a plan may keep channels in a group yet empty one of its layers (the option-A stage
+    # chain: all 16 stage-1 classes are among the group's lowest scores); surgery then built a
+    # 0-channel conv that crashed at the first forward. Refuse before touching the model.
+    for name, drop in drops.items():
+        for kind in ("out", "dw"):
+            width = _producer_width(modules[name], kind) if drop.get(kind) else None
+            if width is not None and len(drop[kind]) >= width:
+                raise UserError(f"the plan removes all {width} output channels of {name}; keep at least one "
+                                "(the allocator's per-layer floor, --min-keep, does this)")
+    for name, drop in drops.items():
         _prune_module(name, modules[name], drop)
 
 
 @torch.no_grad()
 def mask_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
-    """Zero the planned channels in place, so they output exactly zero everywhere they flow."""
+    """Zero the planned channels in place: their producers' rows, norm entries and the consumers'
+    input weights, so the masked model computes exactly what the pruned one does."""
     modules = dict(model.named_modules())
     for name, drop in removals(graph, plan).items():
         m = modules[name]
@@ -152,7 +175,6 @@ def mask_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
             rows = []
             if bias is not None and drop.get("out"):
                 bias[sorted(drop["out"])] = 0
-            continue
         elif isinstance(m, nn.Linear):
             rows = sorted(drop.get("out", set()))
         elif isinstance(m, nn.modules.batchnorm._NormBase):
@@ -166,6 +188,15 @@ def mask_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
             for t in (weight, bias):
                 if t is not None:
                     t[sorted(rows)] = 0
+        # Fix: also cut the consumers' inputs. Zeroing the producer is not enough when the removed
+        # channel is not zero where it is consumed (sigmoid(0) = 0.5, an affine-free BatchNorm
+        # gives -mean/std, a bias-only path): verify then failed on correct surgery.
+        cols = sorted(drop.get("in", set()))
+        if cols and weight is not None:
+            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                weight[cols] = 0  # transposed conv weight: (in, out / groups, *k)
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                weight[:, cols] = 0  # local input index, the same in every conv group
 
 
 def _flatten_outputs(value: Any) -> list[torch.Tensor]:
