@@ -103,7 +103,7 @@ def choose_size(model: Any, name: str, requested: int | None) -> tuple[int, str]
         with torch.no_grad():
             model.eval()(torch.randn(1, 3, requested, requested))
         return requested, f"input {requested} (override)"
-    except Exception as exc:  # e.g. ViT fixes its image size
+    except Exception as exc:  # noqa: BLE001  # e.g. ViT fixes its image size
         return default, f"input {default}: model does not run on {requested} ({type(exc).__name__})"
 
 
@@ -113,9 +113,8 @@ def classifier_modules(model: Any, num_classes: int) -> list[Any]:
 
     out = []
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m.out_features == num_classes:
-            out.append(m)
-        elif isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes:
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes) or (
+                isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == num_classes):
             out.append(m)
     return out
 
@@ -297,7 +296,7 @@ def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float
         stage = "train step"
         res["train_loss"] = train_step(pruned, size)
         res["status"] = "pruned+verified"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result here)
         res.update(status="failed", reason=f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
                    traceback=traceback.format_exc()[-2000:])
     return res
@@ -323,7 +322,7 @@ def worker_tp(name: str, ratio: float, size_req: int | None) -> dict[str, Any]:
             model, example_inputs=example, importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=ratio, ignored_layers=classifier_modules(model, classes), global_pruning=False)
         res["graph_s"] = time.perf_counter() - t
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result here)
         res.update(status="error", reason=f"graph build: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return res
     try:
@@ -331,13 +330,13 @@ def worker_tp(name: str, ratio: float, size_req: int | None) -> dict[str, Any]:
         pruner.step()
         res["prune_s"] = time.perf_counter() - t
         res["params_after"] = count_params(model)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result here)
         res.update(status="failed to prune", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return res
     try:
         with torch.no_grad():
             shapes = [tuple(o.shape) for o in flat_outputs(model.eval()(example))]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result here)
         res.update(status="forward fails", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return res
     if shapes != ref_shapes:
@@ -345,7 +344,7 @@ def worker_tp(name: str, ratio: float, size_req: int | None) -> dict[str, Any]:
         return res
     try:
         res["train_loss"] = train_step(model, size)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any failure is a result here)
         res.update(status="runs but fails to train", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return res
     res["status"] = "ok" if res["params_after"] < res["params"] else "ok (nothing pruned)"
@@ -436,7 +435,7 @@ def param_count_meta(name: str) -> int | None:
     try:
         with torch.device("meta"):
             m = torchvision.models.get_model(name, weights=None)
-    except Exception:  # e.g. regnet computes its widths with .tolist(): the worker checks instead
+    except Exception:  # noqa: BLE001  # e.g. regnet computes its widths with .tolist(): the worker checks instead
         return None
     return sum(p.numel() for p in m.parameters())
 
@@ -460,7 +459,7 @@ def run_worker(tool: str, name: str, args: argparse.Namespace) -> dict[str, Any]
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env, preexec_fn=cap_memory)
+                            text=True, start_new_session=True, env=env, preexec_fn=cap_memory)  # noqa: PLW1509 (no threads in the driver)
     try:
         _, err = proc.communicate(timeout=args.timeout_per_model)
     except subprocess.TimeoutExpired:
@@ -470,7 +469,7 @@ def run_worker(tool: str, name: str, args: argparse.Namespace) -> dict[str, Any]
     else:
         try:
             res = json.loads(Path(out_path).read_text())
-        except Exception:
+        except Exception:  # noqa: BLE001 (any failure is a result here)
             tail = (err or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
             why = "killed by SIGKILL (out of memory?)" if proc.returncode == -signal.SIGKILL else tail[0][:200]
             res = {"tool": tool, "model": name, "status": "failed" if tool == "ours" else "error",
@@ -557,9 +556,9 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
         out += ["Skipped: " + ", ".join(f"{k} ({v})" for k, v in summary["skipped"].items()), ""]
     if summary["timing"]:
         out += [f"## Timing ({summary.get('timing_method', '')}; seconds)", "",
-                "ours = build_graph + prune_model + verify (float64 equivalence check); "
-                "TP = MagnitudePruner construction (builds its DependencyGraph) + step; "
-                "TP DG = a standalone DependencyGraph().build_dependency.", "",
+                ("ours = build_graph + prune_model + verify (float64 equivalence check); "
+                 "TP = MagnitudePruner construction (builds its DependencyGraph) + step; "
+                 "TP DG = a standalone DependencyGraph().build_dependency."), "",
                 "| model | ours build | ours prune | ours verify | ours total | TP DG | TP pruner init | TP step | TP total | ours/TP | ours w/o verify / TP |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -618,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = worker_timing(args.model, args.ratio, args.size, args.timing_repeats)
             else:
                 res = worker_tp(args.model, args.ratio, args.size)
-        except Exception as exc:  # model construction etc.
+        except Exception as exc:  # noqa: BLE001  # model construction etc.
             res = {"tool": args.worker, "model": args.model, "status": "failed" if args.worker == "ours" else "error",
                    "reason": f"setup: {type(exc).__name__}: {str(exc)[:200]}"}
         Path(args.worker_out).write_text(json.dumps(res, default=str))

@@ -140,7 +140,7 @@ class Chain(nn.Module):
 
 
 def test_conv_bn_relu_chain() -> None:
-    graph, plan, p = prune_and_check(Chain(), (3, 6, 6))
+    graph, _, p = prune_and_check(Chain(), (3, 6, 6))
     assert [g.name for g in graph.prunable_groups()] == ["conv1", "conv2"]
     assert conv_shape(p.conv1) == (3, 4, 1, (4, 3, 3, 3))
     check_bn(p.bn1, 4)
@@ -222,7 +222,7 @@ class DenseLike(nn.Module):
 
 
 def test_concat_index_offsets() -> None:
-    graph, plan, p = prune_and_check(DenseLike(), (3, 4, 4))
+    graph, _, p = prune_and_check(DenseLike(), (3, 4, 4))
     g0, g1, g2 = (group_of(graph, n) for n in ("conv0", "conv1", "conv2"))
     assert (g0.channels, g1.channels, g2.channels) == (4, 3, 5)
     # Channel 1 of conv1 sits at position 4 + 1 of the first concat and of norm2's input.
@@ -607,7 +607,7 @@ def test_option_a_shortcut_pads_are_prunable() -> None:
 
 def test_reprune_an_already_pruned_model() -> None:
     _, _, once = prune_and_check(DenseLike(), (3, 4, 4))
-    graph2, plan2, twice = prune_and_check(once, (3, 4, 4), pick=lambda g: g.prunable_classes[:1])
+    _, _, twice = prune_and_check(once, (3, 4, 4), pick=lambda g: g.prunable_classes[:1])
     assert (twice.conv0.out_channels, twice.conv1.out_channels, twice.conv2.out_channels) == (1, 1, 2)
     assert twice.head.in_channels == 4 and twice.norm2.num_features == 4
     # And once more from a fresh graph of the twice-pruned model: still consistent.
@@ -620,7 +620,7 @@ def test_random_plan_many_seeds_verify() -> None:
     for seed, factory in enumerate([DenseLike, Residual, lambda: Depthwise(2), Grouped, Shuffle, SELinear]):
         gen = torch.Generator().manual_seed(seed)
 
-        def pick(g: ChannelGroup) -> list[int]:
+        def pick(g: ChannelGroup, gen: torch.Generator = gen) -> list[int]:
             idx = g.prunable_classes
             n = max(1, len(idx) // 2) if len(idx) > 1 else 0
             return sorted(idx[int(i)] for i in torch.randperm(len(idx), generator=gen)[:n])
@@ -732,7 +732,7 @@ class OneAndThreeD(nn.Module):
 
 
 def test_conv1d_conv3d_and_batchnorm1d_after_linear() -> None:
-    graph, _, p = prune_and_check(OneAndThreeD(), (3, 3, 3, 3))
+    _, _, p = prune_and_check(OneAndThreeD(), (3, 3, 3, 3))
     assert p.c3.weight.shape == (3, 3, 3, 3, 3) and p.bn3.num_features == 3
     assert p.c1.weight.shape == (2, 3, 3) and p.bn1.num_features == 2
     assert p.fc.weight.shape == (3, 2 * 27) and p.bnf.num_features == 3 and p.out.in_features == 3
