@@ -70,10 +70,8 @@ def test_count_macs_bad_shape_is_user_error() -> None:
 
 
 def test_cifar_resnet56_macs() -> None:
-    try:
-        from chanprune_cli.models import ArchSpec, build_model
-    except ImportError:
-        pytest.skip("chanprune_cli.models not available yet")
+    from chanprune_cli.models import ArchSpec, build_model
+
     model = build_model(ArchSpec("cifar_resnet56", {}))
     assert count_params(model) == 853_018
     assert abs(count_macs(model, (3, 32, 32)) / 1e6 - 126.6) < 0.1
