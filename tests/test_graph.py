@@ -15,6 +15,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from engine_helpers import randomize
+
 from chanprune_cli.errors import UserError
 from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph, match_ignored
 from chanprune_cli.models import build_model, parse_arch
@@ -31,18 +33,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
-                for name in ("weight", "bias", "running_mean"):
-                    t = getattr(m, name, None)
-                    if isinstance(t, torch.Tensor) and t.is_floating_point():
-                        t.copy_(torch.randn(t.shape, generator=g))
-                if getattr(m, "running_var", None) is not None:
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 def prune_verify(model: nn.Module, shape: Sequence[int], graph: ChannelGraph | None = None,
