@@ -35,6 +35,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
     os.close(fd)
+    # mkstemp creates files 0600; outputs get the usual permissions of a new file (0666 - umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -171,6 +172,44 @@ def write_json(doc: dict[str, Any], path: str | Path) -> None:
         sys.stdout.flush()
     else:
         write_text_atomic(path, text)
+
+
+# --------------------------------------------------------------------------------------------
+# run (the pipeline summary)
+
+
+def render_run(results: list[Any], run_dir: Path, console: Console) -> None:
+    table = Table(title=f"chanprune run: {escape(str(run_dir))}", title_justify="left")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("s", justify="right")
+    table.add_column("outputs", overflow="fold")
+    for r in results:
+        status = "[green]ran[/green]" if r.status == "ran" else "[dim]up to date[/dim]"
+        table.add_row(r.name, status, f"{r.seconds:.1f}" if r.status == "ran" else "–",
+                      escape(", ".join(Path(p).name for p in r.outputs)))
+    console.print(table)
+
+
+def render_config(files: list[str], rows: dict[str, list[dict[str, Any]]], last: dict[str, Any], state_file: str,
+                  console: Console) -> None:
+    console.print("config files: " + (escape(" < ".join(files)) + "  (later wins; flags win over all)" if files
+                                      else "none (no chanprune.toml or [tool.chanprune] found here or above)"))
+    for command, entries in rows.items():
+        if not entries:
+            continue
+        table = Table(title=f"chanprune {command}", title_justify="left")
+        table.add_column("key")
+        table.add_column("value", overflow="fold")
+        table.add_column("from", overflow="fold")
+        for e in entries:
+            source = "[dim]default[/dim]" if e["source"] == "default" else escape(e["source"])
+            table.add_row(e["key"], escape(json.dumps(e["value"])), source)
+        console.print(table)
+    if isinstance(last.get("score"), dict):
+        s = last["score"]
+        console.print(f"last score ({escape(state_file)}): {escape(str(s.get('checkpoint')))} "
+                      f"({escape(str(s.get('criterion')))}) -> {escape(str(s.get('scores')))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,3 +418,170 @@ def render_scores(criterion: str, output: str, ratio: float, rows: list[dict[str
         table.add_row(r["group"], str(r["channels"]), f"{r['min']:.3g}", f"{r['median']:.3g}", f"{r['max']:.3g}",
                       str(r["removed_at_ratio"]))
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+@dataclass
+class BenchReport:
+    """Everything `chanprune bench` shows, as plain data (benchmark.py's results, reference first)."""
+
+    models: list[Any]  # benchmark.ModelResult
+    comparisons: list[Any]  # benchmark.Comparison, one per model (the reference's own is 1× / ±0)
+    gates: list[Any]  # benchmark.Gate
+    device: str
+    threads: int | None
+    batch_sizes: list[int]
+    timing: dict[str, Any]  # warmup, repeats, max_time_s (as requested; each latency entry says what was done)
+    gate_batch: int | None = None
+    data: dict[str, Any] | None = None  # source, max_batches
+    seed: int | None = None
+    plot: str | None = None
+
+
+def bench_document(report: BenchReport) -> dict[str, Any]:
+    """The JSON document of `chanprune bench` (DESIGN §8: models[].path/params/macs/latency_ms/accuracy, gates[])."""
+    body: dict[str, Any] = {
+        "reference": report.models[0].path if report.models else None,
+        "device": report.device,
+        "threads": report.threads,
+        "batch_sizes": list(report.batch_sizes),
+        "timing": dict(report.timing),
+        "gate_batch": report.gate_batch,
+        "data": report.data,
+        "models": [{**m.to_json(), "vs_reference": c.to_json()} for m, c in zip(report.models, report.comparisons)],
+        "gates": [g.to_json() for g in report.gates],
+        "passed": all(g.passed for g in report.gates),
+        "plot": report.plot,
+    }
+    return json_document("bench", body, seed=report.seed)
+
+
+def model_labels(paths: list[str]) -> list[str]:
+    """File names when they tell the models apart, else the paths as given."""
+    names = [Path(p).name for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}×"
+
+
+def render_bench(report: BenchReport, console: Console) -> None:
+    """Two tables (models; latency per batch size) and the gates."""
+    from rich.markup import escape
+
+    if not report.models:
+        return
+    ref = report.models[0]
+    shape = "×".join(str(d) for d in ref.input_shape)
+    threads = (f", {report.threads} thread{'' if report.threads == 1 else 's'}"
+               if report.threads is not None and report.device == "cpu" else "")
+    has_acc = any(m.accuracy is not None for m in report.models)
+    labels = [escape(label) for label in model_labels([m.path for m in report.models])]
+    table = Table(title=f"models  ·  input {shape}  ·  first = reference", title_justify="left")
+    table.add_column("model", overflow="fold")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_column("MACs ratio", justify="right")
+    table.add_column("file MB", justify="right")
+    if has_acc:
+        table.add_column("top-1 %", justify="right")
+        table.add_column("Δ top-1", justify="right")
+        table.add_column("top-5 %", justify="right")
+    for i, (m, c) in enumerate(zip(report.models, report.comparisons)):
+        cells = [labels[i] + (" (ref)" if i == 0 else ""), f"{m.params:,}", human_count(m.macs),
+                 "1.00×" if i == 0 else _times(c.macs_ratio), f"{m.file_size_mb:.2f}"]
+        if has_acc:
+            acc = m.accuracy
+            change = "ref" if i == 0 else ("-" if c.top1_change is None else f"{c.top1_change:+.2f}")
+            cells += ["-" if acc is None else f"{acc['top1']:.2f}", change, "-" if acc is None else f"{acc['top5']:.2f}"]
+        table.add_row(*cells)
+    console.print(table)
+
+    lat = Table(title=f"latency on {report.device}{threads}  ·  median (p90) of timed runs after warm-up",
+                title_justify="left")
+    lat.add_column("model", overflow="fold")
+    lat.add_column("batch", justify="right")
+    lat.add_column("median ms", justify="right")
+    lat.add_column("p90 ms", justify="right")
+    lat.add_column("images/s", justify="right")
+    lat.add_column("runs", justify="right")
+    lat.add_column("speed-up", justify="right")
+    lat.add_column("MACs ratio", justify="right")
+    lat.add_column("speed-up ÷ MACs ratio", justify="right")
+    for i, (m, c) in enumerate(zip(report.models, report.comparisons)):
+        for b in sorted(m.latency):
+            r = m.latency[b]
+            ref_row = i == 0
+            efficiency = c.speedup_vs_macs_ratio(b)
+            lat.add_row(labels[i] if b == min(m.latency) else "", str(b), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                        _rate(r["throughput_ips"]), str(r["repeats"]),
+                        "ref" if ref_row else _times(c.speedup.get(b)),
+                        "ref" if ref_row else _times(c.macs_ratio),
+                        "ref" if ref_row or efficiency is None else f"{100 * efficiency:.0f} %",
+                        end_section=b == max(m.latency))
+    console.print(lat)
+    if len(report.models) > 1:
+        console.print("speed-up = reference median / model median; MACs ratio = reference MACs / model MACs "
+                      "(the speed-up the MACs alone predict); 100 % = as much faster as the work removed")
+    for g in report.gates:
+        mark = "[green]passed[/green]" if g.passed else "[red]FAILED[/red]"
+        console.print(f"gate       {mark}  {escape(g.describe())}")
+    if report.plot:
+        console.print(f"plot       {escape(report.plot)}")
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def export_document(checkpoint: str, result: Any, *, arch: ArchSpec | None) -> dict[str, Any]:
+    """The JSON document of `chanprune export` (`result`: an export.ExportResult)."""
+    body: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "arch": arch.to_json() if arch is not None else None,
+        "format": result.format,
+        "path": result.path,
+        "spec_path": result.spec_path,
+        "input_shape": list(result.input_shape),
+        "opset": result.opset,
+        "torchscript_method": result.method,
+        "checked_on": result.device,
+        "batch_sizes": list(result.batch_sizes),
+        "max_abs_diff": result.max_abs_diff,
+        "max_abs_diff_per_batch": {str(b): d for b, d in result.per_batch.items()},
+        "tolerance": result.tolerance,
+        "rtol": result.rtol,
+        "passed": result.passed,
+        "size_mb": round(result.size_mb, 6),
+    }
+    return json_document("export", body, seed=0)
+
+
+def render_export(checkpoint: str, result: Any, console: Console) -> None:
+    from rich.markup import escape
+
+    table = Table(title=f"{escape(checkpoint)} → {escape(result.path)}  ·  {result.format}", title_justify="left")
+    table.add_column("batch size", justify="right")
+    table.add_column("max |export − PyTorch|", justify="right")
+    table.add_column("tolerance", justify="right")
+    for b, diff in result.per_batch.items():
+        table.add_row(str(b), f"{diff:.2e}", f"{result.tolerance:.1e}")
+    console.print(table)
+    dynamic = " (batch axis dynamic)" if result.format != "safetensors" else ""
+    details = [f"input {'×'.join(str(d) for d in result.input_shape)}{dynamic}", f"{result.size_mb:.2f} MB"]
+    if result.opset is not None:
+        details.append(f"opset {result.opset}, checked with onnxruntime")
+    if result.method is not None:
+        details.append(f"torch.jit.{result.method}, checked with torch.jit.load on {result.device}")
+    if result.spec_path is not None:
+        details.append(f"spec {escape(result.spec_path)}, checked by rebuilding without chanprune")
+    mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
+    console.print(f"check      {mark}: " + "; ".join(details))

@@ -1,0 +1,268 @@
+"""Benchmarking models side by side (DESIGN §6): what `chanprune bench` measures and gates on.
+
+The first model is the reference: every other model's speed-up, MACs ratio and accuracy change
+are relative to it. Measuring is split in steps the command calls in order (describe every model,
+then accuracy, then latency), so that bad data fails before the slow timing starts.
+
+Latency is `measure.measure_latency`: warm-up runs, then the median (and p90) of repeated timed
+forward passes of one random batch, CUDA synchronised, with a fixed intra-op thread count on the
+CPU. The median rather than the mean, because a busy machine only ever adds time: one preempted run
+moves the mean but not the median. `max_time` bounds one model at one batch size: after a probe
+run, the number of timed runs is cut so that they take about `max_time` seconds (never fewer than
+`MIN_REPEATS`), so large models at large batches stay affordable on a CPU.
+
+Gates (for CI): `max-acc-drop` compares each model's top-1 with the reference's (percentage points,
+positive = worse); `min-speedup` compares measured latency, reference median / model median, at one
+batch size. Every non-reference model is gated; the command exits 3 when any gate fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from . import measure
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedCheckpoint
+    from .models import ArchSpec
+
+MIN_REPEATS = 5  # the fewest timed runs a time-bounded measurement keeps
+_WIDTH_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,32' -> (1, 32): sorted, without duplicates; UserError on anything else."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"--batch-sizes {text!r}: expected comma-separated positive integers, e.g. 1,32")
+    return tuple(sorted(set(values)))
+
+
+# --------------------------------------------------------------------------------------------
+# one model
+
+
+@dataclass
+class ModelResult:
+    """What was measured for one checkpoint."""
+
+    path: str
+    source_format: str
+    arch: ArchSpec | None
+    input_shape: tuple[int, int, int]
+    params: int
+    macs: int
+    size_bytes: int  # parameters + buffers
+    file_size_mb: float  # the checkpoint file on disk
+    widths: dict[str, int]  # out channels of every conv / linear, by module name
+    original_widths: dict[str, int] | None = None  # of the unpruned architecture, for pruned chanprune files
+    latency: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch size -> measure_latency result
+    accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, loss
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.source_format,
+            "arch": self.arch.to_json() if self.arch is not None else None,
+            "input_shape": list(self.input_shape),
+            "params": int(self.params),
+            "macs": int(self.macs),
+            "size_mb": round(self.size_bytes / float(1 << 20), 6),
+            "file_size_mb": round(self.file_size_mb, 6),
+            "latency_ms": {
+                str(b): {"median": r["median_ms"], "p90": r["p90_ms"], "mean": r["mean_ms"], "min": r["min_ms"],
+                         "std": r["std_ms"], "repeats": int(r["repeats"]), "warmup": int(r.get("warmup", 0))}
+                for b, r in sorted(self.latency.items())
+            },
+            "throughput_ips": {str(b): r["throughput_ips"] for b, r in sorted(self.latency.items())},
+            "accuracy": None if self.accuracy is None else {
+                "top1": float(self.accuracy["top1"]), "top5": float(self.accuracy["top5"]),
+                "images": int(self.accuracy["images"])},
+            "widths": dict(self.widths),
+        }
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear module, in definition order."""
+    widths: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = int(module.out_channels)
+        elif isinstance(module, nn.Linear):
+            widths[name] = int(module.out_features)
+    return widths
+
+
+def original_widths(loaded: LoadedCheckpoint) -> dict[str, int] | None:
+    """Widths of the unpruned architecture a pruned chanprune file came from (None otherwise).
+
+    Built on the meta device: no memory and no weight initialisation, only the module shapes.
+    """
+    if not loaded.plans or loaded.arch is None:
+        return None
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(loaded.arch)
+    except Exception:  # noqa: BLE001  (a factory that cannot build on the meta device: no "before" widths)
+        return None
+    return layer_widths(model)
+
+
+def describe(loaded: LoadedCheckpoint, path: str, input_shape: tuple[int, int, int]) -> ModelResult:
+    """Params, MACs, sizes and widths of a loaded checkpoint (no timing, no data)."""
+    from .report import model_size_bytes
+
+    model = loaded.model.eval()
+    return ModelResult(
+        path=path,
+        source_format=loaded.source_format,
+        arch=loaded.arch,
+        input_shape=tuple(input_shape),  # type: ignore[arg-type]
+        params=measure.count_params(model),
+        macs=measure.count_macs(model, input_shape),
+        size_bytes=model_size_bytes(model),
+        file_size_mb=measure.file_size_mb(path),
+        widths=layer_widths(model),
+        original_widths=original_widths(loaded),
+    )
+
+
+def time_model(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device | str, *,
+               warmup: int, repeats: int, threads: int | None, max_time: float | None) -> dict[str, Any]:
+    """`measure.measure_latency`, with the number of runs bounded by `max_time` seconds (see the module doc).
+
+    The result has `warmup` (runs before timing, the probe included) and `repeats` (timed runs) as done.
+    """
+    if not max_time or max_time <= 0 or repeats <= MIN_REPEATS:
+        result = measure.measure_latency(model, input_shape, batch_size, device, warmup=warmup, repeats=repeats,
+                                         threads=threads)
+        result["warmup"] = warmup
+        return result
+    # Probe: one untimed and one timed run tell roughly how long a run takes (and warm up).
+    probe_warmup = min(1, warmup)
+    probe = measure.measure_latency(model, input_shape, batch_size, device, warmup=probe_warmup, repeats=1,
+                                    threads=threads)
+    per_run = max(probe["median_ms"] / 1000.0, 1e-6)
+    timed = max(MIN_REPEATS, min(repeats, int(max_time / per_run)))
+    done = probe_warmup + 1
+    # The rest of the warm-up, within a quarter of the time budget.
+    extra_warmup = max(0, min(warmup - done, int(0.25 * max_time / per_run)))
+    result = measure.measure_latency(model, input_shape, batch_size, device, warmup=extra_warmup, repeats=timed,
+                                     threads=threads)
+    result["warmup"] = done + extra_warmup
+    return result
+
+
+def accuracy(model: nn.Module, loader: Any, device: torch.device, max_batches: int | None) -> dict[str, Any]:
+    result = measure.evaluate(model, loader, device, max_batches=max_batches, progress=True)
+    return {"top1": float(result["top1"]), "top5": float(result["top5"]), "images": int(result["images"]),
+            "loss": float(result["loss"])}
+
+
+# --------------------------------------------------------------------------------------------
+# comparison with the reference
+
+
+@dataclass
+class Comparison:
+    """One model relative to the reference (the first model)."""
+
+    macs_ratio: float  # reference MACs / model MACs: the speed-up MACs alone would predict
+    params_ratio: float  # reference params / model params
+    speedup: dict[int, float]  # batch size -> reference median latency / model median latency
+    top1_change: float | None  # model − reference, percentage points (negative: worse)
+    top5_change: float | None
+
+    def speedup_vs_macs_ratio(self, batch_size: int) -> float | None:
+        """Measured speed-up / MACs ratio: 1.0 means the model is as much faster as it does less work."""
+        value = self.speedup.get(batch_size)
+        return None if value is None or not self.macs_ratio else value / self.macs_ratio
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "macs_ratio": self.macs_ratio,
+            "params_ratio": self.params_ratio,
+            "speedup": {str(b): v for b, v in sorted(self.speedup.items())},
+            "speedup_vs_macs_ratio": {str(b): self.speedup_vs_macs_ratio(b) for b in sorted(self.speedup)},
+            "top1_change": self.top1_change,
+            "top5_change": self.top5_change,
+        }
+
+
+def _ratio(reference: float, value: float) -> float:
+    return reference / value if value else math.inf
+
+
+def compare(reference: ModelResult, model: ModelResult) -> Comparison:
+    speedup = {b: _ratio(reference.latency[b]["median_ms"], r["median_ms"])
+               for b, r in model.latency.items() if b in reference.latency}
+    top1 = top5 = None
+    if reference.accuracy is not None and model.accuracy is not None:
+        top1 = model.accuracy["top1"] - reference.accuracy["top1"]
+        top5 = model.accuracy["top5"] - reference.accuracy["top5"]
+    return Comparison(_ratio(reference.macs, model.macs), _ratio(reference.params, model.params), speedup, top1, top5)
+
+
+# --------------------------------------------------------------------------------------------
+# gates
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One CI check of one model against the reference."""
+
+    name: str  # "max-acc-drop" | "min-speedup"
+    model: str  # the checked model's path
+    limit: float
+    value: float  # max-acc-drop: top-1 points lost vs the reference; min-speedup: measured latency ratio
+    passed: bool
+    batch_size: int | None = None  # min-speedup: the batch size compared
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "limit": self.limit, "value": self.value,
+                "passed": self.passed, "batch_size": self.batch_size}
+
+    def describe(self) -> str:
+        """One line: the gate, the measured value and, when failed, by how much."""
+        if self.name == "max-acc-drop":
+            said = (f"loses {self.value:.2f} pts top-1" if self.value >= 0 else f"gains {-self.value:.2f} pts top-1")
+            text = f"--max-acc-drop {self.limit:g}: {self.model} {said} vs the reference"
+            return text + ("" if self.passed else f", {self.value - self.limit:.2f} pts over the limit")
+        text = f"--min-speedup {self.limit:g}: {self.model} is {self.value:.2f}x as fast as the reference at batch {self.batch_size}"
+        return text + ("" if self.passed else f", {self.limit - self.value:.2f}x short")
+
+
+def evaluate_gates(results: Sequence[ModelResult], comparisons: Sequence[Comparison], *,
+                   max_acc_drop: float | None, min_speedup: float | None, gate_batch: int | None) -> list[Gate]:
+    """Check every non-reference model (results[1:], comparisons[1:]) against the requested limits."""
+    gates: list[Gate] = []
+    for result, comp in zip(results[1:], comparisons[1:]):
+        if max_acc_drop is not None and comp.top1_change is not None:
+            drop = -comp.top1_change
+            gates.append(Gate("max-acc-drop", result.path, float(max_acc_drop), drop, drop <= max_acc_drop + 1e-9))
+        if min_speedup is not None and gate_batch is not None and gate_batch in comp.speedup:
+            value = comp.speedup[gate_batch]
+            gates.append(Gate("min-speedup", result.path, float(min_speedup), value, value >= min_speedup,
+                              batch_size=gate_batch))
+    return gates
+
+
+def gate_failure(gates: Sequence[Gate]) -> str | None:
+    """The message of a GateFailed: every failed gate and by how much (None when all passed)."""
+    failed = [g for g in gates if not g.passed]
+    if not failed:
+        return None
+    return f"{len(failed)} gate(s) failed: " + "; ".join(g.describe() for g in failed)

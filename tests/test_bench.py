@@ -1,0 +1,355 @@
+"""`chanprune bench` (DESIGN §6, §8): JSON fields, comparisons with the reference, gates and exit codes, --plot.
+
+Everything uses the built-in `digits_cnn` (1x8x8) on `digits:test`, one thread and a few timed
+runs, so timings are noise: the tests check how numbers relate (speed-up = reference median /
+model median), never that pruning made anything faster.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chanprune_cli import benchmark
+from chanprune_cli.cli import app
+from chanprune_cli.models import build_model, parse_arch
+
+ARCH = ("--arch", "digits_cnn")
+DATA = ("--data", "digits:test", "--mean", "0.5", "--std", "0.5")
+FAST = ("--threads", "1", "--warmup", "1", "--repeats", "3", "--batch-sizes", "1,4")
+runner = CliRunner()
+
+
+def cli(*args: Any) -> Any:
+    return runner.invoke(app, [str(a) for a in args], env={"CHANPRUNE_DEBUG": None})
+
+
+def _train(model: torch.nn.Module) -> None:
+    from chanprune_cli.data import make_loader
+
+    loader = make_loader("digits:train", batch_size=64, shuffle=True, train=True, input_shape=(1, 8, 8),
+                         mean=(0.5,), std=(0.5,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(4):  # about 97 % test top-1
+            for images, labels in loader:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(images), labels).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`good` (trained), `pruned` (chanprune prune of it, half the channels), `broken` (always predicts class 0)."""
+    d = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    model = build_model(parse_arch("digits_cnn"))
+    _train(model)
+    torch.save({"state_dict": model.state_dict(), "arch": "digits_cnn"}, d / "good.pt")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["fc2.weight"].zero_()
+    sd["fc2.bias"].copy_(torch.eye(10)[0])
+    torch.save(sd, d / "broken.pt")
+    result = cli("prune", d / "good.pt", *ARCH, "--ratio", "0.5", "--out", d / "pruned.safetensors")
+    assert result.exit_code == 0, result.stderr
+    return {"good": d / "good.pt", "pruned": d / "pruned.safetensors", "broken": d / "broken.pt"}
+
+
+def _error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[-1].startswith("error: "), stderr
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+
+
+def test_json_fields_and_comparison_with_the_reference(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *DATA, *FAST, "--seed", "2", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    for text in ("speed-up", "MACs ratio", "top-1", "(ref)", "median ms", "p90 ms"):
+        assert text in result.stdout, text
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 1 and doc["command"] == "bench" and doc["seed"] == 2
+    assert doc["tool"]["name"] == "chanprune" and doc["torch_version"] == torch.__version__
+    assert doc["reference"] == str(ckpts["good"])
+    assert doc["device"] == "cpu" and doc["threads"] == 1 and doc["batch_sizes"] == [1, 4]
+    assert doc["timing"] == {"warmup": 1, "repeats": 3, "max_time_s": 10.0}
+    assert doc["data"]["source"] == "digits:test" and doc["data"]["images"] == 359
+    assert doc["gates"] == [] and doc["passed"] is True
+
+    ref, pruned = doc["models"]
+    assert [m["path"] for m in doc["models"]] == [str(ckpts["good"]), str(ckpts["pruned"])]
+    assert (ref["format"], pruned["format"]) == ("state_dict", "chanprune")
+    for m in (ref, pruned):
+        assert isinstance(m["params"], int) and isinstance(m["macs"], int) and m["macs"] > 0
+        assert m["file_size_mb"] > 0 and m["size_mb"] > 0 and m["input_shape"] == [1, 8, 8]
+        assert set(m["latency_ms"]) == {"1", "4"}
+        for b, lat in m["latency_ms"].items():
+            assert 0 < lat["min"] <= lat["median"] <= lat["p90"]
+            assert lat["repeats"] == 3 and lat["warmup"] == 1
+            assert m["throughput_ips"][b] == pytest.approx(int(b) / (lat["median"] / 1000))
+        acc = m["accuracy"]
+        assert 0 <= acc["top1"] <= acc["top5"] <= 100 and acc["images"] == 359
+    assert ref["accuracy"]["top1"] > 90  # the trained model
+    assert pruned["params"] < ref["params"] and pruned["macs"] < ref["macs"]
+    assert ref["widths"]["conv2"] == 32 and pruned["widths"]["conv2"] == 16 and pruned["widths"]["fc2"] == 10
+
+    # Everything relative to the first model.
+    assert ref["vs_reference"]["macs_ratio"] == 1.0 and ref["vs_reference"]["top1_change"] == 0.0
+    assert ref["vs_reference"]["speedup"] == {"1": 1.0, "4": 1.0}
+    vs = pruned["vs_reference"]
+    assert vs["macs_ratio"] == pytest.approx(ref["macs"] / pruned["macs"])
+    assert vs["params_ratio"] == pytest.approx(ref["params"] / pruned["params"])
+    assert vs["top1_change"] == pytest.approx(pruned["accuracy"]["top1"] - ref["accuracy"]["top1"])
+    assert vs["top5_change"] == pytest.approx(pruned["accuracy"]["top5"] - ref["accuracy"]["top5"])
+    for b in ("1", "4"):
+        speedup = ref["latency_ms"][b]["median"] / pruned["latency_ms"][b]["median"]
+        assert vs["speedup"][b] == pytest.approx(speedup)
+        assert vs["speedup_vs_macs_ratio"][b] == pytest.approx(speedup / vs["macs_ratio"])
+
+
+def test_json_on_stdout_without_data(ckpts: dict[str, Path]) -> None:
+    result = cli("bench", ckpts["pruned"], *FAST, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)  # stdout is only the JSON document; the tables went to stderr
+    assert "speed-up" in result.stderr
+    (model,) = doc["models"]
+    assert model["accuracy"] is None and doc["data"] is None
+    assert model["latency_ms"]["4"]["median"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# gates
+
+
+def test_gates_pass(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], ckpts["good"], *ARCH, *DATA, *FAST,
+                 "--max-acc-drop", "100", "--min-speedup", "0.001", "--gate-batch", "1", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("passed") == 4
+    doc = json.loads(out.read_text())
+    assert doc["passed"] is True and doc["gate_batch"] == 1
+    assert [(g["name"], g["model"]) for g in doc["gates"]] == [
+        ("max-acc-drop", str(ckpts["pruned"])), ("min-speedup", str(ckpts["pruned"])),
+        ("max-acc-drop", str(ckpts["good"])), ("min-speedup", str(ckpts["good"]))]
+    models = doc["models"]
+    for g, m in zip(doc["gates"], [models[1], models[1], models[2], models[2]]):
+        assert g["passed"] is True
+        if g["name"] == "max-acc-drop":
+            assert g["limit"] == 100 and g["batch_size"] is None
+            assert g["value"] == pytest.approx(-m["vs_reference"]["top1_change"])
+        else:
+            assert g["limit"] == 0.001 and g["batch_size"] == 1
+            assert g["value"] == pytest.approx(m["vs_reference"]["speedup"]["1"])
+    assert doc["gates"][2]["value"] == 0.0  # the reference again: same accuracy
+
+
+def test_violated_gates_exit_3_name_the_gate_and_keep_the_json(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = cli("bench", ckpts["good"], ckpts["broken"], *ARCH, *DATA, *FAST,
+                 "--max-acc-drop", "1", "--min-speedup", "1000", "--json", out)
+    assert result.exit_code == 3, result.stderr
+    line = _error_line(result.stderr)
+    assert "2 gate(s) failed" in line
+    doc = json.loads(out.read_text())  # written although the gates failed: CI keeps the artifact
+    assert doc["passed"] is False
+    acc_gate, speed_gate = doc["gates"]
+    assert (acc_gate["name"], acc_gate["passed"], acc_gate["limit"]) == ("max-acc-drop", False, 1)
+    assert acc_gate["value"] > 50  # always predicting one class of ten
+    assert f"--max-acc-drop 1: {ckpts['broken']} loses {acc_gate['value']:.2f} pts top-1" in line
+    assert f"{acc_gate['value'] - 1:.2f} pts over the limit" in line
+    assert (speed_gate["name"], speed_gate["passed"], speed_gate["batch_size"]) == ("min-speedup", False, 4)
+    assert f"--min-speedup 1000: {ckpts['broken']} is {speed_gate['value']:.2f}x as fast" in line
+    assert f"{1000 - speed_gate['value']:.2f}x short" in line
+    assert "FAILED" in result.stdout  # the table was printed too
+
+
+def test_one_failed_gate_of_two(ckpts: dict[str, Path]) -> None:
+    result = cli("bench", ckpts["good"], ckpts["broken"], *ARCH, *DATA, *FAST, "--max-acc-drop", "1",
+                 "--min-speedup", "0.001")
+    assert result.exit_code == 3, result.stderr
+    line = _error_line(result.stderr)
+    assert "1 gate(s) failed: --max-acc-drop 1" in line and "--min-speedup" not in line
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (("--min-speedup", "1.5"), "--min-speedup compares models with the first checkpoint"),
+    (("--max-acc-drop", "1", "--data", "digits:test"), "give at least two checkpoints"),
+])
+def test_gates_need_two_models(ckpts: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], fragment: str) -> None:
+    result = cli("bench", ckpts["good"], *ARCH, *extra, "--json", tmp_path / "b.json")
+    assert result.exit_code == 2
+    assert fragment in _error_line(result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (("--max-acc-drop", "1"), "--max-acc-drop needs accuracy: pass --data"),
+    (("--max-acc-drop", "-1", *DATA), "--max-acc-drop must be 0 or more"),
+    (("--max-acc-drop", "nan", *DATA), "--max-acc-drop must be a finite number"),
+    (("--min-speedup", "0"), "--min-speedup must be positive"),
+    (("--gate-batch", "8"), "--gate-batch 8 is not one of --batch-sizes"),
+    (("--batch-sizes", "1,x"), "--batch-sizes '1,x': expected comma-separated positive integers"),
+    (("--batch-sizes", "0"), "expected comma-separated positive integers"),
+    (("--repeats", "0"), "--repeats"),
+    (("--threads", "0"), "--threads"),
+    (("--plot", "chart.gif"), "unknown image type '.gif'; use a file name ending in .png"),
+])
+def test_bad_bench_options_fail_before_loading(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               extra: tuple[str, ...], fragment: str) -> None:
+    calls = _spy_loads(monkeypatch)
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *extra)
+    assert result.exit_code == 2, result.stderr
+    assert fragment in _error_line(result.stderr)
+    assert calls == []
+
+
+def test_missing_checkpoint_argument() -> None:
+    result = cli("bench")
+    assert result.exit_code == 2
+    assert "give at least one checkpoint" in _error_line(result.stderr)
+
+
+def test_models_with_different_inputs_are_refused(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    torch.save(build_model(parse_arch("cifar_resnet20")).state_dict(), tmp_path / "r20.pt")
+    result = cli("bench", ckpts["pruned"], tmp_path / "r20.pt", "--arch", "cifar_resnet20")
+    assert result.exit_code == 2
+    assert "takes input 3x32x32 but the reference" in _error_line(result.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# library pieces
+
+
+def test_time_model_bounds_runs_by_time() -> None:
+    model = torch.nn.Linear(4, 4)
+    bounded = benchmark.time_model(model, (4,), 2, "cpu", warmup=50, repeats=10_000, threads=1, max_time=1e-9)
+    assert bounded["repeats"] == benchmark.MIN_REPEATS and bounded["warmup"] == 2  # the probe only
+    exact = benchmark.time_model(model, (4,), 2, "cpu", warmup=2, repeats=7, threads=1, max_time=0)
+    assert (exact["repeats"], exact["warmup"]) == (7, 2)
+    assert exact["threads"] == 1 and exact["median_ms"] > 0
+
+
+def test_gate_descriptions() -> None:
+    failed = benchmark.Gate("max-acc-drop", "p.pt", 1.0, 3.25, False)
+    assert failed.describe() == "--max-acc-drop 1: p.pt loses 3.25 pts top-1 vs the reference, 2.25 pts over the limit"
+    gained = benchmark.Gate("max-acc-drop", "p.pt", 1.0, -0.5, True)
+    assert gained.describe() == "--max-acc-drop 1: p.pt gains 0.50 pts top-1 vs the reference"
+    slow = benchmark.Gate("min-speedup", "p.pt", 2.0, 1.25, False, batch_size=32)
+    assert slow.describe() == "--min-speedup 2: p.pt is 1.25x as fast as the reference at batch 32, 0.75x short"
+    assert benchmark.gate_failure([gained]) is None
+    assert benchmark.gate_failure([gained, failed, slow]) == "2 gate(s) failed: " + failed.describe() + "; " + slow.describe()
+
+
+def test_original_widths_of_a_pruned_file(ckpts: dict[str, Path]) -> None:
+    from chanprune_cli.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpts["pruned"])
+    assert benchmark.original_widths(loaded) == {"conv1": 16, "conv2": 32, "conv3": 32, "fc1": 64, "fc2": 10}
+    assert benchmark.layer_widths(loaded.model)["conv2"] == 16
+    assert benchmark.original_widths(load_checkpoint(ckpts["good"], arch="digits_cnn")) is None  # not pruned
+
+
+# --------------------------------------------------------------------------------------------
+# --plot
+
+
+def _spy_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from chanprune_cli import checkpoint
+
+    calls: list[str] = []
+    real = checkpoint.load_checkpoint
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
+    return calls
+
+
+def test_plot_writes_an_image(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    several, single = tmp_path / "bench.png", tmp_path / "single.svg"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], ckpts["broken"], *ARCH, *DATA, *FAST, "--plot", several,
+                 "--json", tmp_path / "b.json")
+    assert result.exit_code == 0, result.stderr
+    data = several.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert json.loads((tmp_path / "b.json").read_text())["plot"] == str(several)
+    result = cli("bench", ckpts["pruned"], *FAST, "--plot", single)  # one pruned file: before = its architecture
+    assert result.exit_code == 0, result.stderr
+    svg = single.read_text()
+    assert "<svg" in svg and "unpruned architecture" in svg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "bench.png", "single.svg"]
+
+
+def test_plot_without_matplotlib_fails_before_measuring(ckpts: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    calls = _spy_loads(monkeypatch)
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--plot", tmp_path / "b.png",
+                 "--json", tmp_path / "b.json")
+    assert result.exit_code == 2
+    assert "plots need matplotlib: pip install 'chanprune[plot]'" in _error_line(result.stderr)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+    result = cli("bench", ckpts["pruned"], "--threads", "1", "--warmup", "0", "--repeats", "1", "--batch-sizes", "1")
+    assert result.exit_code == 0, result.stderr  # without --plot, matplotlib is not needed
+
+
+def test_plot_existing_file_needs_force(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "b.png"
+    target.write_text("mine")
+    calls = _spy_loads(monkeypatch)
+    result = cli("bench", ckpts["pruned"], *FAST, "--plot", target)
+    assert result.exit_code == 2
+    assert "already exists; pass --force" in _error_line(result.stderr)
+    assert target.read_text() == "mine" and calls == []
+    result = cli("bench", ckpts["pruned"], *FAST, "--plot", target, "--json", target, "--force")
+    assert result.exit_code == 2
+    assert "--json and --plot both name" in _error_line(result.stderr)
+
+
+def test_ctrl_c_while_drawing_leaves_no_partial_image(ckpts: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    real = Figure.savefig
+
+    def cut(self: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, fname, *args, **kwargs)
+        Path(fname).write_bytes(Path(fname).read_bytes()[:50])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", cut)
+    result = cli("bench", ckpts["pruned"], *FAST, "--plot", tmp_path / "b.png")
+    assert result.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_overwrite_a_compared_checkpoint(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "good.pt"
+    copy.write_bytes(ckpts["good"].read_bytes())
+    result = cli("bench", ckpts["pruned"], copy, *ARCH, "--json", copy, "--force")
+    assert result.exit_code == 2
+    assert "--json" in _error_line(result.stderr) and "is one of the checkpoints" in _error_line(result.stderr)
+    assert copy.read_bytes() == ckpts["good"].read_bytes()
