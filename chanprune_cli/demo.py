@@ -2,7 +2,7 @@
 
 Offline and quick on 2 CPU cores: train the small `digits_cnn` on scikit-learn's bundled 8×8
 digits, save it as a plain state-dict checkpoint, then run the real `chanprune` commands on it.
-The demo is a list of stages; later features (prune, finetune, bench) append theirs to STAGES.
+Then `chanprune run` drives the whole pipeline from a config file the demo writes.
 """
 
 from __future__ import annotations
@@ -124,52 +124,61 @@ def _train(model: nn.Module, loader: DataLoader) -> None:
     model.eval()
 
 
-def analyze_stage(ctx: DemoContext) -> None:
-    """`chanprune analyze` on the trained checkpoint, with test accuracy and a JSON report."""
-    report = ctx.out / "analyze.json"
-    run_chanprune([
-        "analyze", str(ctx.files["checkpoint"]), "--arch", ARCH,
-        "--data", "digits:test", "--mean", MEAN, "--std", STD, "--seed", str(ctx.seed),
-        "--json", str(report), "--force",
-    ])
-    ctx.files["analyze_json"] = report
+# The pipeline as a user would write it: `chanprune run` reads this, runs every stage into run/,
+# and a re-run skips the stages whose inputs did not change.
+PIPELINE_CONFIG = f"""\
+# chanprune run demo.toml: analyze -> score -> prune -> finetune -> export -> bench
+checkpoint = "{ARCH}.pt"
+arch = "{ARCH}"
+mean = {MEAN}
+std = {STD}
+seed = {SEED}
+
+[analyze]
+data = "digits:test"        # accuracy of the trained model
+
+[score]
+criterion = "l1"
+
+[prune]
+target_flops = 0.5          # remove half of the MACs, one global ranking
+data = "digits:train"       # BatchNorm recalibration batches
+val_data = "digits:test"    # top-1 before / after pruning / after recalibration
+
+[finetune]
+data = "digits:train"
+val_data = "digits:test"
+epochs = 3
+lr = 0.05
+threads = 1                 # a tiny model: one thread is fastest
+
+[export]
+format = "torchscript"      # checked with torch.jit.load before it is kept
+
+[bench]
+data = "digits:test"
+batch_sizes = "1,32"
+threads = 1
+max_acc_drop = 3.0          # a CI gate: exit 3 if the fine-tuned model lost more than 3 points
+"""
 
 
-def prune_stage(ctx: DemoContext) -> None:
-    """`chanprune prune`: remove half of the MACs by L1 norm, verify, save a chanprune file."""
-    pruned = ctx.out / f"{ARCH}.pruned.safetensors"
-    run_chanprune([
-        "prune", str(ctx.files["checkpoint"]), "--arch", ARCH, "--criterion", "l1",
-        "--target-flops", "0.5", "--out", str(pruned), "--json", str(ctx.out / "prune.json"), "--force",
-    ])
-    ctx.files["pruned"] = pruned
+def pipeline_stage(ctx: DemoContext) -> None:
+    """Write demo.toml and run the whole pipeline with `chanprune run`; the last table is bench's."""
+    from .fsutil import write_text_atomic
 
-
-def analyze_pruned_stage(ctx: DemoContext) -> None:
-    """`chanprune analyze` on the pruned file: no --arch needed, accuracy right after pruning."""
-    run_chanprune([
-        "analyze", str(ctx.files["pruned"]), "--data", "digits:test", "--mean", MEAN, "--std", STD,
-        "--seed", str(ctx.seed), "--json", str(ctx.out / "analyze-pruned.json"), "--force",
-    ])
-
-
-def finetune_stage(ctx: DemoContext) -> None:
-    """`chanprune finetune`: recover the pruned model's accuracy in a few epochs (SGD, cosine lr)."""
-    tuned = ctx.out / f"{ARCH}.finetuned.safetensors"
-    run_chanprune([
-        "finetune", str(ctx.files["pruned"]), "--data", "digits:train", "--val-data", "digits:test",
-        "--mean", MEAN, "--std", STD, "--epochs", "3", "--lr", "0.05", "--threads", "1",
-        "--seed", str(ctx.seed), "--out", str(tuned), "--json", str(ctx.out / "finetune.json"), "--force",
-    ])
-    ctx.files["finetuned"] = tuned
+    config = ctx.out / "demo.toml"
+    write_text_atomic(config, PIPELINE_CONFIG)
+    _say(f"  wrote {config}:")
+    for line in PIPELINE_CONFIG.splitlines():
+        _say("    " + line)
+    run_chanprune(["run", str(config), "--dir", str(ctx.out / "run"), "--json", str(ctx.out / "run.json")])
+    ctx.files["run"] = ctx.out / "run"
 
 
 STAGES: list[Stage] = [
     Stage("train", "train a small CNN on the bundled 8×8 digits (a few seconds on CPU)", train_stage),
-    Stage("analyze", "layers, params, MACs, size and test accuracy", analyze_stage),
-    Stage("prune", "remove 50 % of the MACs (L1 norm), verify against the masked original", prune_stage),
-    Stage("analyze pruned", "the pruned chanprune file reloads without --arch", analyze_pruned_stage),
-    Stage("finetune", "fine-tune the pruned model for 3 epochs to recover its accuracy", finetune_stage),
+    Stage("pipeline", "chanprune run: analyze, score, prune (50 % MACs), finetune, export, bench", pipeline_stage),
 ]
 
 

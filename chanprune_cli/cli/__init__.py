@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import analyze, finetune, prune, score  # noqa: F401  (registers the commands)
+from . import analyze, bench, export, finetune, project, prune, run, score  # noqa: F401  (registers the commands)
 from .common import app
 
 __all__ = ["app", "main"]

@@ -13,6 +13,7 @@ from .common import (
     BatchSizeOpt,
     CalibBatchesOpt,
     CkptArg,
+    ConfigOpt,
     DataOpt,
     DebugOpt,
     DeviceOpt,
@@ -63,6 +64,7 @@ def analyze(
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     list_archs: Annotated[bool, typer.Option("--list-archs", help="List the built-in architectures and exit.", rich_help_panel=MODEL_PANEL)] = False,
+    config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's layers, parameters, MACs, size and (with --data) top-1/top-5 accuracy."""

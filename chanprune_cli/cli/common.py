@@ -27,6 +27,13 @@ from typer.exceptions import TyperException
 from .. import __version__
 from ..errors import ChanpruneError, UserError
 
+try:  # typer >= 0.26 vendors click; older releases use the click package
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.core import ParameterSource
+    from click.globals import get_current_context
+
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
@@ -104,6 +111,16 @@ class _ChanpruneGroup(TyperGroup):
             self._usage_error(ctx, exc)
             raise
 
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:  # type: ignore[override]
+        """Also look up the subcommand's defaults in config files (see config.py): they become the
+        subcommand context's `default_map`, which ranks below flags and above built-in defaults."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and name is not None and name in configurable_commands(self) and not ctx.resilient_parsing \
+                and not any(a in ("--help", "-h") for a in rest):
+            settings = command_settings(self, name, _config_argument(rest))
+            ctx.default_map = {name: default_map(cmd, settings)}
+        return name, cmd, rest
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             with warnings.catch_warnings():  # restores the previous handler afterwards
@@ -121,6 +138,113 @@ class _ChanpruneGroup(TyperGroup):
             _fail(ctx, f"error: {_one_line(str(exc))}", exc.exit_code)
         except Exception as exc:  # a bug or an unforeseen failure: still one line, exit 1
             _fail(ctx, f"error: {type(exc).__name__}: {_one_line(str(exc))} (re-run with --debug for the traceback)", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# config files (config.py): option defaults for every command that takes `--config`
+
+# Positional arguments have no option name; these are their config keys.
+_ARGUMENT_KEYS = {"ckpt": "checkpoint"}
+# Tables that configure something other than one command's options.
+EXTRA_TABLES: dict[str, frozenset[str]] = {"run": frozenset({"dir", "stages"})}
+
+
+def option_keys(command: Any) -> dict[str, Any]:
+    """Config key → Click parameter for every option and argument of `command` (not --config/--debug)."""
+    from ..config import normalise_key
+
+    keys: dict[str, Any] = {}
+    for param in command.params:
+        if param.name in (None, "config", "debug"):
+            continue
+        if param.param_type_name == "argument":
+            keys[_ARGUMENT_KEYS.get(param.name, param.name)] = param
+        else:
+            longs = [o for o in param.opts if o.startswith("--")]
+            if longs:
+                keys[normalise_key(longs[0][2:])] = param
+    return keys
+
+
+def configurable_commands(group: Any) -> dict[str, Any]:
+    """Commands that read config files: those with a --config option other than `run` itself."""
+    return {name: cmd for name, cmd in group.commands.items()
+            if name != "run" and any(p.name == "config" for p in cmd.params)}
+
+
+def command_keys(group: Any) -> dict[str, set[str]]:
+    keys = {name: set(option_keys(cmd)) for name, cmd in configurable_commands(group).items()}
+    keys.update({name: set(extra) for name, extra in EXTRA_TABLES.items()})
+    return keys
+
+
+def config_files(group: Any, explicit: str | None) -> list[Any]:
+    """The discovered project config, then the --config file (ascending precedence)."""
+    from ..config import discover, load_config
+
+    tables = list(command_keys(group))
+    files = [f for f in (discover(os.getcwd(), tables),) if f is not None]
+    if explicit is not None:
+        files.append(load_config(explicit, tables))
+    return files
+
+
+def command_settings(group: Any, name: str, explicit: str | None) -> dict[str, Any]:
+    """Config key → config.Setting for command `name`."""
+    from ..config import resolve
+
+    return resolve(name, config_files(group, explicit), command_keys(group))
+
+
+def default_map(command: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Click's default_map (parameter name → value as the option expects it) from settings."""
+    from ..config import option_text
+
+    params = option_keys(command)
+    result: dict[str, Any] = {}
+    for key, setting in settings.items():
+        param = params[key]
+        many = param.multiple or param.nargs == -1
+        value = setting.value
+        result[param.name] = (value if isinstance(value, list) else [value]) if many else option_text(value)
+    return result
+
+
+def prefer_flags(**values: Any) -> dict[str, Any]:
+    """For mutually exclusive options: when some are given as flags, drop the ones that came from a
+    config file (a flag `--ratio` overrides `target_flops` in chanprune.toml). Keys: parameter names."""
+    ctx = get_current_context()
+    flagged = {k for k, v in values.items() if v is not None and ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    if not flagged:
+        return values
+    return {k: (v if k in flagged or ctx.get_parameter_source(k) != ParameterSource.DEFAULT_MAP else None)
+            for k, v in values.items()}
+
+
+def _config_argument(args: list[str]) -> str | None:
+    """The value of --config in a subcommand's raw arguments (read before Click parses them)."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise UserError("--config needs a file: --config chanprune.toml")
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def invoke_command(ctx: typer.Context, name: str, args: list[str], files: list[Any]) -> Any:
+    """Run subcommand `name` with `args` as if typed after `chanprune`, defaults from config `files`."""
+    from ..config import resolve
+
+    root = ctx.find_root()
+    group = root.command
+    cmd = group.get_command(root, name)
+    settings = resolve(name, files, command_keys(group))
+    with cmd.make_context(name, list(args), parent=root, default_map=default_map(cmd, settings)) as sub:
+        return cmd.invoke(sub)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +282,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shu
 CalibBatchesOpt = Annotated[Optional[int], typer.Option("--calib-batches", min=1, metavar="N", help="Use at most N batches of --data, drawn at random with --seed (default: all).", rich_help_panel=DATA_PANEL, show_default=False)]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the report as JSON to PATH ('-': stdout, the table then goes to stderr).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT_PANEL)]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="Read option defaults from this TOML file (keys named like the options; a [COMMAND] table for command-specific ones). Flags override it; it overrides a discovered chanprune.toml.", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors (also: CHANPRUNE_DEBUG=1).", callback=_debug_callback, is_eager=True, rich_help_panel=OUTPUT_PANEL)]
 
 
@@ -254,7 +379,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,  # errors are one line (or a plain traceback with --debug)
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -14,6 +14,7 @@ from .common import (
     ArchOpt,
     BatchSizeOpt,
     CkptArg,
+    ConfigOpt,
     DataOpt,
     DebugOpt,
     DeviceOpt,
@@ -29,6 +30,7 @@ from .common import (
     app,
     examples,
     load_model,
+    prefer_flags,
     refuse_nonfinite,
     resolve_input_shape,
     validate_common,
@@ -115,6 +117,7 @@ def finetune(
     seed: SeedOpt = 0,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
+    config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a model (SGD + warm-up/cosine, optional distillation), or prune it while training
@@ -129,6 +132,7 @@ def finetune(
         raise UserError("--dcph belongs to --schedule cac (double the channels, prune half while training)")
     if mask_lambda < 0:
         raise UserError(f"--mask-lambda must be 0 or more, got {mask_lambda}")
+    ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
     if dcph and ratio is None and target_flops is None:
         ratio = 0.5
     if teacher_arch_kwargs is not None and teacher_arch is None:

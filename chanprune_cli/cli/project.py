@@ -1,0 +1,190 @@
+"""Project-directory commands: `chanprune config` (what applies, from where) and `chanprune init`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import UserError
+from .common import (
+    OUTPUT_PANEL,
+    ArchKwargsOpt,
+    ArchOpt,
+    DataOpt,
+    DebugOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    app,
+    command_keys,
+    config_files,
+    configurable_commands,
+    examples,
+    option_keys,
+)
+
+
+@app.command(
+    name="config",
+    epilog=examples(
+        ("every value the config files set, and where it comes from", "chanprune config"),
+        ("all of prune's options as a plain `chanprune prune` here would use them", "chanprune config prune"),
+        ("with another file on top, as JSON", "chanprune config prune --config ci.toml --json -"),
+    ),
+)
+def show_config(
+    ctx: typer.Context,
+    command: Annotated[Optional[str], typer.Argument(metavar="[COMMAND]", help="Show every option of this command (default: only what the files set, for every command).", show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="A config file to apply on top of the discovered one, as the commands' --config does.", show_default=False)] = None,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the resolved settings (flag > --config > chanprune.toml > default) and where each comes from."""
+    from ..config import resolve
+    from ..report import json_document, make_console, render_config, write_json
+    from ..state import read_state, state_path
+
+    group = ctx.find_root().command
+    commands = configurable_commands(group)
+    if command is not None and command not in commands:
+        raise UserError(f"'{command}' reads no config; choose one of: {', '.join(commands)}")
+    files = config_files(group, config)
+    keys = command_keys(group)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name in [command] if command else list(commands):
+        settings = resolve(name, files, keys)
+        if command is None:
+            rows[name] = [{"key": k, "value": s.value, "source": s.source} for k, s in sorted(settings.items())]
+        else:
+            rows[name] = [{"key": k, "value": settings[k].value if k in settings else _default(p),
+                           "source": settings[k].source if k in settings else "default"}
+                          for k, p in option_keys(commands[name]).items()]
+    last = read_state()
+    console = make_console(stderr=json_out == "-")
+    render_config([f.label for f in files], rows, last, str(state_path()), console)
+    if json_out is not None:
+        write_json(json_document("config", {"files": [str(f.path) for f in files], "commands": rows, "last": last},
+                                 seed=None), json_out)
+
+
+def _default(param: Any) -> Any:
+    value = param.default
+    return None if callable(value) else value
+
+
+TEMPLATE = """\
+# chanprune project settings: every chanprune command run in this directory (or below) reads them.
+# Keys are named like the command-line options (--arch-kwargs -> arch_kwargs). Precedence:
+# flag > --config FILE > this file > built-in default. `chanprune config` shows what applies.
+# Relative paths are relative to this file.
+
+# --- shared by every command ----------------------------------------------------------------
+{checkpoint}
+{arch}
+{arch_kwargs}
+{input_shape}
+{data}                       # calibration data (score/prune); training data (finetune)
+# mean = [0.485, 0.456, 0.406]    # default: the data's own statistics (ImageNet for RGB images)
+# std = [0.229, 0.224, 0.225]
+# device = "auto"                 # auto | cpu | cuda
+
+[score]
+{criterion}
+# calib_batches = 20
+
+[prune]
+{amount}
+# round_to = 8                    # kept widths multiples of 8 (faster kernels)
+{val_data}
+
+[finetune]
+# epochs = 10
+# lr = 0.01
+
+[export]
+# format = "onnx"                 # onnx | torchscript | safetensors
+
+[bench]
+# batch_sizes = "1,32"
+{bench_data}
+{max_acc_drop}
+{min_speedup}
+
+[run]                             # chanprune run chanprune.toml
+# dir = "runs/main"
+# stages = ["analyze", "score", "prune", "finetune", "export", "bench"]
+"""
+
+
+def _line(key: str, value: Any, example: str) -> str:
+    """`key = value` in TOML when given, else the commented example."""
+    import json
+
+    if value is None:
+        return f"# {key} = {example}"
+    if isinstance(value, str):
+        return f"{key} = {json.dumps(value)}"
+    return f"{key} = {value}"
+
+
+@app.command(
+    epilog=examples(
+        ("a commented chanprune.toml to fill in", "chanprune init"),
+        ("set up a CI job in one line",
+         "chanprune init --checkpoint model.pt --arch torchvision:resnet18 --data data/train --criterion taylor "
+         "--target-flops 0.5 --max-acc-drop 1 && chanprune run chanprune.toml"),
+    ),
+)
+def init(
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="CKPT", help="The checkpoint the project prunes.", show_default=False)] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: InputShapeOpt = None,
+    data: DataOpt = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Validation data (accuracy in prune and bench).", show_default=False)] = None,
+    criterion: Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Criterion for [score].", show_default=False)] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="[prune] ratio.", show_default=False)] = None,
+    target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="[prune] target_flops.", show_default=False)] = None,
+    max_acc_drop: Annotated[Optional[float], typer.Option("--max-acc-drop", metavar="PTS", help="[bench] gate.", show_default=False)] = None,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", metavar="X", help="[bench] gate.", show_default=False)] = None,
+    out: Annotated[str, typer.Option("--out", metavar="PATH", help="Where to write it.", rich_help_panel=OUTPUT_PANEL)] = "chanprune.toml",
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a commented chanprune.toml for this directory (asks nothing; flags fill in the values)."""
+    import json
+
+    from ..fsutil import check_output, write_text_atomic
+
+    if ratio is not None and target_flops is not None:
+        raise UserError("give either --ratio or --target-flops, not both")
+    check_output(out, force)
+    kwargs = None
+    if arch_kwargs is not None:
+        try:
+            kwargs = json.loads(arch_kwargs)
+        except ValueError:
+            raise UserError(f"--arch-kwargs is not a JSON object: {arch_kwargs!r}; e.g. '{{\"num_classes\": 10}}'") from None
+    from ..data import parse_shape
+
+    shape = None if input_shape is None else "[" + ", ".join(str(n) for n in parse_shape(input_shape)) + "]"
+    amount = (_line("target_flops", target_flops, "0.5") if target_flops is not None
+              else _line("ratio", ratio if ratio is not None else 0.5, "0.5")
+              + "                     # or target_flops = 0.5 (fraction of MACs removed)")
+    text = TEMPLATE.format(
+        checkpoint=_line("checkpoint", checkpoint, '"model.pt"'),
+        arch=_line("arch", arch, '"torchvision:resnet18"    # not needed for chanprune files'),
+        arch_kwargs="# arch_kwargs = { num_classes = 10 }" if kwargs is None
+        else "arch_kwargs = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in kwargs.items()) + " }",
+        input_shape=f"input_shape = {shape}" if shape else "# input_shape = [3, 224, 224]",
+        data=_line("data", data, '"data/train"'),
+        criterion=_line("criterion", criterion if criterion is not None else "l1", '"l1"'),
+        amount=amount,
+        val_data=_line("val_data", val_data, '"data/val"'),
+        bench_data=_line("data", val_data, '"data/val"                # accuracy (needed by max_acc_drop)'),
+        max_acc_drop=_line("max_acc_drop", max_acc_drop, "1.0                # exit 3 when top-1 drops more (points)"),
+        min_speedup=_line("min_speedup", min_speedup, "1.3                 # exit 3 when less than 1.3x faster"),
+    )
+    write_text_atomic(out, text)
+    typer.echo(f"wrote {out}; check it with 'chanprune config', then e.g. 'chanprune run {out}'")

@@ -1,0 +1,157 @@
+"""`chanprune run`: analyze → score → prune → finetune → export → bench as one resumable pipeline.
+
+Every stage is the real subcommand with its inputs and outputs placed in the run directory; the
+rest of its options come from the config file like for a single command. A stage is skipped when
+its outputs exist and its fingerprint (argument list, resolved settings, SHA-256 of its input
+files) equals the one recorded when it last succeeded, so re-running after a failure or an edit
+resumes where something changed. Outputs are written atomically by the commands themselves, so a
+failed stage leaves nothing that could be mistaken for a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .fsutil import write_text_atomic
+
+STAGE_ORDER = ("analyze", "score", "prune", "finetune", "export", "bench")
+# Stages that need a table in the config to be meaningful (finetune needs training data, export a
+# format); the others run by default.
+OPTIONAL_STAGES = ("finetune", "export")
+EXPORT_SUFFIX = {"onnx": ".onnx", "torchscript": ".ts.pt", "safetensors": ".export.safetensors"}
+RUN_STATE = "run.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    args: list[str]  # the subcommand's arguments (positional + options), as typed after `chanprune NAME`
+    inputs: list[str]  # files whose content the stage depends on
+    outputs: list[str]  # files the stage must leave behind
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+
+def choose_stages(requested: Sequence[str] | None, tables: Mapping[str, Any]) -> list[str]:
+    """The stages to run, in pipeline order: `[run] stages`, else the default set."""
+    if requested is None:
+        return [s for s in STAGE_ORDER if s not in OPTIONAL_STAGES or s in tables]
+    unknown = [s for s in requested if s not in STAGE_ORDER]
+    if unknown:
+        raise UserError(f"unknown stage(s) {', '.join(unknown)} in [run] stages; choose from {', '.join(STAGE_ORDER)}")
+    if not requested:
+        raise UserError("[run] stages is empty; list at least one of " + ", ".join(STAGE_ORDER))
+    return [s for s in STAGE_ORDER if s in requested]
+
+
+def plan(stages: Sequence[str], checkpoint: str, run_dir: Path, settings: Mapping[str, Mapping[str, Any]]) -> list[Stage]:
+    """Stage argument lists wiring each stage's output into the next; `settings`: per stage, the
+    option values the config files give it (to add what a stage needs and was not configured)."""
+    d = run_dir
+    out: list[Stage] = []
+    model = checkpoint  # the newest model: pruned, then fine-tuned
+    scores: str | None = None
+    for name in stages:
+        given = settings.get(name, {})
+        js = str(d / f"{name}.json")
+        if name == "analyze":
+            out.append(Stage(name, [model, "--json", js, "--force"], [model], [js]))
+        elif name == "score":
+            scores = str(d / "scores.safetensors")
+            extra = [] if "criterion" in given else ["--criterion", "l1"]
+            out.append(Stage(name, [model, *extra, "--out", scores, "--json", js, "--force"], [model], [scores, js]))
+        elif name == "prune":
+            if scores is not None and "criterion" in given:
+                raise UserError("in a run, 'criterion' belongs in [score] (prune uses the score stage's scores); "
+                                "move it out of [prune] / the top level")
+            if "ratio" not in given and "target_flops" not in given:
+                raise UserError("the prune stage needs ratio or target_flops in [prune]; e.g. add 'ratio = 0.5'")
+            pruned = str(d / "pruned.safetensors")
+            source = ["--scores", scores] if scores is not None else []
+            out.append(Stage(name, [model, *source, "--out", pruned, "--json", js, "--force"],
+                             [model] + ([scores] if scores else []), [pruned, js]))
+            model = pruned
+        elif name == "finetune":
+            tuned = str(d / "finetuned.safetensors")
+            out.append(Stage(name, [model, "--out", tuned, "--json", js, "--force"], [model], [tuned, js]))
+            model = tuned
+        elif name == "export":
+            fmt = str(given.get("format", "onnx"))
+            exported = str(d / ("model" + EXPORT_SUFFIX.get(fmt, "." + fmt)))
+            extra = [] if "format" in given else ["--format", fmt]
+            out.append(Stage(name, [model, *extra, "--out", exported, "--json", js, "--force"], [model], [exported, js]))
+        elif name == "bench":
+            models = [checkpoint] if model == checkpoint else [checkpoint, model]
+            out.append(Stage(name, [*models, "--json", js, "--force"], models, [js]))
+    return out
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}; check the path in the config") from None
+    return h.hexdigest()
+
+
+def fingerprint(stage: Stage, settings: Mapping[str, Any]) -> str:
+    doc = {"args": stage.args, "settings": {k: settings[k] for k in sorted(settings)},
+           "inputs": {p: file_digest(p) for p in stage.inputs}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_run_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((run_dir / RUN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def execute(stages: Sequence[Stage], run_dir: Path, settings: Mapping[str, Mapping[str, Any]],
+            run_stage: Callable[[Stage], None], say: Callable[[str], None]) -> list[StageResult]:
+    """Run the stages in order, skipping those that are up to date; the run state is saved after
+    every stage that succeeds, so a failure keeps the finished stages' records."""
+    state = read_run_state(run_dir)
+    done: dict[str, Any] = state.setdefault("stages", {})
+    results: list[StageResult] = []
+    for i, stage in enumerate(stages, 1):
+        tag = f"[{i}/{len(stages)}] {stage.name}"
+        key = fingerprint(stage, settings.get(stage.name, {}))
+        record = done.get(stage.name)
+        if isinstance(record, dict) and record.get("fingerprint") == key and all(os.path.exists(p) for p in stage.outputs):
+            say(f"{tag}: up to date, skipped")
+            results.append(StageResult(stage.name, "skipped", outputs=stage.outputs))
+            continue
+        say(f"{tag}: chanprune {stage.name} " + " ".join(_quoted(a) for a in stage.args))
+        start = time.perf_counter()
+        run_stage(stage)
+        seconds = time.perf_counter() - start
+        done[stage.name] = {"fingerprint": key, "outputs": stage.outputs, "seconds": round(seconds, 2),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2) + "\n")
+        results.append(StageResult(stage.name, "ran", seconds, stage.outputs))
+    return results
+
+
+def _quoted(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
