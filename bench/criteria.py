@@ -53,12 +53,24 @@ TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bn", "tp-lamp", "tp-fpgm", "tp-taylor", "tp
 
 
 def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Calibration, recalibration and test loaders over *fixed* random subsets, iterated in order:
+    every criterion sees the same calibration and recalibration batches and the same test images
+    (a shuffling loader would draw a new subset on each pass, adding several points of noise)."""
+    from torch.utils.data import Subset
+
+    from chanprune_cli.data import open_dataset
+
+    train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD)
+    test_set = open_dataset(args.test, input_shape=SHAPE, mean=MEAN, std=STD)
+
+    def subset(dataset: Any, n: int, seed: int) -> Any:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        return Subset(dataset, order[:min(n, len(dataset))].tolist())
+
     common = {"input_shape": SHAPE, "mean": MEAN, "std": STD, "batch_size": args.batch_size, "seed": args.seed}
-    calib = make_loader(args.train, shuffle=True, max_batches=args.calib_batches, **common)
-    recal = make_loader(args.train, shuffle=True, max_batches=args.recal_batches, **{**common, "seed": args.seed + 1})
-    test_batches = -(-args.eval_images // 200)
-    test = make_loader(args.test, shuffle=args.eval_images < 10000, max_batches=test_batches,
-                       **{**common, "batch_size": 200, "seed": 1234})
+    calib = make_loader(subset(train, args.calib_batches * args.batch_size, args.seed), **common)
+    recal = make_loader(subset(train, args.recal_batches * args.batch_size, args.seed + 1), **common)
+    test = make_loader(subset(test_set, args.eval_images, 1234), **{**common, "batch_size": 200})
     return calib, recal, test
 
 
@@ -97,9 +109,9 @@ def _tp_importance(tp: Any, name: str) -> Any:
 
 
 def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
-    import torch_pruning as tp
-
     from importlib.metadata import version
+
+    import torch_pruning as tp
 
     row: dict[str, Any] = {"tool": "torch-pruning " + version("torch-pruning"), "criterion": name, "protocol": protocol}
     pruned = copy.deepcopy(model).eval()

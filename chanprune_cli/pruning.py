@@ -12,6 +12,7 @@ from torch import nn
 
 from .allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from .checkpoint import nonfinite_tensors
+from .criteria.base import channel_scales
 from .errors import ChanpruneError, UserError
 from .graph import ChannelGraph
 from .measure import count_params, per_module_macs
@@ -59,8 +60,13 @@ def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> 
 
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str, ratio: float | None = None, target_flops: float | None = None,
-          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, check: bool = True) -> PruneOutcome:
+          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, check: bool = True,
+          rescale: bool = True) -> PruneOutcome:
     """Prune a copy of `model` by `scores`; the original is left untouched.
+
+    Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
+    have them multiplied onto every channel first (`rescale=False` skips that); the pruned model is
+    then verified against that rescaled, masked original.
 
     Raises UserError for impossible requests or non-finite weights, and ChanpruneError when the
     pruned model does not compute the same function as the masked original.
@@ -72,9 +78,14 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
                         "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to)
     before, before_layers = snapshot(model, input_shape)
-    pruned = copy.deepcopy(model)
+    scales = channel_scales(scores) if rescale else {}
+    source = model
+    if scales:
+        source = copy.deepcopy(model)
+        rescale_channels(source, graph, scales)
+    pruned = copy.deepcopy(source)
     prune_model(pruned, graph, allocation.plan)
-    result = verify(model, graph, allocation.plan, pruned, input_shape) if check else None
+    result = verify(source, graph, allocation.plan, pruned, input_shape) if check else None
     if result is not None and not result.passed:
         raise ChanpruneError(
             f"verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
@@ -86,4 +97,36 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
                "params_before": b["params"], "params_after": after_layers[n]["params"],
                "macs_before": b["macs"], "macs_after": after_layers[n]["macs"]}
               for n, b in before_layers.items() if n in after_layers]
-    return PruneOutcome(pruned, allocation, result, before, after, layers, plan_record(graph, allocation, criterion))
+    record = plan_record(graph, allocation, criterion)
+    if scales:
+        record["channel_rescale"] = True
+    return PruneOutcome(pruned, allocation, result, before, after, layers, record)
+
+
+@torch.no_grad()
+def rescale_channels(model: nn.Module, graph: ChannelGraph, scales: Mapping[int, torch.Tensor]) -> None:
+    """Multiply every channel class c of each group in `scales` by scales[gid][c] where it takes
+    its final value: the affine parameters of its BatchNorm (or other norm), else the producer's
+    weight rows and bias; the points are those the data-driven criteria gate (criteria/gates.py),
+    so the result computes what the model gated by `scales` computes."""
+    from .criteria.gates import build_points
+
+    groups = [g for g in graph.prunable_groups() if g.id in scales]
+    modules = dict(model.named_modules())
+    for gid, pts in build_points(model, graph, groups).items():
+        factor = scales[gid].detach().double()
+        for pt in pts:
+            m = modules[pt.module]
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            if weight is None:
+                continue  # a norm without affine parameters cannot carry the scale
+            f = factor[pt.classes]
+            rows = weight.data
+            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                if m.groups != 1:
+                    continue  # grouped transposed convs: the bias alone would be inconsistent, leave as is
+                rows = rows.transpose(0, 1)  # output channels are the second axis of a transposed conv
+            shape = [-1] + [1] * (rows.dim() - 1)
+            rows[pt.channels] *= f.to(rows.device, rows.dtype).view(shape)
+            if bias is not None:
+                bias.data[pt.channels] *= f.to(bias.device, bias.dtype)

@@ -18,8 +18,7 @@ from torch import nn
 
 from .checkpoint import load_state_dict_file, safetensors_metadata, tool_version
 from .criteria import Scores, check_requirements, get_criterion
-from .criteria.base import WeightedScores, group_weights
-from .criteria.base import Batch
+from .criteria.base import Batch, WeightedScores, channel_scales, group_weights
 from .errors import UserError
 from .fsutil import atomic_path, check_output
 from .graph import ChannelGraph
@@ -42,7 +41,7 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str, data: 
                    device: torch.device, *, seed: int = 0, options: dict[str, Any] | None = None) -> Scores:
     """Score every prunable group with `criterion`; the model is left as it was."""
     crit = get_criterion(criterion)
-    check_requirements(crit, data is not None)
+    check_requirements(crit, data is not None, options=options)
     was_training = model.training
     try:
         scores = crit.score(model, graph, data, device, seed=seed, **(options or {}))
@@ -50,6 +49,9 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str, data: 
         model.train(was_training)
     result = WeightedScores({gid: s.detach().double().cpu() for gid, s in scores.items()})
     result.group_weights = group_weights(scores)
+    scales = channel_scales(scores)
+    if scales:
+        result.channel_scale = {gid: s.detach().double().cpu() for gid, s in scales.items()}
     return result
 
 
@@ -58,6 +60,7 @@ def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module
     check_output(path, force)
     names = {g.id: g.name for g in graph.groups}
     tensors = {f"group/{names[gid]}": s.contiguous() for gid, s in scores.items()}
+    tensors.update({f"scale/{names[gid]}": s.double().contiguous() for gid, s in channel_scales(scores).items()})
     meta = {
         "format": SCORES_FORMAT,
         "format_version": SCORES_VERSION,
@@ -111,4 +114,8 @@ def load_scores(path: str, graph: ChannelGraph, model: nn.Module) -> tuple[Score
         if s is None or s.numel() != g.channels:
             raise UserError(f"{path} has no scores matching channel group {g.name}; re-run `chanprune score` on this checkpoint")
         scores[g.id] = s.double()
+    scales = {g.id: tensors[f"scale/{g.name}"].double() for g in graph.prunable_groups()
+              if f"scale/{g.name}" in tensors and tensors[f"scale/{g.name}"].numel() == g.channels}
+    if scales:
+        scores.channel_scale = scales
     return scores, info

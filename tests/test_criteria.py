@@ -461,3 +461,109 @@ def test_cuda_matches_cpu(name: str, mixed: tuple) -> None:
         assert s.device.type == "cpu" and s.shape == (g.channels,) and torch.isfinite(s).all()
         if name not in ("cac", "whitebox"):  # random draws differ between CPU and CUDA generators
             assert torch.allclose(s, cpu[g.id], rtol=1e-3, atol=1e-4 * float(cpu[g.id].abs().max())), (name, g.name)
+
+
+# ------------------------------------------------------------------------------------------
+# Criterion options from the command line, unlabelled data, White-Box BN rescale
+# ------------------------------------------------------------------------------------------
+
+
+def test_parse_criterion_opts_types_and_errors() -> None:
+    from chanprune_cli.criteria.base import criteria_table, parse_criterion_opts
+
+    info = get_criterion("info")
+    assert parse_criterion_opts(info, ["bins=64", "sigma=0.5", "relu=false", "samples=pooled"]) == {
+        "bins": 64, "sigma": 0.5, "relu": False, "samples": "pooled"}
+    assert parse_criterion_opts(info, None) == {}
+    with pytest.raises(UserError, match="valid keys for 'info': bins") as err:
+        parse_criterion_opts(info, ["binz=3"])
+    assert "sigma (default" in str(err.value)
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_criterion_opts(info, ["bins"])
+    with pytest.raises(UserError, match="not a valid int"):
+        parse_criterion_opts(info, ["bins=many"])
+    with pytest.raises(UserError, match="takes no options"):
+        parse_criterion_opts(get_criterion("l1"), ["p=2"])
+    rows = {name: opts for name, _, opts, _ in criteria_table()}
+    assert set(rows) == set(available()) and "lam=0.05" in rows["whitebox"] and rows["l1"] == "-"
+
+
+@pytest.mark.parametrize("source", ["synthetic:3x8x8:1", "folder"])
+def test_unlabelled_data_fails_early_for_label_criteria(source: str, tmp_path) -> None:
+    if source == "folder":  # an ImageFolder with a single folder: unlabelled calibration images
+        from PIL import Image
+
+        (tmp_path / "all").mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "all" / f"{i}.png")
+        source = str(tmp_path)
+    for name in LABEL_CRITERIA:
+        with pytest.raises(UserError, match=f"criterion '{name}' needs labelled data.*single class"):
+            check_requirements(get_criterion(name), True, data_source=source)
+    for name in ("hrank", "info"):  # label-free criteria accept it
+        check_requirements(get_criterion(name), True, data_source=source)
+    check_requirements(get_criterion("sensitivity"), True, options={"hessian": "activation"}, data_source=source)
+    check_requirements(get_criterion("taylor"), True, data_source="synthetic:3x8x8:4")
+
+
+def test_cli_criterion_opt_and_unlabelled(tmp_path, monkeypatch) -> None:
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from chanprune_cli.cli import app
+    from chanprune_cli.models import parse_arch
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(build_model(parse_arch("digits_cnn", None)).state_dict(), "d.pt")
+    runner = CliRunner()
+    base = ["score", "d.pt", "--arch", "digits_cnn", "--data", "digits:test", "--calib-batches", "1"]
+    res = runner.invoke(app, [*base, "--criterion", "info", "--criterion-opt", "binz=4", "--out", "x.safetensors"])
+    assert res.exit_code == 2 and "valid keys for 'info'" in res.output
+    res = runner.invoke(app, [*base, "--criterion", "info", "--criterion-opt", "bins=16", "--criterion-opt", "sigma=0.5",
+                              "--out", "s.safetensors"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    with safe_open("s.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["chanprune_scores"])
+    assert meta["options"]["bins"] == 16 and meta["options"]["sigma"] == 0.5 and meta["options"]["relu"] is True
+    res = runner.invoke(app, ["score", "d.pt", "--arch", "digits_cnn", "--criterion", "taylor", "--data", "synthetic:1x8x8:1",
+                              "--out", "t.safetensors"])
+    assert res.exit_code == 2 and "needs labelled data" in res.output
+    res = runner.invoke(app, ["prune", "d.pt", "--arch", "digits_cnn", "--criterion", "info", "--criterion-opt", "sigma=0",
+                              "--data", "digits:test", "--calib-batches", "1", "--recalibrate-bn", "0", "--ratio", "0.25",
+                              "--out", "p.safetensors", "--json", "p.json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(open("p.json").read())["criterion_options"]["sigma"] == 0.0
+    res = runner.invoke(app, ["score", "--list-criteria"])
+    assert res.exit_code == 0 and "hist_range" in res.output
+
+
+def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None:
+    from chanprune_cli import pruning
+    from chanprune_cli.criteria.base import channel_scales
+
+    model, graph = mixed
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    scales = {g.id: torch.rand(g.channels, generator=gen, dtype=torch.float64) + 0.5 for g in graph.prunable_groups()}
+    x = torch.randn(4, 3, 8, 8)
+    rescaled = copy.deepcopy(model)
+    pruning.rescale_channels(rescaled, graph, scales)
+    with torch.no_grad(), ChannelGates(model, graph) as gates:
+        gates.gates = {gid: s.float() for gid, s in scales.items()}
+        want = model(x)
+    with torch.no_grad():
+        assert torch.allclose(rescaled(x), want, atol=1e-5, rtol=1e-4)
+    # the criterion carries the factors sum_k M[k, c] / 2; prune applies them and still verifies
+    scores = get_criterion("whitebox").score(model, graph, make_data(2), CPU)
+    factors = channel_scales(scores)
+    assert set(factors) == set(scores) and all(torch.allclose(factors[g].abs() * 2, scores[g]) for g in scores)
+    before = _state(model)
+    out = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", ratio=0.25)
+    assert out.verify.passed and out.plan_record.get("channel_rescale") is True
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plain = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", ratio=0.25, rescale=False)
+    assert "channel_rescale" not in plain.plan_record
+    assert not get_criterion("whitebox").score(model, graph, make_data(2), CPU, rescale=False).__dict__.get("channel_scale")

@@ -419,6 +419,10 @@ def print_archs() -> None:
 
 
 CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Channel-importance criterion (see [b]chanprune score --help[/b] for the list).", show_default=False)]
+CriterionOptionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--criterion-opt", metavar="KEY=VALUE",
+    help="A criterion option (repeatable), e.g. [b]--criterion-opt sigma=0.5[/b]; typed like its default. "
+         "[b]chanprune score --list-criteria[/b] lists each criterion's options and defaults.", show_default=False)]
 OutOpt = Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Output file (safetensors).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 
 

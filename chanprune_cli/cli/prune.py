@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -9,12 +10,15 @@ import typer
 from ..errors import UserError
 from .common import (
     DATA_PANEL,
+    OUTPUT_PANEL,
     ArchKwargsOpt,
     ArchOpt,
     BatchSizeOpt,
     CalibBatchesOpt,
     CkptArg,
+    ConfigOpt,
     CriterionOpt,
+    CriterionOptionOpt,
     DataOpt,
     DebugOpt,
     DeviceOpt,
@@ -22,7 +26,6 @@ from .common import (
     InputShapeOpt,
     JsonOpt,
     MeanOpt,
-    OutOpt,
     SeedOpt,
     StdOpt,
     TrustPickleOpt,
@@ -32,8 +35,9 @@ from .common import (
     check_distinct_outputs,
     examples,
     load_model,
-    refuse_nonfinite,
     make_eval_loader,
+    prefer_flags,
+    refuse_nonfinite,
     resolve_input_shape,
     seed_everything,
     validate_common,
@@ -55,6 +59,7 @@ from .common import (
 def prune(
     ckpt: CkptArg = None,
     criterion: CriterionOpt = None,
+    criterion_opt: CriterionOptionOpt = None,
     scores_path: Annotated[Optional[str], typer.Option("--scores", metavar="S", help="Scores from [b]chanprune score[/b] (instead of --criterion).", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Remove this fraction of the channels of every prunable group (0 < R < 1).", show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Remove this fraction of the MACs by one global ranking (0 < F < 1).", show_default=False)] = None,
@@ -64,7 +69,7 @@ def prune(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
-    out: OutOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: InputShapeOpt = None,
@@ -79,13 +84,24 @@ def prune(
     calib_batches: CalibBatchesOpt = None,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
+    config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Remove channels physically, prove the result equals the masked original, save it."""
+    ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
+    criterion, scores_path = prefer_flags(criterion=criterion, scores_path=scores_path).values()
+    chained = _from_last_score(ckpt, criterion, scores_path)
+    if chained is not None:
+        ckpt, scores_path = chained["checkpoint"], chained["scores"]
+        arch, arch_kwargs, input_shape = arch or chained.get("arch"), arch_kwargs or chained.get("arch_kwargs"), input_shape or chained.get("input_shape")
+        mean, std = mean or chained.get("mean"), std or chained.get("std")
+        trust_pickle = trust_pickle or bool(chained.get("trust_pickle"))
     if ckpt is None:
-        raise UserError("give a checkpoint to prune: chanprune prune CKPT --ratio 0.5 --out pruned.safetensors")
+        raise UserError("no checkpoint given and no earlier 'chanprune score' in this directory; run e.g. "
+                        "'chanprune score CKPT --criterion l1' then 'chanprune prune --ratio 0.5', "
+                        "or 'chanprune prune CKPT --criterion l1 --ratio 0.5'")
     if out is None:
-        raise UserError("give an output file: --out pruned.safetensors")
+        out = str(Path(ckpt).with_name(Path(ckpt).stem + ".pruned.safetensors"))
     if criterion is not None and scores_path is not None:
         raise UserError("give either --criterion or --scores, not both")
     if (ratio is None) == (target_flops is None):
@@ -106,8 +122,15 @@ def prune(
         from ..scoring import read_scores_meta
 
         read_scores_meta(scores_path)  # a missing or foreign score file fails before the slow steps
+    options: dict[str, Any] = {}
+    if criterion_opt and criterion_name is None:
+        raise UserError("--criterion-opt sets options of --criterion; scores from --scores were made with their own options")
     if criterion_name is not None:
-        check_requirements(get_criterion(criterion_name), data is not None)
+        from ..criteria.base import parse_criterion_opts
+
+        crit = get_criterion(criterion_name)
+        options = parse_criterion_opts(crit, criterion_opt)
+        check_requirements(crit, data is not None, options=options, data_source=data)
     seed_everything(seed)
 
     from .. import pruning
@@ -141,10 +164,12 @@ def prune(
     if scores_path is not None:
         scores, info = load_scores(scores_path, graph, model)
         criterion_name = str(info.get("criterion"))
+        options = dict(info.get("options") or {})
     else:
         assert criterion_name is not None
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
-        scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed)
+        scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed, options=options)
+        options = {**get_criterion(criterion_name).defaults, **options}
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
                             target_flops=target_flops, min_keep=min_keep, round_to=round_to, check=not no_verify)
     dev = resolve_device(device)
@@ -152,7 +177,7 @@ def prune(
                                            batch_size, workers, seed)
     verify = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
-    history_entry = {"command": "prune", "criterion": criterion_name, "requested": outcome.allocation.requested,
+    history_entry = {"command": "prune", "criterion": criterion_name, "criterion_options": options, "requested": outcome.allocation.requested,
                      "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
                      "verify": verify, "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0),
                      "tool_version": tool_version()}
@@ -161,9 +186,30 @@ def prune(
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]} for g in group_rows(graph) if not g["prunable"]]
     report = PruneReport(ckpt, out, criterion_name, outcome.allocation.requested, outcome.before, outcome.after,
                          outcome.layers, verify, blocked, seed=seed, accuracy=accuracy or None)
+    from ..state import absolute, record
+
+    record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path), "criterion": criterion_name,
+                     "out": absolute(out)})
     render_prune(report, console)
     if json_out is not None:
-        write_json(prune_document(report), json_out)
+        document = prune_document(report)
+        document["criterion_options"] = options
+        write_json(document, json_out)
+
+
+def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:
+    """The last `chanprune score` here, when this prune should use it: no scores or criterion were
+    given and either no checkpoint or the one that was scored. Says so in one line."""
+    from ..state import read_state, same_file, shown
+
+    last = read_state().get("score")
+    if criterion is not None or scores_path is not None or not isinstance(last, dict):
+        return None
+    if not last.get("checkpoint") or not last.get("scores") or (ckpt is not None and not same_file(ckpt, last["checkpoint"])):
+        return None
+    typer.echo(f"using {shown(last['checkpoint'])} and its {last.get('criterion')} scores {shown(last['scores'])} "
+               "from the last 'chanprune score' here (.chanprune/last.json)", err=True)
+    return last
 
 
 def _accuracy_and_recalibration(original: Any, pruned: Any, data: str | None, val_data: str | None, batches: int,

@@ -30,6 +30,12 @@ class WeightedScores(dict):  # type: ignore[type-arg]
 def group_weights(scores: Scores) -> dict[int, float]:
     return dict(getattr(scores, "group_weights", {}) or {})
 
+
+def channel_scales(scores: Scores) -> dict[int, torch.Tensor]:
+    """Per-channel factors that pruning multiplies onto the surviving channels (White-Box's BN
+    rescale by sum_k M[k, c] / 2); empty for criteria that carry none."""
+    return dict(getattr(scores, "channel_scale", {}) or {})
+
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
 
 
@@ -39,6 +45,12 @@ class Criterion(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs: ClassVar[str] = NEEDS_WEIGHTS  # weights | data (unlabelled) | labels
+    defaults: ClassVar[dict[str, Any]] = {}  # option -> default (`--criterion-opt KEY=VALUE`)
+
+    def requires(self, options: dict[str, Any] | None = None) -> str:
+        """What this criterion needs with these options (e.g. sensitivity needs labels only with
+        the Fisher Hessian)."""
+        return self.needs
 
     @abstractmethod
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
@@ -67,11 +79,80 @@ def get_criterion(name: str) -> Criterion:
     return registry[name]()
 
 
-def check_requirements(criterion: Criterion, has_data: bool) -> None:
-    """A criterion that needs data fails early, naming itself and the fix."""
-    if criterion.needs != NEEDS_WEIGHTS and not has_data:
-        kind = "labelled calibration data" if criterion.needs == NEEDS_LABELS else "calibration data"
+def parse_criterion_opts(criterion: Criterion, pairs: Iterable[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (repeatable `--criterion-opt`) as the criterion's typed options.
+
+    Unknown keys, malformed pairs and values that do not parse as the default's type (int, float,
+    bool, str) are UserErrors naming the valid keys."""
+    from .gates import parse_options
+
+    raw: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = str(pair).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--criterion-opt {pair!r}: expected KEY=VALUE; {option_help(criterion)}")
+        raw[key] = value.strip()
+    unknown = sorted(set(raw) - set(criterion.defaults))
+    if unknown:
+        raise UserError(f"criterion {criterion.name!r} has no option {', '.join(map(repr, unknown))}; {option_help(criterion)}")
+    parsed = parse_options(criterion.name, raw, criterion.defaults)
+    return {key: parsed[key] for key in raw}
+
+
+def option_help(criterion: Criterion) -> str:
+    if not criterion.defaults:
+        return f"{criterion.name!r} takes no options"
+    return f"valid keys for {criterion.name!r}: " + ", ".join(f"{k} (default {_shown(v)})" for k, v in criterion.defaults.items())
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def criteria_table() -> list[tuple[str, str, str, str]]:
+    """(name, needs, options with defaults, summary) for every registered criterion."""
+    rows = []
+    for name, cls in available().items():
+        opts = " ".join(f"{k}={_shown(v)}" for k, v in cls.defaults.items()) or "-"
+        rows.append((name, cls.needs, opts, cls.summary))
+    return rows
+
+
+def check_requirements(criterion: Criterion, has_data: bool, *, options: dict[str, Any] | None = None,
+                       data_source: str | None = None) -> None:
+    """A criterion that needs data (or labels) fails early, naming itself and the fix.
+
+    `data_source` (a `--data` string) is checked for labels when the criterion needs them: a data
+    set with a single class (an ImageFolder with one folder, `synthetic:CxHxW:1`) is unlabelled
+    calibration data, and a labelled criterion's loss would be meaningless on it."""
+    needs = criterion.requires(options)
+    if needs != NEEDS_WEIGHTS and not has_data:
+        kind = "labelled calibration data" if needs == NEEDS_LABELS else "calibration data"
         raise UserError(f"criterion {criterion.name!r} needs {kind}; pass --data (e.g. an ImageFolder, a .tar.gz of one, or synthetic:3x32x32)")
+    if needs == NEEDS_LABELS and data_source is not None:
+        classes = data_classes(data_source)
+        if classes is not None and classes < 2:
+            fix = ("pass labelled data (an ImageFolder with one folder per class, or synthetic:CxHxW:K with K >= 2)"
+                   + ("; or use hessian=activation, which needs no labels" if "hessian" in criterion.defaults else "")
+                   + "; label-free criteria: " + ", ".join(n for n, c in available().items() if c.needs != NEEDS_LABELS))
+            raise UserError(f"criterion {criterion.name!r} needs labelled data but {data_source} has "
+                            f"{'no' if classes == 0 else 'a single'} class (unlabelled); {fix}")
+
+
+def data_classes(source: str) -> int | None:
+    """How many classes a `--data` source has, or None when that cannot be told cheaply."""
+    from ..data import open_dataset
+
+    try:
+        dataset = open_dataset(source)
+    except Exception:  # noqa: BLE001 -- the real load (with --input-shape etc.) reports problems in context
+        return None
+    classes = getattr(dataset, "num_classes", None)
+    if classes is None:
+        targets = getattr(dataset, "targets", None)
+        classes = len(set(targets)) if targets is not None else None
+    return int(classes) if classes is not None else None
 
 
 def producer_rows(model: nn.Module, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:

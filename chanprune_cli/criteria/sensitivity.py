@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import ChannelGraph, ChannelGroup
-from .base import WeightedScores, NEEDS_LABELS, Batch, Criterion, Scores, register
+from .base import (
+    NEEDS_DATA,
+    NEEDS_LABELS,
+    Batch,
+    Criterion,
+    Scores,
+    WeightedScores,
+    register,
+)
 from .gates import (
     _BN,
     _CONV,
@@ -257,6 +265,9 @@ class Sensitivity(Criterion):
     summary = "second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)"
     needs = NEEDS_LABELS
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
+
+    def requires(self, options: dict[str, Any] | None = None) -> str:
+        return NEEDS_DATA if (options or {}).get("hessian", DEFAULTS["hessian"]) == "activation" else NEEDS_LABELS
 
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
               device: torch.device, *, seed: int = 0, **options: Any) -> Scores:

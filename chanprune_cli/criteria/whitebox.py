@@ -29,8 +29,12 @@ Safeguard (not in the paper): the masks' gradient is clipped to a global norm of
 `max_grad_norm` (default 5; 0 disables), which only acts when the loss is far from a trained
 model's (an untrained or mismatched checkpoint) and keeps SGD at lr 0.1 from diverging there.
 
-Score: |sum_k M[k, c]|. Options: lam=0.05, lr=0.1, norm=l2|l1, train_weights=false,
-weight_lr=0.001, max_grad_norm=5.0, amp=false. Deterministic given `seed` (u is drawn from a seeded generator).
+Score: |sum_k M[k, c]|. BN rescale (`rescale=true`, default): the scores carry sum_k M[k, c] / 2
+per channel and `prune` multiplies every surviving channel by it where it takes its final value
+(its BatchNorm's gamma and beta, else the producer's weight rows and bias), as the paper does after
+pruning: the masks' average effect is folded into the weights (score files store the factors too).
+Options: lam=0.05, lr=0.1, norm=l2|l1, train_weights=false, weight_lr=0.001, max_grad_norm=5.0,
+rescale=true, amp=false. Deterministic given `seed` (u is drawn from a seeded generator).
 `whitebox_masks(...)` returns the trained masks themselves.
 """
 
@@ -45,7 +49,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..graph import ChannelGraph
-from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .base import NEEDS_LABELS, Batch, Criterion, Scores, WeightedScores, register
 from .gates import (
     ChannelGates,
     autocast,
@@ -58,7 +62,7 @@ from .gates import (
 )
 
 DEFAULTS: dict[str, Any] = {"lam": 0.05, "lr": 0.1, "norm": "l2", "train_weights": False, "weight_lr": 1e-3,
-                            "max_grad_norm": 5.0, "amp": False}
+                            "max_grad_norm": 5.0, "rescale": True, "amp": False}
 
 
 def num_classes(net: nn.Module, graph: ChannelGraph, device: torch.device) -> int:
@@ -131,5 +135,11 @@ class WhiteBox(Criterion):
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
               device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
         assert data is not None
-        masks = whitebox_masks(model, graph, data, device, seed=seed, **options)
-        return {gid: m.double().sum(0).abs() for gid, m in masks.items()}
+        opts = parse_options(self.name, options, DEFAULTS)
+        rescale = opts.pop("rescale")
+        masks = whitebox_masks(model, graph, data, device, seed=seed, **opts)
+        sums = {gid: m.double().sum(0) for gid, m in masks.items()}
+        scores = WeightedScores({gid: s.abs() for gid, s in sums.items()})
+        if rescale:  # pruning multiplies the surviving channels by sum_k M[k, c] / 2 (the paper's BN rescale)
+            scores.channel_scale = {gid: s / 2 for gid, s in sums.items()}
+        return scores
