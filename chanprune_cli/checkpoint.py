@@ -26,7 +26,13 @@ from torch import nn
 from . import shapes
 from .errors import UserError
 from .fsutil import atomic_path, check_output
-from .models import ArchSpec, build_model, builtin_archs, ensure_cwd_importable, parse_arch
+from .models import (
+    ArchSpec,
+    build_model,
+    builtin_archs,
+    ensure_cwd_importable,
+    parse_arch,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -59,7 +65,8 @@ def tool_version() -> str:
     if isinstance(version, str):
         return version
     try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
 
         return dist_version("chanprune")
     except PackageNotFoundError:  # running from a source tree that was never installed

@@ -28,7 +28,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-
 from torchvision.ops import stochastic_depth
 
 from .errors import UserError

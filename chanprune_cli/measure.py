@@ -158,7 +158,14 @@ def evaluate(
     With fewer than 5 classes, top-5 is top-K. A progress bar (images/s) is drawn on stderr when it
     is a terminal.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     device = torch.device(device)
     total = _batches_total(loader, max_batches)

@@ -100,14 +100,15 @@ def plan(stages: Sequence[str], checkpoint: str, run_dir: Path, settings: Mappin
     return out
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: str) -> str | None:
+    """SHA-256 of a file; None when it cannot be read (the stage itself then reports why)."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}; check the path in the config") from None
+    except OSError:
+        return None
     return h.hexdigest()
 
 

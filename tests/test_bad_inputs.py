@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -87,10 +88,16 @@ def error_line(stderr: str, fragment: str) -> str:
     return line
 
 
+def _results(stdout: str) -> str:
+    """stdout without `chanprune run`'s stage headers ("[1/3] score: chanprune score ..."): on a
+    failure nothing else may be there."""
+    return "".join(line for line in stdout.splitlines(keepends=True) if not re.match(r"\[\d+/\d+\] \w+: ", line))
+
+
 def assert_fails(result: Any, code: int, fragment: str, out: Path | None) -> str:
     assert result.exit_code == code, f"exit {result.exit_code} (want {code}): {result.stderr}"
     line = error_line(result.stderr, fragment)
-    assert result.stdout == "", result.stdout
+    assert _results(result.stdout) == "", result.stdout
     if out is not None:
         assert sorted(p.name for p in out.iterdir()) == [], "a failed command left files behind"
     return line
@@ -223,7 +230,18 @@ CKPT_COMMANDS: dict[str, Callable[[Ws, str, Sequence[str]], list[str]]] = {
                                       "--batch-size", "8", "--out", ws.o("ft.safetensors")],
     "bench": lambda ws, ck, arch: ["bench", ck, *arch, *BENCH_FAST, "--json", ws.o("bench.json")],
     "export": lambda ws, ck, arch: ["export", ck, *arch, "--format", "onnx", "--out", ws.o("model.onnx")],
+    "run": lambda ws, ck, arch: ["run", _pipeline_config(ws, ck, arch), "--dir", ws.o("run")],
 }
+
+
+def _pipeline_config(ws: Ws, ckpt: str, arch: Sequence[str]) -> str:
+    """A `chanprune run` config for `ckpt` (score + prune, then bench) in the input folder."""
+    path = ws.inp / "pipeline.toml"
+    options = dict(zip(arch[::2], arch[1::2]))  # ("--arch", A, "--arch-kwargs", K) -> config keys
+    lines = [f"checkpoint = {json.dumps(ckpt)}"] + [f"{k[2:].replace('-', '_')} = {json.dumps(v)}" for k, v in options.items()]
+    path.write_text("\n".join([*lines, "[prune]", "ratio = 0.5", "[bench]", "repeats = 1", "warmup = 0",
+                               'batch_sizes = "1"', "[run]", 'stages = ["score", "prune", "bench"]', ""]))
+    return str(path)
 
 # name -> builder(ws, ckpt, data) -> argv, for every command that reads --data
 DATA_COMMANDS: dict[str, Callable[[Ws, str, str], list[str]]] = {
@@ -459,7 +477,7 @@ def test_malicious_pickle_real_entry_point(malicious_runs: dict[str, tuple[Ws, A
     assert not (w.inp / "PWNED").exists(), "code from the checkpoint ran"
     assert proc.returncode == 2, proc.stderr
     error_line(proc.stderr, "not a chanprune score file" if reader == "prune--scores" else "--trust-pickle")
-    assert proc.stdout == ""
+    assert _results(proc.stdout) == ""
     assert list(w.out.iterdir()) == []
 
 
@@ -608,7 +626,6 @@ OPTION_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
     ("prune-scores-other-model", lambda ws: ["prune", ws.shared.other, *ARCH, "--scores", ws.shared.scores, "--ratio", "0.5",
                                              "--out", ws.o("p.safetensors")], 2, "scores for a different model"),
     ("score-missing-out", lambda ws: ["score", ws.shared.good, *ARCH, "--criterion", "l1"], 2, "--out"),
-    ("prune-missing-out", lambda ws: ["prune", ws.shared.good, *ARCH, "--ratio", "0.5"], 2, "--out"),
     ("analyze-missing-ckpt", lambda ws: ["analyze"], 2, "give a checkpoint path"),
     ("export-unknown-format", lambda ws: ["export", ws.shared.good, *ARCH, "--format", "tflite", "--out", ws.o("m.tflite")], 2,
      "unknown --format 'tflite'"),

@@ -21,7 +21,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chanprune_cli.checkpoint import load_checkpoint, load_state_dict_file, save_chanprune
+from chanprune_cli.checkpoint import (
+    load_checkpoint,
+    load_state_dict_file,
+    save_chanprune,
+)
 from chanprune_cli.errors import UserError
 from chanprune_cli.models import ArchSpec, build_model
 

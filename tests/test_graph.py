@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
-
 from engine_helpers import randomize
+from torch import nn
 
 from chanprune_cli.errors import UserError
 from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph, match_ignored

@@ -14,7 +14,13 @@ from torch import nn
 
 from chanprune_cli.errors import UserError
 from chanprune_cli.layers import OptionAShortcut
-from chanprune_cli.models import ArchSpec, build_model, builtin_archs, default_input_shape, parse_arch
+from chanprune_cli.models import (
+    ArchSpec,
+    build_model,
+    builtin_archs,
+    default_input_shape,
+    parse_arch,
+)
 
 BUILTINS = sorted(builtin_archs())
 

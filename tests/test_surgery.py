@@ -15,9 +15,8 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from engine_helpers import randomize
+from torch import nn
 
 from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph
 from chanprune_cli.surgery import mask_model, prune_model, removals, verify

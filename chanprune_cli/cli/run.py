@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -15,6 +15,7 @@ from .common import (
     DebugOpt,
     JsonOpt,
     app,
+    check_json_out,
     command_keys,
     config_files,
     examples,
@@ -45,8 +46,8 @@ def run(
     """Run analyze → score → prune → finetune → export → bench from a config file; re-running resumes."""
     from .. import pipeline
     from ..config import overrides, resolve
-    from ..report import json_document, make_console, render_run, write_json
 
+    check_json_out(json_out, True)  # the summary is rewritten by every run; its folder must exist
     group = ctx.find_root().command
     keys = command_keys(group)
     files = config_files(group, config_path)
@@ -61,7 +62,21 @@ def run(
     if not checkpoint:
         raise UserError(f"{config_path} names no checkpoint; add a top-level line like checkpoint = \"model.pt\"")
     directory = Path(run_dir or (run_table["dir"].value if "dir" in run_table else Path("runs") / Path(config_path).stem))
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_stages(ctx, config_path, chosen, checkpoint, directory, settings, files, rerun, json_out)
+    except BaseException:
+        if created and not any(directory.iterdir()):  # a run that failed before any output leaves nothing
+            directory.rmdir()
+        raise
+
+
+def _run_stages(ctx: typer.Context, config_path: str, chosen: list[str], checkpoint: Any, directory: Path,
+                settings: dict[str, dict[str, Any]], files: list[Any], rerun: bool, json_out: str | None) -> None:
+    from .. import pipeline
+    from ..report import json_document, make_console, render_run, write_json
+
     if rerun:
         (directory / pipeline.RUN_STATE).unlink(missing_ok=True)
     planned = pipeline.plan(chosen, str(checkpoint), directory, settings)
