@@ -74,6 +74,18 @@ def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return calib, recal, test
 
 
+def whitebox_long_loader(args: argparse.Namespace) -> Any:
+    """Calibration batches for the 'whitebox-long' row (a fixed subset, like the others)."""
+    from torch.utils.data import Subset
+
+    from chanprune_cli.data import open_dataset
+
+    train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    subset = Subset(train, order[:args.whitebox_long_batches * args.batch_size].tolist())
+    return make_loader(subset, input_shape=SHAPE, mean=MEAN, std=STD, batch_size=args.batch_size, seed=args.seed)
+
+
 def top1(model: nn.Module, test: Any) -> float:
     return round(float(evaluate(model, test, torch.device("cpu"), progress=False)["top1"]), 2)
 
@@ -86,14 +98,32 @@ def finish(model: nn.Module, pruned: nn.Module, recal: Any, test: Any, row: dict
     recalibrated = copy.deepcopy(pruned)
     recalibrate_bn(recalibrated, recal, torch.device("cpu"), args.recal_batches)
     row["top1_recalibrated"] = top1(recalibrated, test)
+    if args.finetune_steps > 0 and row["protocol"] in args.finetune_protocols.split(","):
+        row["top1_finetuned"] = top1(finetuned(recalibrated, args), test)
+
+
+def finetuned(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """(c): the identical short fine-tune for every method (same steps, lr, batches, seed)."""
+    from chanprune_cli.data import open_dataset
+    from chanprune_cli.train import TrainConfig, Trainer
+
+    train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD, train=True)
+    cfg = TrainConfig(max_steps=args.finetune_steps, batch_size=args.batch_size, lr=args.finetune_lr, progress=False,
+                      save_every=None, seed=args.seed)
+    tuned = copy.deepcopy(model)
+    Trainer(tuned, train, cfg, device=torch.device("cpu")).fit()
+    return tuned.eval()
 
 
 def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"tool": "chanprune", "criterion": name, "protocol": protocol}
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
-    scores = compute_scores(model, graph, name, calib, torch.device("cpu"), seed=args.seed)
-    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=name, target_flops=args.target_flops)
+    criterion = name
+    if name == "whitebox-long":  # the same criterion with the mask training the method needs
+        criterion, calib = "whitebox", args.long_calib
+    scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed)
+    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)
@@ -151,14 +181,17 @@ def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal:
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> str:
     lines = [f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
              f"calibration {args.calib_batches}×{args.batch_size} images, BN recalibration {args.recal_batches} batches.", "",
-             "| protocol | tool | criterion | MACs ↓ % | params | top-1 pruned | top-1 + BN recal | verified | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(c) = {args.finetune_steps} fine-tune steps × {args.batch_size}, lr {args.finetune_lr}, seed {args.seed}, "
+             f"identical for every method.", "",
+             "| protocol | tool | criterion | MACs ↓ % | params | (a) top-1 pruned | (b) + BN recal | (c) + fine-tune | verified | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | – | – | failed: {r['error']} | – | – | – |")
+            lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | – | – | failed: {r['error']} | – | – | – | – |")
         else:
+            tuned = f"{r['top1_finetuned']:.2f}" if "top1_finetuned" in r else "–"
             lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | {r['macs_reduction_pct']:.1f} | {r['params']:,} | "
-                         f"{r['top1_pruned']:.2f} | {r['top1_recalibrated']:.2f} | {r['verified']} | {r['seconds']} |")
+                         f"{r['top1_pruned']:.2f} | {r['top1_recalibrated']:.2f} | {tuned} | {r['verified']} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +210,11 @@ def main() -> None:
     parser.add_argument("--criteria", default="all", help="comma list of ours, or 'all'")
     parser.add_argument("--tp-criteria", default=",".join(TP_CRITERIA), help="comma list, or 'none'")
     parser.add_argument("--tp-steps", type=int, default=60)
+    parser.add_argument("--finetune-steps", type=int, default=100, help="(c): steps of the identical short fine-tune (0: skip)")
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-protocols", default="inner", help="protocols that get (c)")
+    parser.add_argument("--whitebox-long-batches", type=int, default=150,
+                        help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
     args = parser.parse_args()
@@ -187,7 +225,9 @@ def main() -> None:
     calib, recal, test = loaders(args)
     baseline = top1(model, test)
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
-    ours_names = list(available()) if args.criteria == "all" else args.criteria.split(",")
+    ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
+    if "whitebox-long" in ours_names:
+        args.long_calib = whitebox_long_loader(args)
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):

@@ -7,9 +7,27 @@ change what another test's `prune` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 
 @pytest.fixture(autouse=True)
 def _private_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture
+def load_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every checkpoint load (the first slow step of a command) of an in-process run."""
+    from chanprune_cli import checkpoint
+
+    calls: list[str] = []
+    real = checkpoint.load_checkpoint
+
+    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
+    return calls

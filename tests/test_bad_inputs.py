@@ -697,22 +697,6 @@ def test_force_overwrites(ws: Ws) -> None:
     assert sorted(p.name for p in ws.out.iterdir()) == ["p.safetensors"]  # no temp file left
 
 
-@pytest.fixture()
-def load_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records every checkpoint load (the first slow step) of an in-process run."""
-    from chanprune_cli import checkpoint
-
-    calls: list[str] = []
-    real = checkpoint.load_checkpoint
-
-    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
-    return calls
-
-
 UNWRITABLE: list[tuple[str, Callable[[Ws], str], str]] = [
     ("missing-directory", lambda ws: str(ws.out / "no" / "such" / "dir" / "x.out"), "does not exist; create it first"),
     ("is-a-directory", lambda ws: str(ws.out), "is a directory; give a file path"),

@@ -212,9 +212,9 @@ def test_gates_need_two_models(ckpts: dict[str, Path], tmp_path: Path, extra: tu
     (("--threads", "0"), "--threads"),
     (("--plot", "chart.gif"), "unknown image type '.gif'; use a file name ending in .png"),
 ])
-def test_bad_bench_options_fail_before_loading(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_bad_bench_options_fail_before_loading(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                extra: tuple[str, ...], fragment: str) -> None:
-    calls = _spy_loads(monkeypatch)
+    calls = load_spy
     result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *extra)
     assert result.exit_code == 2, result.stderr
     assert fragment in _error_line(result.stderr)
@@ -271,20 +271,6 @@ def test_original_widths_of_a_pruned_file(ckpts: dict[str, Path]) -> None:
 # --plot
 
 
-def _spy_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from chanprune_cli import checkpoint
-
-    calls: list[str] = []
-    real = checkpoint.load_checkpoint
-
-    def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(str(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
-    return calls
-
-
 def test_plot_writes_an_image(ckpts: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     several, single = tmp_path / "bench.png", tmp_path / "single.svg"
@@ -301,10 +287,10 @@ def test_plot_writes_an_image(ckpts: dict[str, Path], tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "bench.png", "single.svg"]
 
 
-def test_plot_without_matplotlib_fails_before_measuring(ckpts: dict[str, Path], tmp_path: Path,
+def test_plot_without_matplotlib_fails_before_measuring(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    calls = _spy_loads(monkeypatch)
+    calls = load_spy
     result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--plot", tmp_path / "b.png",
                  "--json", tmp_path / "b.json")
     assert result.exit_code == 2
@@ -314,11 +300,11 @@ def test_plot_without_matplotlib_fails_before_measuring(ckpts: dict[str, Path], 
     assert result.exit_code == 0, result.stderr  # without --plot, matplotlib is not needed
 
 
-def test_plot_existing_file_needs_force(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_existing_file_needs_force(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")
     target = tmp_path / "b.png"
     target.write_text("mine")
-    calls = _spy_loads(monkeypatch)
+    calls = load_spy
     result = cli("bench", ckpts["pruned"], *FAST, "--plot", target)
     assert result.exit_code == 2
     assert "already exists; pass --force" in _error_line(result.stderr)

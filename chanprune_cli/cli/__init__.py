@@ -3,12 +3,13 @@
 One module per subcommand; importing them registers the commands on `app` (in help order).
 """
 
+# ruff: noqa: I001  (the import order below is the order of `chanprune --help`)
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from . import analyze, bench, export, finetune, project, prune, run, score  # noqa: F401  (registers the commands)
+from . import analyze, score, prune, finetune, export, bench, run, project  # noqa: F401  (registers the commands)
 from .common import app
 
 __all__ = ["app", "main"]
