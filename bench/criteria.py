@@ -49,6 +49,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
 # Producers of the residual streams of a CIFAR ResNet: ignoring them leaves the inner channels.
 INNER_IGNORE = ("conv1", "layer*.*.conv2")
+LONG_CALIB: list[Any] = []  # the 'whitebox-long' row's calibration loader, made once
 TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bn", "tp-lamp", "tp-fpgm", "tp-taylor", "tp-hessian", "tp-random")
 
 
@@ -116,14 +117,15 @@ def finetuned(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"tool": "chanprune", "criterion": name, "protocol": protocol}
+    row: dict[str, Any] = {"tool": "chanprune" + (" --per-mac" if args.per_mac else ""), "criterion": name, "protocol": protocol}
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion = name
     if name == "whitebox-long":  # the same criterion with the mask training the method needs
-        criterion, calib = "whitebox", args.long_calib
+        criterion, calib = "whitebox", LONG_CALIB[0]
     scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed)
-    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops)
+    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
+                            per_mac=args.per_mac)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)
@@ -215,9 +217,18 @@ def main() -> None:
     parser.add_argument("--finetune-protocols", default="inner", help="protocols that get (c)")
     parser.add_argument("--whitebox-long-batches", type=int, default=150,
                         help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
+    parser.add_argument("--per-mac", action="store_true", help="ours: rank by importance per MAC (prune --per-mac)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
+    parser.add_argument("--report-from", metavar="LOG",
+                        help="only rebuild criteria.md/json from the JSON lines a run printed (e.g. an interrupted run)")
     args = parser.parse_args()
+    if args.report_from:
+        lines = Path(args.report_from).read_text().splitlines()
+        baseline = float(lines[0].split()[2])
+        rows = [json.loads(line) for line in lines if line.startswith("{")]
+        write_report(rows, args, baseline)
+        return
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +238,7 @@ def main() -> None:
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
     ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
     if "whitebox-long" in ours_names:
-        args.long_calib = whitebox_long_loader(args)
+        LONG_CALIB.append(whitebox_long_loader(args))
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):
@@ -241,6 +252,12 @@ def main() -> None:
                 traceback.print_exc()
             rows.append(row)
             print(json.dumps(row), flush=True)
+    write_report(rows, args, baseline)
+
+
+def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
             "torch": torch.__version__, "command": " ".join(sys.argv), "baseline_top1": baseline, **vars(args)}
     (out / "criteria.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -130,8 +130,13 @@ class MacsEstimator:
 
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
              target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
-             round_to: int = 1) -> Allocation:
-    """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`."""
+             round_to: int = 1, per_mac: bool = False) -> Allocation:
+    """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
+
+    `per_mac` (global targets only): rank channels by normalised importance per MAC a channel of
+    its group costs (relative to the mean over groups), so that cheap-to-keep channels (few MACs,
+    e.g. in late, low-resolution layers) survive and the MACs target is met by removing the
+    channels that cost most for what they contribute."""
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio or --target-flops")
     if round_to < 1:
@@ -169,6 +174,12 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
         s = scores[g.id].double()
         mean = s[g.prunable_classes].abs().mean()
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
+    if per_mac:
+        cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}
+        mean_cost = sum(cost.values()) / len(cost)
+        for g in groups:
+            if cost[g.id] > 0:
+                normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id])
 
     def plan_at(threshold: float) -> dict[int, list[int]]:
         plan = {}

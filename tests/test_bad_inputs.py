@@ -625,7 +625,6 @@ OPTION_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
      "not a chanprune score file"),
     ("prune-scores-other-model", lambda ws: ["prune", ws.shared.other, *ARCH, "--scores", ws.shared.scores, "--ratio", "0.5",
                                              "--out", ws.o("p.safetensors")], 2, "scores for a different model"),
-    ("score-missing-out", lambda ws: ["score", ws.shared.good, *ARCH, "--criterion", "l1"], 2, "--out"),
     ("analyze-missing-ckpt", lambda ws: ["analyze"], 2, "give a checkpoint path"),
     ("export-unknown-format", lambda ws: ["export", ws.shared.good, *ARCH, "--format", "tflite", "--out", ws.o("m.tflite")], 2,
      "unknown --format 'tflite'"),

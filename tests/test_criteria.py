@@ -418,8 +418,8 @@ def test_layer_sensitivity_and_weights(mixed: tuple) -> None:
         sens = layer_sensitivity(model, graph, make_data(), CPU, hessian=hessian)
         assert set(sens) == {g.id for g in graph.prunable_groups()}
         assert abs(sum(sens.values()) / len(sens) - 1) < 1e-9 and all(v > 0 for v in sens.values())
-    scores = get_criterion("sensitivity").score(model, graph, make_data(), CPU)
-    plain = get_criterion("sensitivity").score(model, graph, make_data(), CPU, layer_allocation=False)
+    scores = get_criterion("sensitivity").score(model, graph, make_data(), CPU, layer_allocation=True)
+    plain = get_criterion("sensitivity").score(model, graph, make_data(), CPU)  # layer_allocation=false by default
     for gid, w in scores.group_weights.items():
         assert torch.allclose(scores[gid], plain[gid] * w)
 
