@@ -117,7 +117,7 @@ def finetuned(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"tool": "chanprune" + (" --per-mac" if args.per_mac else ""), "criterion": name, "protocol": protocol}
+    row: dict[str, Any] = {"tool": "chanprune" + (f" --cost-exponent {args.cost_exponent:g}" if args.cost_exponent else ""), "criterion": name, "protocol": protocol}
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion = name
@@ -125,7 +125,7 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
         criterion, calib = "whitebox", LONG_CALIB[0]
     scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed)
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
-                            per_mac=args.per_mac)
+                            cost_exponent=args.cost_exponent)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)
@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--finetune-protocols", default="inner", help="protocols that get (c)")
     parser.add_argument("--whitebox-long-batches", type=int, default=150,
                         help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
-    parser.add_argument("--per-mac", action="store_true", help="ours: rank by importance per MAC (prune --per-mac)")
+    parser.add_argument("--cost-exponent", type=float, default=0.0, help="ours: prune --cost-exponent E")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
     parser.add_argument("--report-from", metavar="LOG",

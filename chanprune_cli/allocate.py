@@ -130,13 +130,14 @@ class MacsEstimator:
 
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
              target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
-             round_to: int = 1, per_mac: bool = False) -> Allocation:
+             round_to: int = 1, cost_exponent: float = 0.0) -> Allocation:
     """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
 
-    `per_mac` (global targets only): rank channels by normalised importance per MAC a channel of
-    its group costs (relative to the mean over groups), so that cheap-to-keep channels (few MACs,
-    e.g. in late, low-resolution layers) survive and the MACs target is met by removing the
-    channels that cost most for what they contribute."""
+    `cost_exponent` E (global targets only): rank channels by normalised importance / cost^E, the
+    cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
+    the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
+    channels that cost most for what they contribute and cheap ones (late, low-resolution layers)
+    survive; E = 0.5 is in between (the best of the three on ResNet-56, see BENCHMARKS.md)."""
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio or --target-flops")
     if round_to < 1:
@@ -174,12 +175,12 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
         s = scores[g.id].double()
         mean = s[g.prunable_classes].abs().mean()
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
-    if per_mac:
+    if cost_exponent:
         cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}
         mean_cost = sum(cost.values()) / len(cost)
         for g in groups:
             if cost[g.id] > 0:
-                normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id])
+                normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id]) ** cost_exponent
 
     def plan_at(threshold: float) -> dict[int, list[int]]:
         plan = {}

@@ -60,7 +60,7 @@ def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> 
 
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str, ratio: float | None = None, target_flops: float | None = None,
-          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, per_mac: bool = False, check: bool = True,
+          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, check: bool = True,
           rescale: bool = True) -> PruneOutcome:
     """Prune a copy of `model` by `scores`; the original is left untouched.
 
@@ -77,7 +77,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model "
                         "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                          per_mac=per_mac)
+                          cost_exponent=cost_exponent)
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
     source = model

@@ -63,16 +63,16 @@ def test_group_weights_make_a_group_keep_more(graph) -> None:  # type: ignore[no
     assert len(favoured.get(heavy, [])) < len(plain.get(heavy, []))
 
 
-def test_per_mac_ranking_spares_cheap_channels(graph) -> None:  # type: ignore[no-untyped-def]
+def test_cost_exponent_spares_cheap_channels(graph) -> None:  # type: ignore[no-untyped-def]
     """Equal scores everywhere: ranking per MAC removes the channels that cost most MACs first."""
     flat = {grp.id: torch.ones(grp.channels, dtype=torch.float64) for grp in graph.prunable_groups()}
     estimator = MacsEstimator(graph)
     before = estimator.macs({})
     cost = {grp.id: before - estimator.macs({grp.id: [0]}) for grp in graph.prunable_groups()}
     dearest, cheapest = max(cost, key=cost.get), min(cost, key=cost.get)
-    alloc = allocate(graph, flat, target_flops=0.3, per_mac=True)
+    alloc = allocate(graph, flat, target_flops=0.3, cost_exponent=1.0)
     assert 1 - alloc.estimated_macs_after / before >= 0.3
     by_id = {grp.id: grp for grp in graph.prunable_groups()}
     removed_share = {gid: len(alloc.plan.get(gid, [])) / by_id[gid].channels for gid in cost}
     assert removed_share[dearest] > removed_share[cheapest]
-    assert allocate(graph, flat, ratio=0.5, per_mac=True).plan == allocate(graph, flat, ratio=0.5).plan  # no effect on --ratio
+    assert allocate(graph, flat, ratio=0.5, cost_exponent=1.0).plan == allocate(graph, flat, ratio=0.5).plan  # no effect on --ratio

@@ -66,7 +66,7 @@ def prune(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
-    per_mac: Annotated[bool, typer.Option("--per-mac", help="With --target-flops: rank channels by importance per MAC they cost, so the target is met by removing the most expensive unimportant channels (keeps more parameters; often more accurate, see BENCHMARKS.md).")] = False,
+    cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 kept 3-4 points more top-1 on ResNet-56 (BENCHMARKS.md).")] = 0.0,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
@@ -172,14 +172,14 @@ def prune(
         scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed, options=options)
         options = {**get_criterion(criterion_name).defaults, **options}
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
-                            target_flops=target_flops, min_keep=min_keep, round_to=round_to, per_mac=per_mac,
+                            target_flops=target_flops, min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
                             check=not no_verify)
     dev = resolve_device(device)
     accuracy = _accuracy_and_recalibration(model, outcome.model, data, val_data, recalibrate_bn, dev, shape, mean_t, std_t,
                                            batch_size, workers, seed)
     verify = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
-    history_entry = {"command": "prune", "criterion": criterion_name, "criterion_options": options, "per_mac": per_mac,
+    history_entry = {"command": "prune", "criterion": criterion_name, "criterion_options": options, "cost_exponent": cost_exponent,
                      "requested": outcome.allocation.requested,
                      "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
                      "verify": verify, "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0),
