@@ -66,7 +66,7 @@ def prune(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
-    cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 kept 3-4 points more top-1 on ResNet-56 (BENCHMARKS.md).")] = 0.0,
+    cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 gave most criteria 1-9 points more top-1 on ResNet-56 (BENCHMARKS.md).")] = 0.0,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
