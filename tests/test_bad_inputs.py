@@ -450,9 +450,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs (`make test &`, CI runners) with SIGINT ignored and children
+    # inherit that; an interactive terminal's Ctrl-C reaches a command with the default action.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: Sequence[Any], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "chanprune_cli", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
 
 
 @pytest.fixture(scope="module")
@@ -805,13 +811,7 @@ def interrupted_runs(tmp_path_factory: pytest.TempPathFactory, files: Files) -> 
                 # has recorded it but runs the handler only once read() returns, so end the read (EOF).
                 if command in fds:
                     os.close(fds.pop(command))
-                try:
-                    _, stderr = proc.communicate(timeout=20)
-                except subprocess.TimeoutExpired:
-                    # Seen twice in full-suite runs (never in isolation): the first SIGINT was lost
-                    # while the command sat in a C call. A user presses Ctrl-C again; so does the test.
-                    proc.send_signal(signal.SIGINT)
-                    _, stderr = proc.communicate(timeout=120)
+                _, stderr = proc.communicate(timeout=120)
             results[command] = (spaces[command], proc.returncode, stderr)
     finally:
         for fd in fds.values():
