@@ -120,10 +120,11 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     row: dict[str, Any] = {"tool": "chanprune" + (f" --cost-exponent {args.cost_exponent:g}" if args.cost_exponent else ""), "criterion": name, "protocol": protocol}
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
-    criterion = name
+    criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
+    options = dict(kv.split("=", 1) for kv in opt_text.split(",") if kv)
     if name == "whitebox-long":  # the same criterion with the mask training the method needs
         criterion, calib = "whitebox", LONG_CALIB[0]
-    scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed)
+    scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options)
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
                             cost_exponent=args.cost_exponent)
     row["seconds"] = round(time.perf_counter() - start, 1)

@@ -483,9 +483,25 @@ def test_parse_criterion_opts_types_and_errors() -> None:
     with pytest.raises(UserError, match="not a valid int"):
         parse_criterion_opts(info, ["bins=many"])
     with pytest.raises(UserError, match="takes no options"):
-        parse_criterion_opts(get_criterion("l1"), ["p=2"])
+        parse_criterion_opts(get_criterion("random"), ["p=2"])
     rows = {name: opts for name, _, opts, _ in criteria_table()}
-    assert set(rows) == set(available()) and "lam=0.05" in rows["whitebox"] and rows["l1"] == "-"
+    assert set(rows) == set(available()) and "lam=0.05" in rows["whitebox"] and rows["random"] == "-"
+    assert rows["l1"] == "side=out"
+
+
+def test_norm_side_both_counts_the_consumers_weights() -> None:
+    """side=both: a channel nobody reads (zero consumer column) loses to one that is read."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # every producing filter equal
+        model[2].weight.fill_(1.0)
+        model[2].weight[:, 1] = 0.0  # channel 1 is never read
+    graph = build_graph(model, (3, 6, 6))
+    (group,) = [g for g in graph.prunable_groups() if g.channels == 4]
+    out = get_criterion("l1").score(model, graph, None, CPU)[group.id]
+    both = get_criterion("l1").score(model, graph, None, CPU, side="both")[group.id]
+    assert torch.allclose(out, out[0].expand(4))  # producers alone cannot tell them apart
+    assert int(both.argmin()) == 1 and float(both[1]) < float(both[0])
 
 
 @pytest.mark.parametrize("source", ["synthetic:3x8x8:1", "folder"])

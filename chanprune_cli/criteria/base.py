@@ -182,6 +182,22 @@ def producer_rows(model: nn.Module, slots: list[Slot]) -> list[tuple[str, torch.
     return rows
 
 
+def consumer_columns(model: nn.Module, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:
+    """The weight columns that read one channel class, per consumer module (the "in" slots)."""
+    modules = dict(model.named_modules())
+    cols: list[tuple[str, torch.Tensor]] = []
+    for name, kind, index in slots:
+        weight = getattr(modules[name], "weight", None)
+        if kind != "in" or weight is None:
+            continue
+        w = weight.detach()
+        if isinstance(modules[name], (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            cols.append((name, w[index].reshape(-1)))
+        else:  # conv (every group's filters read local input `index`) or linear
+            cols.append((name, w[:, index].reshape(-1)))
+    return cols
+
+
 def per_class(group: ChannelGroup, fn: Any) -> torch.Tensor:
     """Apply `fn(slots) -> float` to every class of a group."""
     return torch.tensor([float(fn(slots)) for slots in group.classes], dtype=torch.float64)

@@ -1,4 +1,6 @@
-"""`l1` / `l2`: the norm of the filters that produce a channel (Li et al., 2017).
+"""`l1` / `l2`: the norm of the filters that produce a channel (Li et al., 2017); option
+`side=both` adds the consumers' input columns (the whole channel, as Torch-Pruning's magnitude
+importance does).
 
 A channel with several producers (a residual stream) scores the mean of their filter norms, so
 groups with many producers stay comparable with single-producer groups.
@@ -7,22 +9,38 @@ groups with many producers stay comparable with single-producer groups.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..graph import ChannelGraph
-from .base import Batch, Criterion, Scores, per_class, producer_rows, register
+from .base import (
+    Batch,
+    Criterion,
+    Scores,
+    consumer_columns,
+    per_class,
+    producer_rows,
+    register,
+)
 
 
 class _NormCriterion(Criterion):
     p: int = 1
+    defaults: ClassVar[dict[str, Any]] = {"side": "out"}
 
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
               device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+        side = options.get("side", "out")
+        if side not in ("out", "both"):
+            raise UserError(f"{self.name}: side must be 'out' or 'both', got {side!r}")
+
         def class_score(slots: list) -> float:
-            rows = producer_rows(model, slots)
+            # side=out: the producing filters (Li et al.); side=both also the consumers' input
+            # columns, i.e. every weight that disappears with the channel.
+            rows = producer_rows(model, slots) + (consumer_columns(model, slots) if side == "both" else [])
             return sum(float(r.norm(p=self.p)) for _, r in rows) / max(len(rows), 1)
 
         return {g.id: per_class(g, class_score) for g in graph.prunable_groups()}
