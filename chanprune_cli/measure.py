@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .progress import batches_total, progress_bar
 
 
 def count_params(model: nn.Module) -> int:
@@ -126,25 +126,6 @@ def per_module_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, i
     }
 
 
-def _progress_enabled(progress: bool) -> bool:
-    if not progress:
-        return False
-    try:
-        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    except (AttributeError, ValueError):
-        return False
-
-
-def _batches_total(loader: Iterable[Any], max_batches: int | None) -> int | None:
-    try:
-        total: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    return total
-
-
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
@@ -158,30 +139,13 @@ def evaluate(
     With fewer than 5 classes, top-5 is top-K. A progress bar (images/s) is drawn on stderr when it
     is a terminal.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     device = torch.device(device)
-    total = _batches_total(loader, max_batches)
+    total = batches_total(loader, max_batches)
     correct1 = correct5 = images = 0
     loss_sum = 0.0
     started = time.perf_counter()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     with (
-        Progress(*columns, transient=True, disable=not _progress_enabled(progress)) as bar,
+        progress_bar("rate", enabled=progress) as bar,
         _preserved(model, device),
         torch.inference_mode(),
     ):

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed as D
 from .errors import ChanpruneError, UserError
 from .fsutil import atomic_path
+from .progress import progress_bar, stderr_is_terminal
 
 __all__ = [
     "Hook",
@@ -941,26 +942,14 @@ class _ProgressBar:
     def __init__(self, trainer: Trainer, enabled: bool) -> None:
         self.trainer = trainer
         self.enabled = enabled
-        self.tty = enabled and _stderr_tty()
+        self.tty = enabled and stderr_is_terminal()
         self.bar: Any = None
         self.task: Any = None
         self._paused = False
 
     def __enter__(self) -> _ProgressBar:
         if self.tty:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
+            self.bar = progress_bar("info")
             self.bar.__enter__()
             self.task = self.bar.add_task("training", total=self.trainer.total_steps, completed=self.trainer.step, info="")
         return self
@@ -994,13 +983,6 @@ class _ProgressBar:
         if self.bar is not None and self._paused:
             self.bar.start()
             self._paused = False
-
-
-def _stderr_tty() -> bool:
-    try:
-        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    except (AttributeError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ flags afterwards.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -46,6 +44,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..graph import ChannelGraph, ChannelGroup
+from ..progress import batches_total, progress_bar
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -160,13 +159,6 @@ def gradients(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Te
     return list(torch.autograd.grad(output, inputs, allow_unused=True))
 
 
-def progress_enabled() -> bool:
-    try:
-        return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    except (AttributeError, ValueError):
-        return False
-
-
 def batches(data: Iterable[Any], device: torch.device | str, *, description: str,
             need_labels: bool = False, max_images: int | None = None,
             max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -175,27 +167,11 @@ def batches(data: Iterable[Any], device: torch.device | str, *, description: str
     Stops after `max_batches` batches or `max_images` images (the last batch is cut). Draws a
     transient progress bar with images/s on stderr when stderr is a terminal.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     device = torch.device(device)
-    try:
-        total: int | None = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    total = batches_total(data, max_batches)
     images = 0
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress_enabled()) as bar:
+    with progress_bar("rate", eta=False) as bar:
         task = bar.add_task(description, total=total, rate="")
         for step, batch in enumerate(data):
             if max_batches is not None and step >= max_batches:
