@@ -49,11 +49,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
 # Producers of the residual streams of a CIFAR ResNet: ignoring them leaves the inner channels.
 INNER_IGNORE = ("conv1", "layer*.*.conv2")
-LONG_CALIB: list[Any] = []  # the 'whitebox-long' row's calibration loader, made once
 TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bn", "tp-lamp", "tp-fpgm", "tp-taylor", "tp-hessian", "tp-random")
 
 
-def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def loaders(args: argparse.Namespace, with_long: bool) -> tuple[Any, Any, Any, Any]:
     """Calibration, recalibration and test loaders over *fixed* random subsets, iterated in order:
     every criterion sees the same calibration and recalibration batches and the same test images
     (a shuffling loader would draw a new subset on each pass, adding several points of noise)."""
@@ -72,19 +71,9 @@ def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     calib = make_loader(subset(train, args.calib_batches * args.batch_size, args.seed), **common)
     recal = make_loader(subset(train, args.recal_batches * args.batch_size, args.seed + 1), **common)
     test = make_loader(subset(test_set, args.eval_images, 1234), **{**common, "batch_size": 200})
-    return calib, recal, test
-
-
-def whitebox_long_loader(args: argparse.Namespace) -> Any:
-    """Calibration batches for the 'whitebox-long' row (a fixed subset, like the others)."""
-    from torch.utils.data import Subset
-
-    from chanprune_cli.data import open_dataset
-
-    train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    subset = Subset(train, order[:args.whitebox_long_batches * args.batch_size].tolist())
-    return make_loader(subset, input_shape=SHAPE, mean=MEAN, std=STD, batch_size=args.batch_size, seed=args.seed)
+    # The 'whitebox-long' row: the same criterion with the mask training the method needs.
+    long = make_loader(subset(train, args.whitebox_long_batches * args.batch_size, args.seed), **common) if with_long else None
+    return calib, recal, test, long
 
 
 def top1(model: nn.Module, test: Any) -> float:
@@ -122,8 +111,7 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
     options = dict(kv.split("=", 1) for kv in opt_text.split(",") if kv)
-    if name == "whitebox-long":  # the same criterion with the mask training the method needs
-        criterion, calib = "whitebox", LONG_CALIB[0]
+    criterion = "whitebox" if criterion == "whitebox-long" else criterion
     scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options)
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
                             cost_exponent=args.cost_exponent)
@@ -234,19 +222,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(args.checkpoint, arch=args.arch).model.eval()
-    calib, recal, test = loaders(args)
+    ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
+    calib, recal, test, long_calib = loaders(args, with_long="whitebox-long" in ours_names)
     baseline = top1(model, test)
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
-    ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
-    if "whitebox-long" in ours_names:
-        LONG_CALIB.append(whitebox_long_loader(args))
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):
         jobs = [(ours, n) for n in ours_names] + [(torch_pruning, n) for n in tp_names]
         for fn, name in jobs:
             try:
-                row = fn(name, model, protocol, calib, recal, test, args)
+                row = fn(name, model, protocol, long_calib if name == "whitebox-long" else calib, recal, test, args)
             except Exception as exc:  # a failing method is a result, not the end of the run
                 row = {"tool": "chanprune" if fn is ours else "torch-pruning", "criterion": name, "protocol": protocol,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}

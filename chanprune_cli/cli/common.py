@@ -235,14 +235,11 @@ def _config_argument(args: list[str]) -> str | None:
     return None
 
 
-def invoke_command(ctx: typer.Context, name: str, args: list[str], files: list[Any]) -> Any:
-    """Run subcommand `name` with `args` as if typed after `chanprune`, defaults from config `files`."""
-    from ..config import resolve
-
+def invoke_command(ctx: typer.Context, name: str, args: list[str], settings: dict[str, Any]) -> Any:
+    """Run subcommand `name` with `args` as if typed after `chanprune`, defaults from config `settings`
+    (key → config.Setting, as `config.resolve` gives them)."""
     root = ctx.find_root()
-    group = root.command
-    cmd = group.get_command(root, name)
-    settings = resolve(name, files, command_keys(group))
+    cmd = root.command.get_command(root, name)
     with cmd.make_context(name, list(args), parent=root, default_map=default_map(cmd, settings)) as sub:
         return cmd.invoke(sub)
 

@@ -53,7 +53,8 @@ def run(
     files = config_files(group, config_path)
     if assignments:
         files.append(overrides(assignments, keys))
-    settings = {name: {k: s.value for k, s in resolve(name, files, keys).items()} for name in pipeline.STAGE_ORDER}
+    resolved = {name: resolve(name, files, keys) for name in pipeline.STAGE_ORDER}
+    settings = {name: {k: s.value for k, s in found.items()} for name, found in resolved.items()}
     run_table = resolve("run", files, keys)
     tables = {name for f in files for name in f.tables}
     requested = stages.split(",") if stages is not None else run_table["stages"].value if "stages" in run_table else None
@@ -65,7 +66,7 @@ def run(
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        _run_stages(ctx, config_path, chosen, checkpoint, directory, settings, files, rerun, json_out)
+        _run_stages(ctx, config_path, chosen, checkpoint, directory, settings, resolved, rerun, json_out)
     except BaseException:
         if created and not any(directory.iterdir()):  # a run that failed before any output leaves nothing
             directory.rmdir()
@@ -73,7 +74,7 @@ def run(
 
 
 def _run_stages(ctx: typer.Context, config_path: str, chosen: list[str], checkpoint: Any, directory: Path,
-                settings: dict[str, dict[str, Any]], files: list[Any], rerun: bool, json_out: str | None) -> None:
+                settings: dict[str, dict[str, Any]], resolved: dict[str, Any], rerun: bool, json_out: str | None) -> None:
     from .. import pipeline
     from ..report import json_document, make_console, render_run, write_json
 
@@ -88,7 +89,7 @@ def _run_stages(ctx: typer.Context, config_path: str, chosen: list[str], checkpo
     # With --json -, stdout carries only the JSON document: the stages' tables go to stderr too.
     quiet = contextlib.redirect_stdout(sys.stderr) if json_out == "-" else contextlib.nullcontext()
     with quiet:
-        results = pipeline.execute(planned, directory, settings, lambda s: invoke_command(ctx, s.name, s.args, files), say)
+        results = pipeline.execute(planned, directory, settings, lambda s: invoke_command(ctx, s.name, s.args, resolved[s.name]), say)
     render_run(results, directory, console)
     if json_out is not None:
         body = {"config": config_path, "run_dir": str(directory),
