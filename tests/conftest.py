@@ -1,15 +1,18 @@
-"""Every test runs in its own empty working directory.
+"""Shared test fixtures. Every test runs in its own empty working directory:
 
-Commands read `chanprune.toml` from the working directory (and its parents) and record what they
+commands read `chanprune.toml` from the working directory (and its parents) and record what they
 did in `.chanprune/last.json` there; a shared working directory would let one test's `score`
-change what another test's `prune` does.
+change what another test's `prune` does. Also: `load_spy` (records checkpoint loads) and
+`one_thread` (module-wide single intra-op thread for tiny tensors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +34,13 @@ def load_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", spy)
     return calls
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of tiny tensors: intra-op threads only add synchronisation (6x the CPU time on a
+    busy 2-core machine). Restored afterwards, so other test modules keep their setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,15 +21,8 @@ from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph, match_i
 from chanprune_cli.models import build_model, parse_arch
 from chanprune_cli.surgery import prune_model, removals, verify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (6x the CPU time on a busy
-    2-core machine). Restored afterwards, so other test modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: intra-op threads only add synchronisation (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
