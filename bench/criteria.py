@@ -22,10 +22,12 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,24 +91,35 @@ def finish(model: nn.Module, pruned: nn.Module, recal: Any, test: Any, row: dict
     recalibrate_bn(recalibrated, recal, torch.device("cpu"), args.recal_batches)
     row["top1_recalibrated"] = top1(recalibrated, test)
     if args.finetune_steps > 0 and row["protocol"] in args.finetune_protocols.split(","):
-        row["top1_finetuned"] = top1(finetuned(recalibrated, args), test)
+        runs = [top1(finetuned(recalibrated, args, seed), test) for seed in seeds(args)]
+        row["top1_finetuned"] = round(statistics.mean(runs), 2)
+        if len(runs) > 1:
+            row["top1_finetuned_runs"] = runs
+            row["top1_finetuned_sd"] = round(statistics.stdev(runs), 2)
 
 
-def finetuned(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def seeds(args: argparse.Namespace) -> list[int]:
+    return [int(s) for s in str(args.finetune_seeds).split(",")]
+
+
+def finetuned(model: nn.Module, args: argparse.Namespace, seed: int) -> nn.Module:
     """(c): the identical short fine-tune for every method (same steps, lr, batches, seed)."""
     from chanprune_cli.data import open_dataset
     from chanprune_cli.train import TrainConfig, Trainer
 
     train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD, train=True)
     cfg = TrainConfig(max_steps=args.finetune_steps, batch_size=args.batch_size, lr=args.finetune_lr, progress=False,
-                      save_every=None, seed=args.seed)
+                      save_every=None, seed=seed)
     tuned = copy.deepcopy(model)
     Trainer(tuned, train, cfg, device=torch.device("cpu")).fit()
     return tuned.eval()
 
 
-def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"tool": "chanprune" + (f" --cost-exponent {args.cost_exponent:g}" if args.cost_exponent else ""), "criterion": name, "protocol": protocol}
+def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace,
+         cost_exponent: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"tool": "chanprune" + (f" --cost-exponent {cost_exponent:g}" if cost_exponent else "")
+                           + (f" --normalize {args.normalize}" if args.normalize != "auto" else ""),
+                           "criterion": name, "protocol": protocol}
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
@@ -114,7 +127,8 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     criterion = "whitebox" if criterion == "whitebox-long" else criterion
     scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options)
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
-                            cost_exponent=args.cost_exponent)
+                            cost_exponent=cost_exponent, normalize=args.normalize,
+                            criterion_options=options)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)
@@ -172,8 +186,8 @@ def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal:
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> str:
     lines = [f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
              f"calibration {args.calib_batches}×{args.batch_size} images, BN recalibration {args.recal_batches} batches.", "",
-             f"(c) = {args.finetune_steps} fine-tune steps × {args.batch_size}, lr {args.finetune_lr}, seed {args.seed}, "
-             f"identical for every method.", "",
+             f"(c) = {args.finetune_steps} fine-tune steps × {args.batch_size}, lr {args.finetune_lr}, "
+             f"seed(s) {args.finetune_seeds} (mean ± sd over seeds), identical for every method.", "",
              "| protocol | tool | criterion | MACs ↓ % | params | (a) top-1 pruned | (b) + BN recal | (c) + fine-tune | verified | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -181,6 +195,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: flo
             lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | – | – | failed: {r['error']} | – | – | – | – |")
         else:
             tuned = f"{r['top1_finetuned']:.2f}" if "top1_finetuned" in r else "–"
+            tuned += f" ± {r['top1_finetuned_sd']:.2f}" if "top1_finetuned_sd" in r else ""
             lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | {r['macs_reduction_pct']:.1f} | {r['params']:,} | "
                          f"{r['top1_pruned']:.2f} | {r['top1_recalibrated']:.2f} | {tuned} | {r['verified']} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
@@ -204,9 +219,11 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=100, help="(c): steps of the identical short fine-tune (0: skip)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-protocols", default="inner", help="protocols that get (c)")
+    parser.add_argument("--finetune-seeds", default="0", help="comma list: (c) is repeated per seed, mean ± sd reported")
     parser.add_argument("--whitebox-long-batches", type=int, default=150,
                         help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
-    parser.add_argument("--cost-exponent", type=float, default=0.0, help="ours: prune --cost-exponent E")
+    parser.add_argument("--cost-exponent", default="0", help="ours: prune --cost-exponent E (a comma list: a row per E)")
+    parser.add_argument("--normalize", choices=("auto", "mean", "none"), default="auto", help="ours: prune --normalize")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
     parser.add_argument("--report-from", metavar="LOG",
@@ -229,12 +246,14 @@ def main() -> None:
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):
-        jobs = [(ours, n) for n in ours_names] + [(torch_pruning, n) for n in tp_names]
+        exponents = [float(e) for e in str(args.cost_exponent).split(",")]
+        jobs = [(partial(ours, cost_exponent=e), n) for e in exponents for n in ours_names]
+        jobs += [(torch_pruning, n) for n in tp_names]
         for fn, name in jobs:
             try:
                 row = fn(name, model, protocol, long_calib if name == "whitebox-long" else calib, recal, test, args)
             except Exception as exc:  # a failing method is a result, not the end of the run
-                row = {"tool": "chanprune" if fn is ours else "torch-pruning", "criterion": name, "protocol": protocol,
+                row = {"tool": "torch-pruning" if fn is torch_pruning else "chanprune", "criterion": name, "protocol": protocol,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                 traceback.print_exc()
             rows.append(row)

@@ -2,7 +2,7 @@
 
 `--ratio r` removes the fraction r of every prunable group's channels (lowest scores first).
 `--target-flops f` removes the fraction f of the model's MACs with one global threshold on
-normalised scores (each group's scores divided by their mean), found by bisection; floors
+the scores (each group's divided by their mean unless they are in loss units), found by bisection; floors
 (`--min-keep`) and `--round-to` are applied per group at every threshold, so the search sees the
 widths that will really be built.
 """
@@ -130,14 +130,18 @@ class MacsEstimator:
 
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
              target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
-             round_to: int = 1, cost_exponent: float = 0.0) -> Allocation:
+             round_to: int = 1, cost_exponent: float = 0.0, normalize: bool = True) -> Allocation:
     """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
 
     `cost_exponent` E (global targets only): rank channels by normalised importance / cost^E, the
     cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
     the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
     channels that cost most for what they contribute and cheap ones (late, low-resolution layers)
-    survive; E = 0.5 is in between (the best of the three on ResNet-56, see BENCHMARKS.md)."""
+    survive; E = 0.5 is in between (the best of the three on ResNet-56, see BENCHMARKS.md).
+
+    `normalize` (global targets only): divide each group's scores by their mean before ranking, so
+    that criteria whose magnitudes differ from layer to layer (norms, BN scales, ranks) compare.
+    Scores in loss units (`Criterion.in_loss_units`) are ranked as they are instead."""
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio or --target-flops")
     if round_to < 1:
@@ -173,7 +177,7 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     normalised = {}
     for g in groups:
         s = scores[g.id].double()
-        mean = s[g.prunable_classes].abs().mean()
+        mean = s[g.prunable_classes].abs().mean() if normalize else 1.0
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
     if cost_exponent:
         cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}

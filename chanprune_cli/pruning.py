@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from .checkpoint import nonfinite_tensors
-from .criteria.base import channel_scales
+from .criteria.base import available, channel_scales
 from .errors import ChanpruneError, UserError
 from .graph import ChannelGraph
 from .measure import count_params, per_module_macs
@@ -58,10 +58,21 @@ def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> 
     return {"criterion": criterion, "requested": allocation.requested, "groups": groups}
 
 
+def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | None = None) -> str:
+    """`--normalize`: "mean" or "none" as given; "auto" is "none" for a criterion whose scores are in
+    loss units (comparable across layers as they are) and "mean" for the others."""
+    if choice not in ("auto", "mean", "none"):
+        raise UserError(f"--normalize must be auto, mean or none, got {choice!r}")
+    if choice != "auto":
+        return choice
+    registry = available()
+    return "none" if criterion in registry and registry[criterion]().in_loss_units(dict(options or {})) else "mean"
+
+
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str, ratio: float | None = None, target_flops: float | None = None,
-          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, check: bool = True,
-          rescale: bool = True) -> PruneOutcome:
+          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, normalize: str = "auto",
+          criterion_options: Mapping[str, Any] | None = None, check: bool = True, rescale: bool = True) -> PruneOutcome:
     """Prune a copy of `model` by `scores`; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
@@ -70,6 +81,9 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
 
     Raises UserError for impossible requests or non-finite weights, and ChanpruneError when the
     pruned model does not compute the same function as the masked original.
+
+    `normalize` ("auto", "mean", "none", see `normalize_mode`) is how `target_flops` compares
+    groups; `criterion_options` are the options the scores were made with.
     """
     bad = nonfinite_tensors(model)
     if bad:
@@ -77,7 +91,8 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model "
                         "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                          cost_exponent=cost_exponent)
+                          cost_exponent=cost_exponent,
+                          normalize=normalize_mode(normalize, criterion, criterion_options) == "mean")
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
     source = model

@@ -76,3 +76,39 @@ def test_cost_exponent_spares_cheap_channels(graph) -> None:  # type: ignore[no-
     removed_share = {gid: len(alloc.plan.get(gid, [])) / by_id[gid].channels for gid in cost}
     assert removed_share[dearest] > removed_share[cheapest]
     assert allocate(graph, flat, ratio=0.5, cost_exponent=1.0).plan == allocate(graph, flat, ratio=0.5).plan  # no effect on --ratio
+
+
+def test_unnormalised_ranking_compares_raw_scores_across_groups(graph) -> None:  # type: ignore[no-untyped-def]
+    """A group whose scores are all 100x larger is invisible to the mean-normalised ranking, but
+    with normalize=False (scores in loss units) it keeps every channel while the others pay."""
+    scores = _scores(graph)
+    loud = graph.prunable_groups()[0].id
+    scores[loud] = scores[loud] * 100 + 1  # above every other score; the same shape after normalising
+    normalised = allocate(graph, scores, target_flops=0.3).plan
+    raw = allocate(graph, scores, target_flops=0.3, normalize=False)
+    assert normalised.get(loud)  # the mean-normalised ranking prunes it like the rest
+    assert not raw.plan.get(loud)
+    assert 1 - raw.estimated_macs_after / raw.estimated_macs_before >= 0.3
+    assert allocate(graph, scores, ratio=0.5, normalize=False).plan == allocate(graph, scores, ratio=0.5).plan
+
+
+@pytest.mark.parametrize(("choice", "criterion", "options", "expected"), [
+    ("auto", "taylor", {}, "none"),
+    ("auto", "sensitivity", {}, "none"),
+    ("auto", "sensitivity", {"hessian": "activation"}, "mean"),
+    ("auto", "l1", {}, "mean"),
+    ("auto", "a-criterion-from-elsewhere", {}, "mean"),
+    ("mean", "taylor", {}, "mean"),
+    ("none", "l1", {}, "none"),
+])
+def test_normalize_auto_follows_the_criterion_units(choice: str, criterion: str, options: dict, expected: str) -> None:
+    from chanprune_cli.pruning import normalize_mode
+
+    assert normalize_mode(choice, criterion, options) == expected
+
+
+def test_normalize_rejects_unknown_modes() -> None:
+    from chanprune_cli.pruning import normalize_mode
+
+    with pytest.raises(UserError, match="auto, mean or none"):
+        normalize_mode("max", "l1")

@@ -617,6 +617,7 @@ OPTION_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
     ("analyze-arch-kwargs-not-json", lambda ws: ["analyze", ws.shared.good, *ARCH, "--arch-kwargs", "{num_classes: 10"], 2, "--arch-kwargs is not valid JSON"),
     ("prune-round-to-above-every-layer", _prune("--ratio", "0.5", "--round-to", "1000"), 2, "--round-to 1000 is larger than every prunable layer"),
     ("prune-min-keep-0", _prune("--ratio", "0.5", "--min-keep", "0"), 2, "--min-keep must be positive"),
+    ("prune-normalize-unknown", _prune("--target-flops", "0.5", "--normalize", "max"), 2, "--normalize must be auto, mean or none"),
     ("prune-ratio-and-target-flops", _prune("--ratio", "0.5", "--target-flops", "0.5"), 2, "exactly one of --ratio"),
     ("prune-neither-ratio-nor-target", _prune(), 2, "exactly one of --ratio"),
     ("prune-criterion-and-scores", lambda ws: _prune("--ratio", "0.5", "--criterion", "l1", "--scores", ws.shared.scores)(ws), 2,

@@ -583,3 +583,36 @@ def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None
     plain = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", ratio=0.25, rescale=False)
     assert "channel_rescale" not in plain.plan_record
     assert not get_criterion("whitebox").score(model, graph, make_data(2), CPU, rescale=False).__dict__.get("channel_scale")
+
+
+def test_prune_ranks_loss_unit_scores_unnormalised(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--normalize auto` on a taylor score file ranks the raw scores (recorded as 'none' in the JSON
+    and the history); `--normalize mean` divides by each group's mean, which changes the plan."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from chanprune_cli.cli import app
+    from chanprune_cli.models import build_model, parse_arch
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(build_model(parse_arch("digits_cnn", None)).state_dict(), "d.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["score", "d.pt", "--arch", "digits_cnn", "--criterion", "taylor", "--data", "digits:test",
+                              "--calib-batches", "2", "--out", "t.safetensors"])
+    assert res.exit_code == 0, res.output
+    docs = {}
+    for mode in ("auto", "mean"):
+        res = runner.invoke(app, ["prune", "d.pt", "--arch", "digits_cnn", "--scores", "t.safetensors", "--target-flops", "0.2",
+                                  "--normalize", mode, "--out", f"{mode}.safetensors", "--json", f"{mode}.json"])
+        assert res.exit_code == 0, res.output
+        docs[mode] = json.loads(Path(f"{mode}.json").read_text())
+        with safe_open(f"{mode}.safetensors", "pt") as f:
+            history = json.loads(f.metadata()["chanprune"])["history"]
+        assert history[-1]["normalize"] == docs[mode]["normalize"]
+    assert docs["auto"]["normalize"] == "none" and docs["mean"]["normalize"] == "mean"
+    widths = {mode: [(layer["name"], layer["out_after"]) for layer in doc["layers"]] for mode, doc in docs.items()}
+    assert widths["auto"] != widths["mean"]

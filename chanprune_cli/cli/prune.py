@@ -66,7 +66,8 @@ def prune(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
-    cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 gave most criteria 1-9 points more top-1 on ResNet-56 (BENCHMARKS.md).")] = 0.0,
+    cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 gave most criteria 1-9 points more top-1 on ResNet-56 when only the blocks' inner channels were prunable, fewer when the residual streams were too (BENCHMARKS.md).")] = 0.0,
+    normalize: Annotated[str, typer.Option("--normalize", metavar="auto|mean|none", help="With --target-flops: divide each layer group's scores by their mean before the global ranking (mean) or rank them as they are (none). auto: none for scores in loss units (taylor, sensitivity with the Fisher Hessian), whose raw values compare across layers, mean for the others.")] = "auto",
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
@@ -115,6 +116,7 @@ def prune(
     from ..allocate import parse_min_keep
     from ..criteria import check_requirements, get_criterion
     from ..fsutil import check_output
+    from ..pruning import normalize_mode
 
     parse_min_keep(min_keep)
     check_output(out, force)
@@ -132,6 +134,7 @@ def prune(
         crit = get_criterion(criterion_name)
         options = parse_criterion_opts(crit, criterion_opt)
         check_requirements(crit, data is not None, options=options, data_source=data)
+    normalize_mode(normalize, criterion_name or "")  # a bad value fails before the slow steps
     seed_everything(seed)
 
     from .. import pruning
@@ -171,16 +174,17 @@ def prune(
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
         scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed, options=options)
         options = {**get_criterion(criterion_name).defaults, **options}
+    normalize = normalize_mode(normalize, criterion_name, options)
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
                             target_flops=target_flops, min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
-                            check=not no_verify)
+                            normalize=normalize, criterion_options=options, check=not no_verify)
     dev = resolve_device(device)
     accuracy = _accuracy_and_recalibration(model, outcome.model, data, val_data, recalibrate_bn, dev, shape, mean_t, std_t,
                                            batch_size, workers, seed)
     verify = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
     history_entry = {"command": "prune", "criterion": criterion_name, "criterion_options": options, "cost_exponent": cost_exponent,
-                     "requested": outcome.allocation.requested,
+                     "normalize": normalize, "requested": outcome.allocation.requested,
                      "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
                      "verify": verify, "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0),
                      "tool_version": tool_version()}
@@ -197,6 +201,7 @@ def prune(
     if json_out is not None:
         document = prune_document(report)
         document["criterion_options"] = options
+        document["normalize"] = normalize
         write_json(document, json_out)
 
 

@@ -47,6 +47,13 @@ class Criterion(ABC):
     needs: ClassVar[str] = NEEDS_WEIGHTS  # weights | data (unlabelled) | labels
     defaults: ClassVar[dict[str, Any]] = {}  # option -> default (`--criterion-opt KEY=VALUE`)
 
+    def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
+        """Whether the scores estimate the loss change of removing a channel in the same units in
+        every group. Such scores compare across layers as they are: `--target-flops` then ranks them
+        without dividing each group by its mean (`--normalize auto`), which lets a residual stream,
+        whose channels each feed many layers, keep what it is worth."""
+        return False
+
     def requires(self, options: dict[str, Any] | None = None) -> str:
         """What this criterion needs with these options (e.g. sensitivity needs labels only with
         the Fisher Hessian)."""

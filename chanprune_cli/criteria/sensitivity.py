@@ -28,8 +28,10 @@ more channels in layers with a larger Hessian trace (off by default: on the CIFA
 MACs it concentrated the pruning in a few layers and cost 26 points of top-1 after BN
 recalibration, 46.1 % vs 72.5 %, see BENCHMARKS.md); the weights are also attached
 to the result as `scores.group_weights` for an allocator that normalises each group's scores.
-`--target-flops` normalises each group by its mean score and then multiplies by `group_weights`
-(kept in score files too), so the layer sensitivity reaches the global ranking. Uniform `--ratio`
+`--target-flops` multiplies each group's scores by `group_weights` (kept in score files too), so
+the layer sensitivity reaches the global ranking; with the Fisher Hessian the scores are loss
+increases and are ranked across groups as they are (`--normalize auto`), with the activation
+Hessian each group is first divided by its mean score. Uniform `--ratio`
 pruning ranks within each group and is unaffected.
 
 Options: hessian=fisher|activation, layer_allocation=false, include_norm=true (fisher: add the
@@ -267,6 +269,10 @@ class Sensitivity(Criterion):
     summary = "second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)"
     needs = NEEDS_LABELS
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
+
+    def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
+        # The Fisher saliency is a loss increase; the activation Hessian is each layer's own output error.
+        return str({**self.defaults, **(options or {})}["hessian"]) == "fisher"
 
     def requires(self, options: dict[str, Any] | None = None) -> str:
         return NEEDS_DATA if (options or {}).get("hessian", DEFAULTS["hessian"]) == "activation" else NEEDS_LABELS

@@ -50,6 +50,9 @@ class Taylor(Criterion):
     needs = NEEDS_LABELS
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
 
+    def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
+        return True  # (dL/dg)^2 or |dL/dg| of one loss, whatever the layer
+
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
               device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
         opts = parse_options(self.name, options, DEFAULTS)
