@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..graph import ChannelGraph
 from .base import (
     Batch,
@@ -25,6 +24,7 @@ from .base import (
     producer_rows,
     register,
 )
+from .gates import choice, parse_options
 
 
 class _NormCriterion(Criterion):
@@ -33,9 +33,7 @@ class _NormCriterion(Criterion):
 
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
               device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        side = options.get("side", "out")
-        if side not in ("out", "both"):
-            raise UserError(f"{self.name}: side must be 'out' or 'both', got {side!r}")
+        side = choice(self.name, "side", parse_options(self.name, options, self.defaults)["side"], ("out", "both"))
 
         def class_score(slots: list) -> float:
             # side=out: the producing filters (Li et al.); side=both also the consumers' input
