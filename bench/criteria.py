@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from datetime import date
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,19 @@ def seeds(args: argparse.Namespace) -> list[int]:
     return [int(s) for s in str(args.finetune_seeds).split(",")]
 
 
+@cache
+def augmented_train_set(path: str) -> Any:
+    """The training split with training augmentation, opened once for every (c) fine-tune."""
+    from chanprune_cli.data import open_dataset
+
+    return open_dataset(path, input_shape=SHAPE, mean=MEAN, std=STD, train=True)
+
+
 def finetuned(model: nn.Module, args: argparse.Namespace, seed: int) -> nn.Module:
     """(c): the identical short fine-tune for every method (same steps, lr, batches, seed)."""
-    from chanprune_cli.data import open_dataset
     from chanprune_cli.train import TrainConfig, Trainer
 
-    train = open_dataset(args.train, input_shape=SHAPE, mean=MEAN, std=STD, train=True)
+    train = augmented_train_set(args.train)
     cfg = TrainConfig(max_steps=args.finetune_steps, batch_size=args.batch_size, lr=args.finetune_lr, progress=False,
                       save_every=None, seed=seed)
     tuned = copy.deepcopy(model)
@@ -236,19 +243,17 @@ def main() -> None:
         write_report(rows, args, baseline)
         return
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(args.checkpoint, arch=args.arch).model.eval()
     ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
     calib, recal, test, long_calib = loaders(args, with_long="whitebox-long" in ours_names)
     baseline = top1(model, test)
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
+    exponents = [float(e) for e in str(args.cost_exponent).split(",")]
+    jobs = [(partial(ours, cost_exponent=e), n) for e in exponents for n in ours_names]
+    jobs += [(torch_pruning, n) for n in tp_names]
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):
-        exponents = [float(e) for e in str(args.cost_exponent).split(",")]
-        jobs = [(partial(ours, cost_exponent=e), n) for e in exponents for n in ours_names]
-        jobs += [(torch_pruning, n) for n in tp_names]
         for fn, name in jobs:
             try:
                 row = fn(name, model, protocol, long_calib if name == "whitebox-long" else calib, recal, test, args)
