@@ -45,6 +45,7 @@ from chanprune_cli.data import make_loader  # noqa: E402
 from chanprune_cli.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
 from chanprune_cli.recalibration import recalibrate_bn  # noqa: E402
+from chanprune_cli.rounds import score_in_rounds  # noqa: E402
 from chanprune_cli.scoring import compute_scores  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -123,8 +124,9 @@ def finetuned(model: nn.Module, args: argparse.Namespace, seed: int) -> nn.Modul
 
 
 def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace,
-         cost_exponent: float) -> dict[str, Any]:
+         cost_exponent: float, rounds: int) -> dict[str, Any]:
     row: dict[str, Any] = {"tool": "chanprune" + (f" --cost-exponent {cost_exponent:g}" if cost_exponent else "")
+                           + (f" --rounds {rounds}" if rounds > 1 else "")
                            + (f" --normalize {args.normalize}" if args.normalize != "auto" else ""),
                            "criterion": name, "protocol": protocol}
     start = time.perf_counter()
@@ -132,10 +134,15 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
     options = dict(kv.split("=", 1) for kv in opt_text.split(",") if kv)
     criterion = "whitebox" if criterion == "whitebox-long" else criterion
-    scores = compute_scores(model, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options)
+    normalize = pruning.normalize_mode(args.normalize, criterion, options)
+    # as `prune --rounds`: rescore between rounds after BN re-estimation on the recalibration batches
+    scores, removed = score_in_rounds(
+        model, graph, lambda m: compute_scores(m, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options),
+        rounds=rounds, target_flops=args.target_flops,
+        refresh=lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches),
+        cost_exponent=cost_exponent, normalize=normalize == "mean")
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
-                            cost_exponent=cost_exponent, normalize=args.normalize,
-                            criterion_options=options)
+                            cost_exponent=cost_exponent, normalize=normalize, criterion_options=options, removed=removed)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)
@@ -230,6 +237,7 @@ def main() -> None:
     parser.add_argument("--whitebox-long-batches", type=int, default=150,
                         help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
     parser.add_argument("--cost-exponent", default="0", help="ours: prune --cost-exponent E (a comma list: a row per E)")
+    parser.add_argument("--rounds", default="1", help="ours: prune --rounds N (a comma list: a row per N)")
     parser.add_argument("--normalize", choices=("auto", "mean", "none"), default="auto", help="ours: prune --normalize")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "out" / "criteria"))
@@ -250,7 +258,8 @@ def main() -> None:
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
     exponents = [float(e) for e in str(args.cost_exponent).split(",")]
-    jobs = [(partial(ours, cost_exponent=e), n) for e in exponents for n in ours_names]
+    jobs = [(partial(ours, cost_exponent=e, rounds=int(r)), n)
+            for r in str(args.rounds).split(",") for e in exponents for n in ours_names]
     jobs += [(torch_pruning, n) for n in tp_names]
     rows: list[dict[str, Any]] = []
     for protocol in args.protocols.split(","):

@@ -10,7 +10,7 @@ widths that will really be built.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,14 +91,17 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
     return sorted(chosen)
 
 
-def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor]) -> None:
+def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor],
+                  removed: Mapping[int, Sequence[int]]) -> None:
     for g in graph.prunable_groups():
         s = scores.get(g.id)
         if s is None:
             raise UserError(f"no scores for channel group {g.name}; were the scores made for this model?")
         if s.numel() != g.channels:
             raise UserError(f"scores for group {g.name} have {s.numel()} entries but the group has {g.channels} channels")
-        if not torch.isfinite(s[g.prunable_classes]).all():
+        gone = set(removed.get(g.id, ()))
+        alive = [i for i in g.prunable_classes if i not in gone]
+        if not torch.isfinite(s[alive]).all():  # channels removed already may score NaN (e.g. a constant map)
             raise UserError(f"scores for group {g.name} contain NaN or Inf")
 
 
@@ -130,7 +133,8 @@ class MacsEstimator:
 
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
              target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
-             round_to: int = 1, cost_exponent: float = 0.0, normalize: bool = True) -> Allocation:
+             round_to: int = 1, cost_exponent: float = 0.0, normalize: bool = True,
+             removed: Mapping[int, Sequence[int]] | None = None) -> Allocation:
     """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
 
     `cost_exponent` E (global targets only): rank channels by normalised importance / cost^E, the
@@ -141,7 +145,10 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
 
     `normalize` (global targets only): divide each group's scores by their mean before ranking, so
     that criteria whose magnitudes differ from layer to layer (norms, BN scales, ranks) compare.
-    Scores in loss units (`Criterion.in_loss_units`) are ranked as they are instead."""
+    Scores in loss units (`Criterion.in_loss_units`) are ranked as they are instead.
+
+    `removed` (global targets only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
+    they stay in the plan, and each group is normalised by the mean of the channels still alive."""
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio or --target-flops")
     if round_to < 1:
@@ -153,7 +160,10 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     if max(g.channels for g in groups) < round_to:
         raise UserError(f"--round-to {round_to} is larger than every prunable layer (widest: {max(g.channels for g in groups)} channels); "
                         "use a smaller --round-to")
-    _check_scores(graph, scores)
+    removed = removed or {}
+    if ratio is not None and any(removed.values()):
+        raise UserError("pruning in rounds needs --target-flops, not --ratio")
+    _check_scores(graph, scores, removed)
     floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
     estimator = MacsEstimator(graph)
     before = estimator.macs({})
@@ -176,8 +186,10 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
     normalised = {}
     for g in groups:
+        gone = set(removed.get(g.id, ()))
+        alive = [i for i in g.prunable_classes if i not in gone]
         s = scores[g.id].double()
-        mean = s[g.prunable_classes].abs().mean() if normalize else 1.0
+        mean = s[alive].abs().mean() if normalize and alive else 1.0
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
     if cost_exponent:
         cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}
@@ -185,6 +197,9 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
         for g in groups:
             if cost[g.id] > 0:
                 normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id]) ** cost_exponent
+    for gid, indices in removed.items():
+        if gid in normalised:
+            normalised[gid][list(indices)] = -math.inf  # removed before: first to go, at any threshold
 
     def plan_at(threshold: float) -> dict[int, list[int]]:
         plan = {}

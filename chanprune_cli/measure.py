@@ -30,7 +30,7 @@ def count_params(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _preserved(model: nn.Module, device: torch.device | None = None, eval_mode: bool = True) -> Iterator[nn.Module]:
+def preserved_mode_and_device(model: nn.Module, device: torch.device | None = None, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Put `model` in eval mode (and on `device`), then restore every module's flag and the device."""
     flags = [(m, m.training) for m in model.modules()]
     original = _model_device(model)
@@ -95,7 +95,7 @@ def _flop_analysis(model: nn.Module, input_shape: Sequence[int]) -> Any:
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
-        with _preserved(model), torch.no_grad():
+        with preserved_mode_and_device(model), torch.no_grad():
             try:
                 analysis.total()  # runs the trace now, while the model is in eval mode
             except Exception as exc:
@@ -146,7 +146,7 @@ def evaluate(
     started = time.perf_counter()
     with (
         progress_bar("rate", enabled=progress) as bar,
-        _preserved(model, device),
+        preserved_mode_and_device(model, device),
         torch.inference_mode(),
     ):
         task = bar.add_task("evaluating", total=total, rate="")
@@ -225,7 +225,7 @@ def measure_latency(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with _preserved(model, device), torch.inference_mode():
+        with preserved_mode_and_device(model, device), torch.inference_mode():
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
             # Random rather than zero input: some kernels take shortcuts on zeros.
             gen = torch.Generator().manual_seed(0)

@@ -72,7 +72,8 @@ def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | Non
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str, ratio: float | None = None, target_flops: float | None = None,
           min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, normalize: str = "auto",
-          criterion_options: Mapping[str, Any] | None = None, check: bool = True, rescale: bool = True) -> PruneOutcome:
+          criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
+          check: bool = True, rescale: bool = True) -> PruneOutcome:
     """Prune a copy of `model` by `scores`; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
@@ -83,7 +84,8 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     pruned model does not compute the same function as the masked original.
 
     `normalize` ("auto", "mean", "none", see `normalize_mode`) is how `target_flops` compares
-    groups; `criterion_options` are the options the scores were made with.
+    groups; `criterion_options` are the options the scores were made with; `removed` are channels
+    chosen by earlier rounds (`rounds.score_in_rounds`), kept in the plan.
     """
     bad = nonfinite_tensors(model)
     if bad:
@@ -91,7 +93,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model "
                         "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                          cost_exponent=cost_exponent,
+                          cost_exponent=cost_exponent, removed=removed,
                           normalize=normalize_mode(normalize, criterion, criterion_options) == "mean")
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}

@@ -20,28 +20,29 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     """Reset and re-estimate every BatchNorm's running statistics in place; returns batches used.
 
     Uses a cumulative average (momentum=None) so every batch counts equally; the model's
-    train/eval mode and the norms' momenta are restored afterwards.
+    train/eval mode, device and the norms' momenta are restored afterwards.
     """
+    from .measure import preserved_mode_and_device
+
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or max_batches <= 0:
         return 0
-    was_training = model.training
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     used = 0
     try:
-        for images, _ in batches:
-            if used >= max_batches:
-                break
-            model(images.to(device, non_blocking=True))
-            used += 1
+        with preserved_mode_and_device(model, torch.device(device), eval_mode=False):
+            model.train()
+            for images, _ in batches:
+                if used >= max_batches:
+                    break
+                model(images.to(device, non_blocking=True))
+                used += 1
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
     if used == 0:
         raise UserError("BatchNorm recalibration got no batches from --data")
     return used

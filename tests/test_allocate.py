@@ -112,3 +112,20 @@ def test_normalize_rejects_unknown_modes() -> None:
 
     with pytest.raises(UserError, match="auto, mean or none"):
         normalize_mode("max", "l1")
+
+
+def test_removed_channels_stay_removed_and_leave_the_mean(graph) -> None:  # type: ignore[no-untyped-def]
+    """A later round keeps what earlier rounds chose, and normalises each group over what is left:
+    a group whose weakest channels went ranks its survivors lower than before."""
+    scores = _scores(graph)
+    first = allocate(graph, scores, target_flops=0.2).plan
+    second = allocate(graph, scores, target_flops=0.4, removed=first).plan
+    assert all(set(first[g]) <= set(second.get(g, [])) for g in first)
+    one_shot = allocate(graph, scores, target_flops=0.4).plan
+    assert second != one_shot  # renormalised over the survivors: a different allocation, same target
+    nan = {g: s.clone() for g, s in scores.items()}
+    gid = next(iter(first))
+    nan[gid][first[gid]] = float("nan")  # a removed channel may score NaN (a constant feature map)
+    assert allocate(graph, nan, target_flops=0.4, removed=first).plan == second
+    with pytest.raises(UserError, match="--target-flops"):
+        allocate(graph, scores, ratio=0.5, removed=first)

@@ -52,6 +52,8 @@ from .common import (
          "chanprune prune model.pt --arch torchvision:resnet50 --criterion fpgm --target-flops 0.5 --round-to 8 --out r50.safetensors"),
         ("prune with scores made earlier by `chanprune score`, report as JSON",
          "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.taylor.safetensors --target-flops 0.5 --out p.safetensors --json p.json"),
+        ("reach the target in 10 rounds, rescoring between them (iterative pruning)",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --criterion l1 --target-flops 0.5 --rounds 10 --out r56.safetensors"),
         ("keep the classifier head and the stem untouched",
          "chanprune prune model.pt --arch torchvision:mobilenet_v2 --ratio 0.3 --ignore 'features.0.*' --ignore classifier.1 --out m.safetensors"),
     ),
@@ -68,6 +70,7 @@ def prune(
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
     cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 gave most criteria 1-9 points more top-1 on ResNet-56 when only the blocks' inner channels were prunable, fewer when the residual streams were too (BENCHMARKS.md).")] = 0.0,
     normalize: Annotated[str, typer.Option("--normalize", metavar="auto|mean|none", help="With --target-flops: divide each layer group's scores by their mean before the global ranking (mean) or rank them as they are (none). auto: none for scores in loss units (taylor, sensitivity with the Fisher Hessian), whose raw values compare across layers, mean for the others.")] = "auto",
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", min=1, help="With --target-flops and --criterion: reach the target in N rounds, rescoring between them the model with the channels chosen so far masked (its BatchNorm statistics re-estimated on --data first, see --recalibrate-bn); each layer's scores are normalised over its surviving channels. Surgery and verification happen once.")] = 1,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
@@ -106,6 +109,10 @@ def prune(
         out = str(Path(ckpt).with_name(Path(ckpt).stem + ".pruned.safetensors"))
     if criterion is not None and scores_path is not None:
         raise UserError("give either --criterion or --scores, not both")
+    if rounds > 1 and scores_path is not None:
+        raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
+    if rounds > 1 and target_flops is None:
+        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); use --target-flops instead of --ratio")
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
     for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
@@ -165,26 +172,44 @@ def prune(
     if narrow and len(narrow) < len(graph.prunable_groups()):
         typer.echo(f"warning: --round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
                    f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned", err=True)
+    removed: dict[int, list[int]] = {}
     if scores_path is not None:
         scores, info = load_scores(scores_path, graph, model)
         criterion_name = str(info.get("criterion"))
         options = dict(info.get("options") or {})
+        normalize = normalize_mode(normalize, criterion_name, options)
     else:
         assert criterion_name is not None
+        from ..recalibration import recalibrate_bn as recalibrate
+        from ..rounds import score_in_rounds
+
+        normalize = normalize_mode(normalize, criterion_name, options)
+        dev = resolve_device(device)
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
-        scores = compute_scores(model, graph, criterion_name, loader, resolve_device(device), seed=seed, options=options)
+
+        def score(m: Any) -> Any:
+            return compute_scores(m, graph, criterion_name, loader, dev, seed=seed, options=options)
+
+        def refresh(m: Any) -> None:
+            recal = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, recalibrate_bn)
+            recalibrate(m, recal, dev, recalibrate_bn)
+            m.cpu()
+
+        scores, removed = score_in_rounds(model, graph, score, rounds=rounds, target_flops=target_flops,
+                                          refresh=refresh if data is not None and recalibrate_bn > 0 else None,
+                                          min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
+                                          normalize=normalize == "mean")
         options = {**get_criterion(criterion_name).defaults, **options}
-    normalize = normalize_mode(normalize, criterion_name, options)
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
                             target_flops=target_flops, min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
-                            normalize=normalize, criterion_options=options, check=not no_verify)
+                            normalize=normalize, criterion_options=options, removed=removed, check=not no_verify)
     dev = resolve_device(device)
     accuracy = _accuracy_and_recalibration(model, outcome.model, data, val_data, recalibrate_bn, dev, shape, mean_t, std_t,
                                            batch_size, workers, seed)
     verify = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
     history_entry = {"command": "prune", "criterion": criterion_name, "criterion_options": options, "cost_exponent": cost_exponent,
-                     "normalize": normalize, "requested": outcome.allocation.requested,
+                     "normalize": normalize, "rounds": rounds, "requested": outcome.allocation.requested,
                      "data": data, "seed": seed, "before": outcome.before, "after": outcome.after,
                      "verify": verify, "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0),
                      "tool_version": tool_version()}
@@ -202,6 +227,7 @@ def prune(
         document = prune_document(report)
         document["criterion_options"] = options
         document["normalize"] = normalize
+        document["rounds"] = rounds
         write_json(document, json_out)
 
 

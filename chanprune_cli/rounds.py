@@ -1,0 +1,51 @@
+"""Iterative pruning (`prune --rounds N`): reach a MACs target in N rounds, rescoring in between.
+
+Round k chooses channels until k/N of the target is reached; what earlier rounds chose stays
+chosen, and the next round scores a copy of the model with those channels masked
+(`surgery.mask_model`: the copy computes what the pruned model would), after `refresh` (BatchNorm
+re-estimation on the calibration data) when given. Each group's scores are normalised over the
+channels still alive, so a layer that lost its weakest channels ranks the rest lower — the dynamics
+of Torch-Pruning's iterative steps. Surgery happens once, after the last round (`pruning.prune`
+with `removed=`): floors (--min-keep) hold for the original widths, and the result is verified
+against the original model, masked.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocate import allocate
+from .errors import UserError
+from .graph import ChannelGraph
+from .surgery import mask_model
+
+Scores = Mapping[int, torch.Tensor]
+
+
+def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.Module], Scores], *, rounds: int,
+                    target_flops: float | None, refresh: Callable[[nn.Module], Any] | None = None,
+                    **allocation_options: Any) -> tuple[Scores, dict[int, list[int]]]:
+    """Rounds 1..N−1 of iterative pruning: the scores for the last round and the channels chosen
+    before it. `score(model)` scores a model with the graph's module names; `allocation_options`
+    are `allocate`'s (min_keep, round_to, cost_exponent, normalize). With one round: `score(model)`, {}."""
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    if rounds > 1 and target_flops is None:
+        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); use --target-flops instead of --ratio")
+    removed: dict[int, list[int]] = {}
+    scores = score(model)
+    for k in range(1, rounds):
+        assert target_flops is not None
+        removed = allocate(graph, scores, target_flops=target_flops * k / rounds, removed=removed,
+                           **allocation_options).plan
+        masked = copy.deepcopy(model)
+        mask_model(masked, graph, removed)
+        if refresh is not None:
+            refresh(masked)
+        scores = score(masked.eval())
+    return scores, removed
