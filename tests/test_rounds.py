@@ -73,6 +73,7 @@ def test_prune_rounds_cli_verifies_and_records(tmp_path, monkeypatch) -> None:  
                                   "--calib-batches", "2", "--recalibrate-bn", "2", "--target-flops", "0.5",
                                   "--rounds", str(rounds), "--out", f"r{rounds}.safetensors", "--json", f"r{rounds}.json"])
         assert res.exit_code == 0, res.output
+        assert ("round 4/4: scoring with taylor" in res.output) == (rounds == 4)
         docs[rounds] = json.loads(Path(f"r{rounds}.json").read_text())
         assert docs[rounds]["rounds"] == rounds and docs[rounds]["verify"]["passed"]
         assert 1 - docs[rounds]["after"]["macs"] / docs[rounds]["before"]["macs"] >= 0.5

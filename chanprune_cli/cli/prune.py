@@ -187,7 +187,11 @@ def prune(
         dev = resolve_device(device)
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
 
+        round_numbers = iter(range(1, rounds + 1))
+
         def score(m: Any) -> Any:
+            if rounds > 1:
+                typer.echo(f"round {next(round_numbers)}/{rounds}: scoring with {criterion_name}", err=True)
             return compute_scores(m, graph, criterion_name, loader, dev, seed=seed, options=options)
 
         def refresh(m: Any) -> None:
