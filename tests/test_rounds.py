@@ -82,3 +82,24 @@ def test_prune_rounds_cli_verifies_and_records(tmp_path, monkeypatch) -> None:  
         assert meta["history"][-1]["rounds"] == rounds and len(meta["plans"]) == 1
     widths = {r: [(layer["name"], layer["out_after"]) for layer in doc["layers"]] for r, doc in docs.items()}
     assert widths[1] != widths[4]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bn_recalibration_follows_the_batches_device(device: str) -> None:
+    """`recalibrate_bn` runs the model where the batches go and hands it back where it was, in its mode."""
+    from torch import nn
+
+    from chanprune_cli.recalibration import recalibrate_bn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = [(torch.randn(8, 1, 8, 8) * 3 + 2, torch.zeros(8)) for _ in range(3)]
+    assert recalibrate_bn(model, batches, torch.device(device), 2) == 2
+    norm = model[1]
+    assert not model.training and norm.momentum == 0.1
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    assert not torch.allclose(norm.running_var, torch.ones(4))  # statistics re-estimated
+    with torch.no_grad():
+        model.train()
+        conv = model[0](torch.cat([b for b, _ in batches[:2]]))
+    assert torch.allclose(norm.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4)
