@@ -27,16 +27,21 @@ from .surgery import mask_model
 Scores = Mapping[int, torch.Tensor]
 
 
+def check_rounds(rounds: int, target_flops: float | None) -> None:
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    if rounds > 1 and target_flops is None:
+        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
+                        "use --target-flops instead of --ratio")
+
+
 def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.Module], Scores], *, rounds: int,
                     target_flops: float | None, refresh: Callable[[nn.Module], Any] | None = None,
                     **allocation_options: Any) -> tuple[Scores, dict[int, list[int]]]:
     """Rounds 1..N−1 of iterative pruning: the scores for the last round and the channels chosen
     before it. `score(model)` scores a model with the graph's module names; `allocation_options`
     are `allocate`'s (min_keep, round_to, cost_exponent, normalize). With one round: `score(model)`, {}."""
-    if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
-    if rounds > 1 and target_flops is None:
-        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); use --target-flops instead of --ratio")
+    check_rounds(rounds, target_flops)
     removed: dict[int, list[int]] = {}
     scores = score(model)
     for k in range(1, rounds):

@@ -70,7 +70,7 @@ def prune(
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
     cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; 0.5 gave most criteria 1-9 points more top-1 on ResNet-56 when only the blocks' inner channels were prunable, fewer when the residual streams were too (BENCHMARKS.md).")] = 0.0,
     normalize: Annotated[str, typer.Option("--normalize", metavar="auto|mean|none", help="With --target-flops: divide each layer group's scores by their mean before the global ranking (mean) or rank them as they are (none). auto: none for scores in loss units (taylor, sensitivity with the Fisher Hessian), whose raw values compare across layers, mean for the others.")] = "auto",
-    rounds: Annotated[int, typer.Option("--rounds", metavar="N", min=1, help="With --target-flops and --criterion: reach the target in N rounds, rescoring between them the model with the channels chosen so far masked (its BatchNorm statistics re-estimated on --data first, see --recalibrate-bn); each layer's scores are normalised over its surviving channels. Surgery and verification happen once.")] = 1,
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", min=1, help="With --target-flops and --criterion: reach the target in N rounds, rescoring between them the model with the channels chosen so far masked (its BatchNorm statistics re-estimated on --data first, see --recalibrate-bn); each layer's scores are normalised over its surviving channels. Surgery and verification happen once. Helped l1/l2/bn/cac, hurt hrank/info/whitebox on ResNet-56 (BENCHMARKS.md).")] = 1,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
@@ -111,8 +111,9 @@ def prune(
         raise UserError("give either --criterion or --scores, not both")
     if rounds > 1 and scores_path is not None:
         raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
-    if rounds > 1 and target_flops is None:
-        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); use --target-flops instead of --ratio")
+    from ..rounds import check_rounds, score_in_rounds
+
+    check_rounds(rounds, target_flops)
     if (ratio is None) == (target_flops is None):
         raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
     for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
@@ -172,6 +173,7 @@ def prune(
     if narrow and len(narrow) < len(graph.prunable_groups()):
         typer.echo(f"warning: --round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
                    f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned", err=True)
+    dev = resolve_device(device)
     removed: dict[int, list[int]] = {}
     if scores_path is not None:
         scores, info = load_scores(scores_path, graph, model)
@@ -181,10 +183,8 @@ def prune(
     else:
         assert criterion_name is not None
         from ..recalibration import recalibrate_bn as recalibrate
-        from ..rounds import score_in_rounds
 
         normalize = normalize_mode(normalize, criterion_name, options)
-        dev = resolve_device(device)
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
 
         round_numbers = iter(range(1, rounds + 1))
@@ -197,7 +197,6 @@ def prune(
         def refresh(m: Any) -> None:
             recal = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, recalibrate_bn)
             recalibrate(m, recal, dev, recalibrate_bn)
-            m.cpu()
 
         scores, removed = score_in_rounds(model, graph, score, rounds=rounds, target_flops=target_flops,
                                           refresh=refresh if data is not None and recalibrate_bn > 0 else None,
@@ -207,7 +206,6 @@ def prune(
     outcome = pruning.prune(model, graph, scores, shape, criterion=criterion_name, ratio=ratio,
                             target_flops=target_flops, min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
                             normalize=normalize, criterion_options=options, removed=removed, check=not no_verify)
-    dev = resolve_device(device)
     accuracy = _accuracy_and_recalibration(model, outcome.model, data, val_data, recalibrate_bn, dev, shape, mean_t, std_t,
                                            batch_size, workers, seed)
     verify = None if outcome.verify is None else {
