@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from chanprune_cli import pruning  # noqa: E402
 from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
-from chanprune_cli.criteria import available  # noqa: E402
+from chanprune_cli.criteria import available, get_criterion  # noqa: E402
+from chanprune_cli.criteria.base import NEEDS_WEIGHTS  # noqa: E402
 from chanprune_cli.data import make_loader  # noqa: E402
 from chanprune_cli.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
@@ -139,7 +140,8 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     scores, removed = score_in_rounds(
         model, graph, lambda m: compute_scores(m, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options),
         rounds=rounds, target_flops=args.target_flops,
-        refresh=lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches),
+        refresh=(lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches))
+        if get_criterion(criterion).requires(options) != NEEDS_WEIGHTS else None,
         cost_exponent=cost_exponent, normalize=normalize == "mean")
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
                             cost_exponent=cost_exponent, normalize=normalize, criterion_options=options, removed=removed)

@@ -91,17 +91,14 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
     return sorted(chosen)
 
 
-def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor],
-                  removed: Mapping[int, Sequence[int]]) -> None:
+def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], alive: Mapping[int, list[int]]) -> None:
     for g in graph.prunable_groups():
         s = scores.get(g.id)
         if s is None:
             raise UserError(f"no scores for channel group {g.name}; were the scores made for this model?")
         if s.numel() != g.channels:
             raise UserError(f"scores for group {g.name} have {s.numel()} entries but the group has {g.channels} channels")
-        gone = set(removed.get(g.id, ()))
-        alive = [i for i in g.prunable_classes if i not in gone]
-        if not torch.isfinite(s[alive]).all():  # channels removed already may score NaN (e.g. a constant map)
+        if not torch.isfinite(s[alive[g.id]]).all():  # channels removed already may score NaN (e.g. a constant map)
             raise UserError(f"scores for group {g.name} contain NaN or Inf")
 
 
@@ -163,7 +160,10 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     removed = removed or {}
     if ratio is not None and any(removed.values()):
         raise UserError("pruning in rounds needs --target-flops, not --ratio")
-    _check_scores(graph, scores, removed)
+    # the prunable channels no earlier round removed: the ones checked and normalised
+    gone = {gid: set(indices) for gid, indices in removed.items()}
+    alive = {g.id: [i for i in g.prunable_classes if i not in gone.get(g.id, ())] for g in groups}
+    _check_scores(graph, scores, alive)
     floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
     estimator = MacsEstimator(graph)
     before = estimator.macs({})
@@ -186,10 +186,8 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
     normalised = {}
     for g in groups:
-        gone = set(removed.get(g.id, ()))
-        alive = [i for i in g.prunable_classes if i not in gone]
         s = scores[g.id].double()
-        mean = s[alive].abs().mean() if normalize and alive else 1.0
+        mean = s[alive[g.id]].abs().mean() if normalize and alive[g.id] else 1.0
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
     if cost_exponent:
         cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}

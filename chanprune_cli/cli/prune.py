@@ -182,6 +182,7 @@ def prune(
         normalize = normalize_mode(normalize, criterion_name, options)
     else:
         assert criterion_name is not None
+        from ..criteria.base import NEEDS_WEIGHTS
         from ..recalibration import recalibrate_bn as recalibrate
 
         normalize = normalize_mode(normalize, criterion_name, options)
@@ -194,12 +195,16 @@ def prune(
                 typer.echo(f"round {next(round_numbers)}/{rounds}: scoring with {criterion_name}", err=True)
             return compute_scores(m, graph, criterion_name, loader, dev, seed=seed, options=options)
 
+        # BN statistics matter only to criteria that read activations
+        reads_activations = get_criterion(criterion_name).requires(options) != NEEDS_WEIGHTS
+
         def refresh(m: Any) -> None:
+            # a fresh loader draws the same seeded batches every round (and as the final recalibration)
             recal = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, recalibrate_bn)
             recalibrate(m, recal, dev, recalibrate_bn)
 
         scores, removed = score_in_rounds(model, graph, score, rounds=rounds, target_flops=target_flops,
-                                          refresh=refresh if data is not None and recalibrate_bn > 0 else None,
+                                          refresh=refresh if data is not None and recalibrate_bn > 0 and reads_activations else None,
                                           min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent,
                                           normalize=normalize == "mean")
         options = {**get_criterion(criterion_name).defaults, **options}
