@@ -165,7 +165,7 @@ def l1_plan(model: Any, graph: Any, ratio: float) -> tuple[dict[int, list[int]],
     except ImportError:
         get_criterion = None
     try:
-        from chanprune_cli.allocate import allocate  # type: ignore[import-not-found]
+        from chanprune_cli.engine.allocate import allocate  # type: ignore[import-not-found]
     except ImportError:
         allocate = None
     if get_criterion is not None:
@@ -175,7 +175,7 @@ def l1_plan(model: Any, graph: Any, ratio: float) -> tuple[dict[int, list[int]],
         scores = {k: torch.tensor(v) for k, v in _inline_l1(model, graph).items()}
         how = "inline L1 of producer filters"
     if allocate is not None:
-        return {k: list(v) for k, v in allocate(graph, scores, ratio=ratio).plan.items() if v}, how + " + chanprune_cli.allocate"
+        return {k: list(v) for k, v in allocate(graph, scores, ratio=ratio).plan.items() if v}, how + " + chanprune_cli.engine.allocate"
     return _plan_from_scores(graph, scores, ratio), how + " + inline allocation"
 
 
@@ -244,8 +244,8 @@ def _plan_from_scores(graph: Any, scores: Any, ratio: float) -> dict[int, list[i
 def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float = float("inf")) -> dict[str, Any]:
     import torch
 
-    from chanprune_cli.graph import build_graph
-    from chanprune_cli.surgery import prune_model, verify
+    from chanprune_cli.engine.graph import build_graph
+    from chanprune_cli.engine.surgery import prune_model, verify
 
     res: dict[str, Any] = {"tool": "chanprune", "model": name}
     model, _, source = load_model(name)
@@ -360,8 +360,8 @@ def worker_timing(name: str, ratio: float, size_req: int | None, repeats: int) -
     import torch
     import torch_pruning as tp
 
-    from chanprune_cli.graph import build_graph
-    from chanprune_cli.surgery import prune_model, verify
+    from chanprune_cli.engine.graph import build_graph
+    from chanprune_cli.engine.surgery import prune_model, verify
 
     warnings.filterwarnings("ignore")
     model, classes, _ = load_model(name)

@@ -38,16 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from chanprune_cli import pruning  # noqa: E402
+from chanprune_cli.prune import pruning  # noqa: E402
 from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
 from chanprune_cli.criteria import available, get_criterion  # noqa: E402
 from chanprune_cli.criteria.base import NEEDS_WEIGHTS  # noqa: E402
 from chanprune_cli.data import make_loader  # noqa: E402
-from chanprune_cli.graph import build_graph  # noqa: E402
+from chanprune_cli.engine.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
-from chanprune_cli.recalibration import recalibrate_bn  # noqa: E402
-from chanprune_cli.rounds import score_in_rounds  # noqa: E402
-from chanprune_cli.scoring import compute_scores  # noqa: E402
+from chanprune_cli.prune.recalibration import recalibrate_bn  # noqa: E402
+from chanprune_cli.prune.rounds import score_in_rounds  # noqa: E402
+from chanprune_cli.prune.scoring import compute_scores  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)

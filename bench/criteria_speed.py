@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from chanprune_cli.criteria import get_criterion
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import ArchSpec, build_model
 
 DEFAULT = ("taylor", "taylor:per_sample=true", "hrank", "sensitivity", "sensitivity:hessian=activation",

@@ -139,7 +139,7 @@ def main() -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from chanprune_cli.device import resolve_device
+    from chanprune_cli.support.device import resolve_device
 
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 For each model, prune to `--target-flops` of the MACs removed (L1 criterion, one global ranking)
 with each `--round-to` (kept widths multiples of N: 1 = exact, 8/16 suit vectorised kernels), then
 time the unpruned and the pruned model at each batch size on the CPU with a fixed thread count
-(`chanprune_cli.benchmark.time_model`: warm-up, median of timed runs, bounded by `--max-time`).
+(`chanprune_cli.deploy.benchmark.time_model`: warm-up, median of timed runs, bounded by `--max-time`).
 Prints a markdown table: MACs ratio (reference MACs / pruned MACs, the speed-up MACs alone
 predict), latency reference → pruned, measured speed-up, and speed-up ÷ MACs ratio (100 % = the
 pruned model is exactly as much faster as the work removed).
@@ -37,13 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from chanprune_cli import pruning
-from chanprune_cli.benchmark import time_model
+from chanprune_cli.prune import pruning
+from chanprune_cli.deploy.benchmark import time_model
 from chanprune_cli.checkpoint import load_checkpoint
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.measure import count_macs, count_params
 from chanprune_cli.models import build_model, parse_arch
-from chanprune_cli.scoring import compute_scores
+from chanprune_cli.prune.scoring import compute_scores
 
 R56_CHECKPOINT = SHARED / "checkpoints" / "resnet56-cifar10jpeg.pt"
 

@@ -66,7 +66,7 @@ def train_stage(ctx: DemoContext) -> None:
     import torch
 
     from .data import make_loader
-    from .fsutil import atomic_path
+    from .support.fsutil import atomic_path
     from .models import build_model, default_input_shape, parse_arch
 
     torch.manual_seed(ctx.seed)  # same weights, same data order, same result on every run
@@ -165,7 +165,7 @@ max_acc_drop = 3.0          # a CI gate: exit 3 if the fine-tuned model lost mor
 
 def pipeline_stage(ctx: DemoContext) -> None:
     """Write demo.toml and run the whole pipeline with `chanprune run`; the last table is bench's."""
-    from .fsutil import write_text_atomic
+    from .support.fsutil import write_text_atomic
 
     config = ctx.out / "demo.toml"
     write_text_atomic(config, PIPELINE_CONFIG)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .progress import batches_total, progress_bar
+from .support.progress import batches_total, progress_bar
 
 
 def count_params(model: nn.Module) -> int:

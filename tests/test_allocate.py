@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chanprune_cli.allocate import MacsEstimator, allocate
+from chanprune_cli.engine.allocate import MacsEstimator, allocate
 from chanprune_cli.criteria.base import WeightedScores
 from chanprune_cli.errors import UserError
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
 
 
@@ -102,13 +102,13 @@ def test_unnormalised_ranking_compares_raw_scores_across_groups(graph) -> None: 
     ("none", "l1", {}, "none"),
 ])
 def test_normalize_auto_follows_the_criterion_units(choice: str, criterion: str, options: dict, expected: str) -> None:
-    from chanprune_cli.pruning import normalize_mode
+    from chanprune_cli.prune.pruning import normalize_mode
 
     assert normalize_mode(choice, criterion, options) == expected
 
 
 def test_normalize_rejects_unknown_modes() -> None:
-    from chanprune_cli.pruning import normalize_mode
+    from chanprune_cli.prune.pruning import normalize_mode
 
     with pytest.raises(UserError, match="auto, mean or none"):
         normalize_mode("max", "l1")

@@ -747,7 +747,7 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(ws: Ws, monkeypatch: pytest
                                                      build: Callable[[Ws, str], list[Any]]) -> None:
     import safetensors.torch
 
-    import chanprune_cli.scoring
+    import chanprune_cli.prune.scoring
 
     target = ws.out / ("out.json" if writer.endswith("json") else "out.safetensors")
     if writer.endswith("json"):
@@ -768,7 +768,7 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(ws: Ws, monkeypatch: pytest
 
         real_save = safetensors.torch.save_file
         monkeypatch.setattr(safetensors.torch, "save_file", cut)
-        monkeypatch.setattr(chanprune_cli.scoring, "save_file", cut)
+        monkeypatch.setattr(chanprune_cli.prune.scoring, "save_file", cut)
     result = cli(*build(ws, str(target)))
     assert result.exit_code == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted"

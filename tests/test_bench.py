@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from chanprune_cli import benchmark
+from chanprune_cli.deploy import benchmark
 from chanprune_cli.cli import app
 from chanprune_cli.models import build_model, parse_arch
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from chanprune_cli import pruning
-from chanprune_cli.graph import build_graph
-from chanprune_cli.scoring import compute_scores
+from chanprune_cli.prune import pruning
+from chanprune_cli.engine.graph import build_graph
+from chanprune_cli.prune.scoring import compute_scores
 
 # (name, input side): one model per coupling family — residual adds, channel shuffle + split,
 # concat (fire modules), depthwise + SE + stochastic depth, train-only auxiliary heads, grouped conv.

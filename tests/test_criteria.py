@@ -18,9 +18,9 @@ from chanprune_cli.criteria.info import info_components
 from chanprune_cli.criteria.sensitivity import layer_sensitivity
 from chanprune_cli.criteria.whitebox import whitebox_masks
 from chanprune_cli.errors import UserError
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import ArchSpec, build_model
-from chanprune_cli.surgery import mask_model
+from chanprune_cli.engine.surgery import mask_model
 
 CPU = torch.device("cpu")
 DATA_CRITERIA = ("taylor", "hrank", "sensitivity", "info", "cac", "whitebox")
@@ -557,7 +557,7 @@ def test_cli_criterion_opt_and_unlabelled(tmp_path, monkeypatch) -> None:
 
 
 def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None:
-    from chanprune_cli import pruning
+    from chanprune_cli.prune import pruning
     from chanprune_cli.criteria.base import channel_scales
 
     model, graph = mixed

@@ -20,11 +20,11 @@ import torch
 from engine_helpers import randomize
 from typer.testing import CliRunner
 
-from chanprune_cli import export as exporter
-from chanprune_cli import pruning
+from chanprune_cli.deploy import export as exporter
+from chanprune_cli.prune import pruning
 from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -17,9 +17,9 @@ from engine_helpers import randomize
 from torch import nn
 
 from chanprune_cli.errors import UserError
-from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph, match_ignored
+from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph, match_ignored
 from chanprune_cli.models import build_model, parse_arch
-from chanprune_cli.surgery import prune_model, removals, verify
+from chanprune_cli.engine.surgery import prune_model, removals, verify
 
 # Tiny tensors: intra-op threads only add synchronisation (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -388,7 +388,7 @@ def test_cifar_resnet20_random_40_percent_plan() -> None:
 
 
 def test_union_pairs_with_several_partners_per_id() -> None:
-    from chanprune_cli.graph import _UnionFind, _unique_ids
+    from chanprune_cli.engine.graph import _UnionFind, _unique_ids
 
     uf = _UnionFind()
     for i in range(10):

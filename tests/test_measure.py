@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chanprune_cli.device import resolve_device
+from chanprune_cli.support.device import resolve_device
 from chanprune_cli.errors import UserError
 from chanprune_cli.measure import (
     count_macs,

@@ -13,7 +13,7 @@ import torch.fx
 from torch import nn
 
 from chanprune_cli.errors import UserError
-from chanprune_cli.layers import OptionAShortcut
+from chanprune_cli.models.layers import OptionAShortcut
 from chanprune_cli.models import (
     ArchSpec,
     build_model,

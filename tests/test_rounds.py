@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from chanprune_cli.allocate import allocate
+from chanprune_cli.engine.allocate import allocate
 from chanprune_cli.criteria import get_criterion
 from chanprune_cli.errors import UserError
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
-from chanprune_cli.rounds import score_in_rounds
+from chanprune_cli.prune.rounds import score_in_rounds
 
 SHAPE = (1, 8, 8)
 CPU = torch.device("cpu")
@@ -90,7 +90,7 @@ def test_bn_recalibration_follows_the_batches_device(device: str) -> None:
     """`recalibrate_bn` runs the model where the batches go and hands it back where it was, in its mode."""
     from torch import nn
 
-    from chanprune_cli.recalibration import recalibrate_bn
+    from chanprune_cli.prune.recalibration import recalibrate_bn
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
     batches = [(torch.randn(8, 1, 8, 8) * 3 + 2, torch.zeros(8)) for _ in range(3)]

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from engine_helpers import randomize
 from torch import nn
 
-from chanprune_cli.graph import ChannelGraph, ChannelGroup, build_graph
-from chanprune_cli.surgery import mask_model, prune_model, removals, verify
+from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph
+from chanprune_cli.engine.surgery import mask_model, prune_model, removals, verify
 
 Pick = Callable[[ChannelGroup], list[int]]
 

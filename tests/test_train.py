@@ -22,9 +22,9 @@ from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
 from chanprune_cli.data import open_dataset
 from chanprune_cli.errors import UserError
-from chanprune_cli.graph import build_graph
+from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
-from chanprune_cli.schedules import (
+from chanprune_cli.train.schedules import (
     CACSchedule,
     SoftFilterPruning,
     WhiteboxSchedule,
@@ -193,9 +193,9 @@ def test_distillation_pulls_the_student_towards_the_teacher(digits_train: Any, t
 
 
 def test_train_step_check_on_a_pruned_resnet() -> None:
-    from chanprune_cli.allocate import allocate
+    from chanprune_cli.engine.allocate import allocate
     from chanprune_cli.criteria import get_criterion
-    from chanprune_cli.surgery import prune_model
+    from chanprune_cli.engine.surgery import prune_model
 
     model = build_model(parse_arch("cifar_resnet20", None))
     graph = build_graph(model, (3, 32, 32))
@@ -372,7 +372,7 @@ def test_cac_prunes_at_the_scheduled_steps(digits_train: Any, trained_state: Any
 
 
 def test_replace_model_carries_momentum_through_surgery(digits_train: Any, trained_state: Any) -> None:
-    from chanprune_cli.surgery import prune_model
+    from chanprune_cli.engine.surgery import prune_model
 
     trainer = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=3)
     trainer.fit()
@@ -432,7 +432,7 @@ def test_whitebox_trains_masks_on_frozen_weights_then_prunes(digits_train: Any, 
 
 
 def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) -> None:
-    from chanprune_cli.schedules import train_whitebox_masks
+    from chanprune_cli.train.schedules import train_whitebox_masks
 
     model = fresh_model(trained_state)
     before = weights(model)
@@ -445,7 +445,7 @@ def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) 
 
 def test_whitebox_rescale_equals_a_constant_gate(trained_state: Any) -> None:
     from chanprune_cli.criteria.gates import ChannelGates
-    from chanprune_cli.schedules import _rescale
+    from chanprune_cli.train.schedules import _rescale
 
     model = fresh_model(trained_state).eval()
     graph = build_graph(model, SHAPE)
@@ -473,9 +473,9 @@ def cli(*args: str) -> Any:
 @pytest.fixture(scope="module")
 def pruned_ckpt(tmp_path_factory: pytest.TempPathFactory, trained_state: Any) -> Path:
     """The trained digits model, pruned to half its channels (chanprune file)."""
-    from chanprune_cli.allocate import allocate
+    from chanprune_cli.engine.allocate import allocate
     from chanprune_cli.criteria import get_criterion
-    from chanprune_cli.pruning import prune
+    from chanprune_cli.prune.pruning import prune
 
     folder = tmp_path_factory.mktemp("ckpt")
     model = fresh_model(trained_state)

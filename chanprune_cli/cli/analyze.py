@@ -83,7 +83,7 @@ def analyze(
     check_json_out(json_out, force)
     dev = None
     if data is not None:
-        from ..device import resolve_device
+        from ..support.device import resolve_device
 
         dev = resolve_device(device)
     seed_everything(seed)
@@ -114,7 +114,7 @@ def analyze(
         max_batches=calib_batches)
     macs = measure.count_macs(model, shape)
     rows = layer_rows(model, measure.per_module_macs(model, shape))
-    from ..graph import build_graph
+    from ..engine.graph import build_graph
     from ..report import group_rows
 
     groups = group_rows(build_graph(model, shape))

@@ -89,7 +89,7 @@ def bench(
     if not checkpoints:
         raise UserError("give at least one checkpoint: chanprune bench REFERENCE [MODEL...]")
     # Validate every option before the slow steps (loading, tracing, evaluating, timing).
-    from ..benchmark import parse_batch_sizes
+    from ..deploy.benchmark import parse_batch_sizes
 
     sizes = parse_batch_sizes(batch_sizes)
     if gate_batch is not None and gate_batch not in sizes:
@@ -111,22 +111,22 @@ def bench(
         raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {min_speedup:g}")
     shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
     if plot is not None:
-        from ..fsutil import check_output
-        from ..plots import check_plot_path, require_matplotlib
+        from ..support.fsutil import check_output
+        from ..report.plots import check_plot_path, require_matplotlib
 
         require_matplotlib()
         check_plot_path(plot)
         check_output(plot, force)
     check_distinct_outputs(("--json", json_out), ("--plot", plot))
     _refuse_overwriting_inputs(checkpoints, ("--json", json_out), ("--plot", plot))
-    from ..device import resolve_device
+    from ..support.device import resolve_device
 
     dev = resolve_device(device)
     seed_everything(seed)
 
     import torch
 
-    from .. import benchmark
+    from ..deploy import benchmark
     from ..checkpoint import nonfinite_tensors
     from ..report import (
         BenchReport,
@@ -184,7 +184,7 @@ def bench(
     if json_out is not None:
         write_json(bench_document(report), json_out)
     if plot is not None:
-        from ..plots import write_bench_plot
+        from ..report.plots import write_bench_plot
 
         write_bench_plot(report, plot)
     failure = benchmark.gate_failure(gates)

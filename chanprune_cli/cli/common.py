@@ -151,7 +151,7 @@ EXTRA_TABLES: dict[str, frozenset[str]] = {"run": frozenset({"dir", "stages"})}
 
 def option_keys(command: Any) -> dict[str, Any]:
     """Config key → Click parameter for every option and argument of `command` (not --config/--debug)."""
-    from ..config import normalise_key
+    from ..project.config import normalise_key
 
     keys: dict[str, Any] = {}
     for param in command.params:
@@ -180,7 +180,7 @@ def command_keys(group: Any) -> dict[str, set[str]]:
 
 def config_files(group: Any, explicit: str | None) -> list[Any]:
     """The discovered project config, then the --config file (ascending precedence)."""
-    from ..config import discover, load_config
+    from ..project.config import discover, load_config
 
     tables = list(command_keys(group))
     files = [f for f in (discover(os.getcwd(), tables),) if f is not None]
@@ -191,14 +191,14 @@ def config_files(group: Any, explicit: str | None) -> list[Any]:
 
 def command_settings(group: Any, name: str, explicit: str | None) -> dict[str, Any]:
     """Config key → config.Setting for command `name`."""
-    from ..config import resolve
+    from ..project.config import resolve
 
     return resolve(name, config_files(group, explicit), command_keys(group))
 
 
 def default_map(command: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Click's default_map (parameter name → value as the option expects it) from settings."""
-    from ..config import option_text
+    from ..project.config import option_text
 
     params = option_keys(command)
     result: dict[str, Any] = {}
@@ -290,7 +290,7 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback
 def check_json_out(path: str | None, force: bool) -> None:
     """Fail before any long computation when the JSON report could not be written."""
     if path is not None and path != "-":
-        from ..fsutil import check_output
+        from ..support.fsutil import check_output
 
         check_output(path, force)
 

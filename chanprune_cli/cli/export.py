@@ -65,7 +65,7 @@ def export(
 
     The exported file is read back (onnxruntime on the CPU, torch.jit.load on --device, or safetensors + load_state_dict without chanprune) and run on the same random inputs as the PyTorch model at batch sizes 1 and 3; it is exported at batch 2, so the batch axis is proven dynamic. A difference above --tolerance is an error (exit 1) and nothing is written.
     """
-    from .. import export as exporter
+    from ..deploy import export as exporter
 
     if ckpt is None:
         raise UserError("give a checkpoint to export: chanprune export CKPT --format onnx --out model.onnx")
@@ -88,8 +88,8 @@ def export(
     if fmt == "onnx":
         exporter.check_opset(opset)
         exporter.require_onnx()
-    from ..device import resolve_device
-    from ..fsutil import check_output
+    from ..support.device import resolve_device
+    from ..support.fsutil import check_output
 
     dev = resolve_device(device)
     check_output(out, force)

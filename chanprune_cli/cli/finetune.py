@@ -139,8 +139,8 @@ def finetune(
         raise UserError("--teacher-arch-kwargs needs --teacher-arch")
     shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
 
-    from ..fsutil import check_output
-    from ..schedules import make_schedule
+    from ..support.fsutil import check_output
+    from ..train.schedules import make_schedule
     from ..train import OutputPaths, TrainConfig
     from ..train import threads as use_threads
 
@@ -181,15 +181,15 @@ def _run(*, ckpt: str, data: str, val_data: str | None, cfg: Any, paths: Any, te
 
     import torch
 
-    from .. import distributed as D
-    from ..allocate import parse_min_keep
+    from ..support import distributed as D
+    from ..engine.allocate import parse_min_keep
     from ..checkpoint import load_checkpoint, save_chanprune, tool_version
     from ..data import check_labels, open_dataset
-    from ..device import resolve_device
+    from ..support.device import resolve_device
     from ..measure import count_macs, count_params
     from ..models import build_model
     from ..report import json_document, make_console, write_json
-    from ..schedules import widened_spec
+    from ..train.schedules import widened_spec
     from ..train import CheckpointInfo, Trainer, load_train_state, model_from_state
 
     if min_keep is not None:

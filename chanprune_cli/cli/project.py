@@ -41,9 +41,9 @@ def show_config(
     debug: DebugOpt = False,
 ) -> None:
     """Show the resolved settings (flag > --config > chanprune.toml > default) and where each comes from."""
-    from ..config import resolve
+    from ..project.config import resolve
     from ..report import json_document, make_console, render_config, write_json
-    from ..state import read_state, state_path
+    from ..project.state import read_state, state_path
 
     group = ctx.find_root().command
     commands = configurable_commands(group)
@@ -155,7 +155,7 @@ def init(
     """Write a commented chanprune.toml for this directory (asks nothing; flags fill in the values)."""
     import json
 
-    from ..fsutil import check_output, write_text_atomic
+    from ..support.fsutil import check_output, write_text_atomic
 
     if ratio is not None and target_flops is not None:
         raise UserError("give either --ratio or --target-flops, not both")

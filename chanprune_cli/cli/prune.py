@@ -111,7 +111,7 @@ def prune(
         raise UserError("give either --criterion or --scores, not both")
     if rounds > 1 and scores_path is not None:
         raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
-    from ..rounds import check_rounds, score_in_rounds
+    from ..prune.rounds import check_rounds, score_in_rounds
 
     check_rounds(rounds, target_flops)
     if (ratio is None) == (target_flops is None):
@@ -121,16 +121,16 @@ def prune(
             raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
     criterion_name = criterion or ("l1" if scores_path is None else None)
     shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
-    from ..allocate import parse_min_keep
+    from ..engine.allocate import parse_min_keep
     from ..criteria import check_requirements, get_criterion
-    from ..fsutil import check_output
-    from ..pruning import normalize_mode
+    from ..support.fsutil import check_output
+    from ..prune.pruning import normalize_mode
 
     parse_min_keep(min_keep)
     check_output(out, force)
     check_distinct_outputs(("--out", out), ("--json", json_out))
     if scores_path is not None:
-        from ..scoring import read_scores_meta
+        from ..prune.scoring import read_scores_meta
 
         read_scores_meta(scores_path)  # a missing or foreign score file fails before the slow steps
     options: dict[str, Any] = {}
@@ -145,10 +145,10 @@ def prune(
     normalize_mode(normalize, criterion_name or "")  # a bad value fails before the slow steps
     seed_everything(seed)
 
-    from .. import pruning
+    from ..prune import pruning
     from ..checkpoint import save_chanprune, tool_version
-    from ..device import resolve_device
-    from ..graph import build_graph, match_ignored
+    from ..support.device import resolve_device
+    from ..engine.graph import build_graph, match_ignored
     from ..report import (
         PruneReport,
         group_rows,
@@ -157,7 +157,7 @@ def prune(
         render_prune,
         write_json,
     )
-    from ..scoring import compute_scores, load_scores
+    from ..prune.scoring import compute_scores, load_scores
 
     loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
     if loaded.arch is None:
@@ -183,7 +183,7 @@ def prune(
     else:
         assert criterion_name is not None
         from ..criteria.base import NEEDS_WEIGHTS
-        from ..recalibration import recalibrate_bn as recalibrate
+        from ..prune.recalibration import recalibrate_bn as recalibrate
 
         normalize = normalize_mode(normalize, criterion_name, options)
         loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
@@ -225,7 +225,7 @@ def prune(
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]} for g in group_rows(graph) if not g["prunable"]]
     report = PruneReport(ckpt, out, criterion_name, outcome.allocation.requested, outcome.before, outcome.after,
                          outcome.layers, verify, blocked, seed=seed, accuracy=accuracy or None)
-    from ..state import absolute, record
+    from ..project.state import absolute, record
 
     record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path), "criterion": criterion_name,
                      "out": absolute(out)})
@@ -241,7 +241,7 @@ def prune(
 def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:
     """The last `chanprune score` here, when this prune should use it: no scores or criterion were
     given and either no checkpoint or the one that was scored. Says so in one line."""
-    from ..state import read_state, same_file, shown
+    from ..project.state import read_state, same_file, shown
 
     last = read_state().get("score")
     if criterion is not None or scores_path is not None or not isinstance(last, dict):
@@ -258,7 +258,7 @@ def _accuracy_and_recalibration(original: Any, pruned: Any, data: str | None, va
                                 workers: int, seed: int) -> dict[str, Any]:
     """BN recalibration of `pruned` on --data (in place), with top-1 before/after on --val-data."""
     from ..measure import evaluate
-    from ..recalibration import recalibrate_bn
+    from ..prune.recalibration import recalibrate_bn
 
     result: dict[str, Any] = {}
 

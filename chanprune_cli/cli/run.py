@@ -44,8 +44,8 @@ def run(
     debug: DebugOpt = False,
 ) -> None:
     """Run analyze → score → prune → finetune → export → bench from a config file; re-running resumes."""
-    from .. import pipeline
-    from ..config import overrides, resolve
+    from ..project import pipeline
+    from ..project.config import overrides, resolve
 
     check_json_out(json_out, True)  # the summary is rewritten by every run; its folder must exist
     group = ctx.find_root().command
@@ -75,7 +75,7 @@ def run(
 
 def _run_stages(ctx: typer.Context, config_path: str, chosen: list[str], checkpoint: Any, directory: Path,
                 settings: dict[str, dict[str, Any]], resolved: dict[str, Any], rerun: bool, json_out: str | None) -> None:
-    from .. import pipeline
+    from ..project import pipeline
     from ..report import json_document, make_console, render_run, write_json
 
     if rerun:

@@ -91,7 +91,7 @@ def score(
     shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
     from ..criteria import check_requirements, get_criterion
     from ..criteria.base import parse_criterion_opts
-    from ..fsutil import check_output
+    from ..support.fsutil import check_output
 
     crit = get_criterion(criterion)
     options = parse_criterion_opts(crit, criterion_opt)
@@ -100,11 +100,11 @@ def score(
     check_distinct_outputs(("--out", out), ("--json", json_out))
     seed_everything(seed)
 
-    from ..allocate import allocate
-    from ..device import resolve_device
-    from ..graph import build_graph
+    from ..engine.allocate import allocate
+    from ..support.device import resolve_device
+    from ..engine.graph import build_graph
     from ..report import make_console, render_scores, score_document, write_json
-    from ..scoring import compute_scores, save_scores
+    from ..prune.scoring import compute_scores, save_scores
 
     loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
     shape = resolve_input_shape(shape, loaded)
@@ -112,7 +112,7 @@ def score(
     refuse_nonfinite(model, "score")
     graph = build_graph(model, shape)
     loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
-    from .. import distributed as D
+    from ..support import distributed as D
 
     # Under torchrun the calibration batches are split over the processes and the scores reduced
     # (weighted by batches); rank 0 writes. A plain run is one process of one.
@@ -129,7 +129,7 @@ def score(
     removal = allocate(graph, scores, ratio=ratio).plan
     rows = [{"group": g.name, "channels": g.channels, "min": float(scores[g.id].min()), "median": float(scores[g.id].median()),
              "max": float(scores[g.id].max()), "removed_at_ratio": len(removal.get(g.id, []))} for g in graph.prunable_groups()]
-    from ..state import absolute, record
+    from ..project.state import absolute, record
 
     record("score", {"checkpoint": absolute(ckpt), "arch": arch, "arch_kwargs": arch_kwargs, "input_shape": input_shape,
                      "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": options, "scores": absolute(out), "data": data,

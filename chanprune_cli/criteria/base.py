@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..graph import ChannelGraph, ChannelGroup, Slot
+from ..engine.graph import ChannelGraph, ChannelGroup, Slot
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Scores = dict[int, torch.Tensor]  # group id -> one score per class (channel) of the group

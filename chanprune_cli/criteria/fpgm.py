@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import Batch, Criterion, Scores, producer_rows, register
 
 

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..graph import ChannelGraph, ChannelGroup
-from ..progress import batches_total, progress_bar
+from ..engine.graph import ChannelGraph, ChannelGroup
+from ..support.progress import batches_total, progress_bar
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

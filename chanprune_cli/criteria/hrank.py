@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import NEEDS_DATA, Batch, Criterion, Scores, register
 from .gates import ChannelGates, autocast, batches, choice, parse_options, working_model
 

@@ -59,7 +59,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, producer_rows, register
 from .gates import (
     ChannelGates,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import (
     Batch,
     Criterion,

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ChannelGraph, ChannelGroup
+from ..engine.graph import ChannelGraph, ChannelGroup
 from .base import (
     NEEDS_DATA,
     NEEDS_LABELS,

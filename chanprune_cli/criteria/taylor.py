@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
 from .gates import (
     ChannelGates,

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..graph import ChannelGraph
+from ..engine.graph import ChannelGraph
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, WeightedScores, register
 from .gates import (
     ChannelGates,

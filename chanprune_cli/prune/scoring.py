@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import load_state_dict_file, safetensors_metadata, tool_version
-from .criteria import Scores, check_requirements, get_criterion
-from .criteria.base import Batch, WeightedScores, channel_scales, group_weights
-from .errors import UserError
-from .fsutil import atomic_path, check_output
-from .graph import ChannelGraph
+from ..checkpoint import load_state_dict_file, safetensors_metadata, tool_version
+from ..criteria import Scores, check_requirements, get_criterion
+from ..criteria.base import Batch, WeightedScores, channel_scales, group_weights
+from ..errors import UserError
+from ..support.fsutil import atomic_path, check_output
+from ..engine.graph import ChannelGraph
 
 SCORES_FORMAT = "chanprune-scores"
 SCORES_VERSION = 1

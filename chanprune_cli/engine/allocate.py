@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .criteria.base import group_weights
-from .errors import UserError
+from ..criteria.base import group_weights
+from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
 
 DEFAULT_MIN_KEEP = 0.1

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
-from .errors import UserError
-from .layers import OptionAShortcut
+from ..errors import UserError
+from ..models.layers import OptionAShortcut
 
 UNTRACKED = -1
 

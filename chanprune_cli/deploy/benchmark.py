@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import measure
-from .errors import UserError
+from .. import measure
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .checkpoint import LoadedCheckpoint
-    from .models import ArchSpec
+    from ..checkpoint import LoadedCheckpoint
+    from ..models import ArchSpec
 
 MIN_REPEATS = 5  # the fewest timed runs a time-bounded measurement keeps
 _WIDTH_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -111,7 +111,7 @@ def original_widths(loaded: LoadedCheckpoint) -> dict[str, int] | None:
     """
     if not loaded.plans or loaded.arch is None:
         return None
-    from .models import build_model
+    from ..models import build_model
 
     try:
         with torch.device("meta"):
@@ -123,7 +123,7 @@ def original_widths(loaded: LoadedCheckpoint) -> dict[str, int] | None:
 
 def describe(loaded: LoadedCheckpoint, path: str, input_shape: tuple[int, int, int]) -> ModelResult:
     """Params, MACs, sizes and widths of a loaded checkpoint (no timing, no data)."""
-    from .report import model_size_bytes
+    from ..report import model_size_bytes
 
     model = loaded.model.eval()
     return ModelResult(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "DistEnv",

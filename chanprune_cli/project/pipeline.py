@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .fsutil import write_text_atomic
+from ..errors import UserError
+from ..support.fsutil import write_text_atomic
 
 STAGE_ORDER = ("analyze", "score", "prune", "finetune", "export", "bench")
 # Stages that need a table in the config to be meaningful (finetune needs training data, export a

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .fsutil import write_text_atomic
+from ..support.fsutil import write_text_atomic
 
 STATE_DIR = ".chanprune"
 STATE_FILE = "last.json"

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ChanpruneError, UserError
-from .fsutil import atomic_path
+from ..errors import ChanpruneError, UserError
+from ..support.fsutil import atomic_path
 
 __all__ = [
     "CHECK_BATCH_SIZES",
@@ -387,7 +387,7 @@ def apply_export_spec(model: nn.Module, state: Mapping[str, torch.Tensor], modul
 
 def _changed_shapes(model: nn.Module, fresh: nn.Module) -> dict[str, dict[str, Any]]:
     """Shape attributes of the modules whose widths differ from the factory's (the pruned ones)."""
-    from .shapes import shape_attrs
+    from ..engine.shapes import shape_attrs
 
     base = shape_attrs(fresh)
     return {name: attrs for name, attrs in shape_attrs(model).items() if base.get(name) != attrs}
@@ -401,8 +401,8 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike[str], input_sha
     the model from the two written files exactly that way."""
     import safetensors.torch
 
-    from . import __version__
-    from .models import ArchSpec, build_model
+    from .. import __version__
+    from ..models import ArchSpec, build_model
 
     if arch is None:
         raise UserError("this pickled model records no architecture to put in the safetensors spec; pass --arch "

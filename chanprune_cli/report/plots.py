@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .report import BenchReport
+    from . import BenchReport
 
 FORMATS = (".png", ".svg", ".pdf")
 _BEFORE = "#c8c8c8"
@@ -50,8 +50,8 @@ def write_bench_plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .fsutil import atomic_path
-    from .report import model_labels
+    from ..support.fsutil import atomic_path
+    from . import model_labels
 
     models = report.models
     labels = model_labels([m.path for m in models])

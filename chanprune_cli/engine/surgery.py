@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ChanpruneError, UserError
+from ..errors import ChanpruneError, UserError
 from .graph import ChannelGraph, Slot
-from .layers import OptionAShortcut
+from ..models.layers import OptionAShortcut
 
 Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 

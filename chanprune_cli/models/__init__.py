@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .layers import OptionAShortcut
 
 __all__ = [

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import shapes
-from .errors import UserError
-from .fsutil import atomic_path, check_output
-from .models import (
+from ..engine import shapes
+from ..errors import UserError
+from ..support.fsutil import atomic_path, check_output
+from ..models import (
     ArchSpec,
     build_model,
     builtin_archs,

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocate import DEFAULT_MIN_KEEP, Allocation, allocate
-from .checkpoint import nonfinite_tensors
-from .criteria.base import available, channel_scales
-from .errors import ChanpruneError, UserError
-from .graph import ChannelGraph
-from .measure import count_params, per_module_macs
-from .surgery import VerifyResult, prune_model, verify
+from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
+from ..checkpoint import nonfinite_tensors
+from ..criteria.base import available, channel_scales
+from ..errors import ChanpruneError, UserError
+from ..engine.graph import ChannelGraph
+from ..measure import count_params, per_module_macs
+from ..engine.surgery import VerifyResult, prune_model, verify
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                 nn.ConvTranspose3d, nn.Linear)
@@ -127,7 +127,7 @@ def rescale_channels(model: nn.Module, graph: ChannelGraph, scales: Mapping[int,
     its final value: the affine parameters of its BatchNorm (or other norm), else the producer's
     weight rows and bias; the points are those the data-driven criteria gate (criteria/gates.py),
     so the result computes what the model gated by `scales` computes."""
-    from .criteria.gates import build_points
+    from ..criteria.gates import build_points
 
     groups = [g for g in graph.prunable_groups() if g.id in scales]
     modules = dict(model.named_modules())

@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import distributed as D
-from .errors import ChanpruneError, UserError
-from .fsutil import atomic_path
-from .progress import progress_bar, stderr_is_terminal
+from ..support import distributed as D
+from ..errors import ChanpruneError, UserError
+from ..support.fsutil import atomic_path
+from ..support.progress import progress_bar, stderr_is_terminal
 
 __all__ = [
     "Hook",
@@ -318,7 +318,7 @@ def validate(model: nn.Module, dataset: Dataset[Any], device: torch.device, *, b
              workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
     """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
-    from .criteria.gates import logits_of
+    from ..criteria.gates import logits_of
 
     env = env or D.current()
     n = len(dataset)  # type: ignore[arg-type]
@@ -466,8 +466,8 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def model_from_state(state: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model saved in a training state (its current, possibly pruned, shapes)."""
-    from . import shapes
-    from .models import ArchSpec, build_model
+    from ..engine import shapes
+    from ..models import ArchSpec, build_model
 
     spec = ArchSpec.from_json(state["arch"])
     model = build_model(spec)
@@ -655,7 +655,7 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        from . import shapes
+        from ..engine import shapes
 
         if self.ckpt is None:
             raise ChanpruneError("internal: the trainer has no checkpoint info to save a state")
@@ -718,7 +718,7 @@ class Trainer:
         self._pending_rng = rng[self.env.rank] if self.env.rank < len(rng) else None
 
     def _save_model(self, path: Path, *, kind: str, evaluation: dict[str, Any] | None = None) -> None:
-        from .checkpoint import save_chanprune, tool_version
+        from ..checkpoint import save_chanprune, tool_version
 
         assert self.ckpt is not None
         entry = {**self.ckpt.entry, "steps": self.step, "total_steps": self.total_steps, "checkpoint": kind,
@@ -747,7 +747,7 @@ class Trainer:
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        from .criteria.gates import logits_of
+        from ..criteria.gates import logits_of
 
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)
@@ -918,7 +918,7 @@ def _cpu(obj: Any) -> Any:
 def _carry_momentum(old_model: nn.Module, old_opt: torch.optim.Optimizer, new_model: nn.Module,
                     new_opt: torch.optim.Optimizer, graph: Any, plan: Mapping[int, Sequence[int]]) -> None:
     """Slice the old momentum buffers exactly as surgery sliced the weights, into the new optimizer."""
-    from .surgery import prune_model
+    from ..engine.surgery import prune_model
 
     shadow = copy.deepcopy(old_model).cpu()
     old_params = dict(old_model.named_parameters())
@@ -993,7 +993,7 @@ def train_step_check(model: nn.Module, input_shape: Sequence[int], *, batch: int
                      device: torch.device | str = "cpu", seed: int = 0) -> float:
     """Run `steps` SGD steps of this loop's optimizer on random data (train mode); return the last
     loss. Raises ChanpruneError when the loss is not finite or a parameter gets no gradient."""
-    from .criteria.gates import logits_of
+    from ..criteria.gates import logits_of
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)

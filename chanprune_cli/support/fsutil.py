@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def check_output(path: str | os.PathLike[str], force: bool = False) -> Path:

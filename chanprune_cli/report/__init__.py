@@ -19,11 +19,11 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from . import __version__
-from .fsutil import write_text_atomic
+from .. import __version__
+from ..support.fsutil import write_text_atomic
 
 if TYPE_CHECKING:
-    from .models import ArchSpec
+    from ..models import ArchSpec
 
 SCHEMA_VERSION = 1
 TOOL_NAME = "chanprune"

@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as D
-from .errors import ChanpruneError, UserError
-from .train import Hook, Trainer, mix_seed
+from ..support import distributed as D
+from ..errors import ChanpruneError, UserError
+from . import Hook, Trainer, mix_seed
 
 __all__ = [
     "CACSchedule",
@@ -132,7 +132,7 @@ def zero_filters(model: nn.Module, graph: Any, plan: Mapping[int, Sequence[int]]
     Unlike `surgery.mask_model`, BatchNorms and the consumers' input weights are kept, so the
     zeroed filters still receive gradients and can recover (soft filter pruning).
     """
-    from .surgery import removals
+    from ..engine.surgery import removals
 
     modules = dict(model.named_modules())
     for name, drop in removals(graph, plan).items():
@@ -204,14 +204,14 @@ class _PruningSchedule(Hook):
         return self.done
 
     def _allocate(self, scores: Mapping[int, torch.Tensor], amount: float) -> Any:
-        from .allocate import allocate
+        from ..engine.allocate import allocate
 
         if self.ratio is not None:
             return allocate(self.graph, scores, ratio=amount, min_keep=self.min_keep, round_to=self.round_to)
         return allocate(self.graph, scores, target_flops=amount, min_keep=self.min_keep, round_to=self.round_to)
 
     def _build_graph(self, model: nn.Module) -> None:
-        from .graph import build_graph
+        from ..engine.graph import build_graph
 
         self.graph = build_graph(model, self.input_shape, ignore=self.ignore)
         if not self.graph.prunable_groups():
@@ -219,8 +219,8 @@ class _PruningSchedule(Hook):
 
     def _remove(self, trainer: Trainer, allocation: Any) -> None:
         """Remove `allocation.plan` physically, verify against the masked model, continue training it."""
-        from .pruning import plan_record
-        from .surgery import prune_model, verify
+        from ..prune.pruning import plan_record
+        from ..engine.surgery import prune_model, verify
 
         model = trainer.model
         plan = allocation.plan
@@ -269,7 +269,7 @@ class SoftFilterPruning(_PruningSchedule):
         return self.target if t > 0 else 0.0
 
     def on_step_end(self, trainer: Trainer) -> None:
-        from .criteria import get_criterion
+        from ..criteria import get_criterion
 
         s = trainer.step
         if self.done or s > self.end_step or not (s % self.interval == 0 or s == self.end_step):
@@ -284,7 +284,7 @@ class SoftFilterPruning(_PruningSchedule):
         zeroed = sum(len(v) for v in self.plan.values())
         self.events.append({"step": s, "t": t, "rate": rate, "zeroed": zeroed})
         if s == self.end_step:
-            from .surgery import mask_model
+            from ..engine.surgery import mask_model
 
             mask_model(trainer.model, self.graph, self.plan)  # the whole channel, BatchNorm included
             self._remove(trainer, allocation)
@@ -348,8 +348,8 @@ class CACSchedule(_PruningSchedule):
             self.interval = max(1, end // self.n_rounds)
         self.event_steps = [self.interval * (i + 1) for i in range(self.n_rounds)]
         if self.base_macs is None:
-            from .allocate import MacsEstimator
-            from .graph import build_graph
+            from ..engine.allocate import MacsEstimator
+            from ..engine.graph import build_graph
 
             self.base_macs = MacsEstimator(build_graph(trainer.model, self.input_shape, ignore=self.ignore)).macs({})
         if not self.done:
@@ -359,8 +359,8 @@ class CACSchedule(_PruningSchedule):
         self._pending = None
 
     def _setup(self, trainer: Trainer) -> None:
-        from .criteria.cac import CACEstimator
-        from .criteria.gates import ChannelGates
+        from ..criteria.cac import CACEstimator
+        from ..criteria.gates import ChannelGates
 
         self._build_graph(trainer.model)
         self.gates = ChannelGates(trainer.model, self.graph).__enter__()
@@ -408,7 +408,7 @@ class CACSchedule(_PruningSchedule):
             before = 1 - self.ratio * (i - 1) / self.n_rounds
             after = 1 - self.ratio * frac
             return 1 - after / before
-        from .allocate import MacsEstimator
+        from ..engine.allocate import MacsEstimator
 
         current = MacsEstimator(self.graph).macs({})
         goal = (self.base_macs or current) * (1 - self.target * frac)
@@ -516,8 +516,8 @@ class WhiteboxSchedule(_PruningSchedule):
         self.end_step = max(1, round(self.until * trainer.total_steps))
         if self.done:
             return
-        from .criteria.gates import ChannelGates
-        from .criteria.whitebox import num_classes
+        from ..criteria.gates import ChannelGates
+        from ..criteria.whitebox import num_classes
 
         self._build_graph(trainer.model)
         self.gates = ChannelGates(trainer.model, self.graph).__enter__()
@@ -550,7 +550,7 @@ class WhiteboxSchedule(_PruningSchedule):
     def before_forward(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         if not self._active:
             return
-        from .criteria.whitebox import class_gates
+        from ..criteria.whitebox import class_gates
 
         trainer.model.eval()  # frozen weights, BatchNorm running statistics (as the criterion)
         assert self.generator is not None
@@ -601,7 +601,7 @@ class WhiteboxSchedule(_PruningSchedule):
         self.masks = {}
         self._remove_fresh(trainer, allocation)
         # The fine-tuning phase gets its own warm-up and cosine decay.
-        from .train import WarmupCosine
+        from . import WarmupCosine
 
         trainer.scheduler = WarmupCosine(trainer.total_steps, trainer.cfg.warmup, trainer.cfg.min_lr, start=trainer.step)
         self.events.append({"step": trainer.step, "removed": sum(len(v) for v in allocation.plan.values())})
@@ -609,8 +609,8 @@ class WhiteboxSchedule(_PruningSchedule):
 
     def _remove_fresh(self, trainer: Trainer, allocation: Any) -> None:
         """`_remove`, but the optimizer starts fresh (the frozen phase's momentum is meaningless)."""
-        from .pruning import plan_record
-        from .surgery import prune_model, verify
+        from ..prune.pruning import plan_record
+        from ..engine.surgery import prune_model, verify
 
         model = trainer.model
         pruned = copy.deepcopy(model)
@@ -652,7 +652,7 @@ def train_whitebox_masks(model: nn.Module, graph: Any, dataset: Any, *, steps: i
                          max_grad_norm: float = 5.0) -> dict[int, torch.Tensor]:
     """White-Box masks {group id: [K, C]} trained for `steps` batches of `dataset` by this loop
     (frozen weights, eval-mode BatchNorm, SGD on the masks); `model` itself is not modified."""
-    from .train import TrainConfig, Trainer
+    from . import TrainConfig, Trainer
 
     hook = WhiteboxSchedule(input_shape=graph.input_shape, prune=False, until=1.0, lam=lam, mask_lr=lr,
                             max_grad_norm=max_grad_norm, seed=seed)
@@ -728,7 +728,7 @@ _WIDENABLE = ("cifar_resnet", "digits_cnn")
 
 def widened_spec(spec: Any, factor: float = 2.0) -> Any:
     """The same built-in architecture with `factor` × its width (DCPH). UserError for others."""
-    from .models import ArchSpec
+    from ..models import ArchSpec
 
     if not any(spec.name.startswith(p) for p in _WIDENABLE):
         raise UserError(f"--dcph widens built-in architectures only (cifar_resnet*, digits_cnn), not {spec.name}")

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocate import allocate
-from .errors import UserError
-from .graph import ChannelGraph
-from .surgery import mask_model
+from ..engine.allocate import allocate
+from ..errors import UserError
+from ..engine.graph import ChannelGraph
+from ..engine.surgery import mask_model
 
 Scores = Mapping[int, torch.Tensor]
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     Uses a cumulative average (momentum=None) so every batch counts equally; the model's
     train/eval mode, device and the norms' momenta are restored afterwards.
     """
-    from .measure import preserved_mode_and_device
+    from ..measure import preserved_mode_and_device
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or max_batches <= 0:
