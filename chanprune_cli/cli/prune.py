@@ -111,14 +111,10 @@ def prune(
         raise UserError("give either --criterion or --scores, not both")
     if rounds > 1 and scores_path is not None:
         raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
-    from ..prune.rounds import check_rounds, score_in_rounds
+    from ..engine.allocate import check_target
+    from ..prune.rounds import score_in_rounds
 
-    check_rounds(rounds, target_flops)
-    if (ratio is None) == (target_flops is None):
-        raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
-    for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
-        if value is not None and not 0 < value < 1:
-            raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+    check_target(ratio, target_flops, rounds)
     criterion_name = criterion or ("l1" if scores_path is None else None)
     shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
     from ..engine.allocate import parse_min_keep

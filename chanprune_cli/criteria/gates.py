@@ -36,7 +36,6 @@ import copy
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +43,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..engine.graph import ChannelGraph, ChannelGroup
+from ..engine.points import HookPoint, build_points, find_bn_pairs, producer_channels  # noqa: F401  (criteria import them from here)
 from ..support.progress import batches_total, progress_bar
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -210,149 +210,6 @@ def check_labels(y: torch.Tensor, classes: int) -> None:
     if y.numel() and (int(y.max()) >= classes or int(y.min()) < 0):
         raise UserError(f"data has labels {int(y.min())}..{int(y.max())} but the model outputs {classes} classes; "
                         "check --data and the checkpoint")
-
-
-# --------------------------------------------------------------------------------------------
-# Hook points
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HookPoint:
-    module: str
-    axis: int                 # channel axis of the module output: 1, or -1 for Linear
-    channels: torch.Tensor    # long [k]: output channels of the module that belong to the group
-    classes: torch.Tensor     # long [k]: class index (in the group) of each of those channels
-    order: int                # position of the module in model.named_modules()
-    width: int = 0            # channels of the module output
-    full_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [width]: class or n
-
-
-def producer_channels(module: nn.Module, kind: str, index: int) -> list[int]:
-    """Output channels of `module` that a producer slot (kind out/dw, local index) stands for."""
-    if kind == "dw":
-        mult = module.out_channels // module.in_channels
-        return list(range(index * mult, (index + 1) * mult))
-    if isinstance(module, (*_CONV, *_CONV_T)):
-        opg = module.out_channels // module.groups
-        return [g * opg + index for g in range(module.groups)]
-    return [index]  # Linear
-
-
-def output_width(module: nn.Module) -> int:
-    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    raise UserError(f"cannot gate module of type {type(module).__name__}")
-
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BatchNorm*, InstanceNorm*, GroupNorm
-
-
-def probe(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """One forward (eval, no grad) on a random input of `graph.input_shape`.
-
-    Returns (pairs, order): producer name -> the BatchNorm whose input *is* the producer's output,
-    and module name -> position in execution order (first call) of every producer and norm.
-    """
-    modules = dict(model.named_modules())
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}
-    order: dict[str, int] = {}
-    handles = []
-
-    def out_hook(name: str) -> Callable[..., None]:
-        def hook(m: nn.Module, inp: Any, out: Any) -> None:
-            order.setdefault(name, len(order))
-            if isinstance(out, torch.Tensor) and name in producers:
-                outputs[id(out)] = (name, out)  # keep the tensor alive so ids are not reused
-        return hook
-
-    def bn_hook(name: str) -> Callable[..., None]:
-        def hook(m: nn.Module, inp: Any) -> None:
-            if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in outputs:
-                src, tensor = outputs[id(inp[0])]
-                if tensor is inp[0]:
-                    pairs.setdefault(src, name)
-        return hook
-
-    for name, m in modules.items():
-        if name in producers or isinstance(m, _NORMS):
-            handles.append(m.register_forward_hook(out_hook(name)))
-        if isinstance(m, _BN):
-            handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    param = next(model.parameters(), None)
-    dev = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    example = torch.randn((2, *graph.input_shape), generator=torch.Generator().manual_seed(0)).to(dev, dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    except Exception:  # noqa: BLE001 -- the probe only refines where to gate: producers (+ norms) alone are still exact
-        pairs.clear()
-        order.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    return pairs, order
-
-
-def find_bn_pairs(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> dict[str, str]:
-    """producer name -> name of the BatchNorm that takes the producer's output directly."""
-    return probe(model, graph, producers)[0]
-
-
-def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup] | None = None) -> dict[int, list[HookPoint]]:
-    """Hook points of every (prunable) group, sorted by execution order (module order as fallback).
-
-    A class is gated at: every norm module holding it (BatchNorm / InstanceNorm `norm` slots,
-    GroupNorm `gnorm` groups), because a norm re-creates a constant channel from a zero input
-    (a pre-activation BatchNorm in DenseNet, say) while pruning removes its entries too; and every
-    producer, except one whose output goes straight into a BatchNorm holding the class (that
-    BatchNorm's output is the same channel, final).
-    """
-    groups = graph.prunable_groups() if groups is None else groups
-    modules = dict(model.named_modules())
-    registration = {name: i for i, name in enumerate(modules)}
-    producers = {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
-    pairs, executed = probe(model, graph, producers)
-    order = {name: (executed.get(name, len(executed)), registration[name]) for name in modules}
-    points: dict[int, list[HookPoint]] = {}
-    for g in groups:
-        norms_in_group = {m for slots in g.classes for m, k, _ in slots
-                          if k == "norm" and isinstance(modules[m], nn.modules.batchnorm._NormBase)}
-        per_module: dict[str, dict[int, int]] = {}  # module -> {output channel: class}
-        for ci, slots in enumerate(g.classes):
-            for name, kind, index in slots:
-                m = modules[name]
-                if kind in ("out", "dw"):
-                    if pairs.get(name) in norms_in_group:
-                        continue  # gated at the BatchNorm's output instead
-                    for ch in producer_channels(m, kind, index):
-                        per_module.setdefault(name, {})[ch] = ci
-                elif kind == "norm" and name in norms_in_group:
-                    per_module.setdefault(name, {})[index] = ci
-                elif kind == "gnorm" and isinstance(m, nn.GroupNorm):
-                    per = m.num_channels // m.num_groups
-                    for ch in range(index * per, (index + 1) * per):
-                        per_module.setdefault(name, {})[ch] = ci
-        pts = []
-        for name, mapping in per_module.items():
-            m = modules[name]
-            width = output_width(m)
-            chans = sorted(mapping)
-            full = torch.full((width,), g.channels, dtype=torch.long)
-            full[chans] = torch.tensor([mapping[c] for c in chans], dtype=torch.long)
-            pts.append(HookPoint(module=name, axis=-1 if isinstance(m, nn.Linear) else 1,
-                                 channels=torch.tensor(chans, dtype=torch.long),
-                                 classes=torch.tensor([mapping[c] for c in chans], dtype=torch.long),
-                                 order=order[name][0] * (len(modules) + 1) + order[name][1], width=width, full_map=full))
-        points[g.id] = sorted(pts, key=lambda p: p.order)
-    return points
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,21 @@ class Allocation:
     floors: dict[int, int] = field(default_factory=dict)  # group id -> minimum channels kept
 
 
+def check_target(ratio: float | None, target_flops: float | None, rounds: int = 1) -> None:
+    """The pruning target, validated in one place: exactly one of a per-group channel `ratio` or a
+    global `target_flops` (fraction of MACs), each in (0, 1); `rounds` > 1 needs `target_flops`."""
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    if rounds > 1 and target_flops is None:
+        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
+                        "use --target-flops instead of --ratio")
+    if (ratio is None) == (target_flops is None):
+        raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
+    for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
+        if value is not None and not 0 < value < 1:
+            raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+
+
 def parse_min_keep(value: float) -> float:
     if value <= 0:
         raise UserError(f"--min-keep must be positive (a fraction below 1 or a channel count), got {value}")
@@ -146,8 +161,7 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
 
     `removed` (global targets only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
     they stay in the plan, and each group is normalised by the mean of the channels still alive."""
-    if (ratio is None) == (target_flops is None):
-        raise UserError("give exactly one of --ratio or --target-flops")
+    check_target(ratio, target_flops)
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1, got {round_to}")
     parse_min_keep(min_keep)
@@ -169,8 +183,6 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     before = estimator.macs({})
 
     if ratio is not None:
-        if not 0 < ratio < 1:
-            raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}")
         def ratio_floor(width: int) -> int:  # every layer keeps its share, not only the group
             return max(_width_floor(width, min_keep), width - round(ratio * width))
 
@@ -181,8 +193,6 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
         return Allocation({k: v for k, v in plan.items() if v}, {"ratio": ratio}, before, estimator.macs(plan), floors)
 
     assert target_flops is not None
-    if not 0 < target_flops < 1:
-        raise UserError(f"--target-flops must be between 0 and 1 (exclusive: the fraction of MACs to remove), got {target_flops}")
     weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
     normalised = {}
     for g in groups:

@@ -16,6 +16,7 @@ from ..criteria.base import available, channel_scales
 from ..errors import ChanpruneError, UserError
 from ..engine.graph import ChannelGraph
 from ..measure import count_params, per_module_macs
+from ..engine.points import rescale_channels
 from ..engine.surgery import VerifyResult, prune_model, verify
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -119,32 +120,3 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     if scales:
         record["channel_rescale"] = True
     return PruneOutcome(pruned, allocation, result, before, after, layers, record)
-
-
-@torch.no_grad()
-def rescale_channels(model: nn.Module, graph: ChannelGraph, scales: Mapping[int, torch.Tensor]) -> None:
-    """Multiply every channel class c of each group in `scales` by scales[gid][c] where it takes
-    its final value: the affine parameters of its BatchNorm (or other norm), else the producer's
-    weight rows and bias; the points are those the data-driven criteria gate (criteria/gates.py),
-    so the result computes what the model gated by `scales` computes."""
-    from ..criteria.gates import build_points
-
-    groups = [g for g in graph.prunable_groups() if g.id in scales]
-    modules = dict(model.named_modules())
-    for gid, pts in build_points(model, graph, groups).items():
-        factor = scales[gid].detach().double()
-        for pt in pts:
-            m = modules[pt.module]
-            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-            if weight is None:
-                continue  # a norm without affine parameters cannot carry the scale
-            f = factor[pt.classes]
-            rows = weight.data
-            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                if m.groups != 1:
-                    continue  # grouped transposed convs: the bias alone would be inconsistent, leave as is
-                rows = rows.transpose(0, 1)  # output channels are the second axis of a transposed conv
-            shape = [-1] + [1] * (rows.dim() - 1)
-            rows[pt.channels] *= f.to(rows.device, rows.dtype).view(shape)
-            if bias is not None:
-                bias.data[pt.channels] *= f.to(bias.device, bias.dtype)

@@ -19,20 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.allocate import allocate
-from ..errors import UserError
+from ..engine.allocate import allocate, check_target
 from ..engine.graph import ChannelGraph
 from ..engine.surgery import mask_model
 
 Scores = Mapping[int, torch.Tensor]
-
-
-def check_rounds(rounds: int, target_flops: float | None) -> None:
-    if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
-    if rounds > 1 and target_flops is None:
-        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
-                        "use --target-flops instead of --ratio")
 
 
 def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.Module], Scores], *, rounds: int,
@@ -41,7 +32,8 @@ def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.M
     """Rounds 1..N−1 of iterative pruning: the scores for the last round and the channels chosen
     before it. `score(model)` scores a model with the graph's module names; `allocation_options`
     are `allocate`'s (min_keep, round_to, cost_exponent, normalize). With one round: `score(model)`, {}."""
-    check_rounds(rounds, target_flops)
+    if rounds != 1:  # one round is plain scoring, for either kind of target
+        check_target(None, target_flops, rounds)
     removed: dict[int, list[int]] = {}
     scores = score(model)
     for k in range(1, rounds):
