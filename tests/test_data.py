@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from chanprune_cli import data
+from chanprune_cli.data import archive as data_archive
+from chanprune_cli.data import digits as data_digits
 from chanprune_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -213,21 +215,21 @@ def test_tar_gz_is_extracted_once(tmp_path: Path, _private_cache: Path, monkeypa
     datasets_dir = _private_cache / "chanprune" / "datasets"
     extracted = [p for p in datasets_dir.iterdir() if p.is_dir() and p.name != "by-stat"]
     assert len(extracted) == 1 and Path(ds.paths[0]).is_relative_to(extracted[0])
-    marker = extracted[0] / data._CACHE_MARKER
+    marker = extracted[0] / data_archive._CACHE_MARKER
     stamp = marker.stat().st_mtime_ns
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("cache not used")
 
     # Second open of the same file: neither re-hashed nor re-extracted.
-    monkeypatch.setattr(data, "_sha256_file", forbidden)
-    monkeypatch.setattr(data, "_extract", forbidden)
+    monkeypatch.setattr(data_archive, "_sha256_file", forbidden)
+    monkeypatch.setattr(data_archive, "_extract", forbidden)
     again = open_dataset(archive)
     assert again.paths == ds.paths
     # A byte-identical copy elsewhere is hashed (new path) but still not re-extracted.
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(_private_cache))
-    monkeypatch.setattr(data, "_extract", forbidden)
+    monkeypatch.setattr(data_archive, "_extract", forbidden)
     copy = tmp_path / "copy.tgz"
     copy.write_bytes(archive.read_bytes())
     assert open_dataset(copy).paths == ds.paths
@@ -294,7 +296,7 @@ def test_unsafe_archive_members_are_refused(tmp_path: Path, _private_cache: Path
 
 def test_interrupted_extraction_leaves_no_cache(tmp_path: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = _tar(_make_folder(tmp_path / "src"), tmp_path / "set.tgz")
-    real = data._checked_members
+    real = data_archive._checked_members
 
     def interrupted(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         for i, member in enumerate(real(*args, **kwargs)):  # type: ignore[arg-type]
@@ -302,12 +304,12 @@ def test_interrupted_extraction_leaves_no_cache(tmp_path: Path, _private_cache: 
                 raise KeyboardInterrupt
             yield member
 
-    monkeypatch.setattr(data, "_checked_members", interrupted)
+    monkeypatch.setattr(data_archive, "_checked_members", interrupted)
     with pytest.raises(KeyboardInterrupt):
         open_dataset(archive)
     datasets_dir = _private_cache / "chanprune" / "datasets"
     assert [p.name for p in datasets_dir.iterdir()] == ["by-stat"]
-    monkeypatch.setattr(data, "_checked_members", real)
+    monkeypatch.setattr(data_archive, "_checked_members", real)
     assert len(open_dataset(archive)) == 4
 
 
@@ -404,12 +406,12 @@ def test_synthetic_is_deterministic() -> None:
 
 def test_digits_split_is_disjoint_and_deterministic() -> None:
     pytest.importorskip("sklearn")
-    _, labels, train_idx, test_idx = data._digits_arrays()
+    _, labels, train_idx, test_idx = data_digits._digits_arrays()
     assert not set(train_idx.tolist()) & set(test_idx.tolist())
     assert len(train_idx) + len(test_idx) == len(labels) == 1797
     assert abs(len(test_idx) / len(labels) - 0.2) < 0.01
-    data._digits_arrays.cache_clear()
-    _, _, train2, test2 = data._digits_arrays()
+    data_digits._digits_arrays.cache_clear()
+    _, _, train2, test2 = data_digits._digits_arrays()
     assert np.array_equal(train_idx, train2) and np.array_equal(test_idx, test2)
     test = open_dataset("digits:test")
     train = open_dataset("digits:train")
