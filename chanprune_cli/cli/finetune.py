@@ -189,7 +189,7 @@ def _run(*, ckpt: str, data: str, val_data: str | None, cfg: Any, paths: Any, te
     from ..measure import count_macs, count_params
     from ..models import build_model
     from ..report import json_document, make_console, write_json
-    from ..train.schedules import widened_spec
+    from ..models import widened_spec
     from ..train import CheckpointInfo, Trainer, load_train_state, model_from_state
 
     if min_keep is not None:

@@ -1,4 +1,4 @@
-"""The criterion interface and registry (DESIGN §4).
+"""The criterion interface and registry.
 
 A criterion turns a model and its channel graph (plus calibration data when it needs any) into one
 score vector per channel group: higher means more important, so the lowest are removed first.
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..engine.graph import ChannelGraph, ChannelGroup, Slot
+from ..engine.layer_rules import PRODUCER_KINDS, rule_for
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Scores = dict[int, torch.Tensor]  # group id -> one score per class (channel) of the group
@@ -163,29 +164,16 @@ def data_classes(source: str) -> int | None:
 
 
 def producer_rows(model: nn.Module, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:
-    """The weight rows (flattened filters) that produce one channel class, per producer module.
-
-    A conv with groups produces local channel k in every group; a depthwise conv's channel j
-    covers its `multiplier` output rows.
-    """
+    """The weight rows (flattened filters) that produce one channel class, per producer module
+    (the layer rule says which: a grouped conv's channel k in every group, a depthwise conv's
+    `multiplier` rows, a transposed conv's column)."""
     modules = dict(model.named_modules())
     rows: list[tuple[str, torch.Tensor]] = []
     for name, kind, index in slots:
-        m = modules[name]
-        weight = getattr(m, "weight", None)
-        if weight is None:
-            continue
-        w = weight.detach()
-        if kind == "out" and isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            rows.append((name, w[:, index].reshape(-1)))
-        elif kind == "out" and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            opg = m.out_channels // m.groups
-            rows.append((name, w[[g * opg + index for g in range(m.groups)]].reshape(-1)))
-        elif kind == "out":  # Linear
-            rows.append((name, w[index].reshape(-1)))
-        elif kind == "dw":
-            mult = m.out_channels // m.in_channels
-            rows.append((name, w[index * mult:(index + 1) * mult].reshape(-1)))
+        rule = rule_for(modules[name])
+        row = rule.producer_rows(modules[name], kind, index) if rule is not None and kind in PRODUCER_KINDS else None
+        if row is not None:
+            rows.append((name, row))
     return rows
 
 
@@ -194,14 +182,10 @@ def consumer_columns(model: nn.Module, slots: list[Slot]) -> list[tuple[str, tor
     modules = dict(model.named_modules())
     cols: list[tuple[str, torch.Tensor]] = []
     for name, kind, index in slots:
-        weight = getattr(modules[name], "weight", None)
-        if kind != "in" or weight is None:
-            continue
-        w = weight.detach()
-        if isinstance(modules[name], (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            cols.append((name, w[index].reshape(-1)))
-        else:  # conv (every group's filters read local input `index`) or linear
-            cols.append((name, w[:, index].reshape(-1)))
+        rule = rule_for(modules[name])
+        col = rule.consumer_columns(modules[name], index) if rule is not None and kind == "in" else None
+        if col is not None:
+            cols.append((name, col))
     return cols
 
 

@@ -46,9 +46,6 @@ from ..engine.graph import ChannelGraph, ChannelGroup
 from ..engine.points import HookPoint, build_points, find_bn_pairs, producer_channels  # noqa: F401  (criteria import them from here)
 from ..support.progress import batches_total, progress_bar
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BN = nn.modules.batchnorm._BatchNorm
 
 
 # --------------------------------------------------------------------------------------------

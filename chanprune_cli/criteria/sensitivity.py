@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.graph import ChannelGraph, ChannelGroup
+from ..engine.layer_rules import rule_for
 from .base import (
     NEEDS_DATA,
     NEEDS_LABELS,
@@ -59,9 +60,6 @@ from .base import (
     register,
 )
 from .gates import (
-    _BN,
-    _CONV,
-    _CONV_T,
     autocast,
     batches,
     check_labels,
@@ -73,6 +71,11 @@ from .gates import (
     producer_channels,
     working_model,
 )
+
+# The Hessian estimates below are the math of convolution and BatchNorm themselves.
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = nn.modules.batchnorm._BatchNorm
 
 DEFAULTS: dict[str, Any] = {"hessian": "fisher", "layer_allocation": False, "include_norm": True, "amp": False}
 
@@ -124,14 +127,6 @@ def _weight_hessian(module: nn.Module, h_in: torch.Tensor) -> torch.Tensor:
     cpg, opg = module.in_channels // g, module.out_channels // g
     per_group = h_in.reshape(g, cpg, *h_in.shape[1:])
     return per_group.repeat_interleave(opg, dim=0)  # row o uses the inputs of its conv group o // opg
-
-
-def _rows(module: nn.Module, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Entries of a weight-shaped tensor that produce output channels `rows`: [len(rows), ...]."""
-    if isinstance(module, _CONV_T):  # weight [in, out/g, *k]; output o = g * opg + k uses in-group g
-        ipg, opg = module.in_channels // module.groups, module.out_channels // module.groups
-        return torch.stack([t[(r // opg) * ipg:(r // opg + 1) * ipg, r % opg] for r in rows])
-    return t[rows]
 
 
 def fisher_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], data: Iterable[Batch],
@@ -217,8 +212,8 @@ def _saliencies(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
                     if full is None:
                         continue
                     rows = producer_channels(m, kind, index)
-                    w2 = _rows(m, m.weight.detach().float(), rows).square()
-                    per_row = (_rows(m, full, rows) * w2).flatten(1).sum(1)
+                    w2 = rule_for(m).weight_rows(m, m.weight.detach().float(), rows).square()
+                    per_row = (rule_for(m).weight_rows(m, full, rows) * w2).flatten(1).sum(1)
                     if hessian == "fisher":
                         if getattr(m, "bias", None) is not None and (name, "bias") in diag:
                             per_row = per_row + diag[(name, "bias")][rows] * m.bias.detach()[rows].float().square()

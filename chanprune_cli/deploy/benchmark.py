@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import measure
+from ..engine.layer_rules import layer_shape
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from ..models import ArchSpec
 
 MIN_REPEATS = 5  # the fewest timed runs a time-bounded measurement keeps
-_WIDTH_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -97,10 +97,9 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output channels (features) of every conv and linear module, in definition order."""
     widths: dict[str, int] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            widths[name] = int(module.out_channels)
-        elif isinstance(module, nn.Linear):
-            widths[name] = int(module.out_features)
+        shape = layer_shape(module)
+        if shape is not None and shape.kind in ("conv", "linear"):
+            widths[name] = int(shape.out_channels or 0)
     return widths
 
 

@@ -1,4 +1,4 @@
-"""Trace a model and find its groups of coupled channels (DESIGN §2).
+"""Trace a model and find its groups of coupled channels.
 
 How it works. The model is traced with torch.fx (in eval *and* train mode, so auxiliary heads
 count) and run once on a random input to learn every tensor's shape and every Python value (sizes,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,39 +30,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 from ..errors import UserError
-from ..models.layers import OptionAShortcut
-
-UNTRACKED = -1
-
-# A slot: (owner module qualified name, kind, index). Kinds:
-#   out / in   output / input channel of a conv or linear (local index within a conv group)
-#   dw         channel of a depthwise conv (its input channel and the output channels it feeds)
-#   norm       per-channel entry of BatchNorm / InstanceNorm / PReLU
-#   gnorm      one GroupNorm group (its channels always fall together)
-#   pad_front / pad_back   one zero channel of an OptionAShortcut
-Slot = tuple[str, str, int]
-PRODUCER_KINDS = ("out", "dw")
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-# Leaf modules that act on every element independently: channel ids pass straight through.
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-# Leaf modules that act on each channel's spatial map independently (channel axis 1).
-_PER_CHANNEL_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-)
-_STRUCTURAL_MODULES = (nn.Flatten, nn.Unflatten)
+from .layer_rules import PRODUCER_KINDS, UNTRACKED, ModuleCost, Slot, is_registered_leaf, rule_for
 
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
@@ -142,17 +109,6 @@ class ChannelGroup:
         if self.prunable:
             return f"{len(self.pinned)} of {self.channels} channels kept: {text}"
         return text
-
-
-@dataclass
-class ModuleCost:
-    """What a conv/linear costs per unit of its channel counts (MACs = counts × `per_unit`)."""
-
-    kind: str  # "conv" | "depthwise" | "linear"
-    per_unit: int  # kernel elements × output positions (× tokens for linear)
-    groups: int
-    ins: int  # input channels per group (depthwise: channels)
-    outs: int  # output channels per group (depthwise: channels)
 
 
 @dataclass
@@ -253,7 +209,7 @@ def _unique_ids(t: torch.Tensor) -> torch.Tensor:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, OptionAShortcut) or super().is_leaf_module(m, module_qualified_name)
+        return is_registered_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -413,55 +369,12 @@ class _Propagator:
                 self._call_op(node)
 
     def _call_module(self, node: fx.Node) -> None:
+        """A leaf module call: its layer rule labels the output (engine/layer_rules.py)."""
         name = str(node.target)
         m = self.modules[name]
-        x = self._label(node.args[0]) if node.args else None
-        shape = self._out_shape(node)
-        if isinstance(m, _CONV) and x is not None and shape is not None:
-            self._conv(node, name, m, x, shape)
-        elif isinstance(m, _CONV_T) and m.groups == 1 and x is not None and shape is not None:
-            vec = self._channel_vector(x, 1, node, name)
-            for j, i in enumerate(vec.tolist()):
-                self._link(self.uf.new((name, "in", j)), i)
-            self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_channels), 1, shape)
-            self.costs[name] = ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]), 1, m.in_channels, m.out_channels)
-        elif isinstance(m, nn.Linear) and x is not None and shape is not None:
-            vec = self._channel_vector(x, -1, node, name)
-            for j, i in enumerate(vec.tolist()):
-                self._link(self.uf.new((name, "in", j)), i)
-            self.labels[node] = self._broadcast_vec(self._fresh(name, "out", m.out_features), -1, shape)
-            self.costs[name] = ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1, m.in_features, m.out_features)
-        elif isinstance(m, (*_BATCHNORM, *_INSTANCENORM)) or (isinstance(m, nn.PReLU) and m.num_parameters > 1):
-            self._per_channel_member(node, name, x, "norm")
-        elif isinstance(m, nn.GroupNorm) and x is not None:
-            self._group_norm(node, name, m, x)
-        elif isinstance(m, nn.LayerNorm) and x is not None:
-            normalized = range(x.dim() - len(m.normalized_shape), x.dim())
-            if any(a in normalized for a in _varying_axes(x)):
-                self._pin_inputs(node, f"LayerNorm {name} normalises over channels (removing one changes its statistics)")
-                self._untracked_output(node)
-            else:
-                self.labels[node] = x
-        elif isinstance(m, (*_ELEMENTWISE_MODULES, nn.PReLU)):
-            self.labels[node] = x
-        elif isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)) and x is not None:
-            if (m.dim if m.dim is not None else -1) % x.dim() in _varying_axes(x):
-                self._pin_inputs(node, f"{type(m).__name__} {name} mixes channels")
-                self._untracked_output(node)
-            else:
-                self.labels[node] = x
-        elif isinstance(m, _PER_CHANNEL_SPATIAL_MODULES) and x is not None and shape is not None:
-            self._per_channel_spatial(node, x, shape, name)
-        elif isinstance(m, _STRUCTURAL_MODULES):
-            # Only nn.Unflatten carries literal sizes (nn.Flatten never splits an axis).
-            self._structural(node, lambda *a, **k: m(*a, **k), literal_sizes=isinstance(m, nn.Unflatten))
-        elif isinstance(m, OptionAShortcut) and x is not None:
-            vec = self._channel_vector(x, 1, node, name)
-            front = self._fresh(name, "pad_front", m.pad_front)
-            back = self._fresh(name, "pad_back", m.pad_back)
-            if shape is not None:
-                self.labels[node] = self._broadcast_vec(torch.cat([front, vec, back]), 1, shape)
-        else:
+        call = _Call(self, node, name, m)
+        rule = rule_for(m)
+        if rule is None or not rule.trace(call):
             self._pin_inputs(node, f"unsupported module {type(m).__name__} ({name})")
             self._untracked_output(node)
 
@@ -471,52 +384,6 @@ class _Propagator:
     def _link(self, slot_id: int, label: int) -> None:
         if label >= 0:
             self.uf.union(slot_id, label)
-
-    def _conv(self, node: fx.Node, name: str, m: nn.Module, x: torch.Tensor, shape: tuple[int, ...]) -> None:
-        vec = self._channel_vector(x, 1, node, name)
-        cin, cout, g = m.in_channels, m.out_channels, m.groups
-        spatial = math.prod(m.kernel_size) * math.prod(shape[2:])
-        if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
-            mult = cout // cin
-            ids = []
-            for j, i in enumerate(vec.tolist()):
-                sid = self.uf.new((name, "dw", j))
-                if i >= 0:
-                    self.uf.union(sid, i)
-                else:
-                    self.uf.pin([sid], f"depthwise conv {name} reads a fixed input")
-                ids.extend([sid] * mult)
-            out = torch.tensor(ids, dtype=torch.long)
-            self.costs[name] = ModuleCost("depthwise", spatial * mult, g, cin, cin)
-        else:
-            cpg, opg = cin // g, cout // g
-            for j, i in enumerate(vec.tolist()):
-                self._link(self.uf.new((name, "in", j % cpg)), i)
-            local = self._fresh(name, "out", opg)
-            out = local.repeat(g)
-            self.costs[name] = ModuleCost("conv", spatial, g, cpg, opg)
-        self.labels[node] = self._broadcast_vec(out, 1, shape)
-
-    def _per_channel_member(self, node: fx.Node, name: str, x: torch.Tensor | None, kind: str) -> None:
-        if x is None:
-            self._untracked_output(node)
-            return
-        vec = self._channel_vector(x, 1, node, name)
-        for c, i in enumerate(vec.tolist()):
-            self._link(self.uf.new((name, kind, c)), i)
-        self.labels[node] = x
-
-    def _group_norm(self, node: fx.Node, name: str, m: nn.GroupNorm, x: torch.Tensor) -> None:
-        vec = self._channel_vector(x, 1, node, name)
-        per = m.num_channels // m.num_groups
-        for grp in range(m.num_groups):
-            sid = self.uf.new((name, "gnorm", grp))
-            for i in vec[grp * per:(grp + 1) * per].tolist():
-                if i >= 0:
-                    self.uf.union(sid, i)
-                else:
-                    self.uf.pin([sid], f"GroupNorm {name} mixes fixed channels")
-        self.labels[node] = x
 
     def _per_channel_spatial(self, node: fx.Node, x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
         vec = self._channel_vector(x, 1, node, what)
@@ -742,6 +609,52 @@ class _Propagator:
             # Perf: one call for all positions along the axis (was one call per position).
             self.uf.union_pairs(moved[:, :1].expand(-1, moved.shape[1] - 1), moved[:, 1:])
         return result
+
+
+class _Call:
+    """One leaf-module call as its layer rule sees it (the `layer_rules.ModuleCall` protocol)."""
+
+    def __init__(self, propagator: _Propagator, node: fx.Node, name: str, module: nn.Module) -> None:
+        self._p = propagator
+        self.node = node
+        self.name = name
+        self.module = module
+        self.x = propagator._label(node.args[0]) if node.args else None
+        self.shape = propagator._out_shape(node)
+
+    def set_output(self, label: Any) -> None:
+        self._p.labels[self.node] = label
+
+    def channel_vector(self, label: torch.Tensor, axis: int) -> torch.Tensor:
+        return self._p._channel_vector(label, axis, self.node, self.name)
+
+    def new_slot(self, kind: str, index: int) -> int:
+        return self._p.uf.new((self.name, kind, index))
+
+    def new_slots(self, kind: str, count: int) -> torch.Tensor:
+        return self._p._fresh(self.name, kind, count)
+
+    def link(self, slot_id: int, label: int) -> None:
+        self._p._link(slot_id, label)
+
+    def pin(self, ids: torch.Tensor | Sequence[int], reason: str) -> None:
+        self._p.uf.pin(ids, reason)
+
+    def pin_inputs(self, reason: str) -> None:
+        self._p._pin_inputs(self.node, reason)
+
+    def varying_axes(self, label: torch.Tensor) -> list[int]:
+        return _varying_axes(label)
+
+    def broadcast(self, vec: torch.Tensor, axis: int) -> torch.Tensor:
+        assert self.shape is not None
+        return self._p._broadcast_vec(vec, axis, self.shape)
+
+    def add_cost(self, cost: ModuleCost) -> None:
+        self._p.costs[self.name] = cost
+
+    def structural(self, fn: Callable[..., Any], literal_sizes: bool) -> None:
+        self._p._structural(self.node, fn, literal_sizes=literal_sizes)
 
 
 def _run_mode(model: nn.Module, example: torch.Tensor, train: bool, uf: _UnionFind,

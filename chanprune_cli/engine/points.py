@@ -20,11 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_BN = nn.modules.batchnorm._BatchNorm
-
+from .layer_rules import LayerRule, rule_for
 
 
 
@@ -39,25 +35,26 @@ class HookPoint:
     full_map: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [width]: class or n
 
 
+def _rule(module: nn.Module) -> LayerRule:
+    rule = rule_for(module)
+    if rule is None:
+        raise UserError(f"cannot gate module of type {type(module).__name__}")
+    return rule
+
+
 def producer_channels(module: nn.Module, kind: str, index: int) -> list[int]:
     """Output channels of `module` that a producer slot (kind out/dw, local index) stands for."""
-    if kind == "dw":
-        mult = module.out_channels // module.in_channels
-        return list(range(index * mult, (index + 1) * mult))
-    if isinstance(module, (*_CONV, *_CONV_T)):
-        opg = module.out_channels // module.groups
-        return [g * opg + index for g in range(module.groups)]
-    return [index]  # Linear
+    return _rule(module).output_channels(module, kind, index)
 
 
-def output_width(module: nn.Module) -> int:
-    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    raise UserError(f"cannot gate module of type {type(module).__name__}")
+def _gates_channels(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and rule.gates_channels
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)  # BatchNorm*, InstanceNorm*, GroupNorm
+def _folds_producer(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and rule.folds_producer
 
 
 def probe(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> tuple[dict[str, str], dict[str, int]]:
@@ -88,9 +85,9 @@ def probe(model: nn.Module, graph: ChannelGraph, producers: set[str]) -> tuple[d
         return hook
 
     for name, m in modules.items():
-        if name in producers or isinstance(m, _NORMS):
+        if name in producers or _gates_channels(m):
             handles.append(m.register_forward_hook(out_hook(name)))
-        if isinstance(m, _BN):
+        if _folds_producer(m):
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
     param = next(model.parameters(), None)
     dev = param.device if param is not None else torch.device("cpu")
@@ -134,8 +131,9 @@ def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
     order = {name: (executed.get(name, len(executed)), registration[name]) for name in modules}
     points: dict[int, list[HookPoint]] = {}
     for g in groups:
+        # modules whose per-channel entries (norm, gnorm, ...) hold classes of the group
         norms_in_group = {m for slots in g.classes for m, k, _ in slots
-                          if k == "norm" and isinstance(modules[m], nn.modules.batchnorm._NormBase)}
+                          if k not in ("out", "dw", "in") and _gates_channels(modules[m])}
         per_module: dict[str, dict[int, int]] = {}  # module -> {output channel: class}
         for ci, slots in enumerate(g.classes):
             for name, kind, index in slots:
@@ -145,20 +143,18 @@ def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
                         continue  # gated at the BatchNorm's output instead
                     for ch in producer_channels(m, kind, index):
                         per_module.setdefault(name, {})[ch] = ci
-                elif kind == "norm" and name in norms_in_group:
-                    per_module.setdefault(name, {})[index] = ci
-                elif kind == "gnorm" and isinstance(m, nn.GroupNorm):
-                    per = m.num_channels // m.num_groups
-                    for ch in range(index * per, (index + 1) * per):
+                elif kind != "in" and name in norms_in_group:
+                    for ch in _rule(m).output_channels(m, kind, index):
                         per_module.setdefault(name, {})[ch] = ci
         pts = []
         for name, mapping in per_module.items():
             m = modules[name]
-            width = output_width(m)
+            rule = _rule(m)
+            width = rule.output_width(m)
             chans = sorted(mapping)
             full = torch.full((width,), g.channels, dtype=torch.long)
             full[chans] = torch.tensor([mapping[c] for c in chans], dtype=torch.long)
-            pts.append(HookPoint(module=name, axis=-1 if isinstance(m, nn.Linear) else 1,
+            pts.append(HookPoint(module=name, axis=rule.output_axis(m),
                                  channels=torch.tensor(chans, dtype=torch.long),
                                  classes=torch.tensor([mapping[c] for c in chans], dtype=torch.long),
                                  order=order[name][0] * (len(modules) + 1) + order[name][1], width=width, full_map=full))
@@ -170,24 +166,17 @@ def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
 def rescale_channels(model: nn.Module, graph: ChannelGraph, scales: Mapping[int, torch.Tensor]) -> None:
     """Multiply every channel class c of each group in `scales` by scales[gid][c] where it takes
     its final value: the affine parameters of its BatchNorm (or other norm), else the producer's
-    weight rows and bias; the points are those the data-driven criteria gate (criteria/gates.py),
+    weight rows and bias; the points are those the data-driven criteria gate (`build_points`),
     so the result computes what the model gated by `scales` computes."""
     groups = [g for g in graph.prunable_groups() if g.id in scales]
     modules = dict(model.named_modules())
     for gid, pts in build_points(model, graph, groups).items():
         factor = scales[gid].detach().double()
         for pt in pts:
-            m = modules[pt.module]
-            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-            if weight is None:
-                continue  # a norm without affine parameters cannot carry the scale
-            f = factor[pt.classes]
-            rows = weight.data
-            if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                if m.groups != 1:
-                    continue  # grouped transposed convs: the bias alone would be inconsistent, leave as is
-                rows = rows.transpose(0, 1)  # output channels are the second axis of a transposed conv
-            shape = [-1] + [1] * (rows.dim() - 1)
-            rows[pt.channels] *= f.to(rows.device, rows.dtype).view(shape)
-            if bias is not None:
-                bias.data[pt.channels] *= f.to(bias.device, bias.dtype)
+            scale_outputs(modules[pt.module], pt.channels, factor[pt.classes])
+
+
+def scale_outputs(module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
+    """Multiply output `channels` of `module` by `factors` where they take their value (its layer
+    rule decides: a norm's affine parameters, a producer's weight rows and bias)."""
+    _rule(module).scale_outputs(module, channels, factors)

@@ -11,32 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
-# Attributes that surgery may change; every module that has one is recorded.
-SHAPE_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "groups",
-    "num_features",
-    "in_features",
-    "out_features",
-    "num_groups",
-    "num_channels",
-    "normalized_shape",
-    "num_parameters",
-    "pad_front",
-    "pad_back",
-)
-
+from .layer_rules import shape_attr_names
 
 def _json_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
 def shape_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Channel-shape attributes of every module that has any, keyed by qualified module name."""
+    """Channel-shape attributes (those the layer rules declare) of every module that has any, keyed
+    by qualified module name."""
     record: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        attrs = {a: _json_value(getattr(module, a)) for a in SHAPE_ATTRS if isinstance(getattr(module, a, None), (int, tuple))}
+        attrs = {a: _json_value(getattr(module, a)) for a in shape_attr_names(module)
+                 if isinstance(getattr(module, a, None), (int, tuple))}
         if attrs:
             record[name] = attrs
     return record

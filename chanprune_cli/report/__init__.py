@@ -1,4 +1,4 @@
-"""Rendering: rich tables for people, JSON documents for scripts (DESIGN §6, §8).
+"""Rendering: rich tables for people, JSON documents for scripts.
 
 Nothing here measures or loads anything: callers pass in plain numbers. The one exception is
 reading module attributes (channels, kernel) to describe layers, which is presentation.
@@ -20,6 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import __version__
+from ..engine.layer_rules import layer_shape
 from ..support.fsutil import write_text_atomic
 
 if TYPE_CHECKING:
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 TOOL_NAME = "chanprune"
 
-# The module kinds the layer table describes: the ones that own channels.
-_CONV = nn.modules.conv._ConvNd
-_NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,15 +88,6 @@ def _pct(part: int, total: int) -> float:
     return round(100.0 * part / total, 4) if total else 0.0
 
 
-def _norm_channels(module: nn.Module) -> int | None:
-    for attr in ("num_features", "num_channels"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    shape = getattr(module, "normalized_shape", None)  # LayerNorm: channels are its first dim
-    return int(shape[0]) if shape else None
-
-
 def layer_rows(model: nn.Module, module_macs: dict[str, int]) -> list[LayerRow]:
     """Describe the conv / linear / norm leaf modules of `model` in definition order.
 
@@ -106,20 +95,12 @@ def layer_rows(model: nn.Module, module_macs: dict[str, int]) -> list[LayerRow]:
     """
     rows: list[LayerRow] = []
     for name, module in model.named_modules():
-        if isinstance(module, _CONV):
-            c_in, c_out = module.in_channels, module.out_channels
-            kernel: tuple[int, ...] | None = tuple(module.kernel_size)
-            stride: tuple[int, ...] | None = tuple(module.stride)
-            groups = module.groups
-        elif isinstance(module, nn.Linear):
-            c_in, c_out, kernel, stride, groups = module.in_features, module.out_features, None, None, 1
-        elif isinstance(module, _NORM):
-            c_in = c_out = _norm_channels(module)
-            kernel, stride, groups = None, None, getattr(module, "num_groups", 1)
-        else:
+        shape = layer_shape(module)  # the layer rules say which modules own channels
+        if shape is None:
             continue
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        rows.append(LayerRow(name, type(module).__name__, c_in, c_out, kernel, stride, groups, params, int(module_macs.get(name, 0))))
+        rows.append(LayerRow(name, type(module).__name__, shape.in_channels, shape.out_channels, shape.kernel,
+                             shape.stride, shape.groups, params, int(module_macs.get(name, 0))))
     return rows
 
 

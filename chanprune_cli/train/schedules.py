@@ -1,4 +1,4 @@
-"""Training-time pruning schedules, as `train.Hook`s of the fine-tuning loop (DESIGN §4).
+"""Training-time pruning schedules, as `train.Hook`s of the fine-tuning loop.
 
 `asfp` — asymptotic soft filter pruning (He et al.). At the end of every pruning interval t
 (default: one epoch) the lowest-L2-norm filters of every prunable group are zeroed at rate P_t;
@@ -12,7 +12,7 @@ last interval the zeroed channels are removed physically by the surgery engine, 
 the masked model, and (with `--prune-until` < 1) the smaller model is fine-tuned for the rest of
 the run. `sfp` is the same with the constant rate P from the first interval on.
 
-"Zeroing a filter" (`zero_filters`) sets the weight rows (and bias) of every producer of the
+"Zeroing a filter" (`engine.surgery.zero_producers`) sets the weight rows (and bias) of every producer of the
 channel to zero, as SFP does; the channel's BatchNorm is left alone so the filter receives
 gradients and can grow back. The final removal masks the whole channel (BatchNorm included,
 `surgery.mask_model`) before cutting it, so the saved model is exactly the masked one.
@@ -55,6 +55,8 @@ from torch import nn
 
 from ..support import distributed as D
 from ..errors import ChanpruneError, UserError
+from ..engine.points import scale_outputs
+from ..engine.surgery import zero_producers
 from . import Hook, Trainer, mix_seed
 
 __all__ = [
@@ -64,9 +66,6 @@ __all__ = [
     "asfp_coefficients",
     "asfp_rate",
     "make_schedule",
-    "train_whitebox_masks",
-    "widened_spec",
-    "zero_filters",
 ]
 
 SCHEDULES = ("none", "asfp", "sfp", "cac", "whitebox")
@@ -119,48 +118,6 @@ def asfp_rate(t: float, T: float, P: float, D_: float | None = None) -> float:
         return P
     a, k, b = asfp_coefficients(T, P, D_)
     return a * math.exp(-k * t) + b
-
-
-# --------------------------------------------------------------------------------------------
-# soft zeroing of filters
-
-
-@torch.no_grad()
-def zero_filters(model: nn.Module, graph: Any, plan: Mapping[int, Sequence[int]]) -> None:
-    """Zero the producer filters (weight rows and bias) of the planned channel classes, in place.
-
-    Unlike `surgery.mask_model`, BatchNorms and the consumers' input weights are kept, so the
-    zeroed filters still receive gradients and can recover (soft filter pruning).
-    """
-    from ..engine.surgery import removals
-
-    modules = dict(model.named_modules())
-    for name, drop in removals(graph, plan).items():
-        m = modules[name]
-        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if drop.get("dw"):
-                mult = m.out_channels // m.in_channels
-                rows = [j * mult + t for j in drop["dw"] for t in range(mult)]
-            else:
-                opg = m.out_channels // m.groups
-                rows = [g * opg + k for g in range(m.groups) for k in drop.get("out", set())]
-            if rows:
-                weight[sorted(rows)] = 0
-                if bias is not None:
-                    bias[sorted(rows)] = 0
-        elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            cols = sorted(drop.get("out", set()))
-            if cols:
-                weight[:, cols] = 0
-                if bias is not None:
-                    bias[cols] = 0
-        elif isinstance(m, nn.Linear):
-            rows = sorted(drop.get("out", set()))
-            if rows:
-                weight[rows] = 0
-                if bias is not None:
-                    bias[rows] = 0
 
 
 def _plan_json(plan: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
@@ -290,7 +247,7 @@ class SoftFilterPruning(_PruningSchedule):
             self._remove(trainer, allocation)
             self.done = True
         else:
-            zero_filters(trainer.model, self.graph, self.plan)
+            zero_producers(trainer.model, self.graph, self.plan)
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": _plan_json(self.plan), "events": list(self.events), "done": self.done,
@@ -647,30 +604,6 @@ class WhiteboxSchedule(_PruningSchedule):
                 "events": list(self.events), "done": self.done, "verify": self.verify_result}
 
 
-def train_whitebox_masks(model: nn.Module, graph: Any, dataset: Any, *, steps: int, batch_size: int = 64,
-                         device: torch.device | str = "cpu", seed: int = 0, lam: float = 5e-3, lr: float = 0.1,
-                         max_grad_norm: float = 5.0) -> dict[int, torch.Tensor]:
-    """White-Box masks {group id: [K, C]} trained for `steps` batches of `dataset` by this loop
-    (frozen weights, eval-mode BatchNorm, SGD on the masks); `model` itself is not modified."""
-    from . import TrainConfig, Trainer
-
-    hook = WhiteboxSchedule(input_shape=graph.input_shape, prune=False, until=1.0, lam=lam, mask_lr=lr,
-                            max_grad_norm=max_grad_norm, seed=seed)
-    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, warmup=0, progress=False, save_every=None, seed=seed,
-                      augment=False)
-    masks: dict[int, torch.Tensor] = {}
-
-    class _Keep(Hook):
-        name = "keep-masks"
-
-        def on_step_end(self, trainer: Trainer) -> None:
-            if hook.masks:
-                masks.update({gid: m.detach().cpu().clone() for gid, m in hook.masks.items()})
-
-    Trainer(copy.deepcopy(model), dataset, cfg, device=torch.device(device), hooks=[hook, _Keep()]).fit()
-    return masks
-
-
 @torch.no_grad()
 def _rescale(model: nn.Module, points: Mapping[int, Sequence[Any]], masks: Mapping[int, torch.Tensor],
              plan: Mapping[int, Sequence[int]]) -> None:
@@ -681,24 +614,14 @@ def _rescale(model: nn.Module, points: Mapping[int, Sequence[Any]], masks: Mappi
         factor = masks[gid].detach().sum(0) / 2
         removed = set(plan.get(gid, []))
         for pt in pts:
-            m = modules[pt.module]
             keep = [(int(ch), int(c)) for ch, c in zip(pt.channels.tolist(), pt.classes.tolist()) if c not in removed]
-            if not keep:
-                continue
-            chans = torch.tensor([ch for ch, _ in keep], device=factor.device)
-            f = factor[torch.tensor([c for _, c in keep], device=factor.device)]
-            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
-            if weight is None:
-                continue  # a BatchNorm without affine parameters cannot carry the scale
-            w = weight.data
-            shape = [-1] + [1] * (w.dim() - 1)
-            w[chans.to(w.device)] *= f.to(w.device, w.dtype).view(shape)
-            if bias is not None:
-                bias.data[chans.to(bias.device)] *= f.to(bias.device, bias.dtype)
+            if keep:
+                chans = torch.tensor([ch for ch, _ in keep], device=factor.device)
+                scale_outputs(modules[pt.module], chans, factor[torch.tensor([c for _, c in keep], device=factor.device)])
 
 
 # --------------------------------------------------------------------------------------------
-# factory and DCPH
+# factory
 
 
 def make_schedule(name: str, *, input_shape: Sequence[int], ratio: float | None, target_flops: float | None,
@@ -721,16 +644,3 @@ def make_schedule(name: str, *, input_shape: Sequence[int], ratio: float | None,
     if name in ("asfp", "sfp"):
         return SoftFilterPruning(asymptotic=name == "asfp", until=1.0 if until is None else until, **common)
     return CACSchedule(seed=seed, drop_prob=drop_prob, rounds=rounds, until=0.25 if until is None else until, **common)
-
-
-_WIDENABLE = ("cifar_resnet", "digits_cnn")
-
-
-def widened_spec(spec: Any, factor: float = 2.0) -> Any:
-    """The same built-in architecture with `factor` × its width (DCPH). UserError for others."""
-    from ..models import ArchSpec
-
-    if not any(spec.name.startswith(p) for p in _WIDENABLE):
-        raise UserError(f"--dcph widens built-in architectures only (cifar_resnet*, digits_cnn), not {spec.name}")
-    width = spec.kwargs.get("width", 1)
-    return ArchSpec(spec.name, {**spec.kwargs, "width": width * factor})

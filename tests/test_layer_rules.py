@@ -1,0 +1,155 @@
+"""The layer-rule table: a user-registered layer type is traced, scored, pruned, verified, saved.
+
+`ChannelScale` stands for the many per-channel layers of model zoos (LayerScale, affine
+"norms", learnable gains): its forward multiplies by a per-channel parameter that the tracer, left
+alone, can only treat as a fixed per-channel tensor, so it pins the channels. One registration
+makes every part of chanprune handle it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from chanprune_cli.criteria import get_criterion
+from chanprune_cli.criteria.gates import ChannelGates
+from chanprune_cli.engine import ChannelwiseRule, ConvRule, LayerRule, register_layer_rule, rule_for
+from chanprune_cli.engine import layer_rules
+from chanprune_cli.engine.graph import build_graph
+from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
+from chanprune_cli.engine.surgery import mask_model, prune_model, verify
+from chanprune_cli.report import layer_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SHAPE = (3, 12, 12)
+
+
+class ChannelScale(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.num_channels = channels
+        self.weight = nn.Parameter(torch.randn(channels))
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class Net(nn.Module):
+    def __init__(self, act: str = "sigmoid") -> None:
+        super().__init__()
+        # sigmoid(0) != 0: masking must cut conv2's inputs too; relu(0) == 0: a gate of 0 masks
+        self.act = torch.sigmoid if act == "sigmoid" else torch.relu
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = ChannelScale(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.scale(self.conv1(x)))
+        return self.fc(self.pool(torch.relu(self.conv2(x))).flatten(1))
+
+
+@pytest.fixture
+def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Registrations made by a test are undone afterwards."""
+    monkeypatch.setattr(layer_rules, "_RULES", dict(layer_rules._RULES))
+    monkeypatch.setattr(layer_rules, "_LEAVES", set(layer_rules._LEAVES))
+    yield
+
+
+def conv1_group(model: nn.Module):  # type: ignore[no-untyped-def]
+    graph = build_graph(model, SHAPE)
+    return graph, next(g for g in graph.groups if g.name == "conv1")
+
+
+def test_unregistered_layer_pins_its_channels(table: None) -> None:
+    torch.manual_seed(0)
+    _, group = conv1_group(Net().eval())
+    assert not group.prunable and "fixed per-channel tensor" in (group.reason or "")
+
+
+def test_registered_layer_is_pruned_verified_and_saved(table: None) -> None:
+    register_layer_rule(ChannelScale, ChannelwiseRule("num_channels", ("weight", "bias")))
+    torch.manual_seed(0)
+    model = Net().eval()
+    graph, group = conv1_group(model)
+    assert group.prunable and group.channels == 8
+    assert {m for slots in group.classes for m, _, _ in slots} == {"conv1", "scale", "conv2"}
+
+    plan = {group.id: [0, 3, 5]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert pruned.scale.num_channels == 5 and pruned.scale.weight.shape == (5,) and pruned.conv2.in_channels == 5
+    assert verify(model, graph, plan, pruned, SHAPE).passed
+
+    # The recorded shape attributes rebuild the pruned architecture from a fresh model.
+    record = shape_attrs(pruned)
+    assert record["scale"] == {"num_channels": 5}
+    fresh = Net()
+    apply_shape_attrs(fresh, record, {k: tuple(v.shape) for k, v in pruned.state_dict().items()})
+    fresh.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(fresh.eval()(x), pruned(x))
+
+    # It trains.
+    pruned.train()
+    loss = pruned(x).square().mean()
+    loss.backward()
+    assert pruned.scale.weight.grad is not None and pruned.scale.weight.grad.shape == (5,)
+
+
+def test_registered_layer_is_a_gate_point_for_data_driven_criteria(table: None) -> None:
+    register_layer_rule(ChannelScale, ChannelwiseRule("num_channels", ("weight", "bias")))
+    torch.manual_seed(0)
+    model = Net(act="relu").eval()
+    graph, group = conv1_group(model)
+    x = torch.randn(2, *SHAPE)
+    # A gate of 0 on a class computes what masking it computes (the channel is gated after its
+    # per-channel bias, which would otherwise re-create it).
+    removed = [1, 6]
+    masked = copy.deepcopy(model)
+    mask_model(masked, graph, {group.id: removed})
+    with ChannelGates(model, graph) as gates, torch.no_grad():
+        gate = torch.ones(group.channels)
+        gate[removed] = 0
+        gates.gates[group.id] = gate
+        gated = model(x)
+    torch.testing.assert_close(gated, masked(x))
+    assert any(pt.module == "scale" for pt in gates.points[group.id])
+
+    data = [(torch.randn(4, *SHAPE), torch.randint(0, 4, (4,))) for _ in range(2)]
+    scores = get_criterion("taylor").score(model, graph, data, torch.device("cpu"))
+    assert scores[group.id].shape == (8,) and torch.isfinite(scores[group.id]).all()
+
+
+def test_rules_follow_the_class_hierarchy_and_registration_replaces(table: None) -> None:
+    class MyConv(nn.Conv2d):
+        pass
+
+    assert rule_for(MyConv(3, 4, 1)) is rule_for(nn.Conv2d(3, 4, 1))  # subclass: nearest registered base
+    assert rule_for(nn.LazyConv2d(4, 1)) is rule_for(nn.Conv2d(3, 4, 1))
+
+    class Custom(LayerRule):
+        pass
+
+    custom = Custom()
+    register_layer_rule(MyConv, custom)
+    assert rule_for(MyConv(3, 4, 1)) is custom and isinstance(rule_for(nn.Conv2d(3, 4, 1)), ConvRule)
+    with pytest.raises(TypeError):
+        register_layer_rule(int, custom)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        register_layer_rule(MyConv, object())  # type: ignore[arg-type]
+
+
+def test_reports_describe_layers_through_the_table(table: None) -> None:
+    register_layer_rule(ChannelScale, ChannelwiseRule("num_channels", ("weight", "bias")))
+    rows = {r.name: r for r in layer_rows(Net(), {})}
+    assert (rows["conv1"].in_channels, rows["conv1"].out_channels, rows["conv1"].kernel) == (3, 8, (3, 3))
+    assert (rows["fc"].in_channels, rows["fc"].out_channels) == (6, 4)
+    assert "scale" not in rows  # a rule without `describe` is not a reported layer
