@@ -1,4 +1,4 @@
-"""Exception types that map to the CLI's exit codes (DESIGN §8)."""
+"""Exception types that map to the CLI's exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters, MACs (fvcore), accuracy and latency (DESIGN §6).
+"""Parameters, MACs (fvcore), accuracy and latency.
 
 Nothing here changes the model it is given: train/eval flags (per module) and the device are
 restored afterwards.

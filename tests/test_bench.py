@@ -1,4 +1,4 @@
-"""`chanprune bench` (DESIGN §6, §8): JSON fields, comparisons with the reference, gates and exit codes, --plot.
+"""`chanprune bench`: JSON fields, comparisons with the reference, gates and exit codes, --plot.
 
 Everything uses the built-in `digits_cnn` (1x8x8) on `digits:test`, one thread and a few timed
 runs, so timings are noise: the tests check how numbers relate (speed-up = reference median /

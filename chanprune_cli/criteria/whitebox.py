@@ -20,9 +20,7 @@ running statistics). `train_weights=true` also trains the weights of a deep copy
 
 Budget and lam: the masks start equal, so the ranking only forms as they train; after a few
 batches it is dominated by the signed loss gradient, which ranks worse than random on a trained
-network. Measured (ResNet-20 on CIFAR-10, 10 % of every layer masked, no fine-tuning; top-1 %,
-random 54.5, taylor 75.5): lam=0.05 (default) 26 / 64 / 69 after 8 / 64 / 200 batches of 64;
-lam=0.005: 32 / 59 / 60; lam=0.2: 37 / 34 (8 / 64). Give it at least an epoch of batches
+network (BENCHMARKS.md, "White-Box: mask budget and lam"). Give it at least an epoch of batches
 (`--calib-batches`), as the paper trains for a few epochs.
 
 Safeguard (not in the paper): the masks' gradient is clipped to a global norm of

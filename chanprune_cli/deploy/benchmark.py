@@ -1,4 +1,4 @@
-"""Benchmarking models side by side (DESIGN §6): what `chanprune bench` measures and gates on.
+"""Benchmarking models side by side: what `chanprune bench` measures and gates on.
 
 The first model is the reference: every other model's speed-up, MACs ratio and accuracy change
 are relative to it. Measuring is split in steps the command calls in order (describe every model,

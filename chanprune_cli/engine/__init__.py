@@ -4,19 +4,8 @@
 `layer_rules` and docs/architecture.md.
 """
 
-from .layer_rules import (
-    ChannelwiseRule,
-    ConvRule,
-    LayerRule,
-    LayerShape,
-    LinearRule,
-    ModuleCall,
-    ModuleCost,
-    PassThroughRule,
-    PerChannelSpatialRule,
-    register_layer_rule,
-    rule_for,
-)
+from .builtin_rules import ChannelwiseRule, ConvRule, LinearRule, PassThroughRule, PerChannelSpatialRule
+from .layer_rules import LayerRule, LayerShape, ModuleCall, ModuleCost, register_layer_rule, rule_for
 
 __all__ = [
     "ChannelwiseRule",

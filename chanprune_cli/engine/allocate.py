@@ -1,4 +1,4 @@
-"""Turn scores into a plan: which channels of each group to remove (DESIGN §5).
+"""Turn scores into a plan: which channels of each group to remove .
 
 `--ratio r` removes the fraction r of every prunable group's channels (lowest scores first).
 `--target-flops f` removes the fraction f of the model's MACs with one global threshold on

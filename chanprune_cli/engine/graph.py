@@ -253,10 +253,10 @@ def _varying_axes(t: torch.Tensor) -> list[int]:
 
 
 def _pad_labels(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", value: int = UNTRACKED) -> torch.Tensor:
-    """F.pad on labels. Fix: new positions along an axis the ids do not vary along (a spatial pad)
+    """F.pad on labels. New positions along an axis the ids do not vary along (a spatial pad)
     belong to the same channels, so they repeat the ids; only padding an axis the ids vary along
-    (the channel axis) adds untracked channels. Padding spatial axes with UNTRACKED made the ids
-    vary spatially and pinned everything downstream (pooling, Linear, reductions over H, W)."""
+    (the channel axis) adds untracked channels. (UNTRACKED spatial padding would make the ids vary
+    spatially and pin everything downstream: pooling, Linear, reductions over H, W.)"""
     varying = set(_varying_axes(x))
     for i in range(len(pad) // 2):
         axis, before, after = x.dim() - 1 - i, int(pad[2 * i]), int(pad[2 * i + 1])
@@ -505,8 +505,8 @@ class _Propagator:
             return
         inputs = self._tensor_inputs(node)
         if target in _SHAPE_FROM_OTHER:
-            # Fix: the other tensor only gives a shape; counting its ids as inputs made every
-            # `s.expand_as(x)` look like a channel selection (SE blocks written that way pinned).
+            # The other tensor only gives a shape; counting its ids as inputs would make every
+            # `s.expand_as(x)` look like a channel selection (SE blocks written that way).
             inputs = [t for t in (self._label(node.args[0]),) if t is not None]
         if isinstance(result, torch.Tensor):
             self._check_selection(node, inputs, [result])
@@ -523,8 +523,8 @@ class _Propagator:
             self.labels[node] = None
 
     def _check_fixed_expand(self, node: fx.Node, result: torch.Tensor) -> None:
-        """Fix: `x.expand(-1, 64, h, w)` keeps a literal channel count that goes stale when a
-        channel is removed (the pruned model crashed): pin the channels along such an axis."""
+        """`x.expand(-1, 64, h, w)` keeps a literal channel count that goes stale when a channel
+        is removed (the pruned model would crash): pin the channels along such an axis."""
         sizes = list(node.args[1:])
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = list(sizes[0])
@@ -578,16 +578,16 @@ class _Propagator:
             m = self.modules[str(node.target)]
             unflatten = (m.dim, m.unflattened_size)
         if unflatten is not None:
-            # Fix: a negative dim counts from the end of the *input* (was taken modulo the output
-            # rank), and only the unflattened sizes are literal (nn.Unflatten's other axes are not).
+            # A negative dim counts from the end of the *input*, and only the unflattened sizes
+            # are literal (nn.Unflatten's other axes are not).
             start, sizes = unflatten
             shape_args = [None] * (start % (result.dim() - len(sizes) + 1)) + list(sizes)
             literal_sizes = False
         literal = [a for a in varying if literal_sizes or (a < len(shape_args) and isinstance(shape_args[a], int) and shape_args[a] != -1)]
         if literal and len(literal) == len(varying):
-            # Fix: a literal size on every axis the channels occupy (`x.view(-1, 96)` before a
-            # Linear, `y.view(b, 64, 1, 1)`, `nn.Unflatten(1, (6, 4, 4))`, heads × head_dim) goes
-            # stale once a channel is removed: the pruned model crashed. Pin them instead.
+            # A literal size on every axis the channels occupy (`x.view(-1, 96)` before a Linear,
+            # `y.view(b, 64, 1, 1)`, `nn.Unflatten(1, (6, 4, 4))`, heads × head_dim) goes stale
+            # once a channel is removed: pin them.
             reason = f"reshape to a fixed channel count at {node.name}"
             self.unfollowed.append(reason)
             self.uf.pin(result[result >= 0], reason)

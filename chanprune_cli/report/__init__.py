@@ -134,7 +134,7 @@ def _channels_text(row: LayerRow) -> str:
 
 
 def json_document(command: str, body: dict[str, Any], *, seed: int | None) -> dict[str, Any]:
-    """Wrap a command's report with the fields every chanprune JSON document has (DESIGN §6)."""
+    """Wrap a command's report with the fields every chanprune JSON document has."""
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -219,7 +219,7 @@ class AnalyzeReport:
 
 
 def analyze_document(report: AnalyzeReport) -> dict[str, Any]:
-    """The JSON document of `chanprune analyze` (DESIGN §8: model.params, model.macs, accuracy.*)."""
+    """The JSON document of `chanprune analyze` (model.params, model.macs, accuracy.*)."""
     body: dict[str, Any] = {
         "checkpoint": {"path": report.checkpoint, "format": report.source_format},
         "arch": report.arch.to_json() if report.arch is not None else None,
@@ -274,7 +274,7 @@ def render_analyze(report: AnalyzeReport, console: Console) -> None:
 
 
 def group_rows(graph: Any) -> list[dict[str, Any]]:
-    """The channel groups of a ChannelGraph as JSON-ready rows (DESIGN §8 analyze.groups[])."""
+    """The channel groups of a ChannelGraph as JSON-ready rows (analyze.groups[])."""
     return [
         {"name": g.name, "channels": g.channels, "prunable": g.prunable,
          "prunable_channels": len(g.prunable_classes) if g.prunable else 0,
@@ -320,7 +320,7 @@ def _reduction(before: int, after: int) -> float:
 
 
 def prune_document(report: PruneReport) -> dict[str, Any]:
-    """The JSON document of `chanprune prune` (DESIGN §8)."""
+    """The JSON document of `chanprune prune`."""
     achieved = {"params_reduction_pct": _reduction(report.before["params"], report.after["params"]),
                 "macs_reduction_pct": _reduction(report.before["macs"], report.after["macs"]),
                 "channels_removed": sum(max(0, r["out_before"] - r["out_after"]) for r in report.layers)}
@@ -423,7 +423,7 @@ class BenchReport:
 
 
 def bench_document(report: BenchReport) -> dict[str, Any]:
-    """The JSON document of `chanprune bench` (DESIGN §8: models[].path/params/macs/latency_ms/accuracy, gates[])."""
+    """The JSON document of `chanprune bench` (models[].path/params/macs/latency_ms/accuracy, gates[])."""
     body: dict[str, Any] = {
         "reference": report.models[0].path if report.models else None,
         "device": report.device,

@@ -1,0 +1,508 @@
+"""The rules for torch.nn's layers and chanprune's own, registered in the layer-rule table.
+
+Each class below is one entry's behaviour (see `layer_rules.LayerRule` for the contract); user
+rules can subclass them (`ChannelwiseRule` for a per-channel layer, `ConvRule`, `LinearRule`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layer_rules import (
+    Drop,
+    LayerRule,
+    LayerShape,
+    ModuleCall,
+    ModuleCost,
+    keep_indices,
+    register_layer_rule,
+    select,
+    zero_rows,
+)
+
+
+
+class PassThroughRule(LayerRule):
+    """Acts on every element alike (activations, dropout, identity): ids pass straight through."""
+
+    def trace(self, call: ModuleCall) -> bool:
+        call.set_output(call.x)
+        return True
+
+
+class PerChannelSpatialRule(LayerRule):
+    """Acts on each channel's spatial map on its own (pooling, padding, upsampling; channel axis 1)."""
+
+    def trace(self, call: ModuleCall) -> bool:
+        if call.x is None or call.shape is None:
+            return False
+        vec = call.channel_vector(call.x, 1)
+        call.set_output(call.broadcast(vec, 1) if bool((vec >= 0).any()) else None)
+        return True
+
+
+class SoftmaxRule(LayerRule):
+    """Mixes the elements along its `dim`: pins the channels when that is the channel axis."""
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x = call.module, call.x
+        if x is None:
+            return False
+        dim = getattr(m, "dim", None)
+        if (dim if dim is not None else -1) % x.dim() in call.varying_axes(x):
+            call.pin_inputs(f"{type(m).__name__} {call.name} mixes channels")
+            call.set_output(None)
+        else:
+            call.set_output(x)
+        return True
+
+
+class ReshapeModuleRule(LayerRule):
+    """nn.Flatten / nn.Unflatten: replayed on the labels like the tensor methods."""
+
+    def trace(self, call: ModuleCall) -> bool:
+        m = call.module
+        # Only nn.Unflatten carries literal sizes (nn.Flatten never splits an axis).
+        call.structural(lambda *a, **k: m(*a, **k), isinstance(m, nn.Unflatten))
+        return True
+
+
+class LayerNormRule(LayerRule):
+    """Normalises over its trailing axes: removing a channel there changes the statistics."""
+
+    shape_attrs = ("normalized_shape",)
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x = call.module, call.x
+        if x is None:
+            return False
+        normalized = range(x.dim() - len(m.normalized_shape), x.dim())
+        if any(a in normalized for a in call.varying_axes(x)):
+            call.pin_inputs(f"LayerNorm {call.name} normalises over channels (removing one changes its statistics)")
+            call.set_output(None)
+        else:
+            call.set_output(x)
+        return True
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        shape = module.normalized_shape  # channels are its first dim
+        channels = int(shape[0]) if shape else None
+        return LayerShape("norm", channels, channels)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"weight": tuple(module.normalized_shape), "bias": tuple(module.normalized_shape)}
+
+
+class ChannelwiseRule(LayerRule):
+    """A layer with one entry per channel along axis 1 and no mixing between channels (a norm
+    over each channel, a per-channel scale). Its entries are "norm" slots of the channel's class.
+
+    `tensors`: the per-channel parameters/buffers (sliced, and zeroed by `mask` when listed in
+    `masked`); `size_attr`: the attribute holding the channel count."""
+
+    def __init__(self, size_attr: str, tensors: Sequence[str], masked: Sequence[str] = ("weight", "bias"),
+                 gates_channels: bool = True) -> None:
+        self.size_attr = size_attr
+        self.tensors = tuple(tensors)
+        self.masked = tuple(masked)
+        self.gates_channels = gates_channels
+        self.shape_attrs = (size_attr,)
+
+    def trace(self, call: ModuleCall) -> bool:
+        if call.x is None:
+            call.set_output(None)
+            return True
+        vec = call.channel_vector(call.x, 1)
+        for c, i in enumerate(vec.tolist()):
+            call.link(call.new_slot("norm", c), i)
+        call.set_output(call.x)
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        keep = keep_indices(getattr(module, self.size_attr), drop.get("norm", set()))
+        for name in self.tensors:
+            select(module, name, 0, keep)
+        setattr(module, self.size_attr, len(keep))
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        zero_rows(module, sorted(drop.get("norm", set())), self.masked)
+
+    def output_width(self, module: nn.Module) -> int:
+        return int(getattr(module, self.size_attr))
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        n = (getattr(module, self.size_attr),)
+        return {name: n for name in self.tensors}
+
+
+class NormRule(ChannelwiseRule):
+    """BatchNorm*, SyncBatchNorm, InstanceNorm*: per-channel affine and running statistics."""
+
+    def __init__(self, folds_producer: bool) -> None:
+        super().__init__("num_features", ("weight", "bias", "running_mean", "running_var"))
+        self.folds_producer = folds_producer
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        return LayerShape("norm", module.num_features, module.num_features)
+
+
+class PReLURule(ChannelwiseRule):
+    """PReLU: one slope per channel (or one shared slope: then it acts like an activation).
+    PReLU(0) == 0, so a zeroed channel stays zero: no mask, no gate point."""
+
+    def __init__(self) -> None:
+        super().__init__("num_parameters", ("weight",), masked=(), gates_channels=False)
+
+    def trace(self, call: ModuleCall) -> bool:
+        if call.module.num_parameters > 1:
+            return super().trace(call)
+        call.set_output(call.x)
+        return True
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"weight": (module.num_parameters,)}
+
+
+class GroupNormRule(LayerRule):
+    """GroupNorm: the channels of one group are normalised together, so they fall together."""
+
+    shape_attrs = ("num_groups", "num_channels")
+    gates_channels = True
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x = call.module, call.x
+        if x is None:
+            return False
+        vec = call.channel_vector(x, 1)
+        per = m.num_channels // m.num_groups
+        for grp in range(m.num_groups):
+            sid = call.new_slot("gnorm", grp)
+            for i in vec[grp * per:(grp + 1) * per].tolist():
+                if i >= 0:
+                    call.link(sid, i)
+                else:
+                    call.pin([sid], f"GroupNorm {call.name} mixes fixed channels")
+        call.set_output(x)
+        return True
+
+    @staticmethod
+    def _channels(m: nn.Module, groups: Sequence[int]) -> list[int]:
+        per = m.num_channels // m.num_groups
+        return [grp * per + k for grp in groups for k in range(per)]
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        groups = keep_indices(module.num_groups, drop.get("gnorm", set()))
+        keep = self._channels(module, groups)
+        select(module, "weight", 0, keep)
+        select(module, "bias", 0, keep)
+        module.num_groups, module.num_channels = len(groups), len(keep)
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        zero_rows(module, self._channels(module, sorted(drop.get("gnorm", set()))))
+
+    def output_width(self, module: nn.Module) -> int:
+        return int(module.num_channels)
+
+    def output_channels(self, module: nn.Module, kind: str, index: int) -> list[int]:
+        return self._channels(module, [index])
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        return LayerShape("norm", module.num_channels, module.num_channels, groups=module.num_groups)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"weight": (module.num_channels,), "bias": (module.num_channels,)}
+
+
+class _WeightedRule(LayerRule):
+    """Shared by convs and linear layers: output-side operations on the weight's first axis."""
+
+    def output_width(self, module: nn.Module) -> int:
+        return int(module.out_channels)
+
+    def zero_producers(self, module: nn.Module, drop: Drop) -> None:
+        zero_rows(module, self._producer_rows(module, drop))
+
+    def _producer_rows(self, module: nn.Module, drop: Drop) -> list[int]:
+        return sorted(drop.get("out", set()))
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        zero_rows(module, self._producer_rows(module, drop))
+        cols = sorted(drop.get("in", set()))
+        weight = getattr(module, "weight", None)
+        if cols and weight is not None:
+            weight[:, cols] = 0  # local input index, the same in every conv group
+
+    def consumer_columns(self, module: nn.Module, index: int) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        return None if weight is None else weight.detach()[:, index].reshape(-1)
+
+
+class ConvRule(_WeightedRule):
+    """Conv1d/2d/3d, grouped and depthwise (channel multiplier out/in)."""
+
+    shape_attrs = ("in_channels", "out_channels", "groups")
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x, shape = call.module, call.x, call.shape
+        if x is None or shape is None:
+            return False
+        vec = call.channel_vector(x, 1)
+        cin, cout, g = m.in_channels, m.out_channels, m.groups
+        spatial = math.prod(m.kernel_size) * math.prod(shape[2:])
+        if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
+            mult = cout // cin
+            ids = []
+            for j, i in enumerate(vec.tolist()):
+                sid = call.new_slot("dw", j)
+                if i >= 0:
+                    call.link(sid, i)
+                else:
+                    call.pin([sid], f"depthwise conv {call.name} reads a fixed input")
+                ids.extend([sid] * mult)
+            out = torch.tensor(ids, dtype=torch.long)
+            call.add_cost(ModuleCost("depthwise", spatial * mult, g, cin, cin))
+        else:
+            cpg, opg = cin // g, cout // g
+            for j, i in enumerate(vec.tolist()):
+                call.link(call.new_slot("in", j % cpg), i)
+            out = call.new_slots("out", opg).repeat(g)
+            call.add_cost(ModuleCost("conv", spatial, g, cpg, opg))
+        call.set_output(call.broadcast(out, 1))
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        m = module
+        if drop.get("dw"):
+            keep_in = keep_indices(m.in_channels, drop["dw"])
+            mult = m.out_channels // m.in_channels
+            keep_out = [j * mult + t for j in keep_in for t in range(mult)]
+            select(m, "weight", 0, keep_out)
+            select(m, "bias", 0, keep_out)
+            m.in_channels, m.out_channels, m.groups = len(keep_in), len(keep_out), len(keep_in)
+            return
+        g = m.groups
+        cpg, opg = m.in_channels // g, m.out_channels // g
+        keep_in_local = keep_indices(cpg, drop.get("in", set()))
+        keep_out_local = keep_indices(opg, drop.get("out", set()))
+        keep_out = [grp * opg + k for grp in range(g) for k in keep_out_local]
+        select(m, "weight", 0, keep_out)
+        select(m, "weight", 1, keep_in_local)
+        select(m, "bias", 0, keep_out)
+        m.in_channels, m.out_channels = g * len(keep_in_local), g * len(keep_out_local)
+
+    def producer_width(self, module: nn.Module, kind: str) -> int | None:
+        if kind == "dw":
+            return int(module.in_channels)
+        return module.out_channels // module.groups  # local output index, shared by every conv group
+
+    def _producer_rows(self, module: nn.Module, drop: Drop) -> list[int]:
+        m = module
+        if drop.get("dw"):
+            mult = m.out_channels // m.in_channels
+            return [j * mult + t for j in drop["dw"] for t in range(mult)]
+        opg = m.out_channels // m.groups
+        return [grp * opg + k for grp in range(m.groups) for k in drop.get("out", set())]
+
+    def output_channels(self, module: nn.Module, kind: str, index: int) -> list[int]:
+        if kind == "dw":
+            mult = module.out_channels // module.in_channels
+            return list(range(index * mult, (index + 1) * mult))
+        opg = module.out_channels // module.groups
+        return [g * opg + index for g in range(module.groups)]
+
+    def producer_rows(self, module: nn.Module, kind: str, index: int) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            return None
+        return weight.detach()[self.output_channels(module, kind, index)].reshape(-1)
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        return LayerShape("conv", module.in_channels, module.out_channels, tuple(module.kernel_size),
+                          tuple(module.stride), module.groups)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        k = tuple(module.kernel_size)
+        return {"weight": (module.out_channels, module.in_channels // module.groups, *k), "bias": (module.out_channels,)}
+
+
+class ConvTransposeRule(ConvRule):
+    """ConvTranspose1d/2d/3d with groups == 1 (weight [in, out, *k]); grouped ones are pinned."""
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x, shape = call.module, call.x, call.shape
+        if m.groups != 1 or x is None or shape is None:
+            return False
+        vec = call.channel_vector(x, 1)
+        for j, i in enumerate(vec.tolist()):
+            call.link(call.new_slot("in", j), i)
+        call.set_output(call.broadcast(call.new_slots("out", m.out_channels), 1))
+        call.add_cost(ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]), 1, m.in_channels, m.out_channels))
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        m = module
+        keep_in = keep_indices(m.in_channels, drop.get("in", set()))
+        keep_out = keep_indices(m.out_channels, drop.get("out", set()))
+        select(m, "weight", 0, keep_in)
+        select(m, "weight", 1, keep_out)
+        select(m, "bias", 0, keep_out)
+        m.in_channels, m.out_channels = len(keep_in), len(keep_out)
+
+    def producer_width(self, module: nn.Module, kind: str) -> int | None:
+        return int(module.out_channels)
+
+    def _zero_outputs(self, module: nn.Module, drop: Drop) -> None:
+        cols = sorted(drop.get("out", set()))
+        if cols:
+            module.weight[:, cols] = 0  # output channels are the weight's second axis
+            if module.bias is not None:
+                module.bias[cols] = 0
+
+    def zero_producers(self, module: nn.Module, drop: Drop) -> None:
+        self._zero_outputs(module, drop)
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        if module.weight is not None:
+            self._zero_outputs(module, drop)
+            cols = sorted(drop.get("in", set()))
+            if cols:
+                module.weight[cols] = 0
+
+    def producer_rows(self, module: nn.Module, kind: str, index: int) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        return None if weight is None else weight.detach()[:, index].reshape(-1)
+
+    def consumer_columns(self, module: nn.Module, index: int) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        return None if weight is None else weight.detach()[index].reshape(-1)
+
+    def weight_rows(self, module: nn.Module, weight_like: torch.Tensor, channels: list[int]) -> torch.Tensor:
+        # weight [in, out/g, *k]; output o = g * opg + k reads the inputs of group g
+        ipg, opg = module.in_channels // module.groups, module.out_channels // module.groups
+        return torch.stack([weight_like[(r // opg) * ipg:(r // opg + 1) * ipg, r % opg] for r in channels])
+
+    def scale_outputs(self, module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
+        if module.groups != 1 or module.weight is None:
+            return  # grouped transposed convs: the bias alone would be inconsistent, leave as is
+        rows = module.weight.data.transpose(0, 1)
+        rows[channels.to(rows.device)] *= factors.to(rows.device, rows.dtype).view([-1] + [1] * (rows.dim() - 1))
+        if module.bias is not None:
+            module.bias.data[channels.to(module.bias.device)] *= factors.to(module.bias.device, module.bias.dtype)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        k = tuple(module.kernel_size)
+        return {"weight": (module.in_channels, module.out_channels // module.groups, *k), "bias": (module.out_channels,)}
+
+
+class LinearRule(_WeightedRule):
+    """nn.Linear over the last axis (tokens, if any, are the axes before it)."""
+
+    shape_attrs = ("in_features", "out_features")
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x, shape = call.module, call.x, call.shape
+        if x is None or shape is None:
+            return False
+        vec = call.channel_vector(x, -1)
+        for j, i in enumerate(vec.tolist()):
+            call.link(call.new_slot("in", j), i)
+        call.set_output(call.broadcast(call.new_slots("out", m.out_features), -1))
+        call.add_cost(ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1, m.in_features, m.out_features))
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        m = module
+        keep_in = keep_indices(m.in_features, drop.get("in", set()))
+        keep_out = keep_indices(m.out_features, drop.get("out", set()))
+        select(m, "weight", 0, keep_out)
+        select(m, "weight", 1, keep_in)
+        select(m, "bias", 0, keep_out)
+        m.in_features, m.out_features = len(keep_in), len(keep_out)
+
+    def producer_width(self, module: nn.Module, kind: str) -> int | None:
+        return int(module.out_features)
+
+    def output_axis(self, module: nn.Module) -> int:
+        return -1
+
+    def output_width(self, module: nn.Module) -> int:
+        return int(module.out_features)
+
+    def producer_rows(self, module: nn.Module, kind: str, index: int) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        return None if weight is None else weight.detach()[index].reshape(-1)
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        return LayerShape("linear", module.in_features, module.out_features)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {"weight": (module.out_features, module.in_features), "bias": (module.out_features,)}
+
+
+class OptionAShortcutRule(LayerRule):
+    """The CIFAR ResNet option-A shortcut: its zero-padded channels are slots of their own, so
+    the channels they meet in the residual add can be removed together with a pad position."""
+
+    shape_attrs = ("pad_front", "pad_back")
+
+    def trace(self, call: ModuleCall) -> bool:
+        m, x = call.module, call.x
+        if x is None:
+            return False
+        vec = call.channel_vector(x, 1)
+        front = call.new_slots("pad_front", m.pad_front)
+        back = call.new_slots("pad_back", m.pad_back)
+        if call.shape is not None:
+            call.set_output(call.broadcast(torch.cat([front, vec, back]), 1))
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        module.pad_front -= len(drop.get("pad_front", set()))
+        module.pad_back -= len(drop.get("pad_back", set()))
+
+
+def register_builtins() -> None:
+    from ..models import OptionAShortcut
+
+
+    conv, norm = ConvRule(), NormRule(folds_producer=False)
+    for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register_layer_rule(t, conv, leaf=False)
+    for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        register_layer_rule(t, ConvTransposeRule(), leaf=False)
+    batchnorm = NormRule(folds_producer=True)
+    for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+        register_layer_rule(t, batchnorm, leaf=False)
+    for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+        register_layer_rule(t, norm, leaf=False)
+    register_layer_rule(nn.Linear, LinearRule(), leaf=False)
+    register_layer_rule(nn.GroupNorm, GroupNormRule(), leaf=False)
+    register_layer_rule(nn.LayerNorm, LayerNormRule(), leaf=False)
+    register_layer_rule(nn.PReLU, PReLURule(), leaf=False)
+    passthrough = PassThroughRule()
+    for t in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+              nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+              nn.Tanhshrink, nn.LogSigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+              nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+        register_layer_rule(t, passthrough, leaf=False)
+    spatial = PerChannelSpatialRule()
+    for t in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+              nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+              nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d):
+        register_layer_rule(t, spatial, leaf=False)
+    softmax = SoftmaxRule()
+    for t in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
+        register_layer_rule(t, softmax, leaf=False)
+    reshape = ReshapeModuleRule()
+    for t in (nn.Flatten, nn.Unflatten):
+        register_layer_rule(t, reshape, leaf=False)
+    register_layer_rule(OptionAShortcut, OptionAShortcutRule())
+
+
+register_builtins()
