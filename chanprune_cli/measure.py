@@ -24,6 +24,12 @@ from .errors import UserError
 from .support.progress import batches_total, progress_bar
 
 
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers: what the weights take on disk or in memory."""
+    tensors: Iterable[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -16,27 +16,9 @@ from torch import nn
 from ..errors import UserError
 from ..engine.graph import ChannelGraph, ChannelGroup, Slot
 from ..engine.layer_rules import PRODUCER_KINDS, rule_for
+from ..engine.scores import Scores, WeightedScores, channel_scales, group_weights  # noqa: F401  (criteria use them from here)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-Scores = dict[int, torch.Tensor]  # group id -> one score per class (channel) of the group
-
-
-class WeightedScores(dict):  # type: ignore[type-arg]
-    """Scores plus a per-group weight that a global allocation multiplies onto normalised scores
-    (layer sensitivity: groups with larger weight keep more channels)."""
-
-    group_weights: dict[int, float]
-
-
-def group_weights(scores: Scores) -> dict[int, float]:
-    return dict(getattr(scores, "group_weights", {}) or {})
-
-
-def channel_scales(scores: Scores) -> dict[int, torch.Tensor]:
-    """Per-channel factors that pruning multiplies onto the surviving channels (White-Box's BN
-    rescale by sum_k M[k, c] / 2); empty for criteria that carry none."""
-    return dict(getattr(scores, "channel_scale", {}) or {})
-
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
 
 

@@ -122,8 +122,6 @@ def original_widths(loaded: LoadedCheckpoint) -> dict[str, int] | None:
 
 def describe(loaded: LoadedCheckpoint, path: str, input_shape: tuple[int, int, int]) -> ModelResult:
     """Params, MACs, sizes and widths of a loaded checkpoint (no timing, no data)."""
-    from ..report import model_size_bytes
-
     model = loaded.model.eval()
     return ModelResult(
         path=path,
@@ -132,7 +130,7 @@ def describe(loaded: LoadedCheckpoint, path: str, input_shape: tuple[int, int, i
         input_shape=tuple(input_shape),  # type: ignore[arg-type]
         params=measure.count_params(model),
         macs=measure.count_macs(model, input_shape),
-        size_bytes=model_size_bytes(model),
+        size_bytes=measure.model_size_bytes(model),
         file_size_mb=measure.file_size_mb(path),
         widths=layer_widths(model),
         original_widths=original_widths(loaded),

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..criteria.base import group_weights
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
+from .scores import group_weights
 
 DEFAULT_MIN_KEEP = 0.1
 

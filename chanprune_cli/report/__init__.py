@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from .. import __version__
 from ..engine.layer_rules import layer_shape
+from ..measure import model_size_bytes  # noqa: F401  (cli/analyze imports it from here)
 from ..support.fsutil import write_text_atomic
 
 if TYPE_CHECKING:
@@ -102,12 +102,6 @@ def layer_rows(model: nn.Module, module_macs: dict[str, int]) -> list[LayerRow]:
         rows.append(LayerRow(name, type(module).__name__, shape.in_channels, shape.out_channels, shape.kernel,
                              shape.stride, shape.groups, params, int(module_macs.get(name, 0))))
     return rows
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers: what the weights take on disk or in memory."""
-    tensors: Iterable[torch.Tensor] = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _kernel_text(row: LayerRow) -> str:
