@@ -13,9 +13,9 @@ import torch.fx
 from torch import nn
 
 from chanprune_cli.errors import UserError
-from chanprune_cli.models.layers import OptionAShortcut
 from chanprune_cli.models import (
     ArchSpec,
+    OptionAShortcut,
     build_model,
     builtin_archs,
     default_input_shape,

@@ -1,0 +1,197 @@
+"""The chanprune format: one safetensors file whose metadata key `chanprune` holds a JSON document
+(architecture, module shapes, input shape, plans, history, meta, tool and torch versions).
+
+Loading rebuilds the recorded architecture, re-applies the pruned module shapes and checks the
+weights fit; a recorded `package.module:factory` is only imported when the user confirms it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import shapes
+from ..errors import UserError
+from ..models import ArchSpec, build_model, builtin_archs
+from ..support.fsutil import atomic_path, check_output
+from .keys import attr_shape_problems, fit_problems, load_into
+from .loaded import LoadedCheckpoint
+from .messages import first_line
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "tool_version", "load_chanprune", "save_chanprune"]
+
+FORMAT_NAME = "chanprune"
+FORMAT_VERSION = 1
+METADATA_KEY = "chanprune"
+
+
+def tool_version() -> str:
+    """chanprune's version: `chanprune_cli.__version__` if set, else the installed metadata."""
+    import chanprune_cli
+
+    version = getattr(chanprune_cli, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        return dist_version("chanprune")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.1.0"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _confirmed_factory(spec: ArchSpec, arch: str | ArchSpec | None, trust_code: bool) -> bool:
+    """Whether building `spec` may run code the user did not name.
+
+    Built-ins and `torchvision:NAME` only construct known models. A `package.module:factory` record
+    imports and calls whatever the file names (e.g. `subprocess:run`), so a downloaded chanprune
+    file may only do that when the user names the same factory with --arch or trusts the file.
+    """
+    if spec.name in builtin_archs() or spec.name.startswith("torchvision:") or ":" not in spec.name:
+        return True
+    named = arch.name if isinstance(arch, ArchSpec) else arch
+    return trust_code or (isinstance(named, str) and named.strip() == spec.name)
+
+
+_DAMAGED = "; the file is damaged or was edited, re-create it with chanprune prune"
+
+
+def load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str, *, arch: str | ArchSpec | None = None,
+                   trust_code: bool = False) -> LoadedCheckpoint:
+    """The model a chanprune file describes: `tensors` and `raw` (its metadata JSON) read from `p`."""
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise UserError(f"{p}: chanprune metadata is not valid JSON (file damaged?); re-create it with chanprune") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise UserError(f"{p}: chanprune metadata is malformed (no 'format': 'chanprune'){_DAMAGED}")
+    version = doc.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError(f"{p}: chanprune metadata has an invalid format_version {version!r}{_DAMAGED}")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{p} was made by a newer chanprune (format {version}); upgrade chanprune")
+    spec = ArchSpec.from_json(doc.get("arch"))  # type: ignore[arg-type]
+    if not _confirmed_factory(spec, arch, trust_code):
+        raise UserError(
+            f"{p} records architecture {spec.name}, a package.module:factory that chanprune would import and call "
+            f"(code named by the file); if you trust it, pass --arch {spec.name} (or --trust-pickle)"
+        )
+    module_shapes = doc.get("module_shapes") or {}
+    if not isinstance(module_shapes, dict):
+        raise UserError(f"{p}: chanprune metadata is malformed (module_shapes is not an object){_DAMAGED}")
+    input_shape = doc.get("input_shape")
+    if input_shape is not None:
+        if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(isinstance(d, int) and d > 0 for d in input_shape)):
+            raise UserError(f"{p}: chanprune metadata has an invalid input_shape {input_shape!r}{_DAMAGED}")
+        input_shape = tuple(input_shape)
+    history, plans, meta = doc.get("history") or [], doc.get("plans") or [], doc.get("meta") or {}
+    if not isinstance(history, list) or not isinstance(plans, list) or not isinstance(meta, dict):
+        raise UserError(f"{p}: chanprune metadata is malformed (history/plans must be lists, meta an object){_DAMAGED}")
+
+    try:
+        model = build_model(spec)
+    except UserError as exc:
+        raise UserError(f"{p} records architecture {spec}, which cannot be built: {exc}; make it importable here "
+                        "or re-create the file") from None
+    try:
+        shapes.apply_shape_attrs(model, module_shapes, {k: tuple(v.shape) for k, v in tensors.items()})
+        problem = fit_problems(model, tensors) or attr_shape_problems(model)
+    except KeyError as exc:
+        raise UserError(f"{p} records module {exc.args[0]!r}, which {spec} does not have{_DAMAGED}") from None
+    except (TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+        raise UserError(f"{p}: recorded module shapes cannot be applied to {spec} ({first_line(exc)}){_DAMAGED}") from None
+    if problem:
+        raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: {problem}; the file is damaged or was edited, re-create it with chanprune prune")
+    load_into(model, tensors)
+    if input_shape is not None:
+        # apply_shape_attrs sizes tensors from the file, so a lying file could still leave
+        # neighbouring layers inconsistent; one dummy forward settles it cheaply.
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, *input_shape))
+        except Exception as exc:
+            raise UserError(
+                f"weights in {p} do not fit its recorded plan for {spec}: forward pass fails ({first_line(exc)}); "
+                "the file is damaged or was edited, re-create it with chanprune prune"
+            ) from None
+    return LoadedCheckpoint(
+        model=model.to("cpu").eval(),
+        arch=spec,
+        source_format="chanprune",
+        input_shape=input_shape,  # type: ignore[arg-type]
+        history=history,
+        plans=plans,
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    # Plans and histories often carry tensors / tuples / paths; store them as plain JSON.
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def save_chanprune(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    arch: ArchSpec | None,
+    *,
+    input_shape: tuple[int, int, int] | list[int] | None,
+    history: list[dict[str, Any]],
+    plans: list[dict[str, Any]],
+    meta: dict[str, Any] | None = None,
+    force: bool = False,
+) -> None:
+    """Write `model` as one chanprune safetensors file (atomic; refuses to overwrite unless force)."""
+    from safetensors.torch import save_file
+
+    out = check_output(path, force)
+    if arch is None:
+        raise UserError("cannot save a chanprune checkpoint without an architecture; load the weights with --arch instead of a pickled module")
+    # Independent contiguous CPU copies: safetensors refuses shared or strided storage.
+    tensors = {
+        k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "arch": arch.to_json(),
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "module_shapes": shapes.shape_attrs(model),
+        "plans": list(plans),
+        "history": list(history),
+        "meta": dict(meta or {}),
+        "tool_version": tool_version(),
+        "torch_version": torch.__version__,
+    }
+    try:
+        text = json.dumps(doc, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot record checkpoint metadata as JSON: {exc}") from None
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})

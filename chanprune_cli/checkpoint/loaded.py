@@ -1,0 +1,35 @@
+"""What a load produces: `LoadedCheckpoint`, and the finiteness check callers run on its weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import ArchSpec
+
+__all__ = ["LoadedCheckpoint", "nonfinite_tensors"]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready to use (eval mode, CPU) plus what its file recorded."""
+
+    model: nn.Module
+    arch: ArchSpec | None
+    source_format: str  # "state_dict" | "safetensors" | "pickle" | "chanprune"
+    input_shape: tuple[int, int, int] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    plans: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of floating parameters/buffers that contain NaN or Inf (callers decide what to do)."""
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor is not None and (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+    return bad
