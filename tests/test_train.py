@@ -6,6 +6,7 @@ milliseconds, so each test trains for real and still finishes in about a second.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from chanprune_cli.cli import app
 from chanprune_cli.data import open_dataset
 from chanprune_cli.errors import UserError
 from chanprune_cli.engine.graph import build_graph
-from chanprune_cli.models import build_model, parse_arch
+from chanprune_cli.engine.surgery import zero_producers
+from chanprune_cli.models import build_model, parse_arch, widened_spec
 from chanprune_cli.train.schedules import (
     CACSchedule,
     SoftFilterPruning,
@@ -31,8 +33,6 @@ from chanprune_cli.train.schedules import (
     asfp_coefficients,
     asfp_rate,
     make_schedule,
-    widened_spec,
-    zero_filters,
 )
 from chanprune_cli.train import (
     CheckpointInfo,
@@ -292,7 +292,7 @@ def test_asfp_rate_passes_through_the_three_points(T: float, P: float) -> None:
     assert rate(T / 8) == pytest.approx(0.75 * P, abs=1e-12)
     assert rate(T) == pytest.approx(P, abs=1e-12)
     assert b == pytest.approx(-a) and k > 0
-    # The closed-form approximation of DESIGN §4 and the public function agree.
+    # The closed-form approximation in train/schedules.py's docstring and the public function agree.
     for t in (T / 16, T / 4, T / 2):
         assert asfp_rate(t, T, P) == pytest.approx(rate(t), abs=1e-15)
         assert asfp_rate(t, T, P) == pytest.approx(P * (1 - 4 ** (-t / (T / 8))), abs=2e-3 * P)
@@ -341,11 +341,11 @@ def test_sfp_uses_a_constant_rate(digits_train: Any, trained_state: Any) -> None
     assert [e["rate"] for e in hook.events] == [0.25, 0.25, 0.25]
 
 
-def test_zero_filters_keeps_norms_and_consumers(trained_state: Any) -> None:
+def test_zero_producers_keeps_norms_and_consumers(trained_state: Any) -> None:
     model = fresh_model(trained_state)
     graph = build_graph(model, SHAPE)
     gid = next(g.id for g in graph.groups if g.name == "conv2")
-    zero_filters(model, graph, {gid: [0, 3]})
+    zero_producers(model, graph, {gid: [0, 3]})
     assert model.conv2.weight[[0, 3]].abs().sum() == 0 and model.conv2.weight[1].abs().sum() > 0
     assert model.bn2.weight[0] != 0 and model.conv3.weight[:, 0].abs().sum() > 0
 
@@ -432,12 +432,21 @@ def test_whitebox_trains_masks_on_frozen_weights_then_prunes(digits_train: Any, 
 
 
 def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) -> None:
-    from chanprune_cli.train.schedules import train_whitebox_masks
-
+    # The schedule's mask phase alone (prune=False), kept by a second hook after every step.
     model = fresh_model(trained_state)
     before = weights(model)
     graph = build_graph(model, SHAPE)
-    masks = train_whitebox_masks(model, graph, digits_train, steps=5, batch_size=32, lam=0.05)
+    hook = WhiteboxSchedule(input_shape=SHAPE, prune=False, until=1.0, lam=0.05, mask_lr=0.1, max_grad_norm=5.0, seed=0)
+    masks: dict[int, torch.Tensor] = {}
+
+    class Keep(Hook):
+        name = "keep-masks"
+
+        def on_step_end(self, trainer: Trainer) -> None:
+            masks.update({gid: m.detach().cpu().clone() for gid, m in hook.masks.items()})
+
+    cfg = TrainConfig(max_steps=5, batch_size=32, warmup=0, progress=False, save_every=None, seed=0, augment=False)
+    Trainer(copy.deepcopy(model), digits_train, cfg, device=torch.device("cpu"), hooks=[hook, Keep()]).fit()
     assert {gid: tuple(m.shape) for gid, m in masks.items()} == {g.id: (10, g.channels) for g in graph.prunable_groups()}
     assert all(not torch.allclose(m, torch.full_like(m, 2 / 11)) for m in masks.values())
     assert_same(weights(model), before)

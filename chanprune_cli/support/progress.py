@@ -1,11 +1,12 @@
 """Progress bars for long loops: one look everywhere, on stderr, only when stderr is a terminal
-(so pipes, CI logs and JSON on stdout stay clean)."""
+(so pipes, CI logs and JSON on stdout stay clean). Loops long enough to need a trace in logs
+(`StepProgress`, training) print plain periodic lines instead when stderr is not a terminal."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -44,3 +45,54 @@ def progress_bar(field: str, *, eta: bool = True, enabled: bool = True) -> Any:
                TextColumn(f"{{task.fields[{field}]}}"), TimeElapsedColumn(), *([TimeRemainingColumn()] if eta else [])]
     return Progress(*columns, console=Console(stderr=True), transient=True,
                     disable=not (enabled and stderr_is_terminal()))
+
+
+class StepProgress:
+    """Progress of a loop of `total` steps that may start part-way (a resumed run) and pause (while
+    something else prints). On a terminal: a `progress_bar` with a free-text field; otherwise a line
+    `step n/total  <text>` on stderr after the first step, every `log_every` steps and the last.
+    Nothing at all unless `enabled`."""
+
+    def __init__(self, description: str, total: int, *, completed: int = 0, log_every: int,
+                 enabled: bool = True) -> None:
+        self.description = description
+        self.total = total
+        self.completed = completed
+        self.log_every = log_every
+        self.enabled = enabled
+        self.tty = enabled and stderr_is_terminal()
+        self._bar: Any = None
+        self._task: Any = None
+        self._paused = False
+
+    def __enter__(self) -> StepProgress:
+        if self.tty:
+            self._bar = progress_bar("info")
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed, info="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+            self._bar = None
+
+    def update(self, completed: int, text: Callable[[], str]) -> None:
+        """`completed` steps done; `text()` (called only when shown) fills the free-text field."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, info=text())
+        elif completed % self.log_every == 0 or completed == self.total or completed == 1:
+            print(f"step {completed}/{self.total}  {text()}", file=sys.stderr, flush=True)
+
+    def pause(self) -> None:
+        """Take the bar off the terminal (a no-op for log lines) until `resume()`."""
+        if self._bar is not None and not self._paused:
+            self._bar.stop()
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._bar is not None and self._paused:
+            self._bar.start()
+            self._paused = False

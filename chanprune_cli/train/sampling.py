@@ -1,0 +1,76 @@
+"""Deterministic sampling: every global batch is a fixed slice of a permutation seeded by
+(seed, epoch), and every sample's augmentation is seeded by (seed, epoch, index). A run is
+therefore independent of worker processes, of where it was interrupted, and of how many
+processes it is split over."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style), for independent, reproducible streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class KeyedDataset(Dataset[Any]):
+    """Wraps a data set so that item `(key, i)` is sample i with its augmentation seeded by (key, i)."""
+
+    def __init__(self, base: Dataset[Any]) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        key, index = item
+        reseed = getattr(self.base, "reseed", None)
+        if callable(reseed):
+            reseed(mix_seed(key, index))
+        return self.base[index]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Global batches `start..stop-1` of one epoch; this rank's contiguous share of each.
+
+    Global batch k is positions [k·G, (k+1)·G) of a permutation seeded by (seed, epoch); rank r of
+    W takes its r-th slice of G/W samples. Resuming at step s of an epoch just starts at k = s.
+    """
+
+    def __init__(self, n: int, global_batch: int, *, seed: int, epoch: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
+        self.n, self.global_batch, self.seed, self.epoch = n, global_batch, seed, epoch
+        self.start, self.stop, self.rank, self.world, self.shuffle = start, stop, rank, world, shuffle
+        self.local = global_batch // world
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 0x5A))
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        key = mix_seed(self.seed, self.epoch, 0xA5)
+        for k in range(self.start, self.stop):
+            base = k * self.global_batch + self.rank * self.local
+            yield [(key, int(i)) for i in perm[base:base + self.local].tolist()]
+
+
+def collate_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images stacked, labels as int64) from a list of (image, label, ...) samples."""
+    xs, ys = zip(*[(b[0], b[1]) for b in batch])
+    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)

@@ -1,0 +1,425 @@
+"""`Trainer`: one fine-tuning run, the loop behind `chanprune finetune`.
+
+What one run does, in order:
+
+* data: the batches of `sampling.EpochBatches`, so the run is a pure function of the seed and a
+  resumed run continues exactly where the interrupted one stopped;
+* optimisation: `optim.build_optimizer` (SGD, weight decay on conv/linear weights only) under the
+  `optim.WarmupCosine` schedule, optional label smoothing, optional knowledge distillation from a
+  teacher (`optim.kd_loss`, weighted with cross-entropy), optional gradient clipping;
+* on CUDA: mixed precision (bf16, or fp16 with a gradient scaler) and channels-last memory;
+* under torchrun: DistributedDataParallel (NCCL on GPUs, gloo on CPUs), validation sharded over
+  ranks, only rank 0 prints and writes;
+* hooks (`hooks.Hook`) plug training-time pruning schedules into the loop (schedules.py);
+  `Trainer.replace_model` rebuilds the optimizer after surgery, carrying momentum buffers through;
+* outputs (`outputs.OutputPaths`): `--out` gets the final model, `<out>.best` the best validated
+  one, `<out>.last` + `<out>.state.pt` the resumable state (weights, optimizer, scheduler,
+  scaler, RNG, step, hook state), written atomically every `save_every` steps, at epoch ends and
+  on Ctrl-C / SIGTERM. `--resume` continues from it with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ChanpruneError, UserError
+from ..support import distributed as D
+from ..support.fsutil import atomic_path
+from ..support.progress import StepProgress
+from .config import TrainConfig
+from .hooks import Hook
+from .optim import WarmupCosine, build_optimizer, carry_momentum, kd_loss
+from .outputs import CheckpointInfo, OutputPaths
+from .precision import autocast, resolve_amp
+from .process import StopRequest
+from .sampling import EpochBatches, KeyedDataset, collate_labels
+from .state import STATE_FORMAT, STATE_VERSION, rng_state, set_rng_state, to_cpu
+from .validation import validate
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit()` returns: the trained model, the validations, throughput and what hooks did."""
+
+    model: nn.Module
+    steps: int
+    epochs_done: float
+    evals: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    final: dict[str, Any] | None
+    train_images: int
+    train_seconds: float
+    resumed_from: int | None
+    hook_summaries: dict[str, Any]
+    plans: list[dict[str, Any]]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.train_images / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class Trainer:
+    """One fine-tuning run. Build it, optionally `restore(state)`, then `fit()`."""
+
+    def __init__(self, model: nn.Module, train_set: Dataset[Any], cfg: TrainConfig, *, device: torch.device,
+                 val_set: Dataset[Any] | None = None, teacher: nn.Module | None = None,
+                 hooks: Sequence[Hook] = (), env: D.DistEnv | None = None,
+                 outputs: OutputPaths | None = None, ckpt: CheckpointInfo | None = None,
+                 log: Callable[[str], None] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.device = device
+        self.env = env or D.current()
+        self.train_set = train_set
+        self.val_set = val_set
+        self.hooks = list(hooks)
+        self.outputs = outputs
+        self.ckpt = ckpt
+        self.log = log or (lambda s: None)
+        self.on_eval = on_eval
+        self.amp_dtype = resolve_amp(cfg.amp, device)
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.local_batch = D.local_batch(cfg.batch_size, self.env)
+        n = len(train_set)  # type: ignore[arg-type]
+        self.steps_per_epoch = n // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"the training data has {n} samples, fewer than one batch of {cfg.batch_size}; "
+                            "lower --batch-size")
+        epochs = cfg.epochs
+        if epochs is None:
+            epochs = math.ceil(cfg.max_steps / self.steps_per_epoch) if cfg.max_steps else 1
+        self.epochs = epochs
+        self.total_steps = epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.scheduler = WarmupCosine(self.total_steps, cfg.warmup, cfg.min_lr)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.to(device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            if self.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+        self.step = 0
+        self.weights_frozen = False
+        self.evals: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.train_images = 0
+        self.train_seconds = 0.0
+        self.resumed_from: int | None = None
+        self._loss_ema: float | None = None
+        self._last_lr = 0.0
+        self._pending_optimizer: Any = None  # restored once fit() has built the optimizer
+        self._pending_rng: Any = None
+        self.model = model
+        self._prepare(model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.ddp_model: nn.Module = self.model  # wrapped in DDP by fit() (after the hooks' setup)
+        self._labels_checked = False
+
+    # ---- model management ----------------------------------------------------------------
+
+    def _prepare(self, model: nn.Module) -> None:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+
+    def _wrap(self) -> None:
+        if self.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=ids, output_device=ids[0] if ids else None)
+        else:
+            self.ddp_model = self.model
+
+    def _hook_groups(self) -> list[dict[str, Any]]:
+        return [g for h in self.hooks for g in h.param_groups(self)]
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer for the current parameters (hooks' groups included)."""
+        self.optimizer = build_optimizer(self.model, self.cfg, self._hook_groups())
+
+    def replace_model(self, new_model: nn.Module, *, graph: Any = None, plan: Mapping[int, Sequence[int]] | None = None) -> None:
+        """Continue training `new_model` (e.g. after surgery). With the `graph` and `plan` that
+        turned the current model into it, the momentum buffers of surviving weights are carried
+        over by applying the same surgery to them; otherwise the optimizer starts fresh."""
+        old_model, old_opt = self.model, self.optimizer
+        self._prepare(new_model)
+        self.model = new_model
+        self.rebuild_optimizer()
+        if graph is not None and plan is not None:
+            carry_momentum(old_model, old_opt, new_model, self.optimizer, graph, plan)
+        self._wrap()
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        from ..engine import shapes
+
+        if self.ckpt is None:
+            raise ChanpruneError("internal: the trainer has no checkpoint info to save a state")
+        rng = D.all_gather_objects(rng_state(), self.env)
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "world_size": self.env.world_size,
+            "config": self.cfg.result_fields(),
+            "arch": self.ckpt.arch.to_json(),
+            "module_shapes": shapes.shape_attrs(self.model),
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": to_cpu(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng,
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "evals": list(self.evals),
+            "best": self.best,
+            "train_images": self.train_images,
+            "train_seconds": self.train_seconds,
+        }
+
+    def check_resumable(self, state: Mapping[str, Any]) -> None:
+        """UserError when `state` was made with options that change the result."""
+        saved = dict(state.get("config") or {})
+        now = self.cfg.result_fields()
+        diffs = [f"{k}: {saved.get(k)!r} then, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+        if diffs:
+            raise UserError("cannot resume with different training options (" + "; ".join(diffs[:4])
+                            + "); repeat the original command line with --resume")
+        if int(state.get("world_size", 1)) != self.env.world_size:
+            raise UserError(f"the state was saved by {state.get('world_size')} process(es); resume with the same "
+                            f"number (now {self.env.world_size}) for an identical result")
+        hooks_then = set((state.get("hooks") or {}).keys())
+        hooks_now = {h.name for h in self.hooks}
+        if hooks_then != hooks_now:
+            raise UserError(f"the state was saved with schedule(s) {sorted(hooks_then) or ['none']}, "
+                            f"now {sorted(hooks_now) or ['none']}; use the same --schedule")
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state` (the model must already have the saved weights and shapes)."""
+        self.check_resumable(state)
+        hooks = state.get("hooks") or {}
+        for h in self.hooks:
+            h.load_state_dict(hooks.get(h.name) or {})
+        self.step = int(state["step"])
+        self.resumed_from = self.step
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.evals = list(state.get("evals") or [])
+        self.best = state.get("best")
+        self.train_images = int(state.get("train_images", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._pending_optimizer = state["optimizer"]
+        rng = state.get("rng") or []
+        self._pending_rng = rng[self.env.rank] if self.env.rank < len(rng) else None
+
+    def _save_model(self, path: Path, *, kind: str, evaluation: dict[str, Any] | None = None) -> None:
+        from ..checkpoint import save_chanprune, tool_version
+
+        assert self.ckpt is not None
+        entry = {**self.ckpt.entry, "steps": self.step, "total_steps": self.total_steps, "checkpoint": kind,
+                 "validation": evaluation, "schedules": {h.name: h.summary() for h in self.hooks},
+                 "tool_version": tool_version()}
+        plans = [*self.ckpt.plans, *[p for h in self.hooks for p in h.plans()]]
+        model = self.model
+        save_chanprune(path, model, self.ckpt.arch, input_shape=self.ckpt.input_shape,
+                       history=[*self.ckpt.history, entry], plans=plans, meta=self.ckpt.meta, force=True)
+
+    def save_state(self) -> None:
+        """Write `<out>.last` (chanprune) and `<out>.state.pt` atomically (rank 0), then sync."""
+        if self.outputs is None:
+            return
+        state = self.state_dict()  # collective (RNG gather): every rank takes part
+        if self.env.is_main:
+            self._save_model(self.outputs.last, kind="last", evaluation=self.evals[-1] if self.evals else None)
+            with atomic_path(self.outputs.state) as tmp:
+                torch.save(state, tmp)
+        D.barrier(self.env)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def loss_scale(self) -> float:
+        """The fp16 gradient scale (1 without a scaler): hooks divide raw .grad by it."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        from ..criteria.gates import logits_of
+
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for h in self.hooks:
+            h.before_forward(self, x, y)
+        with autocast(self.device, self.amp_dtype):
+            logits = logits_of(self.ddp_model(x))
+        logits = logits.float()
+        if not self._labels_checked:  # once: a per-step check would synchronise CUDA every step
+            self._labels_checked = True
+            if y.numel() and int(y.max()) >= logits.shape[-1]:
+                raise UserError(f"training data has labels up to {int(y.max())} but the model outputs "
+                                f"{logits.shape[-1]} classes; check --data and the checkpoint")
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if self.teacher is not None and cfg.kd_alpha > 0:
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
+                t_logits = logits_of(self.teacher(x)).float()
+            loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd_loss(logits, t_logits, cfg.kd_temperature)
+        for h in self.hooks:
+            extra = h.extra_loss(self, logits, y)
+            if extra is not None:
+                loss = loss + extra
+        if not torch.isfinite(loss.detach()):
+            raise ChanpruneError(f"the training loss became {float(loss.detach())} at step {self.step + 1}; "
+                                 "lower --lr (or use --grad-clip)")
+        self._last_lr = self.scheduler.apply(self.optimizer, self.step)
+        if self.weights_frozen:  # a hook trains only its own parameters for now
+            for g in self.optimizer.param_groups:
+                if g.get("scheduled", True):
+                    g["lr"] = 0.0
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        for h in self.hooks:
+            h.after_backward(self, logits.detach(), y)
+        if cfg.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, *, epoch: float, train_loss: float | None, final: bool = False) -> dict[str, Any] | None:
+        if self.val_set is None:
+            return None
+        bs = self.cfg.eval_batch_size or max(self.local_batch, 128)
+        result = validate(self.model, self.val_set, self.device, batch_size=bs, workers=self.cfg.workers,
+                          env=self.env, channels_last=self.channels_last, amp_dtype=self.amp_dtype,
+                          max_images=self.cfg.val_images)
+        row = {"step": self.step, "epoch": round(epoch, 3), "train_loss": train_loss, "lr": self._last_lr,
+               **result, "final_architecture": all(h.final_architecture for h in self.hooks), "best": False}
+        if row["final_architecture"] and (self.best is None or row["top1"] > self.best["top1"]):
+            row["best"] = True
+            self.best = dict(row)
+            if self.outputs is not None and self.env.is_main:
+                self._save_model(self.outputs.best, kind="best", evaluation=row)
+            D.barrier(self.env)
+        self.evals.append(row)
+        if self.on_eval is not None and self.env.is_main:
+            self.on_eval(row)
+        return row
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _loader(self, epoch: int, start: int, stop: int) -> DataLoader[Any]:
+        sampler = EpochBatches(len(self.train_set), self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,  # type: ignore[arg-type]
+                               start=start, stop=stop, rank=self.env.rank, world=self.env.world_size)
+        return DataLoader(KeyedDataset(self.train_set), batch_sampler=sampler, num_workers=self.cfg.workers,
+                          collate_fn=collate_labels, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    def _progress_text(self) -> str:
+        """The progress display's free-text field: epoch, smoothed loss, lr, throughput."""
+        rate = self.train_images / self.train_seconds if self.train_seconds > 0 else 0.0
+        epoch = self.step / self.steps_per_epoch
+        return f"epoch {epoch:.2f}  loss {self._loss_ema or 0:.4f}  lr {self._last_lr:.3g}  {rate:,.0f} img/s"
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if self.resumed_from is None:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % 2**32)
+        for h in self.hooks:
+            h.on_train_start(self)
+        # Hooks may have added parameter groups or changed the model on start: build the optimizer
+        # now, then restore a resumed run's optimizer and RNG streams.
+        self.rebuild_optimizer()
+        if self._pending_optimizer is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        self._wrap()
+        progress = StepProgress("training", self.total_steps, completed=self.step, log_every=cfg.log_every,
+                                enabled=cfg.progress and self.env.is_main)
+        loss_sum, loss_n = 0.0, 0
+        with StopRequest() as stop, progress:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                start = self.step - epoch * self.steps_per_epoch
+                stop_at = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+                t_data = time.perf_counter()
+                for x, y in self._loader(epoch, start, stop_at):
+                    loss = self._train_step(x, y)
+                    self.step += 1
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    self.train_seconds += now - t_data
+                    self.train_images += x.shape[0] * self.env.world_size
+                    self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
+                    loss_sum, loss_n = loss_sum + loss, loss_n + 1
+                    for h in self.hooks:
+                        h.on_step_end(self)
+                    progress.update(self.step, self._progress_text)
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    if epoch_end:
+                        for h in self.hooks:
+                            h.on_epoch_end(self, epoch)
+                    last = self.step == self.total_steps
+                    due_eval = (cfg.eval_every is not None and self.step % cfg.eval_every == 0) or (
+                        cfg.eval_every is None and epoch_end)
+                    if due_eval and not last:
+                        progress.pause()
+                        self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=loss_sum / max(loss_n, 1))
+                        loss_sum, loss_n = 0.0, 0
+                        progress.resume()
+                    due_save = epoch_end or last or (cfg.save_every is not None and self.step % cfg.save_every == 0)
+                    stopping = D.any_rank(stop.requested, self.env) if (self.env.distributed or stop.requested) else False
+                    if due_save or stopping:
+                        self.save_state()
+                    if stopping:
+                        progress.pause()
+                        where = self.outputs.state if self.outputs is not None else "memory"
+                        self.log(f"stopped by {stop.signal_name or 'a signal'} after step {self.step}/{self.total_steps}; "
+                                 f"state saved to {where}: re-run the same command with --resume to continue")
+                        raise KeyboardInterrupt
+                    t_data = time.perf_counter()
+        for h in self.hooks:
+            h.on_train_end(self)
+        final = self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=loss_sum / max(loss_n, 1) if loss_n else None,
+                              final=True)
+        return TrainResult(model=self.model, steps=self.step, epochs_done=self.step / self.steps_per_epoch,
+                           evals=self.evals, best=self.best, final=final, train_images=self.train_images,
+                           train_seconds=self.train_seconds, resumed_from=self.resumed_from,
+                           hook_summaries={h.name: h.summary() for h in self.hooks},
+                           plans=[p for h in self.hooks for p in h.plans()])
+
