@@ -459,6 +459,15 @@ def test_save_shared_storage_and_noncontiguous(tmp_path: Path, digits: nn.Module
     assert same_outputs(ckpt.model, digits, x_digits)
 
 
+def test_save_is_byte_identical_every_time(tmp_path: Path, digits: nn.Module) -> None:
+    # safetensors writes its metadata in hash order; the same model must give the same bytes.
+    paths = [tmp_path / f"same{i}.safetensors" for i in range(12)]
+    for path in paths:
+        save_chanprune(path, digits, DIGITS, input_shape=(1, 8, 8), history=[{"seed": 0}], plans=[])
+    assert len({path.read_bytes() for path in paths}) == 1
+    assert set(safetensors_metadata(paths[0]) or {}) == {"chanprune", "format"}
+
+
 def test_save_refuses_overwrite_and_dir(tmp_path: Path, digits: nn.Module) -> None:
     path = tmp_path / "out.safetensors"
     path.write_text("precious")

@@ -18,7 +18,7 @@ from torch import nn
 from ..engine import shapes
 from ..errors import UserError
 from ..models import ArchSpec, build_model, builtin_archs
-from ..support.fsutil import atomic_path, check_output
+from ..support.fsutil import atomic_path, check_output, write_safetensors
 from .keys import attr_shape_problems, fit_problems, load_into
 from .loaded import LoadedCheckpoint
 from .messages import first_line
@@ -166,8 +166,6 @@ def save_chanprune(
     force: bool = False,
 ) -> None:
     """Write `model` as one chanprune safetensors file (atomic; refuses to overwrite unless force)."""
-    from safetensors.torch import save_file
-
     out = check_output(path, force)
     if arch is None:
         raise UserError("cannot save a chanprune checkpoint without an architecture; load the weights with --arch instead of a pickled module")
@@ -194,4 +192,4 @@ def save_chanprune(
     except (TypeError, ValueError) as exc:
         raise UserError(f"cannot record checkpoint metadata as JSON: {exc}") from None
     with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})
+        write_safetensors(tmp, tensors, {METADATA_KEY: text, "format": "pt"})

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ChanpruneError, UserError
-from ..support.fsutil import atomic_path
+from ..support.fsutil import atomic_path, write_safetensors
 
 __all__ = [
     "CHECK_BATCH_SIZES",
@@ -432,7 +432,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike[str], input_sha
     tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     with atomic_path(spec_out) as tmp_spec, atomic_path(out) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", "spec": json.dumps(doc)})
+        write_safetensors(tmp, tensors, {"format": "pt", "spec": json.dumps(doc)})
         tmp_spec.write_text(text, encoding="utf-8")
         # Read back both files, rebuild the way a user without chanprune would, and compare.
         spec = json.loads(tmp_spec.read_text(encoding="utf-8"))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+import torch
 
 from ..errors import UserError
 
@@ -51,3 +54,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """`safetensors.torch.save_file`, but with the metadata keys in sorted order: the library
+    writes them in hash order, so the same model gave different bytes from one run to the next.
+    The header is re-serialised the way the library writes it (compact JSON, space padding)."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata))
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= size:  # the same content in another order: the same length
+        data = data[:8] + text.ljust(size, b" ") + data[8 + size:]
+    Path(path).write_bytes(data)
