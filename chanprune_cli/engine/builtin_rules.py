@@ -217,6 +217,26 @@ class GroupNormRule(LayerRule):
         return {"weight": (module.num_channels,), "bias": (module.num_channels,)}
 
 
+def _dense_labels(call: ModuleCall, x: torch.Tensor, axis: int, outputs: int) -> None:
+    """A layer that reads every input channel for every output (groups == 1): each input channel
+    is an "in" slot, each output a fresh "out" slot."""
+    for j, i in enumerate(call.channel_vector(x, axis).tolist()):
+        call.link(call.new_slot("in", j), i)
+    call.set_output(call.broadcast(call.new_slots("out", outputs), axis))
+
+
+def _slice_dense(m: nn.Module, drop: Drop, ins: tuple[str, int], outs: tuple[str, int]) -> None:
+    """Slice a groups == 1 layer: (count attribute, weight dim) of its inputs and its outputs."""
+    (in_attr, in_dim), (out_attr, out_dim) = ins, outs
+    keep_in = keep_indices(getattr(m, in_attr), drop.get("in", set()))
+    keep_out = keep_indices(getattr(m, out_attr), drop.get("out", set()))
+    select(m, "weight", in_dim, keep_in)
+    select(m, "weight", out_dim, keep_out)
+    select(m, "bias", 0, keep_out)
+    setattr(m, in_attr, len(keep_in))
+    setattr(m, out_attr, len(keep_out))
+
+
 class _WeightedRule(LayerRule):
     """Shared by convs and linear layers: output-side operations on the weight's first axis."""
 
@@ -336,21 +356,12 @@ class ConvTransposeRule(ConvRule):
         m, x, shape = call.module, call.x, call.shape
         if m.groups != 1 or x is None or shape is None:
             return False
-        vec = call.channel_vector(x, 1)
-        for j, i in enumerate(vec.tolist()):
-            call.link(call.new_slot("in", j), i)
-        call.set_output(call.broadcast(call.new_slots("out", m.out_channels), 1))
+        _dense_labels(call, x, 1, m.out_channels)
         call.add_cost(ModuleCost("conv", math.prod(m.kernel_size) * math.prod(shape[2:]), 1, m.in_channels, m.out_channels))
         return True
 
     def prune(self, module: nn.Module, drop: Drop) -> None:
-        m = module
-        keep_in = keep_indices(m.in_channels, drop.get("in", set()))
-        keep_out = keep_indices(m.out_channels, drop.get("out", set()))
-        select(m, "weight", 0, keep_in)
-        select(m, "weight", 1, keep_out)
-        select(m, "bias", 0, keep_out)
-        m.in_channels, m.out_channels = len(keep_in), len(keep_out)
+        _slice_dense(module, drop, ("in_channels", 0), ("out_channels", 1))
 
     def producer_width(self, module: nn.Module, kind: str) -> int | None:
         return int(module.out_channels)
@@ -407,21 +418,12 @@ class LinearRule(_WeightedRule):
         m, x, shape = call.module, call.x, call.shape
         if x is None or shape is None:
             return False
-        vec = call.channel_vector(x, -1)
-        for j, i in enumerate(vec.tolist()):
-            call.link(call.new_slot("in", j), i)
-        call.set_output(call.broadcast(call.new_slots("out", m.out_features), -1))
+        _dense_labels(call, x, -1, m.out_features)
         call.add_cost(ModuleCost("linear", math.prod(shape[1:-1]) if len(shape) > 2 else 1, 1, m.in_features, m.out_features))
         return True
 
     def prune(self, module: nn.Module, drop: Drop) -> None:
-        m = module
-        keep_in = keep_indices(m.in_features, drop.get("in", set()))
-        keep_out = keep_indices(m.out_features, drop.get("out", set()))
-        select(m, "weight", 0, keep_out)
-        select(m, "weight", 1, keep_in)
-        select(m, "bias", 0, keep_out)
-        m.in_features, m.out_features = len(keep_in), len(keep_out)
+        _slice_dense(module, drop, ("in_features", 1), ("out_features", 0))
 
     def producer_width(self, module: nn.Module, kind: str) -> int | None:
         return int(module.out_features)
