@@ -147,6 +147,22 @@ def test_rules_follow_the_class_hierarchy_and_registration_replaces(table: None)
         register_layer_rule(MyConv, object())  # type: ignore[arg-type]
 
 
+def test_checkpoints_record_the_built_in_shape_attributes_of_every_module() -> None:
+    # The chanprune format lists these attributes for every module that has one (torchvision's
+    # ResNet root has `groups`), whatever was imported first.
+    assert layer_rules.shape_attr_names() == (
+        "in_channels", "out_channels", "groups", "num_features", "in_features", "out_features", "num_groups",
+        "num_channels", "normalized_shape", "num_parameters", "pad_front", "pad_back")
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.groups = 1
+            self.conv = nn.Conv2d(3, 4, 1)
+
+    assert shape_attrs(Root())[""] == {"groups": 1}
+
+
 def test_reports_describe_layers_through_the_table(table: None) -> None:
     register_layer_rule(ChannelScale, ChannelwiseRule("num_channels", ("weight", "bias")))
     rows = {r.name: r for r in layer_rows(Net(), {})}

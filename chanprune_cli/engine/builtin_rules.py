@@ -19,6 +19,7 @@ from .layer_rules import (
     ModuleCall,
     ModuleCost,
     keep_indices,
+    mark_builtins,
     register_layer_rule,
     select,
     zero_rows,
@@ -505,6 +506,7 @@ def register_builtins() -> None:
     for t in (nn.Flatten, nn.Unflatten):
         register_layer_rule(t, reshape, leaf=False)
     register_layer_rule(OptionAShortcut, OptionAShortcutRule())
+    mark_builtins()
 
 
 register_builtins()

@@ -251,9 +251,14 @@ def shape_attr_names(module: nn.Module | None = None) -> tuple[str, ...]:
     return tuple(names)
 
 
+def mark_builtins() -> None:
+    """Fix the built-in rules' shape attributes, in registration order (`builtin_rules` calls this
+    once it has registered them): recorded for every module that has them, in this order."""
+    global _BUILTIN_SHAPE_ATTRS
+    _BUILTIN_SHAPE_ATTRS = tuple(dict.fromkeys(a for rule in _RULES.values() for a in rule.shape_attrs))
+
+
+_BUILTIN_SHAPE_ATTRS: tuple[str, ...] = ()
+
 # The built-in rules register themselves when imported (they need the names above).
 from . import builtin_rules  # noqa: E402, F401
-
-# The built-in rules' attributes, in registration order, fixed before any user rule: recorded for
-# every module that has them, in this order.
-_BUILTIN_SHAPE_ATTRS = tuple(dict.fromkeys(a for rule in _RULES.values() for a in rule.shape_attrs))
