@@ -769,6 +769,15 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(ws: Ws, monkeypatch: pytest
         real_save = safetensors.torch.save_file
         monkeypatch.setattr(safetensors.torch, "save_file", cut)
         monkeypatch.setattr(chanprune_cli.prune.scoring, "save_file", cut)
+        real_write_bytes = Path.write_bytes
+
+        def write_bytes(self: Path, data: bytes) -> int:  # support.fsutil.write_safetensors (models, exports)
+            if self.name.startswith(f".{target.name}."):
+                real_write_bytes(self, data[:50])
+                raise KeyboardInterrupt
+            return real_write_bytes(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", write_bytes)
     result = cli(*build(ws, str(target)))
     assert result.exit_code == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted"

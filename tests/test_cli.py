@@ -1,4 +1,4 @@
-"""The `chanprune` command line through its real entry points (DESIGN §8: names, JSON, exit codes).
+"""The `chanprune` command line through its real entry points (names, JSON, exit codes).
 
 Most tests drive the Typer app in-process with CliRunner (fast); a few run
 `python -m chanprune_cli` in a subprocess to cover the console entry, stdout/stderr separation

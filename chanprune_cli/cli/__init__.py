@@ -1,6 +1,7 @@
-"""The `chanprune` command line (DESIGN §8): parse options, call the library, render.
+"""The `chanprune` command line: parse options, call a recipe (recipes/), render its result.
 
-One module per subcommand; importing them registers the commands on `app` (in help order).
+`app.py` is the Typer app (exit codes in failures.py, config files in configfiles.py), `options.py`
+the shared options; one module per subcommand, whose import registers it on `app` (in help order).
 """
 
 # ruff: noqa: I001  (the import order below is the order of `chanprune --help`)
@@ -10,13 +11,13 @@ import sys
 from collections.abc import Sequence
 
 from . import analyze, score, prune, finetune, export, bench, run, project  # noqa: F401  (registers the commands)
-from .common import app
+from .app import app
 
 __all__ = ["app", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code (DESIGN §8)."""
+    """Console-script entry point; returns the exit code."""
     try:
         app(args=list(argv) if argv is not None else None, prog_name="chanprune")
     except SystemExit as exc:  # Typer's standalone mode always exits; turn it into a return value

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from .common import (
+from .app import app
+from .options import (
     MODEL_PANEL,
     ArchKwargsOpt,
     ArchOpt,
@@ -25,14 +26,7 @@ from .common import (
     StdOpt,
     TrustPickleOpt,
     WorkersOpt,
-    app,
-    check_json_out,
     examples,
-    load_model,
-    make_eval_loader,
-    print_archs,
-    resolve_input_shape,
-    seed_everything,
 )
 
 
@@ -73,77 +67,32 @@ def analyze(
         return
     if ckpt is None:
         raise typer.BadParameter("give a checkpoint path (or --list-archs)", param_hint="'CKPT'")
+    from ..recipes.analyze import analyze_checkpoint
+    from ..report import analyze_document, make_console, render_analyze, write_json
 
-    # Validate every option before the slow steps (loading, tracing, evaluating).
-    from ..data import parse_floats, parse_shape
-
-    shape = parse_shape(input_shape) if input_shape is not None else None
-    mean_t = parse_floats(mean, name="mean") if mean is not None else None
-    std_t = parse_floats(std, name="std") if std is not None else None
-    check_json_out(json_out, force)
-    dev = None
-    if data is not None:
-        from ..support.device import resolve_device
-
-        dev = resolve_device(device)
-    seed_everything(seed)
-
-    from .. import measure
-    from ..report import (
-        AnalyzeReport,
-        analyze_document,
-        layer_rows,
-        make_console,
-        model_size_bytes,
-        render_analyze,
-        write_json,
-    )
-
-    loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
-    shape = resolve_input_shape(shape, loaded)
-    model = loaded.model.eval()
-    from ..checkpoint import nonfinite_tensors
-
-    bad = nonfinite_tensors(model)
-    if bad:  # analyze still reports the structure; score and prune refuse such a model
-        typer.echo(f"warning: the model has NaN/Inf weights in {', '.join(bad[:3])}"
-                   f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; score and prune will refuse it", err=True)
-    # Open --data before the slow analysis steps, so that bad data fails first.
-    loader = None if data is None else make_eval_loader(
-        data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size, workers=workers, seed=seed,
-        max_batches=calib_batches)
-    macs = measure.count_macs(model, shape)
-    rows = layer_rows(model, measure.per_module_macs(model, shape))
-    from ..engine.graph import build_graph
-    from ..report import group_rows
-
-    groups = group_rows(build_graph(model, shape))
-
-    accuracy: dict[str, Any] | None = None
-    if loader is not None:
-        result = measure.evaluate(model, loader, dev, max_batches=calib_batches, progress=True)
-        accuracy = {
-            "top1": float(result["top1"]),
-            "top5": float(result["top5"]),
-            "images": int(result["images"]),
-            "data": data,
-            "max_batches": calib_batches,
-        }
-
-    report = AnalyzeReport(
-        checkpoint=ckpt,
-        source_format=loaded.source_format,
-        arch=loaded.arch,
-        input_shape=shape,
-        params=measure.count_params(model),
-        macs=macs,
-        size_bytes=model_size_bytes(model),
-        layers=rows,
-        seed=seed,
-        accuracy=accuracy,
-        groups=groups,
-    )
+    report = analyze_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
+                                trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
+                                batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
+                                force=force, json_report=json_out)
     # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
     render_analyze(report, make_console(stderr=json_out == "-"))
     if json_out is not None:
         write_json(analyze_document(report), json_out)
+
+
+def print_archs() -> None:
+    """The built-in architectures (`analyze --list-archs`)."""
+    from rich.table import Table
+
+    from ..models import builtin_archs
+    from ..report import make_console
+
+    table = Table(title="built-in architectures (--arch NAME)", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in builtin_archs().items():
+        table.add_row(name, description)
+    console = make_console()
+    console.print(table)
+    console.print("Also: [b]torchvision:NAME[/b] (any torchvision classification model) and "
+                  "[b]package.module:factory[/b] (your own model, importable from the working directory).")

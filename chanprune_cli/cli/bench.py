@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..errors import GateFailed, UserError
-from .common import (
+from ..errors import GateFailed
+from .app import app
+from .options import (
     OUTPUT_PANEL,
     ArchKwargsOpt,
     ArchOpt,
@@ -28,14 +26,7 @@ from .common import (
     StdOpt,
     TrustPickleOpt,
     WorkersOpt,
-    app,
-    check_distinct_outputs,
     examples,
-    load_model,
-    make_eval_loader,
-    resolve_input_shape,
-    seed_everything,
-    validate_common,
 )
 
 TIMING_PANEL = "Timing"
@@ -86,98 +77,16 @@ def bench(
     debug: DebugOpt = False,
 ) -> None:
     """Compare models: params, MACs, size, latency and throughput per batch size, top-1/top-5; CI gates."""
-    if not checkpoints:
-        raise UserError("give at least one checkpoint: chanprune bench REFERENCE [MODEL...]")
-    # Validate every option before the slow steps (loading, tracing, evaluating, timing).
-    from ..deploy.benchmark import parse_batch_sizes
+    from ..deploy.benchmark import gate_failure
+    from ..recipes.bench import bench_checkpoints
+    from ..report import bench_document, make_console, render_bench, write_json
 
-    sizes = parse_batch_sizes(batch_sizes)
-    if gate_batch is not None and gate_batch not in sizes:
-        raise UserError(f"--gate-batch {gate_batch} is not one of --batch-sizes {batch_sizes}; pick one of them")
-    gate_at = gate_batch if gate_batch is not None else max(sizes)
-    for name, value in (("--max-acc-drop", max_acc_drop), ("--min-speedup", min_speedup)):
-        if value is None:
-            continue
-        if len(checkpoints) < 2:
-            raise UserError(f"{name} compares models with the first checkpoint (the reference); give at least two checkpoints")
-        if not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, got {value}")
-    if max_acc_drop is not None:
-        if max_acc_drop < 0:
-            raise UserError(f"--max-acc-drop must be 0 or more (percentage points), got {max_acc_drop:g}")
-        if data is None:
-            raise UserError("--max-acc-drop needs accuracy: pass --data")
-    if min_speedup is not None and min_speedup <= 0:
-        raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {min_speedup:g}")
-    shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
-    if plot is not None:
-        from ..support.fsutil import check_output
-        from ..report.plots import check_plot_path, require_matplotlib
-
-        require_matplotlib()
-        check_plot_path(plot)
-        check_output(plot, force)
-    check_distinct_outputs(("--json", json_out), ("--plot", plot))
-    _refuse_overwriting_inputs(checkpoints, ("--json", json_out), ("--plot", plot))
-    from ..support.device import resolve_device
-
-    dev = resolve_device(device)
-    seed_everything(seed)
-
-    import torch
-
-    from ..deploy import benchmark
-    from ..checkpoint import nonfinite_tensors
-    from ..report import (
-        BenchReport,
-        bench_document,
-        make_console,
-        render_bench,
-        write_json,
-    )
-
-    loaded = [load_model(c, arch, arch_kwargs, trust_pickle) for c in checkpoints]
-    shapes = [resolve_input_shape(shape, ld) for ld in loaded]
-    for path, s in zip(checkpoints[1:], shapes[1:]):
-        if tuple(s) != tuple(shapes[0]):
-            raise UserError(f"{path} takes input {'x'.join(map(str, s))} but the reference {checkpoints[0]} takes "
-                            f"{'x'.join(map(str, shapes[0]))}; bench compares models on one input, pass --input-shape")
-    shape = shapes[0]
-    for path, ld in zip(checkpoints, loaded):
-        bad = nonfinite_tensors(ld.model)
-        if bad:  # still timed; its accuracy is meaningless and --max-acc-drop will say so
-            typer.echo(f"warning: {path}: the model has NaN/Inf weights in {', '.join(bad[:3])}"
-                       f"{f' (+{len(bad) - 3} more)' if len(bad) > 3 else ''}; its accuracy is meaningless", err=True)
-    # Open --data before the slow steps, so that bad data fails first.
-    first_loader = None if data is None else make_eval_loader(
-        data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size, workers=workers, seed=seed,
-        max_batches=calib_batches)
-
-    n = len(loaded)
-    results = []
-    for i, (path, ld) in enumerate(zip(checkpoints, loaded)):
-        with _status(f"counting MACs of model {i + 1}/{n}: {path}"):
-            results.append(benchmark.describe(ld, path, shape))
-    data_info: dict[str, Any] | None = None
-    if first_loader is not None:
-        for i, (result, ld) in enumerate(zip(results, loaded)):
-            with _status(f"evaluating model {i + 1}/{n}: {result.path}"):
-                result.accuracy = benchmark.accuracy(ld.model, _fresh_loader(first_loader, batch_size, workers, seed,
-                                                                             calib_batches), dev, calib_batches)
-        data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"]}  # type: ignore[index]
-    threads_used = threads if threads is not None else torch.get_num_threads()
-    for b in sizes:
-        for i, (result, ld) in enumerate(zip(results, loaded)):
-            with _status(f"timing model {i + 1}/{n} at batch {b}: {result.path}"):
-                result.latency[b] = benchmark.time_model(ld.model, shape, b, dev, warmup=warmup, repeats=repeats,
-                                                         threads=threads_used, max_time=max_time)
-    comparisons = [benchmark.compare(results[0], r) for r in results]
-    gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
-                                     gate_batch=gate_at)
-    report = BenchReport(
-        models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads_used,
-        batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time},
-        gate_batch=gate_at, data=data_info, seed=seed, plot=plot)
+    report = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
+                               trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
+                               batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
+                               batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats,
+                               max_time=max_time, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
+                               gate_batch=gate_batch, plot=plot, force=force, json_report=json_out)
     # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
     render_bench(report, make_console(stderr=json_out == "-"))
     # Every output is written before a gate fails the command: CI keeps the artifacts.
@@ -187,37 +96,6 @@ def bench(
         from ..report.plots import write_bench_plot
 
         write_bench_plot(report, plot)
-    failure = benchmark.gate_failure(gates)
+    failure = gate_failure(report.gates)
     if failure is not None:
         raise GateFailed(failure)
-
-
-def _refuse_overwriting_inputs(checkpoints: list[str], *outputs: tuple[str, str | None]) -> None:
-    import os
-
-    inputs = {os.path.normcase(os.path.realpath(c)) for c in checkpoints}
-    for option, path in outputs:
-        if path is not None and path != "-" and os.path.normcase(os.path.realpath(path)) in inputs:
-            raise UserError(f"{option} {path} is one of the checkpoints to compare; give the output its own file")
-
-
-def _fresh_loader(first: Any, batch_size: int, workers: int, seed: int, max_batches: int | None) -> Any:
-    """A loader over the already opened data set that draws the same images for every model."""
-    from ..data import make_loader
-
-    return make_loader(first.dataset, batch_size=batch_size, workers=workers, seed=seed,
-                       shuffle=max_batches is not None, max_batches=max_batches)
-
-
-@contextlib.contextmanager
-def _status(text: str) -> Iterator[None]:
-    """A transient status line on stderr when it is a terminal (nothing in logs and pipes)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield
-        return
-    with console.status(escape(text)):
-        yield

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from ..errors import UserError
-from .common import (
+from .app import app
+from .configfiles import prefer_flags
+from .options import (
     DATA_PANEL,
     OUTPUT_PANEL,
     ArchKwargsOpt,
@@ -27,17 +29,13 @@ from .common import (
     StdOpt,
     TrustPickleOpt,
     WorkersOpt,
-    app,
     examples,
-    load_model,
-    prefer_flags,
-    refuse_nonfinite,
-    resolve_input_shape,
-    validate_common,
 )
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ..recipes.finetune import FinetuneResult
 
 TRAIN_PANEL = "Training"
 KD_PANEL = "Distillation"
@@ -128,21 +126,10 @@ def finetune(
         raise UserError("give training data: --data (an ImageFolder, a .tar.gz of one, digits:train, synthetic:CxHxW:K:N ...)")
     if out is None:
         raise UserError("give an output file: --out finetuned.safetensors")
-    if dcph and schedule != "cac":
-        raise UserError("--dcph belongs to --schedule cac (double the channels, prune half while training)")
-    if mask_lambda < 0:
-        raise UserError(f"--mask-lambda must be 0 or more, got {mask_lambda}")
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
-    if dcph and ratio is None and target_flops is None:
-        ratio = 0.5
-    if teacher_arch_kwargs is not None and teacher_arch is None:
-        raise UserError("--teacher-arch-kwargs needs --teacher-arch")
-    shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
-
-    from ..support.fsutil import check_output
-    from ..train.schedules import make_schedule
-    from ..train import OutputPaths, TrainConfig
-    from ..train import threads as use_threads
+    from ..recipes.finetune import FinetuneOptions, finetune_checkpoint
+    from ..report import json_document, make_console, write_json
+    from ..train import TrainConfig
 
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                       nesterov=nesterov, weight_decay=weight_decay, decay_norm_and_bias=decay_norm_bias,
@@ -151,178 +138,41 @@ def finetune(
                       seed=seed, augment=augment, workers=workers, eval_every=eval_every,
                       eval_batch_size=eval_batch_size, val_images=val_images, save_every=save_every,
                       log_every=log_every)
-    cfg.check()
-    paths = OutputPaths.for_out(out)
-    check_output(out, force)
-    if resume and not paths.state.exists():
-        raise UserError(f"--resume: no training state at {paths.state} (nothing was interrupted, or the run completed)")
-    if not resume and paths.state.exists() and not force:
-        raise UserError(f"a run state from an earlier run exists at {paths.state}: pass --resume to continue it, "
-                        "or --force to start over")
-    with use_threads(threads):
-        _run(ckpt=ckpt, data=data, val_data=val_data, cfg=cfg, paths=paths, teacher=teacher, teacher_arch=teacher_arch,
-             teacher_arch_kwargs=teacher_arch_kwargs, schedule=schedule, ratio=ratio, target_flops=target_flops,
-             prune_every=prune_every, prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
-             mask_lambda=mask_lambda,
-             min_keep=min_keep, round_to=round_to, ignore=ignore or [], arch=arch, arch_kwargs=arch_kwargs,
-             shape=shape, trust_pickle=trust_pickle, device_name=device, mean=mean_t, std=std_t,
-             resume=resume, keep_state=keep_state, json_out=json_out, make_schedule=make_schedule)
+    options = FinetuneOptions(
+        data=data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
+        teacher_arch_kwargs=teacher_arch_kwargs, schedule=schedule, ratio=ratio, target_flops=target_flops,
+        prune_every=prune_every, prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
+        mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or (), arch=arch,
+        arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle, device=device, mean=mean, std=std,
+        threads=threads, resume=resume, keep_state=keep_state, force=force)
+    console = make_console(stderr=json_out == "-")
+    result = finetune_checkpoint(ckpt, options, show=console.print, json_report=json_out)
+    if result is None:  # a torchrun process other than rank 0
+        return
+    _render(console, result)
+    if json_out is not None:
+        write_json(json_document("finetune", _document_body(result), seed=result.config.seed), json_out)
 
 
-def _run(*, ckpt: str, data: str, val_data: str | None, cfg: Any, paths: Any, teacher: str | None,
-         teacher_arch: str | None, teacher_arch_kwargs: str | None, schedule: str, ratio: float | None,
-         target_flops: float | None, prune_every: int | None, prune_until: float | None, cac_rounds: int,
-         drop_prob: float, dcph: bool, mask_lambda: float, min_keep: float | None, round_to: int, ignore: list[str],
-         arch: str | None,
-         arch_kwargs: str | None, shape: tuple[int, int, int] | None, trust_pickle: bool, device_name: str,
-         mean: tuple[float, ...] | None, std: tuple[float, ...] | None, resume: bool, keep_state: bool,
-         json_out: str | None, make_schedule: Any) -> None:
-    import copy
-
-    import torch
-
-    from ..support import distributed as D
-    from ..engine.allocate import parse_min_keep
-    from ..checkpoint import load_checkpoint, save_chanprune, tool_version
-    from ..data import check_labels, open_dataset
-    from ..support.device import resolve_device
-    from ..measure import count_macs, count_params
-    from ..models import build_model
-    from ..report import json_document, make_console, write_json
-    from ..models import widened_spec
-    from ..train import CheckpointInfo, Trainer, load_train_state, model_from_state
-
-    if min_keep is not None:
-        parse_min_keep(min_keep)
-    with D.distributed_session(resolve_device(device_name)) as (env, device):
-        console = make_console(stderr=json_out == "-")
-        say = console.print if env.is_main else (lambda *a, **k: None)
-
-        loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
-        if loaded.arch is None:
-            raise UserError("this pickled model has no architecture to rebuild it from; pass --arch as well")
-        shape = resolve_input_shape(shape, loaded)
-        if not dcph:  # DCPH trains a new, wider model: the checkpoint's weights are not used
-            refuse_nonfinite(loaded.model, "fine-tune")
-        spec, model = loaded.arch, loaded.model
-        history, plans = list(loaded.history), list(loaded.plans)
-        if dcph:
-            if loaded.plans:
-                raise UserError("--dcph starts from an unpruned built-in architecture; this checkpoint is already pruned")
-            spec = widened_spec(loaded.arch, 2.0)
-            torch.manual_seed(cfg.seed)
-            model = build_model(spec)
-            history = [{"command": "finetune", "dcph": True, "from": str(ckpt), "arch": loaded.arch.to_json(),
-                        "note": "2x-wide architecture trained from initialisation (weights of the checkpoint unused)"}]
-            plans = []
-        state = None
-        if resume:
-            state = load_train_state(paths.state)
-            if state.get("arch") != spec.to_json():
-                raise UserError(f"the state at {paths.state} belongs to architecture {state.get('arch')}, not {spec}")
-            model = model_from_state(state)
-
-        train_set = open_dataset(data, input_shape=shape, mean=mean, std=std, train=cfg.augment)
-        val_set = open_dataset(val_data, input_shape=shape, mean=mean, std=std, train=False) if val_data else None
-        classes = _num_classes(model, shape)
-        check_labels(train_set, classes)
-        if val_set is not None:
-            check_labels(val_set, classes)
-
-        teacher_model = None
-        if teacher is not None:
-            t_loaded = load_checkpoint(teacher, arch=teacher_arch or loaded.arch, arch_kwargs=teacher_arch_kwargs,
-                                       trust_pickle=trust_pickle)
-            if _num_classes(t_loaded.model, shape) != classes:
-                raise UserError(f"the teacher outputs {_num_classes(t_loaded.model, shape)} classes, the student {classes}")
-            refuse_nonfinite(t_loaded.model, "distil from")
-            teacher_model = t_loaded.model
-
-        hook = make_schedule(schedule, input_shape=shape, ratio=ratio, target_flops=target_flops,
-                             interval=prune_every, until=prune_until, min_keep=min_keep, round_to=round_to,
-                             ignore=ignore, seed=cfg.seed, drop_prob=drop_prob, rounds=cac_rounds, lam=mask_lambda)
-        before = {"params": count_params(model), "macs": count_macs(copy.deepcopy(model).eval(), shape)}
-        entry = {"command": "finetune", "data": data, "val_data": val_data, "schedule": schedule,
-                 "requested": {"ratio": ratio, "target_flops": target_flops} if hook is not None else None,
-                 "teacher": teacher, "kd": {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature} if teacher else None,
-                 "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
-                 "dcph": dcph or None}
-        info = CheckpointInfo(arch=spec, input_shape=shape, history=history, plans=plans, meta=loaded.meta, entry=entry)
-
-        def on_eval(row: dict[str, Any]) -> None:
-            mark = "  [green]best[/green]" if row["best"] else ""
-            loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
-            say(f"epoch {row['epoch']:.2f}  step {row['step']}  train loss {loss}  "
-                f"val top-1 {row['top1']:.2f} %  top-5 {row['top5']:.2f} %  val loss {row['loss']:.4f}{mark}")
-
-        def log(text: str) -> None:
-            if env.is_main:
-                typer.echo(text, err=True)
-
-        trainer = Trainer(model, train_set, cfg, device=device, val_set=val_set, teacher=teacher_model,
-                          hooks=[hook] if hook is not None else [], env=env, outputs=paths, ckpt=info, log=log,
-                          on_eval=on_eval)
-        if state is not None:
-            trainer.restore(state)
-        where = f"{env.world_size} processes ({env.backend})" if env.distributed else str(device)
-        say(f"[bold]finetune[/bold] {ckpt} → {paths.out}")
-        say(f"  model {spec}  params {before['params']:,}  MACs {before['macs']:,}  on {where}")
-        say(f"  {trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.2f} epochs of "
-            f"{trainer.steps_per_epoch}), global batch {cfg.batch_size}, lr {cfg.lr:g} (warm-up + cosine), "
-            f"schedule {schedule}" + (f", teacher {teacher}" if teacher else "")
-            + (f"; resuming at step {trainer.step}" if state is not None else ""))
-
-        result = trainer.fit()
-        model = result.model
-        after = {"params": count_params(model), "macs": count_macs(copy.deepcopy(model).cpu().eval(), shape)}
-        final_entry = {**entry, "steps": result.steps, "validation": result.final, "best": result.best,
-                       "before": before, "after": after, "schedules": result.hook_summaries,
-                       "train_images_per_second": result.images_per_second, "tool_version": tool_version()}
-        if env.is_main:
-            save_chanprune(paths.out, model, spec, input_shape=shape, history=[*history, final_entry],
-                           plans=[*plans, *result.plans], meta=loaded.meta, force=True)
-            if not keep_state:
-                for p in (paths.state, paths.last):
-                    p.unlink(missing_ok=True)
-        D.barrier(env)
-        if not env.is_main:
-            return
-        _render(console, result, before, after, paths, val_set is not None)
-        if json_out is not None:
-            body = {"checkpoint": ckpt, "output": str(paths.out),
-                    "best_output": str(paths.best) if result.best is not None else None,
-                    "schedule": schedule, "requested": entry["requested"], "teacher": teacher,
-                    "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
-                    "steps": result.steps, "epochs": result.epochs_done, "resumed_from": result.resumed_from,
-                    "train": {"images": result.train_images, "seconds": result.train_seconds,
-                              "images_per_second": result.images_per_second},
-                    "evals": result.evals, "final": result.final, "best": result.best,
-                    "before": before, "after": after, "schedules": result.hook_summaries, "plans": result.plans}
-            write_json(json_document("finetune", body, seed=cfg.seed), json_out)
+def _document_body(result: FinetuneResult) -> dict[str, Any]:
+    run = result.train
+    return {"checkpoint": result.checkpoint, "output": str(result.paths.out),
+            "best_output": str(result.paths.best) if run.best is not None else None,
+            "schedule": result.schedule, "requested": result.requested, "teacher": result.teacher,
+            "config": result.config.result_fields(), "world_size": result.world_size, "device": result.device,
+            "steps": run.steps, "epochs": run.epochs_done, "resumed_from": run.resumed_from,
+            "train": {"images": run.train_images, "seconds": run.train_seconds,
+                      "images_per_second": run.images_per_second},
+            "evals": run.evals, "final": run.final, "best": run.best,
+            "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans}
 
 
-def _num_classes(model: Any, shape: tuple[int, int, int]) -> int:
-    import torch
-
-    from ..criteria.gates import logits_of
-
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = logits_of(model(torch.zeros(2, *shape)))
-    finally:
-        model.train(was)
-    if out.dim() != 2:
-        raise UserError(f"finetune needs a classifier: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
-    return int(out.shape[1])
-
-
-def _render(console: Console, result: Any, before: dict[str, int], after: dict[str, int], paths: Any, has_val: bool) -> None:
+def _render(console: Console, outcome: FinetuneResult) -> None:
     from rich.table import Table
 
     from ..report import human_count
 
+    result, before, after, paths = outcome.train, outcome.before, outcome.after, outcome.paths
     if result.evals:
         table = Table(title="validation", title_justify="left")
         for col in ("epoch", "step", "train loss", "top-1 %", "top-5 %", "val loss", ""):
@@ -348,4 +198,4 @@ def _render(console: Console, result: Any, before: dict[str, int], after: dict[s
     if result.final is not None:
         console.print(f"final      top-1 {result.final['top1']:.2f} %  top-5 {result.final['top5']:.2f} %")
     console.print(f"saved      {paths.out}" + (f" (best: {paths.best}, top-1 {result.best['top1']:.2f} % at step {result.best['step']})"
-                                                if result.best is not None and has_val else ""))
+                                                if result.best is not None and outcome.validated else ""))

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UserError
-from .common import (
+from .app import app
+from .configfiles import command_keys, config_files, configurable_commands, option_keys
+from .options import (
     OUTPUT_PANEL,
     ArchKwargsOpt,
     ArchOpt,
@@ -16,12 +18,7 @@ from .common import (
     ForceOpt,
     InputShapeOpt,
     JsonOpt,
-    app,
-    command_keys,
-    config_files,
-    configurable_commands,
     examples,
-    option_keys,
 )
 
 
@@ -42,8 +39,8 @@ def show_config(
 ) -> None:
     """Show the resolved settings (flag > --config > chanprune.toml > default) and where each comes from."""
     from ..project.config import resolve
-    from ..report import json_document, make_console, render_config, write_json
     from ..project.state import read_state, state_path
+    from ..report import json_document, make_console, render_config, write_json
 
     group = ctx.find_root().command
     commands = configurable_commands(group)

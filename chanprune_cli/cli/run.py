@@ -10,17 +10,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UserError
-from .common import (
-    OUTPUT_PANEL,
-    DebugOpt,
-    JsonOpt,
-    app,
-    check_json_out,
-    command_keys,
-    config_files,
-    examples,
-    invoke_command,
-)
+from .app import app
+from .configfiles import command_keys, config_files, invoke_command
+from .options import OUTPUT_PANEL, DebugOpt, JsonOpt, examples
 
 
 @app.command(
@@ -46,8 +38,9 @@ def run(
     """Run analyze → score → prune → finetune → export → bench from a config file; re-running resumes."""
     from ..project import pipeline
     from ..project.config import overrides, resolve
+    from ..recipes.steps import check_json_report
 
-    check_json_out(json_out, True)  # the summary is rewritten by every run; its folder must exist
+    check_json_report(json_out, True)  # the summary is rewritten by every run; its folder must exist
     group = ctx.find_root().command
     keys = command_keys(group)
     files = config_files(group, config_path)

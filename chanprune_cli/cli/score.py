@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from .common import (
+from .app import app
+from .options import (
     OUTPUT_PANEL,
     ArchKwargsOpt,
     ArchOpt,
@@ -28,15 +29,7 @@ from .common import (
     StdOpt,
     TrustPickleOpt,
     WorkersOpt,
-    app,
-    calibration_loader,
-    check_distinct_outputs,
     examples,
-    load_model,
-    refuse_nonfinite,
-    resolve_input_shape,
-    seed_everything,
-    validate_common,
 )
 
 
@@ -84,60 +77,24 @@ def score(
         return
     if ckpt is None or criterion is None:
         raise UserError("give a checkpoint and a criterion: chanprune score CKPT --criterion NAME (see --help)")
-    if out is None:  # next to the checkpoint, named so that scores of several criteria can coexist
-        out = f"{ckpt}.{criterion}.scores.safetensors"
-    if not 0 < ratio < 1:
-        raise UserError(f"--ratio must be between 0 and 1 (exclusive), got {ratio:g}")
-    shape, mean_t, std_t = validate_common(input_shape, mean, std, json_out, force)
-    from ..criteria import check_requirements, get_criterion
-    from ..criteria.base import parse_criterion_opts
-    from ..support.fsutil import check_output
-
-    crit = get_criterion(criterion)
-    options = parse_criterion_opts(crit, criterion_opt)
-    check_requirements(crit, data is not None, options=options, data_source=data)
-    check_output(out, force)
-    check_distinct_outputs(("--out", out), ("--json", json_out))
-    seed_everything(seed)
-
-    from ..engine.allocate import allocate
-    from ..support.device import resolve_device
-    from ..engine.graph import build_graph
-    from ..report import make_console, render_scores, score_document, write_json
-    from ..prune.scoring import compute_scores, save_scores
-
-    loaded = load_model(ckpt, arch, arch_kwargs, trust_pickle)
-    shape = resolve_input_shape(shape, loaded)
-    model = loaded.model.eval()
-    refuse_nonfinite(model, "score")
-    graph = build_graph(model, shape)
-    loader = calibration_loader(data, shape, mean_t, std_t, batch_size, workers, seed, calib_batches)
-    from ..support import distributed as D
-
-    # Under torchrun the calibration batches are split over the processes and the scores reduced
-    # (weighted by batches); rank 0 writes. A plain run is one process of one.
-    with D.distributed_session(resolve_device(device)) as (env, run_device):
-        if env.distributed and loader is not None:
-            loader = D.ShardedBatches(loader, env)
-        scores = compute_scores(model, graph, criterion, loader, run_device, seed=seed, options=options)
-        if env.distributed:
-            scores = D.reduce_scores(scores, loader.batches if loader is not None else 1, env)
-    if not env.is_main:
-        return
-    data_record = None if data is None else {"source": data, "batches": calib_batches, "batch_size": batch_size, "seed": seed}
-    save_scores(out, scores, graph, model, criterion=criterion, options={**crit.defaults, **options}, data=data_record, force=force)
-    removal = allocate(graph, scores, ratio=ratio).plan
-    rows = [{"group": g.name, "channels": g.channels, "min": float(scores[g.id].min()), "median": float(scores[g.id].median()),
-             "max": float(scores[g.id].max()), "removed_at_ratio": len(removal.get(g.id, []))} for g in graph.prunable_groups()]
     from ..project.state import absolute, record
+    from ..recipes.score import score_checkpoint
+    from ..report import make_console, render_scores, score_document, write_json
 
+    result = score_checkpoint(ckpt, criterion, criterion_options=criterion_opt, out=out, ratio=ratio, arch=arch,
+                              arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
+                              device=device, data=data, mean=mean, std=std, batch_size=batch_size, workers=workers,
+                              seed=seed, calib_batches=calib_batches, force=force, json_report=json_out)
+    if result is None:  # a torchrun process other than rank 0
+        return
     record("score", {"checkpoint": absolute(ckpt), "arch": arch, "arch_kwargs": arch_kwargs, "input_shape": input_shape,
-                     "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": options, "scores": absolute(out), "data": data,
-                     "mean": mean, "std": std})
+                     "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": result.criterion.options,
+                     "scores": absolute(result.output), "data": data, "mean": mean, "std": std})
     console = make_console(stderr=json_out == "-")
-    render_scores(criterion, out, ratio, rows, console)
+    render_scores(result.criterion.name, result.output, result.ratio, result.rows, console)
     if json_out is not None:
-        write_json(score_document(ckpt, out, criterion, ratio, rows, data_record, seed), json_out)
+        write_json(score_document(result.checkpoint, result.output, result.criterion.name, result.ratio, result.rows,
+                                  result.data, result.seed), json_out)
 
 
 def print_criteria() -> None:

@@ -10,14 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from ..checkpoint import nonfinite_tensors
-from ..criteria.base import available, channel_scales
-from ..errors import ChanpruneError, UserError
+from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from ..engine.graph import ChannelGraph
-from ..measure import count_params, per_module_macs
 from ..engine.points import rescale_channels
+from ..engine.scores import channel_scales
 from ..engine.surgery import VerifyResult, prune_model, verify
+from ..errors import ChanpruneError, UserError
+from ..measure import count_params, per_module_macs
+from .scoring import ResolvedCriterion, recorded_criterion
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                 nn.ConvTranspose3d, nn.Linear)
@@ -60,18 +61,13 @@ def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> 
 
 
 def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | None = None) -> str:
-    """`--normalize`: "mean" or "none" as given; "auto" is "none" for a criterion whose scores are in
-    loss units (comparable across layers as they are) and "mean" for the others."""
-    if choice not in ("auto", "mean", "none"):
-        raise UserError(f"--normalize must be auto, mean or none, got {choice!r}")
-    if choice != "auto":
-        return choice
-    registry = available()
-    return "none" if criterion in registry and registry[criterion]().in_loss_units(dict(options or {})) else "mean"
+    """`--normalize` for scores made by the criterion named `criterion` with `options` (see
+    `ResolvedCriterion.normalize_mode`)."""
+    return recorded_criterion(criterion, options).normalize_mode(choice)
 
 
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
-          criterion: str, ratio: float | None = None, target_flops: float | None = None,
+          criterion: str | ResolvedCriterion, ratio: float | None = None, target_flops: float | None = None,
           min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, normalize: str = "auto",
           criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
           check: bool = True, rescale: bool = True) -> PruneOutcome:
@@ -84,10 +80,13 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     Raises UserError for impossible requests or non-finite weights, and ChanpruneError when the
     pruned model does not compute the same function as the masked original.
 
-    `normalize` ("auto", "mean", "none", see `normalize_mode`) is how `target_flops` compares
-    groups; `criterion_options` are the options the scores were made with; `removed` are channels
-    chosen by earlier rounds (`rounds.score_in_rounds`), kept in the plan.
+    `criterion` made the scores: resolved, or a name with the `criterion_options` the scores were
+    made with. `normalize` ("auto", "mean", "none", see `ResolvedCriterion.normalize_mode`) is how
+    `target_flops` compares groups; `removed` are channels chosen by earlier rounds
+    (`rounds.score_in_rounds`), kept in the plan.
     """
+    if not isinstance(criterion, ResolvedCriterion):
+        criterion = recorded_criterion(criterion, criterion_options)
     bad = nonfinite_tensors(model)
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
@@ -95,7 +94,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
                         "(use a checkpoint from before training diverged)")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
                           cost_exponent=cost_exponent, removed=removed,
-                          normalize=normalize_mode(normalize, criterion, criterion_options) == "mean")
+                          normalize=criterion.normalize_mode(normalize) == "mean")
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
     source = model
@@ -116,7 +115,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
                "params_before": b["params"], "params_after": after_layers[n]["params"],
                "macs_before": b["macs"], "macs_after": after_layers[n]["macs"]}
               for n, b in before_layers.items() if n in after_layers]
-    record = plan_record(graph, allocation, criterion)
+    record = plan_record(graph, allocation, criterion.name)
     if scales:
         record["channel_rescale"] = True
     return PruneOutcome(pruned, allocation, result, before, after, layers, record)

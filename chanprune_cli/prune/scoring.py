@@ -1,4 +1,7 @@
-"""Scoring channels and keeping the scores: compute with a criterion, save, load and check.
+"""Scoring channels and keeping the scores: resolve a criterion, compute with it, save, load and check.
+
+A criterion is looked up once (`resolve_criterion`, or `recorded_criterion` for scores made
+earlier) into a `ResolvedCriterion` that scoring, pruning and the reports share.
 
 A score file is one safetensors file: a tensor per channel group (keyed by the group's name) and
 JSON metadata naming the criterion, its options, the data and a fingerprint of the model, so that
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint import load_state_dict_file, safetensors_metadata, tool_version
-from ..criteria import Scores, check_requirements, get_criterion
-from ..criteria.base import Batch, WeightedScores, channel_scales, group_weights
+from ..criteria import Criterion, available, check_requirements, get_criterion
+from ..criteria.base import NEEDS_WEIGHTS, Batch, parse_criterion_opts
+from ..engine.graph import ChannelGraph
+from ..engine.scores import Scores, WeightedScores, channel_scales, group_weights
 from ..errors import UserError
 from ..support.fsutil import atomic_path, check_output
-from ..engine.graph import ChannelGraph
 
 SCORES_FORMAT = "chanprune-scores"
 SCORES_VERSION = 1
@@ -37,14 +42,77 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str, data: Iterable[Batch] | None,
-                   device: torch.device, *, seed: int = 0, options: dict[str, Any] | None = None) -> Scores:
-    """Score every prunable group with `criterion`; the model is left as it was."""
-    crit = get_criterion(criterion)
-    check_requirements(crit, data is not None, options=options)
+NORMALIZE_MODES = ("auto", "mean", "none")
+
+CriterionOptions = Mapping[str, Any] | Sequence[str]  # {"sigma": 0.5} or ["sigma=0.5"] (`--criterion-opt`)
+
+
+@dataclass(frozen=True)
+class ResolvedCriterion:
+    """A criterion looked up once, with its options: what scoring, pruning and the reports use."""
+
+    name: str
+    criterion: Criterion | None  # None: scores recorded by a criterion this chanprune does not know
+    options: dict[str, Any]  # as given (typed); what the criterion is called with
+    recorded_options: dict[str, Any]  # as score files, histories and reports record them (defaults filled in)
+
+    def normalize_mode(self, choice: str) -> str:
+        """`--normalize`: "mean" or "none" as given; "auto" is "none" for scores in loss units
+        (comparable across layers as they are) and "mean" for the others."""
+        if choice not in NORMALIZE_MODES:
+            raise UserError(f"--normalize must be auto, mean or none, got {choice!r}")
+        if choice != "auto":
+            return choice
+        return "none" if self.criterion is not None and self.criterion.in_loss_units(dict(self.options)) else "mean"
+
+    @property
+    def reads_activations(self) -> bool:
+        """Whether the scores depend on activations (and so on BatchNorm statistics), not weights alone."""
+        return self.criterion is not None and self.criterion.requires(self.options) != NEEDS_WEIGHTS
+
+
+def _option_pairs(options: CriterionOptions | None) -> list[str]:
+    if options is None or isinstance(options, str):
+        return [options] if options else []
+    if isinstance(options, Mapping):
+        # booleans as the command line spells them; other values round-trip through str()
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+    return list(options)
+
+
+def resolve_criterion(name: str, options: CriterionOptions | None = None, *, has_data: bool,
+                      data_source: str | None = None) -> ResolvedCriterion:
+    """Look `name` up, parse its options (typed like their defaults) and check that it gets the data
+    it needs (`data_source`, a `--data` string, is also checked for labels where they are needed)."""
+    crit = get_criterion(name)
+    parsed = parse_criterion_opts(crit, _option_pairs(options))
+    check_requirements(crit, has_data, options=parsed, data_source=data_source)
+    return ResolvedCriterion(name, crit, parsed, {**crit.defaults, **parsed})
+
+
+def recorded_criterion(name: str, options: Mapping[str, Any] | None = None) -> ResolvedCriterion:
+    """The criterion that made existing scores, with the options recorded with them; an unknown
+    name (scores from another version) is kept as it is."""
+    registry = available()
+    recorded = dict(options or {})
+    return ResolvedCriterion(name, registry[name]() if name in registry else None, recorded, recorded)
+
+
+def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str | ResolvedCriterion,
+                   data: Iterable[Batch] | None, device: torch.device, *, seed: int = 0,
+                   options: CriterionOptions | None = None) -> Scores:
+    """Score every prunable group with `criterion` (a name with `options`, or resolved); the model
+    is left as it was."""
+    if isinstance(criterion, ResolvedCriterion):
+        if options is not None:
+            raise TypeError("compute_scores: a resolved criterion carries its options; pass options=None")
+        crit = criterion
+    else:
+        crit = resolve_criterion(criterion, options, has_data=data is not None)
+    scorer = crit.criterion or get_criterion(crit.name)  # a recorded, unknown name fails here
     was_training = model.training
     try:
-        scores = crit.score(model, graph, data, device, seed=seed, **(options or {}))
+        scores = scorer.score(model, graph, data, device, seed=seed, **crit.options)
     finally:
         model.train(was_training)
     result = WeightedScores({gid: s.detach().double().cpu() for gid, s in scores.items()})

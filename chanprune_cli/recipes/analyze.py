@@ -1,0 +1,92 @@
+"""The `analyze` recipe: layers, params, MACs, channel groups and (with data) accuracy of a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import measure
+from ..engine.graph import build_graph
+from ..report import AnalyzeReport, group_rows, layer_rows, model_size_bytes
+from ..support.device import resolve_device
+from .steps import (
+    FloatsArg,
+    ShapeArg,
+    check_json_report,
+    eval_loader,
+    load_model,
+    nonfinite_summary,
+    parse_inputs,
+    resolve_input_shape,
+    seed_everything,
+    warn,
+)
+
+
+def analyze_checkpoint(
+    checkpoint: str,
+    *,
+    arch: str | None = None,
+    arch_kwargs: str | dict[str, Any] | None = None,
+    input_shape: ShapeArg | None = None,
+    trust_pickle: bool = False,
+    device: str = "auto",
+    data: str | None = None,
+    mean: FloatsArg | None = None,
+    std: FloatsArg | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    seed: int = 0,
+    calib_batches: int | None = None,
+    force: bool = False,
+    json_report: str | None = None,
+) -> AnalyzeReport:
+    """Describe a checkpoint's model; with `data`, also its top-1/top-5 on (at most `calib_batches`
+    random batches of) it. NaN/Inf weights are reported with a warning, not refused.
+
+    `json_report` is where the caller will write the JSON report: checked (with `force`) before
+    the slow steps, not written here."""
+    # Validate every option before the slow steps (loading, tracing, evaluating).
+    shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    check_json_report(json_report, force)
+    dev = None
+    if data is not None:
+        dev = resolve_device(device)
+    seed_everything(seed)
+
+    loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
+    shape = resolve_input_shape(shape, loaded)
+    model = loaded.model.eval()
+    bad = nonfinite_summary(model)
+    if bad is not None:  # analyze still reports the structure; score and prune refuse such a model
+        warn(f"the model has NaN/Inf weights in {bad}; score and prune will refuse it")
+    # Open --data before the slow analysis steps, so that bad data fails first.
+    loader = None if data is None else eval_loader(data, input_shape=shape, mean=mean_t, std=std_t,
+                                                   batch_size=batch_size, workers=workers, seed=seed,
+                                                   max_batches=calib_batches)
+    macs = measure.count_macs(model, shape)
+    rows = layer_rows(model, measure.per_module_macs(model, shape))
+    groups = group_rows(build_graph(model, shape))
+
+    accuracy: dict[str, Any] | None = None
+    if loader is not None:
+        result = measure.evaluate(model, loader, dev, max_batches=calib_batches, progress=True)
+        accuracy = {
+            "top1": float(result["top1"]),
+            "top5": float(result["top5"]),
+            "images": int(result["images"]),
+            "data": data,
+            "max_batches": calib_batches,
+        }
+    return AnalyzeReport(
+        checkpoint=checkpoint,
+        source_format=loaded.source_format,
+        arch=loaded.arch,
+        input_shape=shape,
+        params=measure.count_params(model),
+        macs=macs,
+        size_bytes=model_size_bytes(model),
+        layers=rows,
+        seed=seed,
+        accuracy=accuracy,
+        groups=groups,
+    )

@@ -1,0 +1,148 @@
+"""Steps the recipes share: checking options and outputs before the slow work, loading the model
+and its input shape, evaluation/calibration loaders, seeding, and the lines they print on stderr.
+
+Everything here raises `UserError` with the message the command line shows; nothing prints except
+`say`/`warn`, which write one line to stderr (where progress and warnings go, so that stdout
+carries only reports).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..checkpoint import LoadedCheckpoint, nonfinite_tensors
+from ..data import make_loader, parse_floats, parse_shape
+from ..errors import UserError
+from ..models import ArchSpec, default_input_shape
+from ..support.fsutil import check_output
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+Shape = tuple[int, int, int]
+ShapeArg = str | Sequence[int]  # "3,32,32" (as --input-shape) or (3, 32, 32)
+FloatsArg = str | Sequence[float]  # "0.5,0.5,0.5" (as --mean/--std) or (0.5, 0.5, 0.5)
+
+
+def say(text: str) -> None:
+    """One progress line on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def warn(text: str) -> None:
+    """One `warning:` line on stderr."""
+    say(f"warning: {text}")
+
+
+# --------------------------------------------------------------------------------------------
+# options and outputs, checked before any slow step
+
+
+def parse_inputs(input_shape: ShapeArg | None, mean: FloatsArg | None,
+                 std: FloatsArg | None) -> tuple[Shape | None, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The model-input options parsed: (C, H, W) and the normalisation mean/std (None: not given)."""
+    def text(value: str | Sequence[float]) -> str:
+        # sequences go through the same parser as the command line, so they are checked alike
+        return value if isinstance(value, str) else ",".join(str(v) for v in value)
+
+    shape = parse_shape(text(input_shape)) if input_shape is not None else None
+    mean_t = parse_floats(text(mean), name="mean") if mean is not None else None
+    std_t = parse_floats(text(std), name="std") if std is not None else None
+    return shape, mean_t, std_t
+
+
+def check_json_report(path: str | None, force: bool) -> None:
+    """Fail before any long computation when the caller's JSON report (`--json`) could not be written."""
+    if path is not None and path != "-":
+        check_output(path, force)
+
+
+def check_distinct_outputs(*options: tuple[str, str | None]) -> None:
+    """Two output options naming one file would silently overwrite one result with the other."""
+    seen: dict[str, str] = {}
+    for option, path in options:
+        if path is None or path == "-":
+            continue
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            raise UserError(f"{seen[key]} and {option} both name {path}; give each output its own file")
+        seen[key] = option
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+def nonfinite_summary(model: nn.Module) -> str | None:
+    """The first NaN/Inf tensors of `model` as text ("a, b, c (+2 more)"), None when all are finite."""
+    bad = nonfinite_tensors(model)
+    if not bad:
+        return None
+    return ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+
+
+def refuse_nonfinite(model: nn.Module, action: str) -> None:
+    """UserError naming the NaN/Inf tensors: scores and pruning of a broken model are meaningless."""
+    shown = nonfinite_summary(model)
+    if shown is not None:
+        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to {action} a broken model "
+                        "(use a checkpoint from before training diverged)")
+
+
+def load_model(checkpoint: str, arch: str | ArchSpec | None, arch_kwargs: str | dict | None,
+               trust_pickle: bool) -> LoadedCheckpoint:
+    # looked up at call time: tests count loads by replacing checkpoint.load_checkpoint
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+
+
+def require_arch(loaded: LoadedCheckpoint) -> ArchSpec:
+    """The architecture a chanprune file written from `loaded` records (a bare pickle has none)."""
+    if loaded.arch is None:
+        raise UserError("this pickled model has no architecture to rebuild it from; pass --arch as well")
+    return loaded.arch
+
+
+def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint) -> Shape:
+    """--input-shape, else the shape recorded in the checkpoint, else the architecture's default."""
+    if explicit is not None:
+        return explicit
+    if loaded.input_shape is not None:
+        return tuple(loaded.input_shape)  # type: ignore[return-value]
+    shape = default_input_shape(loaded.arch)
+    if shape is None:
+        raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (e.g. --input-shape 3,224,224)")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def eval_loader(source: str, *, input_shape: Shape, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                batch_size: int, workers: int, seed: int, max_batches: int | None = None) -> DataLoader:
+    """An evaluation loader; with `max_batches` it draws that many random batches (seeded)."""
+    # mean/std None: the source's own statistics (ImageNet for RGB images, see data.open_dataset).
+    return make_loader(source, batch_size=batch_size, workers=workers, seed=seed, shuffle=max_batches is not None,
+                       max_batches=max_batches, train=False, input_shape=input_shape, mean=mean, std=std)
+
+
+def calibration_loader(source: str | None, *, input_shape: Shape, mean: tuple[float, ...] | None,
+                       std: tuple[float, ...] | None, batch_size: int, workers: int, seed: int,
+                       max_batches: int | None) -> DataLoader | None:
+    """The calibration batches of --data (None without data)."""
+    if source is None:
+        return None
+    return eval_loader(source, input_shape=input_shape, mean=mean, std=std, batch_size=batch_size, workers=workers,
+                       seed=seed, max_batches=max_batches)
