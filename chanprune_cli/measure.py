@@ -24,6 +24,18 @@ from .errors import UserError
 from .support.progress import batches_total, progress_bar
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The task output of a model: the first element of a tuple/list, `out` of a dict (the one
+    definition evaluation, criteria and training use)."""
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    if isinstance(output, dict):
+        output = output.get("out", next(iter(output.values())))
+    if not isinstance(output, torch.Tensor):
+        raise UserError(f"the model returns {type(output).__name__}; expected a tensor of logits")
+    return output
+
+
 def model_size_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers: what the weights take on disk or in memory."""
     tensors: Iterable[torch.Tensor] = [*model.parameters(), *model.buffers()]
@@ -162,9 +174,7 @@ def evaluate(
             inputs, targets = batch[0], batch[1]
             inputs = inputs.to(device, non_blocking=True)
             targets = torch.as_tensor(targets).to(device, non_blocking=True).long()
-            logits = model(inputs)
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
+            logits = logits_of(model(inputs))
             if logits.ndim != 2:
                 raise UserError(f"the model returns shape {tuple(logits.shape)}; expected (batch, classes)")
             classes = logits.shape[1]

@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..models import ArchSpec, build_model, parse_arch
 from .chanprune_format import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, load_chanprune, save_chanprune, tool_version
 from .keys import fit_weights
-from .loaded import LoadedCheckpoint, nonfinite_tensors
+from .loaded import LoadedCheckpoint, nonfinite_summary, nonfinite_tensors, refuse_nonfinite
 from .safetensors_file import read_safetensors, safetensors_metadata
 from .sniff import check_input, sniff
 from .torch_pickle import torch_load
@@ -35,7 +35,9 @@ __all__ = [
     "load_state_dict_file",
     "save_chanprune",
     "safetensors_metadata",
+    "nonfinite_summary",
     "nonfinite_tensors",
+    "refuse_nonfinite",
     "tool_version",
 ]
 

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..models import ArchSpec
 
-__all__ = ["LoadedCheckpoint", "nonfinite_tensors"]
+__all__ = ["LoadedCheckpoint", "nonfinite_summary", "nonfinite_tensors", "refuse_nonfinite"]
 
 
 @dataclass
@@ -33,3 +34,19 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
         if tensor is not None and (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             bad.append(name)
     return bad
+
+
+def nonfinite_summary(model: nn.Module) -> str | None:
+    """The first NaN/Inf tensors of `model` as text ("a, b, c (+2 more)"), None when all are finite."""
+    bad = nonfinite_tensors(model)
+    if not bad:
+        return None
+    return ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+
+
+def refuse_nonfinite(model: nn.Module, action: str) -> None:
+    """UserError naming the NaN/Inf tensors: scores and pruning of a broken model are meaningless."""
+    shown = nonfinite_summary(model)
+    if shown is not None:
+        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to {action} a broken model "
+                        "(use a checkpoint from before training diverged)")

@@ -7,7 +7,7 @@ score vector per channel group: higher means more important, so the lowest are r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -69,15 +69,18 @@ def get_criterion(name: str) -> Criterion:
     return registry[name]()
 
 
-def parse_criterion_opts(criterion: Criterion, pairs: Iterable[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` strings (repeatable `--criterion-opt`) as the criterion's typed options.
+def parse_criterion_opts(criterion: Criterion, options: Mapping[str, Any] | Iterable[str] | str | None) -> dict[str, Any]:
+    """The criterion's typed options from `KEY=VALUE` strings (repeatable `--criterion-opt`) or a
+    {key: value} mapping (from Python).
 
     Unknown keys, malformed pairs and values that do not parse as the default's type (int, float,
     bool, str) are UserErrors naming the valid keys."""
     from .gates import parse_options
 
     raw: dict[str, Any] = {}
-    for pair in pairs or ():
+    if isinstance(options, Mapping):
+        raw = {str(key).strip(): value for key, value in options.items()}
+    for pair in () if isinstance(options, Mapping) else [options] if isinstance(options, str) else options or ():
         key, sep, value = str(pair).partition("=")
         key = key.strip()
         if not sep or not key:

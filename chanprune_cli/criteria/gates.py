@@ -1,18 +1,12 @@
 """Channel gates and activation capture shared by the data-driven criteria.
 
-A *hook point* is a module output where the channels of one group take their final value: the
-output of the BatchNorm that directly follows a producer (conv / linear / depthwise conv) when the
-class has a `norm` slot on that BatchNorm, else the producer's own output; in addition every other
-norm module holding the class (a pre-activation BatchNorm as in DenseNet, InstanceNorm, a
-GroupNorm group), since a norm turns a zero channel into a constant one while pruning removes it.
-A class with several producers (a residual stream, a conv feeding a depthwise conv) has several
-hook points; every one of them is multiplied by the same gate value, so a gate of 0 really removes
-the channel (exactly what `surgery.mask_model` + pruning compute; tested), and the gradient of the
-loss w.r.t. a gate at 1 is the first-order change of the loss when the whole class is scaled.
-
-Which BatchNorm follows which producer is found by one probe forward (eval mode, no grad) on a
-random input of `graph.input_shape`: a BatchNorm whose input *is* a producer's output tensor is
-paired with it. The same probe records the execution order that sorts the points.
+Gates act at the *hook points* of `engine/points.py`: the module outputs where a class's channels
+take their final value (a BatchNorm right after its producer, other norms holding the class, else
+the producer; the layer rules say which modules count). A class with several producers (a residual
+stream, a conv feeding a depthwise conv) has several hook points; every one of them is multiplied
+by the same gate value, so a gate of 0 removes the channel as `surgery.mask_model` + pruning do
+wherever the channel's zero stays zero downstream (tested), and the gradient of the loss w.r.t. a
+gate at 1 is the first-order change of the loss when the whole class is scaled.
 
 `ChannelGates(model, graph)` is a context manager that installs forward hooks (removed on exit):
 
@@ -41,9 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..engine.graph import ChannelGraph, ChannelGroup
 from ..engine.points import HookPoint, build_points, find_bn_pairs, producer_channels  # noqa: F401  (criteria import them from here)
+from ..errors import UserError
+from ..measure import logits_of  # noqa: F401  (criteria import it from here)
 from ..support.progress import batches_total, progress_bar
 
 
@@ -135,17 +130,6 @@ def autocast(device: torch.device | str, enabled: bool) -> Any:
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The main output of a model (first element of a tuple/list, `out` of a dict)."""
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    if isinstance(output, dict):
-        output = output.get("out", next(iter(output.values())))
-    if not isinstance(output, torch.Tensor):
-        raise UserError(f"the model returns {type(output).__name__}; expected a tensor of logits")
-    return output
 
 
 def gradients(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import nonfinite_tensors
+from ..checkpoint import refuse_nonfinite
 from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from ..engine.graph import ChannelGraph
 from ..engine.points import rescale_channels
 from ..engine.scores import channel_scales
 from ..engine.surgery import VerifyResult, prune_model, verify
-from ..errors import ChanpruneError, UserError
+from ..errors import ChanpruneError
 from ..measure import count_params, per_module_macs
 from .scoring import ResolvedCriterion, recorded_criterion
 
@@ -87,11 +87,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     """
     if not isinstance(criterion, ResolvedCriterion):
         criterion = recorded_criterion(criterion, criterion_options)
-    bad = nonfinite_tensors(model)
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to prune a broken model "
-                        "(use a checkpoint from before training diverged)")
+    refuse_nonfinite(model, "prune")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
                           cost_exponent=cost_exponent, removed=removed,
                           normalize=criterion.normalize_mode(normalize) == "mean")

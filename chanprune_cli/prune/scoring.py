@@ -71,21 +71,12 @@ class ResolvedCriterion:
         return self.criterion is not None and self.criterion.requires(self.options) != NEEDS_WEIGHTS
 
 
-def _option_pairs(options: CriterionOptions | None) -> list[str]:
-    if options is None or isinstance(options, str):
-        return [options] if options else []
-    if isinstance(options, Mapping):
-        # booleans as the command line spells them; other values round-trip through str()
-        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
-    return list(options)
-
-
 def resolve_criterion(name: str, options: CriterionOptions | None = None, *, has_data: bool,
                       data_source: str | None = None) -> ResolvedCriterion:
     """Look `name` up, parse its options (typed like their defaults) and check that it gets the data
     it needs (`data_source`, a `--data` string, is also checked for labels where they are needed)."""
     crit = get_criterion(name)
-    parsed = parse_criterion_opts(crit, _option_pairs(options))
+    parsed = parse_criterion_opts(crit, options)
     check_requirements(crit, has_data, options=parsed, data_source=data_source)
     return ResolvedCriterion(name, crit, parsed, {**crit.defaults, **parsed})
 

@@ -8,13 +8,13 @@ from .. import measure
 from ..engine.graph import build_graph
 from ..report import AnalyzeReport, group_rows, layer_rows, model_size_bytes
 from ..support.device import resolve_device
+from ..checkpoint import nonfinite_summary
 from .steps import (
     FloatsArg,
     ShapeArg,
     check_json_report,
     eval_loader,
     load_model,
-    nonfinite_summary,
     parse_inputs,
     resolve_input_shape,
     seed_everything,

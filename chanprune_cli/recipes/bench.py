@@ -20,6 +20,7 @@ from ..report import BenchReport
 from ..report.plots import check_plot_path, require_matplotlib
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
+from ..checkpoint import nonfinite_summary
 from .steps import (
     FloatsArg,
     ShapeArg,
@@ -27,7 +28,6 @@ from .steps import (
     check_json_report,
     eval_loader,
     load_model,
-    nonfinite_summary,
     parse_inputs,
     resolve_input_shape,
     seed_everything,

@@ -11,13 +11,13 @@ from ..deploy import export as exporter
 from ..errors import UserError
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
+from ..checkpoint import refuse_nonfinite
 from .steps import (
     ShapeArg,
     check_distinct_outputs,
     check_json_report,
     load_model,
     parse_inputs,
-    refuse_nonfinite,
     resolve_input_shape,
 )
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import save_chanprune, tool_version
-from ..criteria.gates import logits_of
+from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
+from ..measure import logits_of
 from ..data import check_labels, open_dataset
 from ..engine.allocate import parse_min_keep
 from ..errors import UserError
@@ -44,7 +44,6 @@ from .steps import (
     check_json_report,
     load_model,
     parse_inputs,
-    refuse_nonfinite,
     require_arch,
     resolve_input_shape,
     say,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import save_chanprune, tool_version
+from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
 from ..engine.allocate import check_target, parse_min_keep
 from ..engine.graph import build_graph, match_ignored
 from ..engine.scores import Scores
@@ -38,7 +38,6 @@ from .steps import (
     check_json_report,
     load_model,
     parse_inputs,
-    refuse_nonfinite,
     require_arch,
     resolve_input_shape,
     say,

@@ -18,6 +18,7 @@ from ..prune.scoring import (
 from ..support import distributed as D
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
+from ..checkpoint import refuse_nonfinite
 from .steps import (
     FloatsArg,
     ShapeArg,
@@ -26,7 +27,6 @@ from .steps import (
     check_json_report,
     load_model,
     parse_inputs,
-    refuse_nonfinite,
     resolve_input_shape,
     seed_everything,
 )

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checkpoint import LoadedCheckpoint, nonfinite_tensors
+from ..checkpoint import LoadedCheckpoint
 from ..data import make_loader, parse_floats, parse_shape
 from ..errors import UserError
 from ..models import ArchSpec, default_input_shape
 from ..support.fsutil import check_output
 
 if TYPE_CHECKING:
-    from torch import nn
     from torch.utils.data import DataLoader
 
 Shape = tuple[int, int, int]
@@ -81,22 +80,6 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # the model
-
-
-def nonfinite_summary(model: nn.Module) -> str | None:
-    """The first NaN/Inf tensors of `model` as text ("a, b, c (+2 more)"), None when all are finite."""
-    bad = nonfinite_tensors(model)
-    if not bad:
-        return None
-    return ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
-
-
-def refuse_nonfinite(model: nn.Module, action: str) -> None:
-    """UserError naming the NaN/Inf tensors: scores and pruning of a broken model are meaningless."""
-    shown = nonfinite_summary(model)
-    if shown is not None:
-        raise UserError(f"the model has NaN/Inf weights in {shown}; refusing to {action} a broken model "
-                        "(use a checkpoint from before training diverged)")
 
 
 def load_model(checkpoint: str, arch: str | ArchSpec | None, arch_kwargs: str | dict | None,

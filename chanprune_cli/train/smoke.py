@@ -19,7 +19,7 @@ def train_step_check(model: nn.Module, input_shape: Sequence[int], *, batch: int
                      device: torch.device | str = "cpu", seed: int = 0) -> float:
     """Run `steps` SGD steps of this loop's optimizer on random data (train mode); return the last
     loss. Raises ChanpruneError when the loss is not finite or a parameter gets no gradient."""
-    from ..criteria.gates import logits_of
+    from ..measure import logits_of
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)

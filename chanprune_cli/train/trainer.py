@@ -261,7 +261,7 @@ class Trainer:
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        from ..criteria.gates import logits_of
+        from ..measure import logits_of
 
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)

@@ -21,7 +21,7 @@ def validate(model: nn.Module, dataset: Dataset[Any], device: torch.device, *, b
              workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
     """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
-    from ..criteria.gates import logits_of
+    from ..measure import logits_of
 
     env = env or D.current()
     n = len(dataset)  # type: ignore[arg-type]
