@@ -13,16 +13,13 @@ from torch import nn
 from ..checkpoint import refuse_nonfinite
 from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
 from ..engine.graph import ChannelGraph
+from ..engine.layer_rules import layer_shape
 from ..engine.points import rescale_channels
 from ..engine.scores import channel_scales
 from ..engine.surgery import VerifyResult, prune_model, verify
 from ..errors import ChanpruneError
 from ..measure import count_params, per_module_macs
 from .scoring import ResolvedCriterion, recorded_criterion
-
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                nn.ConvTranspose3d, nn.Linear)
-
 
 @dataclass
 class PruneOutcome:
@@ -40,10 +37,9 @@ def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, in
     macs = per_module_macs(model, input_shape)
     rows = {}
     for name, m in model.named_modules():
-        if isinstance(m, _LAYER_TYPES):
-            cin = getattr(m, "in_channels", getattr(m, "in_features", 0))
-            cout = getattr(m, "out_channels", getattr(m, "out_features", 0))
-            rows[name] = {"name": name, "type": type(m).__name__, "in": cin, "out": cout,
+        shape = layer_shape(m)  # the layer rules say which modules are conv/linear layers
+        if shape is not None and shape.kind in ("conv", "linear"):
+            rows[name] = {"name": name, "type": type(m).__name__, "in": shape.in_channels, "out": shape.out_channels,
                           "params": count_params(m), "macs": macs.get(name, 0)}
     return {"params": count_params(model), "macs": sum(macs.values())}, rows
 
