@@ -25,6 +25,8 @@ Slot kinds a rule creates (see docs/architecture.md, "channel graph"):
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,8 +224,24 @@ def register_layer_rule(module_type: type[nn.Module], rule: LayerRule, *, leaf: 
         _LEAVES.discard(module_type)
 
 
+# Layer libraries with rules of their own: registered once the process has imported the library
+# (a model built from it), never imported by chanprune for that (timm takes seconds to import).
+_LIBRARY_RULES = {"timm": "chanprune_cli.engine.rules_timm"}
+_LIBRARIES_LOADED: set[str] = set()
+
+
+def _load_library_rules() -> None:
+    if len(_LIBRARIES_LOADED) == len(_LIBRARY_RULES):
+        return
+    for library, rules in _LIBRARY_RULES.items():
+        if library not in _LIBRARIES_LOADED and library in sys.modules:
+            _LIBRARIES_LOADED.add(library)
+            importlib.import_module(rules)
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule registered for the nearest class in the module's MRO, or None."""
+    _load_library_rules()
     for cls in type(module).__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
@@ -238,6 +256,7 @@ def layer_shape(module: nn.Module) -> LayerShape | None:
 
 
 def is_registered_leaf(module: nn.Module) -> bool:
+    _load_library_rules()
     return any(cls in _LEAVES for cls in type(module).__mro__)
 
 
