@@ -319,18 +319,43 @@ def test_train_only_aux_head_is_in_the_groups() -> None:
     assert "aux.0" not in group_of(eval_only, "stem").members
 
 
-def test_untraceable_model_is_a_user_error() -> None:
+def test_control_flow_on_tensors_is_recorded_from_a_real_forward() -> None:
+    # torch.fx cannot trace `if` on a tensor; one recorded forward follows the branch it took.
     class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn(self.conv1(x)))
+            if y.shape[-1] % 2 == 0 and x.sum() != 0:
+                y = y + 1.0
+            return self.conv2(y).mean((2, 3))
+
+    model = randomize(DataDependent())
+    graph = build_graph(model, (3, 6, 6))
+    assert graph.tracing == "recorded"
+    group = next(g for g in graph.groups if g.name == "conv1")
+    assert group.prunable and group.members == ["conv1", "bn", "conv2"]
+    plan = {group.id: [1, 4]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert pruned.conv2.in_channels == 6 and verify(model, graph, plan, pruned, (3, 6, 6)).passed
+
+
+def test_untraceable_model_is_a_user_error() -> None:
+    class WrongInput(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return y if y.sum() > 0 else -y
+            return self.conv(x).view(-1, 4 * 5 * 5)  # only fits 5x5 inputs
 
     with pytest.raises(UserError, match="cannot trace"):
-        build_graph(DataDependent(), (3, 4, 4))
+        build_graph(WrongInput(), (3, 4, 4))
 
 
 # ------------------------------------------------------------------------------------------------

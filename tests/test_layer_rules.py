@@ -168,4 +168,5 @@ def test_reports_describe_layers_through_the_table(table: None) -> None:
     rows = {r.name: r for r in layer_rows(Net(), {})}
     assert (rows["conv1"].in_channels, rows["conv1"].out_channels, rows["conv1"].kernel) == (3, 8, (3, 3))
     assert (rows["fc"].in_channels, rows["fc"].out_channels) == (6, 4)
-    assert "scale" not in rows  # a rule without `describe` is not a reported layer
+    assert (rows["scale"].in_channels, rows["scale"].out_channels) == (8, 8)  # a per-channel layer, like a norm
+    assert "act" not in rows and "pool" not in rows  # pass-through layers own no channels

@@ -103,15 +103,21 @@ class ChannelwiseRule(LayerRule):
     over each channel, a per-channel scale). Its entries are "norm" slots of the channel's class.
 
     `tensors`: the per-channel parameters/buffers (sliced, and zeroed by `mask` when listed in
-    `masked`); `size_attr`: the attribute holding the channel count."""
+    `masked`); `size_attr`: the attribute holding the channel count (None: the layer keeps none,
+    the first tensor's length is the count)."""
 
-    def __init__(self, size_attr: str, tensors: Sequence[str], masked: Sequence[str] = ("weight", "bias"),
+    def __init__(self, size_attr: str | None, tensors: Sequence[str], masked: Sequence[str] = ("weight", "bias"),
                  gates_channels: bool = True) -> None:
         self.size_attr = size_attr
         self.tensors = tuple(tensors)
         self.masked = tuple(masked)
         self.gates_channels = gates_channels
-        self.shape_attrs = (size_attr,)
+        self.shape_attrs = (size_attr,) if size_attr else ()
+
+    def width(self, module: nn.Module) -> int:
+        if self.size_attr:
+            return int(getattr(module, self.size_attr))
+        return int(getattr(module, self.tensors[0]).shape[0])
 
     def trace(self, call: ModuleCall) -> bool:
         if call.x is None:
@@ -124,31 +130,33 @@ class ChannelwiseRule(LayerRule):
         return True
 
     def prune(self, module: nn.Module, drop: Drop) -> None:
-        keep = keep_indices(getattr(module, self.size_attr), drop.get("norm", set()))
+        keep = keep_indices(self.width(module), drop.get("norm", set()))
         for name in self.tensors:
             select(module, name, 0, keep)
-        setattr(module, self.size_attr, len(keep))
+        if self.size_attr:
+            setattr(module, self.size_attr, len(keep))
 
     def mask(self, module: nn.Module, drop: Drop) -> None:
         zero_rows(module, sorted(drop.get("norm", set())), self.masked)
 
     def output_width(self, module: nn.Module) -> int:
-        return int(getattr(module, self.size_attr))
+        return self.width(module)
+
+    def describe(self, module: nn.Module) -> LayerShape | None:
+        return LayerShape("norm", self.width(module), self.width(module)) if self.gates_channels else None
 
     def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
-        n = (getattr(module, self.size_attr),)
+        n = (self.width(module),)
         return {name: n for name in self.tensors}
 
 
 class NormRule(ChannelwiseRule):
-    """BatchNorm*, SyncBatchNorm, InstanceNorm*: per-channel affine and running statistics."""
+    """BatchNorm*, SyncBatchNorm, InstanceNorm* (and frozen BatchNorms, which keep no count):
+    per-channel affine and running statistics."""
 
-    def __init__(self, folds_producer: bool) -> None:
-        super().__init__("num_features", ("weight", "bias", "running_mean", "running_var"))
+    def __init__(self, folds_producer: bool, size_attr: str | None = "num_features") -> None:
+        super().__init__(size_attr, ("weight", "bias", "running_mean", "running_var"))
         self.folds_producer = folds_producer
-
-    def describe(self, module: nn.Module) -> LayerShape | None:
-        return LayerShape("norm", module.num_features, module.num_features)
 
 
 class PReLURule(ChannelwiseRule):
@@ -469,6 +477,8 @@ class OptionAShortcutRule(LayerRule):
 
 
 def register_builtins() -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
     from ..models import OptionAShortcut
 
 
@@ -505,6 +515,9 @@ def register_builtins() -> None:
     reshape = ReshapeModuleRule()
     for t in (nn.Flatten, nn.Unflatten):
         register_layer_rule(t, reshape, leaf=False)
+    # torchvision's detection backbones freeze their BatchNorms as x * scale + shift from buffers:
+    # traced through, those buffers look like fixed per-channel tensors and pin every channel.
+    register_layer_rule(FrozenBatchNorm2d, NormRule(folds_producer=True, size_attr=None))
     register_layer_rule(OptionAShortcut, OptionAShortcutRule())
     mark_builtins()
 

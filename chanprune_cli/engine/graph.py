@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 from ..errors import UserError
+from .recording import Shape, record, summarize
 from .layer_rules import PRODUCER_KINDS, UNTRACKED, ModuleCost, Slot, is_registered_leaf, rule_for
 
 _ELEMENTWISE_FUNCTIONS = {
@@ -59,17 +60,19 @@ _PER_CHANNEL_SPATIAL_FUNCTIONS = {
 _STRUCTURAL_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
     torch.concatenate, torch.stack, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze,
-    torch.narrow, torch.movedim, operator.getitem, F.pad, torch.unflatten,
+    torch.narrow, torch.movedim, operator.getitem, F.pad, torch.unflatten, torch.unbind,
 }
 _STRUCTURAL_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "chunk",
-    "split", "narrow", "movedim", "unflatten", "expand", "expand_as", "repeat", "t",
+    "split", "narrow", "movedim", "unflatten", "expand", "expand_as", "repeat", "t", "unbind",
     "view_as", "reshape_as",
 }
 _RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten, "view_as", "reshape_as"}
 # Structural methods whose second tensor only lends its shape.
 _SHAPE_FROM_OTHER = {"expand_as", "view_as", "reshape_as"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+# Normalise along one axis: channels pass unless that axis is the channel axis.
+_SOFTMAXES = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 # Ops whose tensor inputs only contribute their shape (or nothing channel-wise).
 _SHAPE_ONLY = {"size", "dim", "numel", getattr, torch.numel, "new_zeros", "new_ones", "new_empty",
                torch.zeros_like, torch.ones_like, torch.empty_like, torch._assert}
@@ -117,6 +120,7 @@ class ChannelGraph:
     costs: dict[str, ModuleCost]
     input_shape: tuple[int, ...]
     unfollowed: list[str]  # ops the engine could not follow (their channels are pinned)
+    tracing: str = "fx"  # "fx" (symbolic) or "recorded" (a real forward; torch.fx could not trace the model)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -217,20 +221,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-@dataclass
-class _Shape:
-    shape: tuple[int, ...]
-
-
-def _summarize(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return _Shape(tuple(value.shape))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_summarize(v) for v in value) if not hasattr(value, "_fields") else tuple(_summarize(v) for v in value)
-    return value
-
-
-class _Recorder(fx.Interpreter):
+class _ShapeInterpreter(fx.Interpreter):
     """Runs the traced model once, keeping shapes of tensors and values of everything else."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -239,7 +230,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.values[n] = _summarize(result)
+        self.values[n] = summarize(result)
         return result
 
 
@@ -274,10 +265,10 @@ def _pad_labels(x: torch.Tensor, pad: Sequence[int], mode: str = "constant", val
 class _Propagator:
     """Walks one traced graph, replaying channel-mixing ops on label tensors."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], uf: _UnionFind,
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any], uf: _UnionFind,
                  costs: dict[str, ModuleCost], unfollowed: list[str]) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.graph = graph
+        self.modules = modules
         self.values = values
         self.uf = uf
         self.costs = costs
@@ -292,8 +283,8 @@ class _Propagator:
             if isinstance(lab, torch.Tensor):
                 return lab
             meta = self.values.get(arg)
-            if isinstance(meta, _Shape):
-                return torch.full((1,), UNTRACKED, dtype=torch.long).expand(meta.shape)
+            if isinstance(meta, Shape):
+                return torch.full((1,) if meta.shape else (), UNTRACKED, dtype=torch.long).expand(meta.shape)
         return None
 
     def _concrete(self, arg: Any, for_labels: bool) -> Any:
@@ -303,7 +294,7 @@ class _Propagator:
                 if lab is not None:
                     return lab.contiguous() if isinstance(lab, torch.Tensor) else tuple(
                         x.contiguous() if isinstance(x, torch.Tensor) else x for x in lab)
-                if isinstance(self.values.get(a), _Shape):
+                if isinstance(self.values.get(a), Shape):
                     return torch.full(self.values[a].shape, UNTRACKED, dtype=torch.long)
             return self.values.get(a)
 
@@ -353,20 +344,22 @@ class _Propagator:
 
     def _out_shape(self, node: fx.Node) -> tuple[int, ...] | None:
         meta = self.values.get(node)
-        return meta.shape if isinstance(meta, _Shape) else None
+        return meta.shape if isinstance(meta, Shape) else None
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self._untracked_output(node)
             elif node.op == "output":
                 for t in self._tensor_inputs(node):
                     self.uf.pin(t, "model output")
-            elif node.op == "call_module":
-                self._call_module(node)
             else:
-                self._call_op(node)
+                try:
+                    self._call_module(node) if node.op == "call_module" else self._call_op(node)
+                except Exception as exc:  # noqa: BLE001  (an op the labels cannot replay: keep its channels)
+                    self._pin_inputs(node, f"cannot follow {node.name}: {type(exc).__name__}")
+                    self._untracked_output(node)
 
     def _call_module(self, node: fx.Node) -> None:
         """A leaf module call: its layer rule labels the output (engine/layer_rules.py)."""
@@ -422,6 +415,13 @@ class _Propagator:
             self._per_channel_spatial(node, x, shape, name)
         elif target in _REDUCTIONS or (is_method and target in _REDUCTIONS):
             self._reduction(node, shape)
+        elif target in _SOFTMAXES and (x := self._label(node.args[0])) is not None:
+            dim = self._concrete(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), for_labels=False)
+            if not isinstance(dim, int) or dim % x.dim() in _varying_axes(x):
+                self._pin_inputs(node, f"{name} over channels ({node.name})")
+                self._untracked_output(node)
+            else:
+                self.labels[node] = x
         elif target in _STRUCTURAL_FUNCTIONS or (is_method and target in _STRUCTURAL_METHODS):
             fn: Callable[..., Any] = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if is_method else target  # type: ignore[assignment]
             self._structural(node, fn, literal_sizes=False)
@@ -518,6 +518,8 @@ class _Propagator:
         elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
             if target in ("chunk", torch.chunk, "split", torch.split):
                 self._pieces(node, inputs, list(result))
+            elif target in ("unbind", torch.unbind):
+                self._unbind(node, inputs)
             self.labels[node] = tuple(result)
         else:
             self.labels[node] = None
@@ -544,6 +546,15 @@ class _Propagator:
             reason = f"channel selection at {node.name}"
             self.unfollowed.append(reason)
             self.uf.pin(before, reason)
+
+    def _unbind(self, node: fx.Node, inputs: list[torch.Tensor]) -> None:
+        """Unbinding the channel axis makes every channel a tensor of its own: pin them."""
+        dim = self._concrete(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0), for_labels=False)
+        x = inputs[0] if inputs else None
+        if x is not None and isinstance(dim, int) and dim % x.dim() in _varying_axes(x):
+            reason = f"channels unbound at {node.name}"
+            self.unfollowed.append(reason)
+            self.uf.pin(x[x >= 0], reason)
 
     def _pieces(self, node: fx.Node, inputs: list[torch.Tensor], pieces: list[torch.Tensor]) -> None:
         """chunk/split along the channel axis: every piece must lose the same positions."""
@@ -657,17 +668,25 @@ class _Call:
         self._p._structural(self.node, fn, literal_sizes=literal_sizes)
 
 
-def _run_mode(model: nn.Module, example: torch.Tensor, train: bool, uf: _UnionFind,
-              costs: dict[str, ModuleCost], unfollowed: list[str]) -> None:
+def _run_mode(model: nn.Module, example: Any, train: bool, uf: _UnionFind,
+              costs: dict[str, ModuleCost], unfollowed: list[str]) -> str:
+    """Trace `model` in one mode and propagate channel ids; returns how it was traced: "fx"
+    (symbolic) or "recorded" (one real forward, for models torch.fx cannot trace)."""
     subject = copy.deepcopy(model) if train else model  # train mode updates BN statistics
     was_training = subject.training
     subject.train(train)
     try:
-        gm = trace(subject)
-        recorder = _Recorder(gm)
+        try:
+            gm = trace(subject)
+        except Exception:  # noqa: BLE001  (control flow, iterated proxies, ...: record a real run instead)
+            recording = record(subject, example, _Tracer().is_leaf_module)
+            _Propagator(recording.graph, dict(subject.named_modules()), recording.values, uf, costs, unfollowed).run()
+            return "recorded"
+        interpreter = _ShapeInterpreter(gm)
         with torch.no_grad():
-            recorder.run(example)
-        _Propagator(gm, recorder.values, uf, costs, unfollowed).run()
+            interpreter.run(example)
+        _Propagator(gm.graph, dict(gm.named_modules()), interpreter.values, uf, costs, unfollowed).run()
+        return "fx"
     finally:
         subject.train(was_training)
 
@@ -687,12 +706,19 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[s
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    tracings = []
     for train in ((False, True) if train_mode else (False,)):
         try:
-            _run_mode(model, example, train, uf, costs, unfollowed)
+            tracings.append(_run_mode(model, example, train, uf, costs, unfollowed))
         except Exception as exc:
-            raise UserError(f"cannot trace the model with torch.fx on input {tuple(input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    return _collect_groups(model, uf, costs, input_shape, ignore, unfollowed)
+            what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if not train:
+                raise UserError(f"cannot trace the model on input {tuple(input_shape)}: {what}") from exc
+            # e.g. detection models want targets in train mode: the eval graph is all there is
+            unfollowed.append(f"the train-mode forward failed ({what}); modules used only in training are not followed")
+    graph = _collect_groups(model, uf, costs, input_shape, ignore, unfollowed)
+    graph.tracing = "recorded" if "recorded" in tracings else "fx"
+    return graph
 
 
 def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCost],

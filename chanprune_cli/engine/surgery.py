@@ -25,10 +25,13 @@ Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
 
 @dataclass
 class VerifyResult:
-    max_abs_diff: float
+    max_abs_diff: float  # of the model outputs
     tolerance: float
     passed: bool
     outputs_compared: int
+    layers_compared: int = 0  # layer outputs compared one by one (those whose width the plan kept)
+    worst_layer: str | None = None  # the layer furthest outside its tolerance, when one is
+    by_layers: bool = False  # outputs differ only through discontinuous post-processing (see verify)
 
 
 def removals(graph: ChannelGraph, plan: Plan) -> dict[str, dict[str, set[int]]]:
@@ -106,6 +109,71 @@ def _flatten_outputs(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+
+
+def _tolerance(reference: torch.Tensor, rtol: float) -> float:
+    return rtol * max(1.0, float(reference.abs().max()) if reference.numel() else 0.0)
+
+
+def _compare(ref_out: list[torch.Tensor], got_out: list[torch.Tensor], rtol: float) -> tuple[float, float, bool]:
+    if len(ref_out) != len(got_out) or any(a.shape != b.shape for a, b in zip(ref_out, got_out)):
+        return float("inf"), 0.0, False
+    diff = max((float((a - b).abs().max()) for a, b in zip(ref_out, got_out) if a.numel()), default=0.0)
+    scale = max((float(a.abs().max()) for a in ref_out if a.numel()), default=0.0)
+    tolerance = rtol * max(1.0, scale)
+    return diff, tolerance, diff <= tolerance
+
+
+class _LayerCheck:
+    """Runs the reference recording every leaf's output, then the candidate with every leaf whose
+    output kept its width compared with the reference's and replaced by it: each layer is checked
+    on exactly the reference's inputs, and what follows the last layers (sorting, thresholds, NMS)
+    sees the same values in both models."""
+
+    def __init__(self, reference: nn.Module, candidate: nn.Module, rtol: float) -> None:
+        self.reference, self.candidate, self.rtol = reference, candidate, rtol
+        self.outputs: dict[str, list[Any]] = {}
+        self.compared = 0
+        self.worst: tuple[float, str] | None = None  # (diff / tolerance, layer)
+
+    def run(self, x: torch.Tensor) -> tuple[Any, Any]:
+        handles = [m.register_forward_hook(self._recorder(name)) for name, m in _leaves(self.reference)]
+        try:
+            ref = self.reference(x)
+        finally:
+            for h in handles:
+                h.remove()
+        handles = [m.register_forward_hook(self._substitute(name)) for name, m in _leaves(self.candidate)]
+        try:
+            got = self.candidate(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return ref, got
+
+    def _recorder(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else None)
+        return hook
+
+    def _substitute(self, name: str) -> Any:
+        calls = iter(self.outputs.get(name, []))
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            ref = next(calls, None)
+            if ref is None or not isinstance(output, torch.Tensor) or ref.shape != output.shape:
+                return None
+            self.compared += 1
+            diff = float((ref - output).abs().max()) if ref.numel() else 0.0
+            excess = diff / _tolerance(ref, self.rtol)
+            if excess > 1 and (self.worst is None or excess > self.worst[0]):
+                self.worst = (excess, name)
+            return ref
+        return hook
+
+
 @torch.no_grad()
 def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Module,
            input_shape: Sequence[int], *, batch_size: int = 2, seed: int = 0,
@@ -113,7 +181,11 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     """Compare `pruned` with `original` masked by `plan`, in float64 on random inputs (eval mode).
 
     Float64 makes the tolerance meaningful: a correct surgery differs only by rounding (~1e-12),
-    while any structural mistake shows up at the scale of the activations.
+    while any structural mistake shows up at the scale of the activations. Besides the model
+    outputs, every layer whose output kept its width is compared on the reference's own inputs.
+    When only the outputs differ, and the same outputs agree once every layer's output is the
+    reference's, the difference comes from discontinuous post-processing after the last layers
+    (detections sorted by nearly tied scores, thresholds): the model is verified layer by layer.
     """
     reference = copy.deepcopy(original).double().eval()
     mask_model(reference, graph, plan)
@@ -121,10 +193,10 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     device = next((p.device for p in reference.parameters()), torch.device("cpu"))
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     ref_out = _flatten_outputs(reference(x))
-    got_out = _flatten_outputs(candidate(x))
-    if len(ref_out) != len(got_out) or any(a.shape != b.shape for a, b in zip(ref_out, got_out)):
-        return VerifyResult(float("inf"), 0.0, False, len(ref_out))
-    diff = max((float((a - b).abs().max()) for a, b in zip(ref_out, got_out) if a.numel()), default=0.0)
-    scale = max((float(a.abs().max()) for a in ref_out if a.numel()), default=0.0)
-    tolerance = rtol * max(1.0, scale)
-    return VerifyResult(diff, tolerance, diff <= tolerance, len(ref_out))
+    diff, tolerance, passed = _compare(ref_out, _flatten_outputs(candidate(x)), rtol)
+    layers = _LayerCheck(reference, candidate, rtol)
+    ref_again, substituted = layers.run(x)
+    layers_ok = layers.worst is None
+    by_layers = not passed and layers_ok and _compare(_flatten_outputs(ref_again), _flatten_outputs(substituted), rtol)[2]
+    return VerifyResult(diff, tolerance, (passed and layers_ok) or by_layers, len(ref_out), layers.compared,
+                        None if layers_ok else layers.worst[1], by_layers)
