@@ -432,3 +432,31 @@ def test_union_pairs_with_several_partners_per_id() -> None:
     assert [uf2.find(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]
     assert _unique_ids(torch.tensor([[5, -1, 3], [3, 5, 0]])).tolist() == [0, 3, 5]
     assert _unique_ids(torch.full((3, 2), -1)).numel() == 0
+
+
+def test_through_layernorm_makes_normalised_channels_removable_and_approximate() -> None:
+    # A channels-last block (ConvNeXt style): LayerNorm over the channels pins them by default;
+    # opted in, they are removable, and a plan that removes them is marked approximate.
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(self.stem(x).permute(0, 2, 3, 1))
+            return self.fc(y).mean((1, 2))
+
+    model = randomize(Block())
+    assert not next(g for g in build_graph(model, (3, 4, 4)).groups if g.name == "stem").prunable
+    graph = build_graph(model, (3, 4, 4), through_layernorm=True)
+    group = next(g for g in graph.groups if g.name == "stem")
+    assert group.prunable and set(group.approximate) == set(range(8))
+    plan = {group.id: [0, 5]}
+    assert graph.approximations(plan) == ["LayerNorm norm normalises over these channels"]
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert pruned.norm.normalized_shape == (6,) and pruned.norm.weight.shape == (6,) and pruned.fc.in_features == 6
+    assert pruned(torch.randn(2, 3, 4, 4)).shape == (2, 4)
+    assert not verify(model, graph, plan, pruned, (3, 4, 4)).passed  # the statistics changed: not exact

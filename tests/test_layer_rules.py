@@ -1,9 +1,8 @@
 """The layer-rule table: a user-registered layer type is traced, scored, pruned, verified, saved.
 
 `ChannelScale` stands for the many per-channel layers of model zoos (LayerScale, affine
-"norms", learnable gains): its forward multiplies by a per-channel parameter that the tracer, left
-alone, can only treat as a fixed per-channel tensor, so it pins the channels. One registration
-makes every part of chanprune handle it.
+"norms", learnable gains) written with a fused kernel the tracer does not know (`addcmul`), so
+left alone it pins the channels. One registration makes every part of chanprune handle it.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ class ChannelScale(nn.Module):
         self.bias = nn.Parameter(torch.randn(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
 
 
 class Net(nn.Module):
@@ -71,7 +70,7 @@ def conv1_group(model: nn.Module):  # type: ignore[no-untyped-def]
 def test_unregistered_layer_pins_its_channels(table: None) -> None:
     torch.manual_seed(0)
     _, group = conv1_group(Net().eval())
-    assert not group.prunable and "fixed per-channel tensor" in (group.reason or "")
+    assert not group.prunable and "unsupported op addcmul" in (group.reason or "")
 
 
 def test_registered_layer_is_pruned_verified_and_saved(table: None) -> None:
@@ -126,6 +125,33 @@ def test_registered_layer_is_a_gate_point_for_data_driven_criteria(table: None) 
     data = [(torch.randn(4, *SHAPE), torch.randint(0, 4, (4,))) for _ in range(2)]
     scores = get_criterion("taylor").score(model, graph, data, torch.device("cpu"))
     assert scores[group.id].shape == (8,) and torch.isfinite(scores[group.id]).all()
+
+
+def test_per_channel_parameters_of_any_module_are_sliced_without_a_rule() -> None:
+    # A layer scale / bias written with plain elementwise ops: the parameter's entries follow
+    # the channels they meet (slot kind "tensor:ATTR:DIM"), no registration needed.
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gamma = nn.Parameter(torch.randn(8, 1, 1))
+            self.shift = nn.Parameter(torch.randn(8))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.gamma * self.conv(x) + self.shift.view(1, -1, 1, 1)
+            return self.head(torch.sigmoid(y))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    graph = build_graph(model, SHAPE)
+    group = next(g for g in graph.groups if g.name == "conv")
+    assert group.prunable
+    plan = {group.id: [2, 5]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert pruned.gamma.shape == (6, 1, 1) and pruned.shift.shape == (6,) and pruned.head.in_channels == 6
+    assert verify(model, graph, plan, pruned, SHAPE).passed
 
 
 def test_rules_follow_the_class_hierarchy_and_registration_replaces(table: None) -> None:

@@ -741,3 +741,36 @@ def test_encoder_decoder_with_dict_output() -> None:
     assert p.dec.in_channels == 3 + 3 + 4
     assert (p.up.in_channels, p.up.out_channels) == (4, 3)
     assert p.head.in_channels == p.aux.in_channels == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# verification itself
+# ------------------------------------------------------------------------------------------------
+
+
+class _TwoStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv1(x))
+        y += 1.0  # in place, after a module: what a layer produced must be kept as it was
+        return self.head(torch.relu(self.conv2(y)))
+
+
+def test_verify_checks_every_kept_layer_and_names_the_first_wrong_one() -> None:
+    model = randomize(_TwoStage())
+    graph = build_graph(model, (3, 6, 6))
+    plan = {group_of(graph, "conv1").id: [1, 4]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    good = verify(model, graph, plan, pruned, (3, 6, 6))
+    assert good.passed and good.layers_compared >= 2 and good.worst_layer is None
+    with torch.no_grad():
+        pruned.conv2.weight[0, 0] += 1.0  # a wrong slice would look like this
+    bad = verify(model, graph, plan, pruned, (3, 6, 6))
+    assert not bad.passed and bad.worst_layer == "conv2"

@@ -73,21 +73,57 @@ class ReshapeModuleRule(LayerRule):
 
 
 class LayerNormRule(LayerRule):
-    """Normalises over its trailing axes: removing a channel there changes the statistics."""
+    """Normalises over its trailing axes: removing a channel there changes the statistics, so
+    those channels are pinned, unless `TraceOptions.through_layernorm` makes a LayerNorm over one
+    channel axis (normalized_shape (C,)) a per-channel member whose removals are approximate.
+
+    `channels_first`: the layer normalises axis 1 of an NCHW tensor (ConvNeXt's LayerNorm2d,
+    which permutes around `F.layer_norm` itself); else the trailing axes, as nn.LayerNorm does."""
 
     shape_attrs = ("normalized_shape",)
+    gates_channels = True  # its bias re-creates a constant channel from a zero input
+
+    def __init__(self, channels_first: bool = False) -> None:
+        self.channels_first = channels_first
+
+    def _axis(self, x: torch.Tensor) -> int:
+        return 1 if self.channels_first else x.dim() - 1
 
     def trace(self, call: ModuleCall) -> bool:
         m, x = call.module, call.x
         if x is None:
             return False
-        normalized = range(x.dim() - len(m.normalized_shape), x.dim())
-        if any(a in normalized for a in call.varying_axes(x)):
+        axis = self._axis(x)
+        normalized = [axis] if self.channels_first else range(x.dim() - len(m.normalized_shape), x.dim())
+        varying = call.varying_axes(x)
+        if not any(a in normalized for a in varying):
+            call.set_output(x)
+        elif call.options.through_layernorm and len(m.normalized_shape) == 1 and varying == [axis]:
+            vec = call.channel_vector(x, axis)
+            ids = [call.new_slot("norm", c) for c in range(len(vec))]
+            for sid, i in zip(ids, vec.tolist()):
+                call.link(sid, i)
+            call.approximate(ids, f"LayerNorm {call.name} normalises over these channels")
+            call.set_output(x)
+        else:
             call.pin_inputs(f"LayerNorm {call.name} normalises over channels (removing one changes its statistics)")
             call.set_output(None)
-        else:
-            call.set_output(x)
         return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        keep = keep_indices(module.normalized_shape[0], drop.get("norm", set()))
+        select(module, "weight", 0, keep)
+        select(module, "bias", 0, keep)
+        module.normalized_shape = (len(keep),)
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        zero_rows(module, sorted(drop.get("norm", set())))
+
+    def output_axis(self, module: nn.Module) -> int:
+        return 1 if self.channels_first else -1
+
+    def output_width(self, module: nn.Module) -> int:
+        return int(module.normalized_shape[-1])
 
     def describe(self, module: nn.Module) -> LayerShape | None:
         shape = module.normalized_shape  # channels are its first dim
@@ -477,6 +513,7 @@ class OptionAShortcutRule(LayerRule):
 
 
 def register_builtins() -> None:
+    from torchvision.models.convnext import LayerNorm2d
     from torchvision.ops import FrozenBatchNorm2d
 
     from ..models import OptionAShortcut
@@ -518,6 +555,7 @@ def register_builtins() -> None:
     # torchvision's detection backbones freeze their BatchNorms as x * scale + shift from buffers:
     # traced through, those buffers look like fixed per-channel tensors and pin every channel.
     register_layer_rule(FrozenBatchNorm2d, NormRule(folds_producer=True, size_attr=None))
+    register_layer_rule(LayerNorm2d, LayerNormRule(channels_first=True))  # ConvNeXt: channels-first LayerNorm
     register_layer_rule(OptionAShortcut, OptionAShortcutRule())
     mark_builtins()
 

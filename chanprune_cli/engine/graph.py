@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from torchvision.ops import stochastic_depth
 
 from ..errors import UserError
 from .recording import Shape, record, summarize
-from .layer_rules import PRODUCER_KINDS, UNTRACKED, ModuleCost, Slot, is_registered_leaf, rule_for
+from .layer_rules import PRODUCER_KINDS, UNTRACKED, ModuleCost, Slot, TraceOptions, is_registered_leaf, rule_for
 
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
@@ -87,6 +87,7 @@ class ChannelGroup:
     members: list[str]
     classes: list[list[Slot]]
     pinned: dict[int, str] = field(default_factory=dict)  # class index -> why it must stay
+    approximate: dict[int, str] = field(default_factory=dict)  # class index -> why removing it is not exact
 
     @property
     def channels(self) -> int:
@@ -125,6 +126,11 @@ class ChannelGraph:
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    def approximations(self, plan: Mapping[int, Sequence[int]]) -> list[str]:
+        """Why removing the planned channels is not exact (empty: the plan is proven by verify)."""
+        by_id = {g.id: g for g in self.groups}
+        return sorted({by_id[gid].approximate[c] for gid, cs in plan.items() for c in cs if c in by_id[gid].approximate})
+
 
 class _UnionFind:
     def __init__(self) -> None:
@@ -132,6 +138,7 @@ class _UnionFind:
         self.slot_of: list[Slot | None] = []
         self.id_of: dict[Slot, int] = {}
         self.pin_reason: dict[int, str] = {}
+        self.approx_reason: dict[int, str] = {}
 
     def new(self, slot: Slot | None = None) -> int:
         if slot is not None and slot in self.id_of:
@@ -181,6 +188,10 @@ class _UnionFind:
             width = int(b.max()) + 1
             for key in (a * width + b).unique().tolist():
                 self.union(key // width, key % width)
+
+    def approximate(self, ids: Iterable[int], reason: str) -> None:
+        for i in ids:
+            self.approx_reason.setdefault(i, reason)
 
     def pin(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:
         values = _unique_ids(ids).tolist() if isinstance(ids, torch.Tensor) else set(ids)
@@ -266,7 +277,8 @@ class _Propagator:
     """Walks one traced graph, replaying channel-mixing ops on label tensors."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any], uf: _UnionFind,
-                 costs: dict[str, ModuleCost], unfollowed: list[str]) -> None:
+                 costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions) -> None:
+        self.options = options
         self.graph = graph
         self.modules = modules
         self.values = values
@@ -430,10 +442,12 @@ class _Propagator:
             self._untracked_output(node)
 
     def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> None:
-        """Elementwise op: ids meeting at one position are unioned; a tracked channel meeting a
-        fixed per-channel tensor is pinned (that tensor cannot be sliced)."""
-        labs = [self._label(a) for a in (*node.args, *node.kwargs.values())]
-        labs = [t for t in labs if t is not None]
+        """Elementwise op: ids meeting at one position are unioned. A tracked channel meeting a
+        fixed per-channel tensor is pinned (that tensor cannot be sliced), unless the tensor is a
+        module's parameter or buffer varying along the channel axis only (a layer scale, a
+        per-channel bias): then its entries are slots of the channels they meet."""
+        operands = [(a, lab) for a in (*node.args, *node.kwargs.values()) if (lab := self._label(a)) is not None]
+        labs = [lab for _, lab in operands]
         full = [t.expand(shape) if t.dim() == len(shape) else t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)).expand(shape) for t in labs]
         # Perf: work on the axes some operand really has in memory (labels are mostly broadcast
         # vectors) and broadcast the result back; the where/compare calls materialised full-size
@@ -443,7 +457,7 @@ class _Propagator:
                 full = [f.narrow(axis, 0, 1) for f in full]
         tracked = [f for f in full if bool((f >= 0).any())]
         base = tracked[0]
-        for other, orig in zip(full, labs):
+        for other, (arg, orig) in zip(full, operands):
             if other is base:
                 continue
             self.uf.union_pairs(base, other)
@@ -451,7 +465,7 @@ class _Propagator:
             if bool(((other < 0) & (base >= 0)).any()) or bool(((base < 0) & (other >= 0)).any()):
                 aligned = (1,) * (len(shape) - orig.dim()) + tuple(orig.shape)
                 axes = set(_varying_axes(base)) | set(_varying_axes(other))
-                if any(aligned[a] > 1 for a in axes):
+                if any(aligned[a] > 1 for a in axes) and not self._tensor_slots(arg, aligned, base):
                     mixed = torch.where(base >= 0, base, other)
                     bad = mixed[((other < 0) & (base >= 0)) | ((base < 0) & (other >= 0))]
                     reason = f"{node.name} combines channels with a fixed per-channel tensor"
@@ -461,6 +475,25 @@ class _Propagator:
         for other in tracked[1:]:
             merged = torch.where(merged >= 0, merged, other)
         self.labels[node] = merged.expand(shape)
+
+    def _tensor_slots(self, arg: Any, aligned: tuple[int, ...], tracked: torch.Tensor) -> bool:
+        """Link the entries of a module's parameter/buffer (reached from `arg` through reshapes)
+        to the channels they meet, when both vary along one and the same axis only; slot kind
+        "tensor:ATTR:DIM" on the owning module (surgery slices ATTR along DIM)."""
+        origin = _tensor_origin(arg, self.modules)
+        varying = _varying_axes(tracked)
+        if origin is None or len(varying) != 1:
+            return False
+        owner, attr, tensor = origin
+        axis = varying[0]
+        dims = [d for d, n in enumerate(tensor.shape) if n > 1]
+        if [a for a, n in enumerate(aligned) if n > 1] != [axis] or len(dims) != 1 or tensor.shape[dims[0]] != aligned[axis]:
+            return False
+        index: list[Any] = [0] * tracked.dim()
+        index[axis] = slice(None)
+        for c, i in enumerate(tracked[tuple(index)].tolist()):
+            self._link(self.uf.new((owner, f"tensor:{attr}:{dims[0]}", c)), i)
+        return True
 
     def _reduction(self, node: fx.Node, shape: tuple[int, ...] | None) -> None:
         x = self._label(node.args[0])
@@ -632,6 +665,7 @@ class _Call:
         self.module = module
         self.x = propagator._label(node.args[0]) if node.args else None
         self.shape = propagator._out_shape(node)
+        self.options = propagator.options
 
     def set_output(self, label: Any) -> None:
         self._p.labels[self.node] = label
@@ -654,6 +688,9 @@ class _Call:
     def pin_inputs(self, reason: str) -> None:
         self._p._pin_inputs(self.node, reason)
 
+    def approximate(self, ids: torch.Tensor | Sequence[int], reason: str) -> None:
+        self._p.uf.approximate(ids.tolist() if isinstance(ids, torch.Tensor) else ids, reason)
+
     def varying_axes(self, label: torch.Tensor) -> list[int]:
         return _varying_axes(label)
 
@@ -668,8 +705,26 @@ class _Call:
         self._p._structural(self.node, fn, literal_sizes=literal_sizes)
 
 
+_VIEWS_OF_A_TENSOR = {"view", "reshape", "unsqueeze", "expand", "expand_as", "to", "type_as", "contiguous", "float",
+                      "double", "half", "bfloat16", torch.reshape, torch.unsqueeze}
+
+
+def _tensor_origin(arg: Any, modules: dict[str, nn.Module]) -> tuple[str, str, torch.Tensor] | None:
+    """(owning module, attribute, tensor) when `arg` is a module's parameter or buffer, possibly
+    reshaped or cast; None otherwise."""
+    while isinstance(arg, fx.Node) and arg.op in ("call_method", "call_function") and arg.target in _VIEWS_OF_A_TENSOR:
+        arg = arg.args[0] if arg.args else None
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    owner, _, attr = str(arg.target).rpartition(".")
+    module = modules.get(owner)
+    # registered parameters and buffers only: tensors a forward creates are constants of the trace
+    tensor = module._parameters.get(attr, module._buffers.get(attr)) if module is not None else None
+    return (owner, attr, tensor) if isinstance(tensor, torch.Tensor) else None
+
+
 def _run_mode(model: nn.Module, example: Any, train: bool, uf: _UnionFind,
-              costs: dict[str, ModuleCost], unfollowed: list[str]) -> str:
+              costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions) -> str:
     """Trace `model` in one mode and propagate channel ids; returns how it was traced: "fx"
     (symbolic) or "recorded" (one real forward, for models torch.fx cannot trace)."""
     subject = copy.deepcopy(model) if train else model  # train mode updates BN statistics
@@ -680,22 +735,23 @@ def _run_mode(model: nn.Module, example: Any, train: bool, uf: _UnionFind,
             gm = trace(subject)
         except Exception:  # noqa: BLE001  (control flow, iterated proxies, ...: record a real run instead)
             recording = record(subject, example, _Tracer().is_leaf_module)
-            _Propagator(recording.graph, dict(subject.named_modules()), recording.values, uf, costs, unfollowed).run()
+            _Propagator(recording.graph, dict(subject.named_modules()), recording.values, uf, costs, unfollowed, options).run()
             return "recorded"
         interpreter = _ShapeInterpreter(gm)
         with torch.no_grad():
             interpreter.run(example)
-        _Propagator(gm.graph, dict(gm.named_modules()), interpreter.values, uf, costs, unfollowed).run()
+        _Propagator(gm.graph, dict(subject.named_modules()), interpreter.values, uf, costs, unfollowed, options).run()
         return "fx"
     finally:
         subject.train(was_training)
 
 
 def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[str] = (),
-                train_mode: bool = True) -> ChannelGraph:
+                train_mode: bool = True, through_layernorm: bool = False) -> ChannelGraph:
     """Trace `model` (eval, and train mode unless disabled) and return its channel groups.
 
     `ignore`: glob patterns of module names whose channels must not be removed.
+    `through_layernorm`: see `layer_rules.TraceOptions` (removals behind a LayerNorm are approximate).
     Raises UserError when the model cannot be traced or run on `input_shape`.
     """
     uf = _UnionFind()
@@ -706,10 +762,11 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[s
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    options = TraceOptions(through_layernorm=through_layernorm)
     tracings = []
     for train in ((False, True) if train_mode else (False,)):
         try:
-            tracings.append(_run_mode(model, example, train, uf, costs, unfollowed))
+            tracings.append(_run_mode(model, example, train, uf, costs, unfollowed, options))
         except Exception as exc:
             what = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             if not train:
@@ -726,12 +783,15 @@ def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCos
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     classes: dict[int, list[Slot]] = {}
     pins: dict[int, str] = {}
+    approx: dict[int, str] = {}
     for sid, slot in enumerate(uf.slot_of):
         root = uf.find(sid)
         if slot is not None:
             classes.setdefault(root, []).append(slot)
         if sid in uf.pin_reason:
             pins.setdefault(root, uf.pin_reason[sid])
+        if sid in uf.approx_reason:
+            approx.setdefault(root, uf.approx_reason[sid])
     units = {r: s for r, s in classes.items() if any(k in PRODUCER_KINDS for _, k, _ in s)}
 
     # Layer-level groups: classes that share a producer module belong together.
@@ -767,7 +827,9 @@ def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCos
         for i, slots in enumerate(cls):
             if i not in pinned and any(fnmatch.fnmatchcase(m, pat) for m, k, _ in slots if k in PRODUCER_KINDS for pat in ignore):
                 pinned[i] = "ignored by --ignore"
-        groups.append(ChannelGroup(id=len(groups), name=head, members=members, classes=cls, pinned=pinned))
+        approximate = {i: approx[r] for i, r in enumerate(roots) if r in approx}
+        groups.append(ChannelGroup(id=len(groups), name=head, members=members, classes=cls, pinned=pinned,
+                                   approximate=approximate))
     return ChannelGraph(groups=groups, costs=costs, input_shape=tuple(input_shape),
                         unfollowed=sorted(set(unfollowed)))
 

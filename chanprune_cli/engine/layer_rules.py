@@ -68,6 +68,17 @@ class LayerShape:
     groups: int = 1
 
 
+@dataclass(frozen=True)
+class TraceOptions:
+    """Choices that change what the graph may remove.
+
+    `through_layernorm`: channels normalised together by a LayerNorm become removable; the pruned
+    model then differs from the masked original (the statistics change), so such removals are
+    *approximate*: measured and reported, not proven."""
+
+    through_layernorm: bool = False
+
+
 class ModuleCall(Protocol):
     """One call of a leaf module in the traced graph, as a rule's `trace` sees it.
 
@@ -79,6 +90,7 @@ class ModuleCall(Protocol):
     node: fx.Node
     x: torch.Tensor | None
     shape: tuple[int, ...] | None
+    options: TraceOptions
 
     def set_output(self, label: Any) -> None: ...
     def channel_vector(self, label: torch.Tensor, axis: int) -> torch.Tensor: ...
@@ -87,6 +99,7 @@ class ModuleCall(Protocol):
     def link(self, slot_id: int, label: int) -> None: ...
     def pin(self, ids: torch.Tensor | Sequence[int], reason: str) -> None: ...
     def pin_inputs(self, reason: str) -> None: ...
+    def approximate(self, ids: torch.Tensor | Sequence[int], reason: str) -> None: ...
     def varying_axes(self, label: torch.Tensor) -> list[int]: ...
     def broadcast(self, vec: torch.Tensor, axis: int) -> torch.Tensor: ...
     def add_cost(self, cost: ModuleCost) -> None: ...

@@ -71,6 +71,9 @@ class _Recorder(TorchFunctionMode):
         self.graph = fx.Graph()
         self.values: dict[fx.Node, Any] = {}
         self.names = {id(m): name for name, m in root.named_modules()}
+        # parameters and buffers keep their names (get_attr targets), so the propagator can find
+        # the module that owns a per-channel tensor
+        self.tensor_names = {id(t): name for name, t in [*root.named_parameters(), *root.named_buffers()]}
         self.is_leaf = is_leaf
         self.node_of: dict[int, fx.Node] = {}
         self.alive: list[Any] = []  # every bound tensor stays alive, so ids are never reused
@@ -87,7 +90,8 @@ class _Recorder(TorchFunctionMode):
             node = self.node_of.get(id(value))
             if node is None:
                 self.constants += 1
-                node = self.graph.create_node("get_attr", f"_constant_{self.constants}", (), {})
+                target = self.tensor_names.get(id(value), f"_constant_{self.constants}")
+                node = self.graph.create_node("get_attr", target, (), {})
                 self._bind(value, node)
             return node
         if isinstance(value, (tuple, list)):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ChanpruneError, UserError
 from .graph import ChannelGraph, Slot
-from .layer_rules import LayerRule, rule_for
+from .layer_rules import LayerRule, keep_indices, rule_for, select
 
 Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
 
@@ -53,6 +53,19 @@ def removals(graph: ChannelGraph, plan: Plan) -> dict[str, dict[str, set[int]]]:
     return out
 
 
+def _split_tensor_slots(drop: Mapping[str, set[int]]) -> tuple[dict[tuple[str, int], set[int]], dict[str, set[int]]]:
+    """Slots on a module's own parameters/buffers ("tensor:ATTR:DIM", see the graph's per-channel
+    tensors) apart from the slots its layer rule handles."""
+    tensors, rest = {}, {}
+    for kind, indices in drop.items():
+        if kind.startswith("tensor:"):
+            _, attr, dim = kind.split(":")
+            tensors[(attr, int(dim))] = indices
+        else:
+            rest[kind] = indices
+    return tensors, rest
+
+
 def _rule(name: str, module: nn.Module) -> LayerRule:
     rule = rule_for(module)
     if rule is None:
@@ -67,14 +80,17 @@ def prune_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
     # A plan may keep channels in a group yet empty one of its layers (the option-A stage chain can
     # rank all 16 stage-1 classes lowest): refuse before touching the model.
     for name, drop in drops.items():
-        rule = _rule(name, modules[name])
         for kind in ("out", "dw"):
-            width = rule.producer_width(modules[name], kind) if drop.get(kind) else None
+            width = _rule(name, modules[name]).producer_width(modules[name], kind) if drop.get(kind) else None
             if width is not None and len(drop[kind]) >= width:
                 raise UserError(f"the plan removes all {width} output channels of {name}; keep at least one "
                                 "(the allocator's per-layer floor, --min-keep, does this)")
     for name, drop in drops.items():
-        _rule(name, modules[name]).prune(modules[name], drop)
+        tensors, rest = _split_tensor_slots(drop)
+        for (attr, dim), indices in tensors.items():
+            select(modules[name], attr, dim, keep_indices(getattr(modules[name], attr).shape[dim], indices))
+        if rest:
+            _rule(name, modules[name]).prune(modules[name], rest)
 
 
 @torch.no_grad()
@@ -85,7 +101,10 @@ def mask_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
     for name, drop in removals(graph, plan).items():
         # Producers, norm entries *and* the consumers' inputs: a removed channel need not be zero
         # where it is consumed (sigmoid(0) = 0.5, an affine-free BatchNorm gives -mean/std).
-        _rule(name, modules[name]).mask(modules[name], drop)
+        # Per-channel tensors stay: the consumers' zeroed inputs already cut what they add.
+        rest = _split_tensor_slots(drop)[1]
+        if rest:
+            _rule(name, modules[name]).mask(modules[name], rest)
 
 
 @torch.no_grad()
@@ -96,7 +115,9 @@ def zero_producers(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
     still receive gradients and can recover (soft filter pruning)."""
     modules = dict(model.named_modules())
     for name, drop in removals(graph, plan).items():
-        _rule(name, modules[name]).zero_producers(modules[name], drop)
+        rest = _split_tensor_slots(drop)[1]
+        if rest:
+            _rule(name, modules[name]).zero_producers(modules[name], rest)
 
 
 def _flatten_outputs(value: Any) -> list[torch.Tensor]:
@@ -155,7 +176,8 @@ class _LayerCheck:
 
     def _recorder(self, name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            self.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else None)
+            # a copy: later in-place ops (`x += y` after a module) must not change what was seen
+            self.outputs.setdefault(name, []).append(output.clone() if isinstance(output, torch.Tensor) else None)
         return hook
 
     def _substitute(self, name: str) -> Any:
@@ -170,7 +192,7 @@ class _LayerCheck:
             excess = diff / _tolerance(ref, self.rtol)
             if excess > 1 and (self.worst is None or excess > self.worst[0]):
                 self.worst = (excess, name)
-            return ref
+            return ref.clone()
         return hook
 
 
