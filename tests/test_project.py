@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +182,24 @@ def test_init_writes_a_commented_file_that_the_commands_accept(project: Path) ->
     assert cli("init", "--force").exit_code == 0
 
 
+def test_init_keeps_training_and_evaluation_data_apart(project: Path) -> None:
+    common = ("init", "--checkpoint", "ckpt.pt", "--arch", "digits_cnn", "--data", "digits:train")
+    refused = cli(*common, "--max-acc-drop", "1")  # a gate on the training images would pass too easily
+    assert refused.exit_code == 2 and "give them with --val-data" in refused.stderr
+    assert not (project / "chanprune.toml").exists()
+
+    assert cli(*common, "--val-data", "digits:test", "--max-acc-drop", "1").exit_code == 0
+    got = {name: settings_of(json_of(cli("config", name, "--json", "-")), name)
+           for name in ("analyze", "score", "prune", "finetune", "bench")}
+    assert [got[name]["data"][0] for name in ("score", "prune", "finetune")] == ["digits:train"] * 3
+    assert [got[name]["data"][0] for name in ("analyze", "bench")] == ["digits:test"] * 2
+    assert got["prune"]["val_data"][0] == got["finetune"]["val_data"][0] == "digits:test"
+
+    assert cli(*common, "--force").exit_code == 0  # no evaluation data: nothing evaluates on the training images
+    got = {name: settings_of(json_of(cli("config", name, "--json", "-")), name) for name in ("analyze", "bench")}
+    assert got["analyze"]["data"][0] is None and got["bench"]["data"][0] is None
+
+
 def test_shell_completion_of_commands_and_options(project: Path) -> None:
     env = {**os.environ, "_CHANPRUNE_COMPLETE": "complete_bash", "COMP_WORDS": "chanprune prune --rat", "COMP_CWORD": "2"}
     script = [sys.executable, "-c", "import sys; from chanprune_cli.cli import main; sys.exit(main())"]
@@ -244,14 +264,109 @@ def test_run_resumes_after_a_failure(project: Path) -> None:
     assert status["prune"] == status["finetune"] == status["bench"] == "ran"
 
 
-def test_run_gate_failure_exits_3_and_keeps_the_report(project: Path) -> None:
+def test_run_gate_failure_exits_3_and_keeps_the_reports(project: Path) -> None:
     (project / "pipe.toml").write_text(PIPELINE.format(finetune_data="digits:train")
-                                       + "min_speedup = 1000\n" + '[run]\nstages = ["prune", "bench"]\n')
-    result = cli("run", "pipe.toml", "--dir", "out")
+                                       + "min_speedup = 1000\n" + '[run]\nstages = ["score", "prune", "bench"]\n')
+    result = cli("run", "pipe.toml", "--dir", "out", "--json", "out/summary.json")
     assert result.exit_code == 3, result.output
     gates = json.loads((project / "out" / "bench.json").read_text())["gates"]
     assert [g["passed"] for g in gates] == [False]
     assert "bench" not in json.loads((project / "out" / "run.json").read_text())["stages"]
+    # the run summary is written too: a CI job that fails on a gate still has it as an artifact
+    summary = json.loads((project / "out" / "summary.json").read_text())
+    assert summary["passed"] is False
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("score", "ran"), ("prune", "ran"), ("bench", "failed")]
+    assert "--min-speedup 1000" in summary["stages"][-1]["error"]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 gate(s) failed")
+
+
+def test_run_makes_the_run_directory_its_summary_goes_in(project: Path) -> None:
+    """The README's CI line on a fresh runner: --json names a file in the --dir the run creates."""
+    (project / "pipe.toml").write_text(PIPELINE.format(finetune_data="digits:train") + '[run]\nstages = ["score", "prune"]\n')
+    result = cli("run", "pipe.toml", "--dir", "build/compress", "--json", "build/compress/summary.json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / "build" / "compress" / "summary.json").read_text())
+    assert summary["passed"] is True and [s["status"] for s in summary["stages"]] == ["ran", "ran"]
+
+    # elsewhere the folder must exist, and the summary must not replace a stage's report or the run state
+    for json_out, fragment in (("missing/summary.json", "missing does not exist"),
+                               ("fresh/prune.json", "both name fresh/prune.json"),
+                               ("fresh/run.json", "both name fresh/run.json")):
+        failed = cli("run", "pipe.toml", "--dir", "fresh", "--json", json_out)
+        assert failed.exit_code == 2 and fragment in failed.stderr, failed.output
+        assert not (project / "fresh").exists() and not (project / "missing").exists()
+
+
+def test_stage_banners_are_commands_that_do_the_same(project: Path) -> None:
+    """Every option a stage gets from the config is in its banner, quoted: pasted into a shell
+    (no config file involved), the command writes the same bytes."""
+    (project / "pipe.toml").write_text('checkpoint = "ckpt.pt"\narch = "digits_cnn"\ndata = "digits:train"\nmean = 0.5\n'
+                                       'std = 0.5\nseed = 3\n[score]\ncriterion = "fpgm"\n[prune]\nratio = 0.5\nround_to = 4\n'
+                                       'min_keep = 0.25\n[run]\nstages = ["score", "prune"]\n')
+    result = cli("run", "pipe.toml", "--dir", "out dir")
+    assert result.exit_code == 0, result.output
+    banners = {m.group(1): m.group(2) for m in re.finditer(r"^\[\d/2\] (\w+): (.*)$", result.stdout, re.MULTILINE)}
+    assert set(banners) == {"score", "prune"}
+    assert "'out dir/scores.safetensors'" in banners["score"] and "--criterion fpgm" in banners["score"]
+    assert "--round-to 4" in banners["prune"] and "--min-keep 0.25" in banners["prune"]
+    for name, output in (("score", "scores.safetensors"), ("prune", "pruned.safetensors")):
+        made = (project / "out dir" / output).read_bytes()
+        (project / "out dir" / output).unlink()
+        argv = shlex.split(banners[name])
+        assert argv[:2] == ["chanprune", name]
+        again = cli(*argv[1:])
+        assert again.exit_code == 0, again.output
+        assert (project / "out dir" / output).read_bytes() == made, name
+
+
+# Sends the process a real SIGINT while training step N+1 runs: the trainer finishes the step,
+# saves its state and stops, as after a Ctrl-C at that moment.
+CTRL_C_DURING_STEP = """
+import os, signal, sys
+from chanprune_cli.cli import main
+from chanprune_cli.train.trainer import Trainer
+
+step = Trainer._train_step
+
+def interrupted_step(self, *args):
+    if self.step == {n}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(self, *args)
+
+Trainer._train_step = interrupted_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_run_interrupted_in_finetune_resumes_it(project: Path) -> None:
+    (project / "pipe.toml").write_text(PIPELINE.format(finetune_data="digits:train").replace(
+        "max_steps = 3", "max_steps = 8\nnesterov = false") + '[run]\nstages = ["score", "prune", "finetune"]\n')
+    (project / "ctrl_c.py").write_text(CTRL_C_DURING_STEP.format(n=2))
+    env = {k: v for k, v in os.environ.items() if k not in ("CHANPRUNE_DEBUG", "CHANPRUNE_NO_PROJECT_CONFIG")}
+    stopped = subprocess.run([sys.executable, "ctrl_c.py", "run", "pipe.toml", "--dir", "out", "--rerun"],
+                             capture_output=True, text=True, cwd=project, env=env, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    hint = next(line for line in stopped.stderr.splitlines() if "to continue, type:" in line)
+    assert "type: chanprune run pipe.toml --dir out " in hint and "--rerun" not in hint  # --rerun would start over
+    state = project / "out" / "finetuned.state.pt"
+    assert state.is_file() and not (project / "out" / "finetuned.safetensors").exists()
+    saved = state.read_bytes()
+
+    resumed = cli("run", "pipe.toml", "--dir", "out")  # the same command, nothing added
+    assert resumed.exit_code == 0, resumed.output
+    banner = next(line for line in resumed.stdout.splitlines() if line.startswith("[3/3] finetune: "))
+    assert "--resume" in banner and "--no-nesterov" in banner
+    report = json.loads((project / "out" / "finetune.json").read_text())
+    assert report["resumed_from"] == 3 and report["steps"] == 8
+    assert not state.exists()
+
+    # a saved state from other settings is not continued: the stage starts over, and says so
+    state.write_bytes(saved)
+    restarted = cli("run", "pipe.toml", "--dir", "out", "--set", "finetune.lr=0.03")
+    assert restarted.exit_code == 0, restarted.output
+    assert "finetuned.state.pt is from a run with other inputs or settings; starting over" in restarted.stdout
+    assert json.loads((project / "out" / "finetune.json").read_text())["resumed_from"] is None
 
 
 def test_run_config_mistakes(project: Path) -> None:

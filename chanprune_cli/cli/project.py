@@ -13,7 +13,6 @@ from .options import (
     OUTPUT_PANEL,
     ArchKwargsOpt,
     ArchOpt,
-    DataOpt,
     DebugOpt,
     ForceOpt,
     InputShapeOpt,
@@ -81,21 +80,29 @@ TEMPLATE = """\
 {arch}
 {arch_kwargs}
 {input_shape}
-{data}                       # calibration data (score/prune); training data (finetune)
 # mean = [0.485, 0.456, 0.406]    # default: the data's own statistics (ImageNet for RGB images)
 # std = [0.229, 0.224, 0.225]
 # device = "auto"                 # auto | cpu | cuda
+# Data is set per table, never shared: training images for score, prune and finetune; held-out
+# images for analyze, validation and bench (accuracy measured on training images is too high).
+
+[analyze]
+{analyze_data}
 
 [score]
 {criterion}
+{score_data}
 # calib_batches = 20
 
 [prune]
 {amount}
-# round_to = 8                    # kept widths multiples of 8 (faster kernels)
+{prune_data}
 {val_data}
+# round_to = 8                    # kept widths multiples of 8 (faster kernels)
 
 [finetune]
+{finetune_data}
+{finetune_val_data}
 # epochs = 10
 # lr = 0.01
 
@@ -128,9 +135,9 @@ def _line(key: str, value: Any, example: str) -> str:
 @app.command(
     epilog=examples(
         ("a commented chanprune.toml to fill in", "chanprune init"),
-        ("set up a CI job in one line",
-         "chanprune init --checkpoint model.pt --arch torchvision:resnet18 --data data/train --criterion taylor "
-         "--target-flops 0.5 --max-acc-drop 1 && chanprune run chanprune.toml"),
+        ("set up a CI job in one line: train on data/train, gate top-1 on the held-out data/val",
+         "chanprune init --checkpoint model.pt --arch torchvision:resnet18 --data data/train --val-data data/val "
+         "--criterion taylor --target-flops 0.5 --max-acc-drop 1 && chanprune run chanprune.toml"),
     ),
 )
 def init(
@@ -138,8 +145,8 @@ def init(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: InputShapeOpt = None,
-    data: DataOpt = None,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Validation data (accuracy in prune and bench).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="TRAIN", help="Training data: [score], [prune] (BatchNorm re-estimation) and [finetune] data.", show_default=False)] = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Held-out evaluation data: [analyze] and [bench] data, [prune] and [finetune] val_data (needed by --max-acc-drop).", show_default=False)] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Criterion for [score].", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="[prune] ratio.", show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="[prune] target_flops.", show_default=False)] = None,
@@ -156,6 +163,9 @@ def init(
 
     if ratio is not None and target_flops is not None:
         raise UserError("give either --ratio or --target-flops, not both")
+    if max_acc_drop is not None and val_data is None:
+        raise UserError("--max-acc-drop measures top-1 on held-out images: give them with --val-data "
+                        "(the --data training images would overstate accuracy)")
     check_output(out, force)
     kwargs = None
     if arch_kwargs is not None:
@@ -175,10 +185,14 @@ def init(
         arch_kwargs="# arch_kwargs = { num_classes = 10 }" if kwargs is None
         else "arch_kwargs = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in kwargs.items()) + " }",
         input_shape=f"input_shape = {shape}" if shape else "# input_shape = [3, 224, 224]",
-        data=_line("data", data, '"data/train"'),
+        analyze_data=_line("data", val_data, '"data/val"                # top-1 of the original model'),
         criterion=_line("criterion", criterion if criterion is not None else "l1", '"l1"'),
+        score_data=_line("data", data, '"data/train"              # data-driven criteria (taylor, ...)'),
         amount=amount,
+        prune_data=_line("data", data, '"data/train"              # BatchNorm re-estimation'),
         val_data=_line("val_data", val_data, '"data/val"'),
+        finetune_data=_line("data", data, '"data/train"'),
+        finetune_val_data=_line("val_data", val_data, '"data/val"'),
         bench_data=_line("data", val_data, '"data/val"                # accuracy (needed by max_acc_drop)'),
         max_acc_drop=_line("max_acc_drop", max_acc_drop, "1.0                # exit 3 when top-1 drops more (points)"),
         min_speedup=_line("min_speedup", min_speedup, "1.3                 # exit 3 when less than 1.3x faster"),

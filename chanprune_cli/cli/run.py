@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,7 +13,7 @@ import typer
 
 from ..errors import UserError
 from .app import app
-from .configfiles import command_keys, config_files, invoke_command
+from .configfiles import check_settings, command_keys, config_files, invoke_command, option_args
 from .options import OUTPUT_PANEL, DebugOpt, JsonOpt, examples
 
 
@@ -31,16 +33,14 @@ def run(
     run_dir: Annotated[Optional[str], typer.Option("--dir", metavar="DIR", help="Run directory for every stage's output (default: [run] dir, else runs/CONFIG-STEM).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", metavar="A,B,..", help="Only these stages, e.g. score,prune (default: [run] stages, else analyze, score, prune, finetune and export when configured, bench).", show_default=False)] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set prune.ratio=0.3 or --set data=val/ (repeatable; highest precedence).", show_default=False)] = None,
-    rerun: Annotated[bool, typer.Option("--rerun", help="Run every stage even when its outputs are up to date.")] = False,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run every stage even when its outputs are up to date (an interrupted finetune starts over).")] = False,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run analyze → score → prune → finetune → export → bench from a config file; re-running resumes."""
     from ..project import pipeline
     from ..project.config import overrides, resolve
-    from ..recipes.steps import check_json_report
 
-    check_json_report(json_out, True)  # the summary is rewritten by every run; its folder must exist
     group = ctx.find_root().command
     keys = command_keys(group)
     files = config_files(group, config_path)
@@ -50,41 +50,107 @@ def run(
     settings = {name: {k: s.value for k, s in found.items()} for name, found in resolved.items()}
     run_table = resolve("run", files, keys)
     tables = {name for f in files for name in f.tables}
-    requested = stages.split(",") if stages is not None else run_table["stages"].value if "stages" in run_table else None
-    chosen = pipeline.choose_stages(requested, tables)
+    chosen = pipeline.choose_stages([s.strip() for s in stages.split(",")] if stages is not None
+                                    else _run_value(run_table, "stages"), tables)
     checkpoint = settings["analyze"].get("checkpoint")
     if not checkpoint:
         raise UserError(f"{config_path} names no checkpoint; add a top-level line like checkpoint = \"model.pt\"")
-    directory = Path(run_dir or (run_table["dir"].value if "dir" in run_table else Path("runs") / Path(config_path).stem))
+    configured_dir = _run_value(run_table, "dir")
+    directory = Path(run_dir or (configured_dir if configured_dir is not None else Path("runs") / Path(config_path).stem))
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"run directory {directory} is a file; give a folder with --dir")
+    for name in chosen:  # every value of every stage, before the first stage runs
+        check_settings(group.get_command(ctx.find_root(), name), resolved[name])
+    planned = pipeline.plan(chosen, str(checkpoint), directory, settings)
+    _check_summary_path(json_out, directory, planned)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    again = ["chanprune", "run", config_path, "--dir", str(directory),
+             *(["--stages", stages] if stages is not None else []),
+             *[a for text in assignments or [] for a in ("--set", text)], *(["--json", json_out] if json_out else [])]
     try:
-        _run_stages(ctx, config_path, chosen, checkpoint, directory, settings, resolved, rerun, json_out)
+        _run_stages(ctx, config_path, planned, directory, settings, resolved, rerun, json_out, shlex.join(again))
     except BaseException:
         if created and not any(directory.iterdir()):  # a run that failed before any output leaves nothing
             directory.rmdir()
         raise
 
 
-def _run_stages(ctx: typer.Context, config_path: str, chosen: list[str], checkpoint: Any, directory: Path,
-                settings: dict[str, dict[str, Any]], resolved: dict[str, Any], rerun: bool, json_out: str | None) -> None:
+def _run_value(table: dict[str, Any], key: str) -> Any:
+    """A [run] value (stages: a list of names or "a,b"; dir: a path), None when not set."""
+    if key not in table:
+        return None
+    setting = table[key]
+    value = setting.value
+    if key == "stages" and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    ok = isinstance(value, str) if key == "dir" else isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise UserError(f"{setting.typed(key)} = {value!r}: expected "
+                        + ("a folder name" if key == "dir" else "a list of stage names") + "; fix the value")
+    return value
+
+
+def _check_summary_path(json_out: str | None, directory: Path, planned: list[Any]) -> None:
+    """The summary (--json) is rewritten by every run; its folder must exist, or be the run directory
+    this run creates, and it must not be one of the stages' own outputs."""
+    from ..project.pipeline import RUN_STATE
+    from ..recipes.steps import check_distinct_outputs, check_json_report
+
+    if json_out is None or json_out == "-":
+        return
+    if not (os.path.abspath(Path(json_out).parent) == os.path.abspath(directory) and not directory.exists()):
+        check_json_report(json_out, True)
+    check_distinct_outputs(*[(f"the {s.name} stage's output", p) for s in planned for p in s.outputs],
+                           ("the run state", str(directory / RUN_STATE)), ("--json", json_out))
+
+
+def _run_stages(ctx: typer.Context, config_path: str, planned: list[Any], directory: Path,
+                settings: dict[str, dict[str, Any]], resolved: dict[str, Any], rerun: bool, json_out: str | None,
+                again: str) -> None:
+    from rich.text import Text
+
+    from ..errors import GateFailed
     from ..project import pipeline
     from ..report import json_document, make_console, render_run, write_json
 
     if rerun:
         (directory / pipeline.RUN_STATE).unlink(missing_ok=True)
-    planned = pipeline.plan(chosen, str(checkpoint), directory, settings)
     console = make_console(stderr=json_out == "-")
+    root = ctx.find_root()
+    current: list[Any] = []
 
     def say(line: str) -> None:
-        console.rule(f"[bold]{line}", align="left")
+        console.print(Text(line, style="bold"), soft_wrap=True)  # one line: the command must paste whole
+
+    def describe(stage: Any) -> str:
+        command = root.command.get_command(root, stage.name)
+        return shlex.join(["chanprune", stage.name, *stage.args, *option_args(command, stage.args, resolved[stage.name])])
+
+    def run_stage(stage: Any) -> None:
+        current[:] = [stage]
+        invoke_command(ctx, stage.name, stage.args, resolved[stage.name])
 
     # With --json -, stdout carries only the JSON document: the stages' tables go to stderr too.
     quiet = contextlib.redirect_stdout(sys.stderr) if json_out == "-" else contextlib.nullcontext()
-    with quiet:
-        results = pipeline.execute(planned, directory, settings, lambda s: invoke_command(ctx, s.name, s.args, resolved[s.name]), say)
+    try:
+        with quiet:
+            results = pipeline.execute(planned, directory, settings, run_stage, say, describe)
+    except (KeyboardInterrupt, typer.Exit) as stop:  # finetune ends a signal-stopped run with Exit(128 + signal)
+        if isinstance(stop, typer.Exit) and stop.exit_code == 0:
+            raise
+        stage = current[0] if current else None
+        resumable = stage is not None and stage.resumable is not None and os.path.exists(stage.resumable)
+        typer.echo(f"run stopped in stage {stage.name if stage else 'setup'}; to continue, type: {again}"
+                   + (f" (finished stages are skipped; {stage.name} resumes from {stage.resumable})" if resumable
+                      else " (finished stages are skipped)"), err=True)
+        raise
     render_run(results, directory, console)
+    failed = [r for r in results if r.status == "failed"]
     if json_out is not None:
-        body = {"config": config_path, "run_dir": str(directory),
-                "stages": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "outputs": r.outputs} for r in results]}
+        body = {"config": config_path, "run_dir": str(directory), "passed": not failed,
+                "stages": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "outputs": r.outputs,
+                            **({"error": r.error} if r.error is not None else {})} for r in results]}
         write_json(json_document("run", body, seed=None), json_out)
+    if failed:
+        raise GateFailed(failed[0].error or f"the {failed[0].name} stage failed")

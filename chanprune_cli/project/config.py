@@ -58,6 +58,14 @@ class ConfigFile:
 class Setting:
     value: Any
     source: str  # "flag", "default", or where in which file
+    origin: str = ""  # the file's label ("--set" for --set), "" for flags and defaults
+    table: str | None = None  # the command table the key sits in; None for a shared key
+
+    def typed(self, key: str) -> str:
+        """The key as the user wrote it: `--set bench.calib_batches`, `ci.toml [bench] calib_batches`."""
+        if self.origin == "--set":
+            return f"--set {self.table}.{key}" if self.table else f"--set {key}"
+        return f"{self.origin} [{self.table}] {key}" if self.table else f"{self.origin}: {key}"
 
 
 def normalise_key(key: str) -> str:
@@ -163,9 +171,9 @@ def resolve(command: str, files: list[ConfigFile], command_keys: Mapping[str, It
                                     f"use one of: {', '.join(sorted(accepted.get(name, ())))}")
         for key, value in f.shared.items():
             if key in accepted[command]:
-                settings[key] = Setting(value, f.label)
+                settings[key] = Setting(value, f.label, f.label)
         for key, value in f.tables.get(command, {}).items():
-            settings[key] = Setting(value, f"{f.label} [{command}]")
+            settings[key] = Setting(value, f"{f.label} [{command}]", f.label, command)
     return settings
 
 

@@ -5,7 +5,10 @@ rest of its options come from the config file like for a single command. A stage
 its outputs exist and its fingerprint (argument list, resolved settings, SHA-256 of its input
 files) equals the one recorded when it last succeeded, so re-running after a failure or an edit
 resumes where something changed. Outputs are written atomically by the commands themselves, so a
-failed stage leaves nothing that could be mistaken for a result.
+failed stage leaves nothing that could be mistaken for a result. A stage that stops with a
+resumable state (finetune: Ctrl-C, SIGTERM or an error mid-training) is recorded with its
+fingerprint, and the next run with the same fingerprint continues it (`--resume`) instead of
+starting over.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import GateFailed, UserError
 from ..support.fsutil import write_text_atomic
+from ..train.outputs import OutputPaths
 
 STAGE_ORDER = ("analyze", "score", "prune", "finetune", "export", "bench")
 # Stages that need a table in the config to be meaningful (finetune needs training data, export a
@@ -36,14 +40,16 @@ class Stage:
     args: list[str]  # the subcommand's arguments (positional + options), as typed after `chanprune NAME`
     inputs: list[str]  # files whose content the stage depends on
     outputs: list[str]  # files the stage must leave behind
+    resumable: str | None = None  # the state file an interrupted run of the stage leaves (continued with --resume)
 
 
 @dataclass
 class StageResult:
     name: str
-    status: str  # "ran" | "skipped"
+    status: str  # "ran" | "skipped" | "failed" (its gates; the run then exits 3)
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+    error: str | None = None  # why it failed
 
 
 def choose_stages(requested: Sequence[str] | None, tables: Mapping[str, Any]) -> list[str]:
@@ -87,7 +93,8 @@ def plan(stages: Sequence[str], checkpoint: str, run_dir: Path, settings: Mappin
             model = pruned
         elif name == "finetune":
             tuned = str(d / "finetuned.safetensors")
-            out.append(Stage(name, [model, "--out", tuned, "--json", js, "--force"], [model], [tuned, js]))
+            out.append(Stage(name, [model, "--out", tuned, "--json", js, "--force"], [model], [tuned, js],
+                             resumable=str(OutputPaths.for_out(tuned).state)))
             model = tuned
         elif name == "export":
             fmt = str(given.get("format", "onnx"))
@@ -127,11 +134,15 @@ def read_run_state(run_dir: Path) -> dict[str, Any]:
 
 
 def execute(stages: Sequence[Stage], run_dir: Path, settings: Mapping[str, Mapping[str, Any]],
-            run_stage: Callable[[Stage], None], say: Callable[[str], None]) -> list[StageResult]:
+            run_stage: Callable[[Stage], None], say: Callable[[str], None],
+            describe: Callable[[Stage], str]) -> list[StageResult]:
     """Run the stages in order, skipping those that are up to date; the run state is saved after
-    every stage that succeeds, so a failure keeps the finished stages' records."""
+    every stage that succeeds, so a failure keeps the finished stages' records. `describe`: the
+    stage's command line, for its banner. A failed gate ends the run with a "failed" result (the
+    caller reports the run, then exits 3); any other failure propagates."""
     state = read_run_state(run_dir)
     done: dict[str, Any] = state.setdefault("stages", {})
+    interrupted: dict[str, Any] = state.setdefault("interrupted", {})
     results: list[StageResult] = []
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.name}"
@@ -141,18 +152,28 @@ def execute(stages: Sequence[Stage], run_dir: Path, settings: Mapping[str, Mappi
             say(f"{tag}: up to date, skipped")
             results.append(StageResult(stage.name, "skipped", outputs=stage.outputs))
             continue
-        say(f"{tag}: chanprune {stage.name} " + " ".join(_quoted(a) for a in stage.args))
+        invoked = stage
+        if stage.resumable is not None and os.path.exists(stage.resumable):
+            if interrupted.get(stage.name) == key:
+                invoked = replace(stage, args=[*stage.args, "--resume"])
+            else:  # its inputs or settings changed since: continuing would mix two runs
+                say(f"{tag}: {stage.resumable} is from a run with other inputs or settings; starting over")
+        say(f"{tag}: {describe(invoked)}")
         start = time.perf_counter()
-        run_stage(stage)
+        try:
+            run_stage(invoked)
+        except GateFailed as exc:
+            results.append(StageResult(stage.name, "failed", time.perf_counter() - start, stage.outputs, str(exc)))
+            return results
+        except BaseException:
+            if stage.resumable is not None and os.path.exists(stage.resumable):
+                interrupted[stage.name] = key
+                write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2) + "\n")
+            raise
         seconds = time.perf_counter() - start
+        interrupted.pop(stage.name, None)
         done[stage.name] = {"fingerprint": key, "outputs": stage.outputs, "seconds": round(seconds, 2),
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_text_atomic(run_dir / RUN_STATE, json.dumps(state, indent=2) + "\n")
         results.append(StageResult(stage.name, "ran", seconds, stage.outputs))
     return results
-
-
-def _quoted(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
