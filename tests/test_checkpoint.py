@@ -603,3 +603,20 @@ def test_shared_pretrained_checkpoints_load_strictly(filename: str, arch: str) -
     assert nonfinite_tensors(ckpt.model) == []
     with torch.no_grad():
         assert torch.isfinite(ckpt.model(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_state_dict_module_versions_survive_loading(tmp_path: Path) -> None:
+    # MNASNet's _load_from_state_dict refuses a missing module version; torch.save records the
+    # versions on the state dict (`_metadata`), and wrapped/prefixed copies lose them.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    plain, wrapped = tmp_path / "plain.pth", tmp_path / "wrapped.pth"
+    torch.save(model.state_dict(), plain)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, wrapped)
+    for path in (plain, wrapped):
+        loaded = load_checkpoint(path, arch="torchvision:mnasnet0_5").model
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x))

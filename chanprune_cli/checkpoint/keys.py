@@ -3,6 +3,7 @@ a shared first segment), describing what does not fit, and loading what does."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,18 @@ def _key_candidates(sd: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
 
     def renamed(rename: Any, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mapping = {rename(k): v for k, v in source.items()}
-        return mapping if len(mapping) == len(source) and all(mapping) else {}  # collisions: unusable
+        if len(mapping) != len(source) or not all(mapping):
+            return {}  # collisions: unusable
+        versions = module_versions(source)
+        # module versions are keyed by module prefix; rename them alike (a prefix that renames to
+        # nothing was the wrapper itself, the root)
+        return with_versions(mapping, {_renamed_prefix(rename, p): v for p, v in versions.items()})
 
     def drop_first(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         heads = {k.split(".", 1)[0] for k in source}
         if len(heads) != 1 or not all("." in k for k in source):
             return {}
-        return renamed(lambda k: k.split(".", 1)[1], source)
+        return renamed(lambda k: k.split(".", 1)[1] if "." in k else "", source)
 
     add(sd)
     add(renamed(_strip_segments, sd))
@@ -50,6 +56,28 @@ def _key_candidates(sd: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]
         if once:
             add(drop_first(once))
     return out
+
+
+def module_versions(sd: Any) -> dict[str, Any]:
+    """The module versions torch.save records with a state dict (`_metadata`), or {}."""
+    return dict(getattr(sd, "_metadata", None) or {})
+
+
+def with_versions(sd: dict[str, torch.Tensor], versions: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`sd` carrying `versions` as its `_metadata` (how load_state_dict reads them)."""
+    out: Any = OrderedDict(sd)
+    if versions:
+        out._metadata = versions
+    return out
+
+
+def _renamed_prefix(rename: Any, prefix: str) -> str:
+    if not prefix:
+        return prefix
+    try:
+        return rename(prefix)
+    except IndexError:
+        return ""
 
 
 def _match_keys(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
@@ -107,9 +135,12 @@ def attr_shape_problems(model: nn.Module) -> str | None:
 
 def load_into(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy a state dict that fits (see `fit_problems`) into `model`."""
-    model_keys = set(model.state_dict())
+    own = model.state_dict()
+    # Module versions: the file's where it recorded them, else the freshly built model's own
+    # (load_state_dict passes None for a module with no recorded version; MNASNet refuses that).
+    versions = {**module_versions(own), **module_versions(sd)}
     # Already checked by fit_problems; strict=False only tolerates the ignorable counters.
-    model.load_state_dict({k: v for k, v in sd.items() if k in model_keys}, strict=False)
+    model.load_state_dict(with_versions({k: v for k, v in sd.items() if k in own}, versions), strict=False)
 
 
 def fit_weights(model: nn.Module, sd: dict[str, torch.Tensor], p: Path, spec: ArchSpec) -> None:

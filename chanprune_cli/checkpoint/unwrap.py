@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .keys import module_versions, with_versions
 
 __all__ = ["find_module", "find_state_dict", "arch_hint"]
 
@@ -54,7 +55,7 @@ def find_state_dict(obj: Any, p: Path, depth: int = 0) -> dict[str, torch.Tensor
             if found is not None:
                 return found
     if _is_state_dict(obj):
-        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return with_versions({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, module_versions(obj))
     candidates = {}
     for key, value in obj.items():
         found = find_state_dict(value, p, depth + 1) if isinstance(value, Mapping) else None
