@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from chanprune_cli import data
+from chanprune_cli.cli import app
 from chanprune_cli.data import archive as data_archive
 from chanprune_cli.data import digits as data_digits
 from chanprune_cli.data import (
@@ -480,3 +485,150 @@ def test_shared_cifar10_test_archive(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert np.bincount(ds.targets).tolist() == [1000] * 10
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and y == 0
+
+
+# --------------------------------------------------------------------------- through the command line
+
+runner = CliRunner()
+
+
+def cli(*args: object) -> Any:
+    return runner.invoke(app, [str(a) for a in args], env={"CHANPRUNE_DEBUG": None})
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits_cnn trained for a few seconds (about 96 % on digits:test), as a state dict."""
+    from chanprune_cli.models import build_model, parse_arch
+    from chanprune_cli.train import TrainConfig, Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(parse_arch("digits_cnn"))
+        Trainer(model, open_dataset("digits:train", train=True),
+                TrainConfig(max_steps=80, lr=0.05, progress=False, save_every=None), device=torch.device("cpu")).fit()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("model") / "digits.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def _digit_images(digits: range) -> tuple[np.ndarray, np.ndarray]:
+    """The digits:test images of `digits` as uint8 8×8 arrays, and their labels."""
+    ds = open_dataset("digits:test")
+    keep = [i for i, t in enumerate(ds.targets) if t in digits]
+    images = (ds.images[keep].numpy() * 255).round().astype(np.uint8)
+    return images, np.asarray(ds.targets)[keep]
+
+
+def _digit_folder(root: Path, digits: range) -> Path:
+    images, labels = _digit_images(digits)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(root / str(label) / f"{i}.png")
+    return root
+
+
+def _digits_args(ckpt: Path, *extra: object) -> list[object]:
+    mean, std = data_digits.digits_stats()  # the normalisation digits_cnn was trained with
+    return ["analyze", ckpt, "--arch", "digits_cnn", "--mean", mean[0], "--std", std[0], "--json", "-", *extra]
+
+
+def _top1(result: Any) -> float:
+    assert result.exit_code == 0, result.stderr
+    return float(json.loads(result.stdout)["accuracy"]["top1"])
+
+
+def _warnings(result: Any) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_classes_label_a_subset_of_class_folders_by_name(tmp_path: Path, digits_model: Path) -> None:
+    """8 of 10 class folders: sorted-order labels would be shifted; --classes (or the class names a
+    fine-tuned checkpoint records) labels each folder as the model's output of that name."""
+    full = _digit_folder(tmp_path / "all", range(10))
+    part = _digit_folder(tmp_path / "part", range(2, 10))
+    reference = cli(*_digits_args(digits_model, "--data", full))
+    assert _top1(reference) > 90 and _warnings(reference) == []
+
+    shifted = cli(*_digits_args(digits_model, "--data", part))
+    assert _top1(shifted) < 30  # what an unmapped subset scores: labels 0-7 stand for digits 2-9
+    (line,) = _warnings(shifted)
+    assert "has 8 classes" in line and "outputs 10" in line and "--classes" in line
+
+    names = ",".join(str(d) for d in range(10))
+    mapped = cli(*_digits_args(digits_model, "--data", part, "--classes", names))
+    assert _top1(mapped) > 90 and _warnings(mapped) == []
+    (tmp_path / "names.txt").write_text("\n".join(names.split(",")) + "\n")
+    assert _top1(cli(*_digits_args(digits_model, "--data", part, "--classes", f"@{tmp_path / 'names.txt'}"))) == _top1(mapped)
+
+    # finetune records the class names of its data; later commands match folders to them unasked
+    tuned = tmp_path / "tuned.safetensors"
+    mean, std = data_digits.digits_stats()
+    ft = cli("finetune", digits_model, "--arch", "digits_cnn", "--data", full, "--mean", mean[0], "--std", std[0],
+             "--max-steps", "1", "--lr", "1e-6", "--batch-size", "8", "--no-augment", "--out", tuned)
+    assert ft.exit_code == 0, ft.stderr
+    recorded = cli("analyze", tuned, "--data", part, "--mean", mean[0], "--std", std[0], "--json", "-")
+    assert _top1(recorded) > 90 and _warnings(recorded) == []
+
+
+def test_numpy_arrays_as_data(tmp_path: Path, digits_model: Path) -> None:
+    images, labels = _digit_images(range(10))
+    np.savez(tmp_path / "digits.npz", images=images, labels=labels)
+    folder = cli(*_digits_args(digits_model, "--data", _digit_folder(tmp_path / "folder", range(10))))
+    arrays = cli(*_digits_args(digits_model, "--data", tmp_path / "digits.npz"))
+    assert _top1(arrays) == _top1(folder) and _warnings(arrays) == []  # the same pixels, the same answer
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((6, 16, 16, 3)) * 255).astype(np.uint8)
+    np.savez_compressed(tmp_path / "nhwc.npz", x=rgb, y=np.arange(6) % 3, classes=np.array(["cat", "dog", "emu"]))
+    np.savez(tmp_path / "nchw.npz", images=rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255, labels=np.arange(6) % 3)
+    np.save(tmp_path / "calib.npy", rgb[..., 0])
+    channels_last, channels_first = open_dataset(tmp_path / "nhwc.npz"), open_dataset(tmp_path / "nchw.npz")
+    assert channels_last.classes == ["cat", "dog", "emu"] and channels_last.targets == [0, 1, 2, 0, 1, 2]
+    assert channels_last.input_shape == channels_first.input_shape == (3, 16, 16)
+    torch.testing.assert_close(channels_last[4][0], channels_first[4][0])
+    calib = open_dataset(tmp_path / "calib.npy", input_shape=(3, 8, 8), train=True)
+    assert len(calib) == 6 and calib.num_classes == 1 and calib[0][0].shape == (3, 8, 8)
+    with pytest.warns(DataWarning, match="converting them to grayscale"):
+        assert open_dataset(tmp_path / "nhwc.npz", input_shape=(1, 16, 16))[0][0].shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize(("arrays", "fragment"), [
+    ({"images": np.zeros((4, 8, 8), np.uint8)}, "no labels"),
+    ({"pixels": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(4, np.int64)}, "has no images"),
+    ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(3, np.int64)}, "labels must be 4 integers"),
+    ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.array([0, 1, -1, 0])}, "0 or more"),
+    ({"images": np.zeros((4, 8, 8, 5), np.uint8), "labels": np.zeros(4, np.int64)}, "expected N×H×W"),
+    ({"images": np.zeros((4, 8, 8), np.int32), "labels": np.zeros(4, np.int64)}, "use uint8 (0-255) or floats"),
+    ({"images": np.zeros((4, 8, 8), np.uint8), "labels": np.zeros(4, np.int64), "classes": np.array([1])}, "'classes'"),
+    ({"images": np.array([None] * 4, dtype=object), "labels": np.zeros(4, np.int64)}, "without unpickling"),
+])
+def test_bad_numpy_arrays(tmp_path: Path, arrays: dict[str, np.ndarray], fragment: str) -> None:
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        open_dataset(tmp_path / "bad.npz")
+
+
+def test_first_extraction_shows_progress_on_a_terminal_only(tmp_path: Path, digits_model: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Extracting an archive the first time can take a while: a bar says what is happening, on a
+    terminal; logs and pipes stay clean."""
+    from chanprune_cli.support import progress
+
+    args = ["analyze", digits_model, "--arch", "digits_cnn", "--json", tmp_path / "r.json", "--force", "--classes",
+            "cat,dog,2,3,4,5,6,7,8,9", "--data"]
+    plain = cli(*args, _tar(_make_folder(tmp_path / "a", mode="L"), tmp_path / "piped.tar.gz"))
+    assert plain.exit_code == 0, plain.stderr
+    assert plain.stderr == ""
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
+    archive = _tar(_make_folder(tmp_path / "b", mode="L"), tmp_path / "first.tar")
+    archive.write_bytes(archive.read_bytes() + bytes(10240))  # other bytes than piped.tar.gz: a new cache entry
+    shown = runner.invoke(app, [str(a) for a in [*args, archive]], env={"CHANPRUNE_DEBUG": None, "FORCE_COLOR": "1", "COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.stderr
+    assert f"extracting {archive} into the cache" in shown.stderr and f"hashing {archive}" in shown.stderr
+    again = runner.invoke(app, [str(a) for a in [*args, archive]], env={"CHANPRUNE_DEBUG": None, "FORCE_COLOR": "1", "COLUMNS": "400"})
+    assert again.exit_code == 0 and "extracting" not in again.stderr  # cached: nothing to show

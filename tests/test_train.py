@@ -580,3 +580,83 @@ def test_cli_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path: Path, pr
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((tmp_path / "r.json").read_text())["resumed_from"] == 7
     assert_same(load_checkpoint(out).model.state_dict(), load_checkpoint(tmp_path / "full.safetensors").model.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# preemption: the signal reaches the whole process group (timeout, SLURM, Kubernetes, Ctrl-C)
+
+# Runs `chanprune finetune` (argv[2:]) and, while step 6 runs, has signal argv[1] sent to its whole
+# process group (loader workers included) by another process, as `timeout` or `kill -- -PGID` do
+# (torch's workers exit quietly when the signal comes from their parent), or only to itself.
+_SIGNAL_AT_STEP_6 = """
+import os, signal, subprocess, sys
+from chanprune_cli.cli import main
+from chanprune_cli.train import Trainer
+
+step = Trainer._train_step
+target = sys.argv[1]
+
+def train_step(self, x, y):
+    loss = step(self, x, y)
+    if self.step == 5:
+        name, _, scope = target.partition(":")
+        if scope == "group":
+            subprocess.run([sys.executable, "-c", f"import os, signal; os.killpg({os.getpgid(0)}, signal.{name})"])
+        else:
+            os.kill(os.getpid(), getattr(signal, name))
+    return loss
+
+Trainer._train_step = train_step
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes x 8 grayscale 8x8 JPEGs: decoded in loader workers like a real ImageFolder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("jpegs") / "train"
+    g = torch.Generator().manual_seed(0)
+    for c in range(10):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            pixels = (torch.rand(8, 8, generator=g) * 128 + 12 * c).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def _preempt_args(ckpt: Path, data: Path) -> list[str]:
+    return ["finetune", str(ckpt), "--data", str(data), "--workers", "2", "--mean", "0.5", "--std", "0.5",
+            "--max-steps", "12", "--batch-size", "16", "--lr", "0.05", "--save-every", "4", "--threads", "1",
+            "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, pruned_ckpt: Path, jpeg_folder: Path) -> Path:
+    out = tmp_path_factory.mktemp("full") / "full.safetensors"
+    full = cli(*_preempt_args(pruned_ckpt, jpeg_folder), "--out", str(out))
+    assert full.exit_code == 0, full.output
+    return out
+
+
+@pytest.mark.parametrize("target,code", [("SIGTERM:group", 143), ("SIGINT:group", 130), ("SIGTERM:process", 143)])
+def test_signal_saves_state_and_resume_matches_an_uninterrupted_run(tmp_path: Path, pruned_ckpt: Path, jpeg_folder: Path,
+                                                                    uninterrupted: Path, target: str, code: int) -> None:
+    import subprocess
+    import sys
+
+    args = _preempt_args(pruned_ckpt, jpeg_folder)
+    out = tmp_path / "cut.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "CHANPRUNE_DEBUG"}
+    # A session of its own: the group signal reaches the run and its loader workers, not pytest.
+    cut = subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP_6, target, *args, "--out", str(out)],
+                         capture_output=True, text=True, env=env, start_new_session=True, timeout=300)
+    assert cut.returncode == code, cut.stderr
+    assert "error" not in cut.stderr.lower(), cut.stderr
+    assert f"stopped by {target.split(':')[0]} after step 6/12" in cut.stderr and "--resume" in cut.stderr
+    assert not out.exists() and load_train_state(tmp_path / "cut.state.pt")["step"] == 6
+    resumed = cli(*args, "--out", str(out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed at step 6" in resumed.output
+    assert_same(load_checkpoint(out).model.state_dict(), load_checkpoint(uninterrupted).model.state_dict())

@@ -22,8 +22,9 @@ from ..models import ArchSpec, build_model, parse_arch
 from .chanprune_format import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, load_chanprune, save_chanprune, tool_version
 from .keys import fit_weights
 from .loaded import LoadedCheckpoint, nonfinite_summary, nonfinite_tensors, refuse_nonfinite
+from .pickled_model import float_model, origin_of, pickled_metadata, read_pickled_metadata, save_pickled_model
 from .safetensors_file import read_safetensors, safetensors_metadata
-from .sniff import check_input, sniff
+from .sniff import check_input, not_a_checkpoint, sniff
 from .torch_pickle import torch_load
 from .unwrap import arch_hint, find_module, find_state_dict
 
@@ -37,7 +38,9 @@ __all__ = [
     "safetensors_metadata",
     "nonfinite_summary",
     "nonfinite_tensors",
+    "output_suffix",
     "refuse_nonfinite",
+    "save_model",
     "tool_version",
 ]
 
@@ -82,11 +85,17 @@ def load_checkpoint(
         if module is None and sd is None:
             raise UserError(f"{p} holds no model weights (no state dict of tensors found)")
     else:
-        raise UserError(f"{p} {_UNRECOGNISED}")
+        raise UserError(not_a_checkpoint(p, kind) or f"{p} {_UNRECOGNISED}")
 
     if module is not None and arch is None:
-        module = module.to("cpu").eval()
-        return LoadedCheckpoint(model=module, arch=None, source_format="pickle")
+        original = module
+        module, dtype = float_model(module.to("cpu"))
+        recorded = read_pickled_metadata(obj)
+        shape = recorded.get("input_shape")
+        return LoadedCheckpoint(model=module.eval(), arch=None, source_format="pickle",
+                                input_shape=tuple(shape) if isinstance(shape, list) and len(shape) == 3 else None,
+                                history=list(recorded.get("history") or []), plans=list(recorded.get("plans") or []),
+                                meta=dict(recorded.get("meta") or {}), origin=origin_of(obj, original, dtype))
     if arch is None:
         raise UserError(f"{p} holds only weights; pass --arch ({_ARCH_EXAMPLES}){hint}")
     spec = _resolve_spec(arch, arch_kwargs)
@@ -98,6 +107,26 @@ def load_checkpoint(
     return LoadedCheckpoint(model=model.to("cpu").eval(), arch=spec, source_format=source)
 
 
+def save_model(path: str | os.PathLike[str], model: nn.Module, loaded: LoadedCheckpoint, *,
+               input_shape: tuple[int, int, int] | list[int] | None, history: list[dict[str, Any]],
+               plans: list[dict[str, Any]], meta: dict[str, Any] | None = None, force: bool = False) -> None:
+    """Write a command's resulting model: a chanprune safetensors file when its architecture can be
+    rebuilt, else the pickled container it was read from (`pickled_model`)."""
+    if loaded.arch is not None:
+        save_chanprune(path, model, loaded.arch, input_shape=input_shape, history=history, plans=plans, meta=meta,
+                       force=force)
+    elif loaded.origin is not None:
+        save_pickled_model(path, model, loaded.origin, force=force,
+                           metadata=pickled_metadata(input_shape, history, plans, dict(meta or {}), tool_version()))
+    else:
+        raise UserError("this model has no architecture to rebuild it from; pass --arch as well")
+
+
+def output_suffix(loaded: LoadedCheckpoint) -> str:
+    """The file suffix `save_model` writes for this model: .safetensors, or .pt for a pickled one."""
+    return ".pt" if loaded.arch is None and loaded.origin is not None else ".safetensors"
+
+
 def load_state_dict_file(path: str | os.PathLike[str], trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The raw tensors of a file (state dict found inside wrappers; key names untouched)."""
     p = check_input(path)
@@ -105,7 +134,7 @@ def load_state_dict_file(path: str | os.PathLike[str], trust_pickle: bool = Fals
     if kind == "safetensors":
         return read_safetensors(p)[0]
     if kind not in ("zip", "pickle"):
-        raise UserError(f"{p} {_UNRECOGNISED}")
+        raise UserError(not_a_checkpoint(p, kind) or f"{p} {_UNRECOGNISED}")
     obj = torch_load(p, trust_pickle)
     module = find_module(obj)
     if module is not None:

@@ -8,6 +8,7 @@ weights fit; a recorded `package.module:factory` is only imported when the user 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,16 @@ from .keys import attr_shape_problems, fit_problems, load_into
 from .loaded import LoadedCheckpoint
 from .messages import first_line
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "tool_version", "load_chanprune", "save_chanprune"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "NORMALIZATION_KEY", "tool_version", "load_chanprune",
+           "recorded_normalization", "resolve_normalization", "save_chanprune", "with_normalization"]
 
 FORMAT_NAME = "chanprune"
 FORMAT_VERSION = 1
 METADATA_KEY = "chanprune"
+# meta key of the --mean/--std a file was made with ({"mean": [...], "std": [...]}, either may be absent)
+NORMALIZATION_KEY = "normalization"
+
+Floats = tuple[float, ...]
 
 
 def tool_version() -> str:
@@ -44,6 +50,39 @@ def tool_version() -> str:
         return dist_version("chanprune")
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0.1.0"
+
+
+def recorded_normalization(meta: dict[str, Any]) -> tuple[Floats | None, Floats | None]:
+    """The --mean/--std recorded in a chanprune file's `meta` (None where nothing is recorded)."""
+    record = meta.get(NORMALIZATION_KEY, {})
+    values: list[Floats | None] = []
+    for key in ("mean", "std"):
+        value = record.get(key) if isinstance(record, dict) else None
+        ok = isinstance(record, dict) and (value is None or (isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)))
+        if not ok:
+            raise UserError(f"the checkpoint's recorded normalisation {record!r} is malformed (file damaged or edited); "
+                            "pass --mean and --std")
+        values.append(tuple(float(v) for v in value) if value is not None else None)
+    return values[0], values[1]
+
+
+def resolve_normalization(meta: dict[str, Any], mean: Floats | None,
+                          std: Floats | None) -> tuple[Floats | None, Floats | None]:
+    """--mean/--std as given, else as `meta` records them (read only when one is missing)."""
+    if mean is not None and std is not None:
+        return mean, std
+    recorded_mean, recorded_std = recorded_normalization(meta)
+    return (mean if mean is not None else recorded_mean), (std if std is not None else recorded_std)
+
+
+def with_normalization(meta: dict[str, Any], mean: Floats | None, std: Floats | None) -> dict[str, Any]:
+    """`meta` recording `mean`/`std` (None: keep what `meta` records), for the file a command writes."""
+    old = meta.get(NORMALIZATION_KEY)
+    record = {k: v for k, v in old.items() if k in ("mean", "std")} if isinstance(old, dict) else {}
+    record.update({k: list(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
+    rest = {k: v for k, v in meta.items() if k != NORMALIZATION_KEY}
+    return {**rest, NORMALIZATION_KEY: record} if record else rest
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import ArchSpec
+from .pickled_model import PickledOrigin
 
 __all__ = ["LoadedCheckpoint", "nonfinite_summary", "nonfinite_tensors", "refuse_nonfinite"]
 
@@ -25,6 +26,7 @@ class LoadedCheckpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     plans: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: PickledOrigin | None = None  # a whole pickled module: how to write it back (pickled_model.py)
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:

@@ -114,20 +114,27 @@ def criteria_table() -> list[tuple[str, str, str, str]]:
 
 def check_requirements(criterion: Criterion, has_data: bool, *, options: dict[str, Any] | None = None,
                        data_source: str | None = None) -> None:
-    """A criterion that needs data (or labels) fails early, naming itself and the fix.
+    """A criterion that needs data (or labels) fails early, naming itself and the fix. The fix is
+    always real data of the task: scores on random inputs (`synthetic:`) rank channels by how they
+    respond to noise, and random labels make a loss meaningless.
 
     `data_source` (a `--data` string) is checked for labels when the criterion needs them: a data
     set with a single class (an ImageFolder with one folder, `synthetic:CxHxW:1`) is unlabelled
     calibration data, and a labelled criterion's loss would be meaningless on it."""
     needs = criterion.requires(options)
+    no_labels = "; or use --criterion-opt hessian=activation, which needs images but no labels" if "hessian" in criterion.defaults else ""
     if needs != NEEDS_WEIGHTS and not has_data:
-        kind = "labelled calibration data" if needs == NEEDS_LABELS else "calibration data"
-        raise UserError(f"criterion {criterion.name!r} needs {kind}; pass --data (e.g. an ImageFolder, a .tar.gz of one, or synthetic:3x32x32)")
+        if needs == NEEDS_LABELS:
+            raise UserError(f"criterion {criterion.name!r} needs labelled calibration data; pass --data with labelled "
+                            f"images of the model's task (an ImageFolder with one folder per class, a .tar.gz of one, "
+                            f"MNIST IDX files){no_labels}")
+        raise UserError(f"criterion {criterion.name!r} needs calibration data; pass --data with images of the model's "
+                        "task (an ImageFolder, a .tar.gz of one; labels are not used)")
     if needs == NEEDS_LABELS and data_source is not None:
         classes = data_classes(data_source)
         if classes is not None and classes < 2:
-            fix = ("pass labelled data (an ImageFolder with one folder per class, or synthetic:CxHxW:K with K >= 2)"
-                   + ("; or use hessian=activation, which needs no labels" if "hessian" in criterion.defaults else "")
+            fix = ("pass labelled images of the model's task (an ImageFolder with one folder per class)"
+                   + no_labels
                    + "; label-free criteria: " + ", ".join(n for n, c in available().items() if c.needs != NEEDS_LABELS))
             raise UserError(f"criterion {criterion.name!r} needs labelled data but {data_source} has "
                             f"{'no' if classes == 0 else 'a single'} class (unlabelled); {fix}")

@@ -2,7 +2,8 @@
 
 Owns the cache location (`$XDG_CACHE_HOME/chanprune`), the traversal-safe extraction (our member
 checks plus Python's tarfile `data` filter), the atomic temp-folder-then-rename publish, stale
-temp cleanup, and the (path, size, mtime, inode) memo that skips re-hashing an unchanged archive.
+temp cleanup, the (path, size, mtime, inode) memo that skips re-hashing an unchanged archive, and
+the progress bars of the first use (hashing, extracting; on a terminal only).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from ..errors import ChanpruneError, UserError
+from ..support.progress import bytes_progress
 
 __all__ = ["ARCHIVE_SUFFIXES", "cache_root", "extract_archive_cached", "is_archive"]
 
@@ -49,10 +52,23 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _sha256_file(path: Path) -> str:
+class _CountingReader:
+    """A binary file that reports how many bytes each read returned (the progress of one pass)."""
+
+    def __init__(self, fh: BinaryIO, advance: Callable[[int], None]) -> None:
+        self._fh, self._advance = fh, advance
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        self._advance(len(data))
+        return data
+
+
+def _sha256_file(path: Path, display: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+    with open(path, "rb") as fh, bytes_progress(f"hashing {display}", path.stat().st_size) as advance:
+        reader = _CountingReader(fh, advance)
+        for chunk in iter(lambda: reader.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -119,7 +135,9 @@ def _extract(archive: Path, final: Path, display: str, digest: str) -> None:
     try:
         try:
             # Stream mode: one sequential pass, no backward seeks in the compressed stream.
-            with tarfile.open(archive, "r|*") as tf:
+            with open(archive, "rb") as fh, \
+                    bytes_progress(f"extracting {display} into the cache (first use only)", archive.stat().st_size) as advance, \
+                    tarfile.open(fileobj=_CountingReader(fh, advance), mode="r|*") as tf:  # type: ignore[call-overload]
                 members = _checked_members(tf, display, filter_available)
                 if filter_available:
                     tf.extractall(tmp, members=members, filter="data")
@@ -176,7 +194,7 @@ def extract_archive_cached(archive: Path, display: str | None = None) -> Path:
     if re.fullmatch(r"[0-9a-f]{64}", digest) and (root / digest[:_HASH_PREFIX] / _CACHE_MARKER).is_file():
         return root / digest[:_HASH_PREFIX]
     try:
-        digest = _sha256_file(archive)
+        digest = _sha256_file(archive, display)
     except OSError as exc:
         raise UserError(f"cannot read {display}: {exc}") from None
     final = root / digest[:_HASH_PREFIX]

@@ -21,13 +21,17 @@ SMALL_IMAGE_MAX = 64  # up to this many pixels per side: pad-and-crop augmentati
 
 
 class DataWarning(UserWarning):
-    """Something in the data was skipped; the data set is still usable."""
+    """Something about the data deserves a word (files skipped, classes that may not be the model's,
+    random data where real data matters); the run goes on."""
 
 
 class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
     """Common attributes of every data set `open_dataset` returns."""
 
     kind: str = "data"
+    # Whether labels number the class names in sorted order (folders), rather than coming with the
+    # data: only then may a class count that differs from the model's outputs mean shifted labels.
+    labels_by_name: bool = False
 
     def __init__(self, source: str) -> None:
         self.source = source

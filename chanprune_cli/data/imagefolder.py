@@ -104,6 +104,7 @@ class ImageFolderDataset(ChanpruneDataset):
     """`root/<class>/<image>` with lazy decoding; unreadable files are skipped at index time."""
 
     kind = "imagefolder"
+    labels_by_name = True
 
     def __init__(
         self,

@@ -1,14 +1,17 @@
 """Reproducible DataLoaders over `--data` sources, and checking labels against a model.
 
 Owns batching, the seeded sampler (first N samples, or a seeded random subset), per-worker
-seeding of augmentation, and the labels-vs-model-outputs check.
+seeding of augmentation, keeping stop signals away from loader workers, and the
+labels-vs-model-outputs check.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,11 +21,43 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from ..errors import UserError
 from .sources import open_dataset
 
-__all__ = ["check_labels", "make_loader"]
+__all__ = ["check_labels", "ignore_stop_signals", "iterate_with_workers", "make_loader"]
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """Worker init: SIGINT/SIGTERM are ignored in loader workers (then released from the hold of
+    `iterate_with_workers`). Ctrl-C, `timeout`, SLURM and Kubernetes signal the whole process
+    group; the main process decides what the signal means (training saves its state first) and
+    ends its workers itself, so a worker killed by the signal would only turn that into a crash."""
+    for sig in _STOP_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):  # pragma: no cover - a worker started from a non-main thread
+            return
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def iterate_with_workers(loader: DataLoader[Any]) -> Iterator[Any]:
+    """`iter(loader)` with SIGINT/SIGTERM held while its worker processes start: they inherit the
+    hold and ignore both before releasing it (`ignore_stop_signals` as their init), so a signal to
+    the process group never reaches a worker in its first moments. This process gets its own
+    signals as soon as the workers exist."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask") \
+            or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _worker_init(worker_id: int) -> None:
     """Seed each worker from the loader's generator (torch sets info.seed = base_seed + worker_id)."""
+    ignore_stop_signals(worker_id)
     info = torch.utils.data.get_worker_info()
     if info is None:  # pragma: no cover - only called inside workers
         return

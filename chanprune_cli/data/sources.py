@@ -8,6 +8,8 @@
   `$XDG_CACHE_HOME/chanprune/datasets/<content hash>/`;
 * a directory of MNIST IDX files (`t10k-images-idx3-ubyte[.gz]` + labels, or `train-*`), or the
   images IDX file itself;
+* a NumPy `.npz` of `images` and `labels` (optional `classes`), or a `.npy` of images alone
+  (unlabelled); layouts in `arrays`;
 * `synthetic:CxHxW[:K[:N]]` — N (default 256) seeded standard-normal inputs, K (default 10) classes;
 * `digits[:train|:test|:all]` — scikit-learn's bundled 8×8 digits, split 80/20 with a fixed seed.
 """
@@ -22,17 +24,19 @@ from typing import Any
 
 from ..errors import UserError
 from .archive import extract_archive_cached, is_archive
+from .arrays import is_array_file, open_arrays
 from .base import ChanpruneDataset
 from .digits import open_digits
 from .idx import IDX_RE, find_idx, labels_for, open_idx
 from .stats import as_shape
-from .synthetic import open_synthetic
+from .synthetic import is_synthetic, open_synthetic
 
 __all__ = ["ACCEPTED_FORMS", "open_dataset"]
 
 ACCEPTED_FORMS = (
     "an ImageFolder directory (root/<class>/<image>), a .tar/.tar.gz/.tgz of one, "
-    "a directory of MNIST IDX files, synthetic:CxHxW[:K[:N]], or digits[:train|:test|:all]"
+    "a directory of MNIST IDX files, a NumPy .npz of images and labels (or .npy of images), "
+    "synthetic:CxHxW[:K[:N]], or digits[:train|:test|:all]"
 )
 
 
@@ -79,7 +83,7 @@ def open_dataset(
     if not text:
         raise UserError(f"empty --data; give {ACCEPTED_FORMS}")
     lower = text.lower()
-    if lower == "synthetic" or lower.startswith("synthetic:"):
+    if is_synthetic(text):
         return open_synthetic(text, shape)
     if lower == "digits" or lower.startswith("digits:"):
         return open_digits(lower, train, input_shape=shape, mean=mean, std=std)
@@ -94,6 +98,9 @@ def open_dataset(
         return _open_directory(path, text, **kw)
     if is_archive(path):
         return _open_directory(extract_archive_cached(path, text), text, **kw)
+    if is_array_file(path):
+        return open_arrays(path, text, **kw)
     if IDX_RE.match(path.name) and "images" in path.name.lower():
         return open_idx(path, labels_for(path), text, **kw)
-    raise UserError(f"{text} is a file but not a .tar/.tar.gz/.tgz archive or MNIST images; accepted: {ACCEPTED_FORMS}")
+    raise UserError(f"{text} is a file but not a .tar/.tar.gz/.tgz archive, NumPy arrays or MNIST images; "
+                    f"accepted: {ACCEPTED_FORMS}")

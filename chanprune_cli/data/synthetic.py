@@ -18,6 +18,7 @@ __all__ = [
     "SYNTHETIC_DEFAULT_LENGTH",
     "SYNTHETIC_SEED",
     "SyntheticDataset",
+    "is_synthetic",
     "open_synthetic",
 ]
 
@@ -47,6 +48,12 @@ class SyntheticDataset(ChanpruneDataset):
         # One generator per item: random access (shuffling, workers) never changes item i.
         g = torch.Generator().manual_seed((self.seed << 32) + index + 1)
         return torch.randn(self.input_shape, generator=g), self.targets[index]
+
+
+def is_synthetic(source: str) -> bool:
+    """Whether a `--data` string names synthetic data."""
+    text = source.strip().lower()
+    return text == "synthetic" or text.startswith("synthetic:")
 
 
 def open_synthetic(spec: str, input_shape: tuple[int, int, int] | None) -> SyntheticDataset:

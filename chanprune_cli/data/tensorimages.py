@@ -1,11 +1,13 @@
-"""Grayscale images held in memory as an N×H×W tensor (MNIST IDX files, scikit-learn digits).
+"""Images held in memory as an N×H×W (grayscale) or N×C×H×W tensor (MNIST IDX files,
+scikit-learn digits, NumPy arrays).
 
-Owns turning one stored image into a normalised C×H×W tensor: scaling, resizing, 1 → 3 channel
-expansion and the seeded train-time augmentation.
+Owns turning one stored image into a normalised C×H×W tensor: scaling, resizing, 1 ↔ 3 channel
+conversion and the seeded train-time augmentation.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,14 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .base import SMALL_IMAGE_MAX, ChanpruneDataset, pad_for
+from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, pad_for
 from .stats import resolve_stats
 
 __all__ = ["TensorImageDataset"]
 
 
+# ITU-R 601-2 luma, as PIL's RGB -> L conversion (image folders convert with PIL).
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
+
 class TensorImageDataset(ChanpruneDataset):
-    """Images held in memory as an N×H×W tensor (MNIST IDX, sklearn digits)."""
+    """Images held in memory as an N×H×W (grayscale) or N×C×H×W tensor, C = 1 or 3."""
 
     def __init__(
         self,
@@ -43,11 +49,17 @@ class TensorImageDataset(ChanpruneDataset):
         self.images = images
         self.targets = [int(v) for v in labels.tolist()]
         self.classes = classes
-        native = (1, int(images.shape[1]), int(images.shape[2]))
+        channels = 1 if images.ndim == 3 else int(images.shape[1])
+        native = (channels, int(images.shape[-2]), int(images.shape[-1]))
         if input_shape is None:
             input_shape = native
         if input_shape[0] not in (1, 3):
-            raise UserError(f"{display} is grayscale; it can be loaded with 1 or 3 channels, not {input_shape[0]}")
+            kind_text = "grayscale" if channels == 1 else "color"
+            raise UserError(f"{display} is {kind_text}; it can be loaded with 1 or 3 channels, not {input_shape[0]}")
+        if channels == 3 and input_shape[0] == 1:
+            warnings.warn(DataWarning(
+                f"images in {display} are color but the model takes 1 channel; converting them to grayscale "
+                "(check --data if the model expects color images)"), stacklevel=3)
         self.input_shape = input_shape
         self.train = train
         self._scale = scale
@@ -57,7 +69,9 @@ class TensorImageDataset(ChanpruneDataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         c, h, w = self.input_shape
-        x = self.images[index].to(torch.float32).mul(self._scale).unsqueeze(0)
+        x = self.images[index].to(torch.float32).mul(self._scale)
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
         big = max(h, w) > SMALL_IMAGE_MAX
         if self.train and big:
             left, top, cw, ch = self._rrc_box(x.shape[-1], x.shape[-2])
@@ -70,6 +84,8 @@ class TensorImageDataset(ChanpruneDataset):
                 x = self._pad_crop(x, pad_for(h, w))
             if self._flip_ok:
                 x = self._flip(x)
-        if c == 3:
+        if c == 3 and x.shape[0] == 1:
             x = x.expand(3, h, w)
+        elif c == 1 and x.shape[0] == 3:
+            x = (x * _LUMA).sum(0, keepdim=True)
         return self._normalize(x), self.targets[index]

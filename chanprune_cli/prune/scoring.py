@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ from torch import nn
 
 from ..checkpoint import load_state_dict_file, safetensors_metadata, tool_version
 from ..criteria import Criterion, available, check_requirements, get_criterion
-from ..criteria.base import NEEDS_WEIGHTS, Batch, parse_criterion_opts
+from ..criteria.base import NEEDS_LABELS, NEEDS_WEIGHTS, Batch, parse_criterion_opts
+from ..data.base import DataWarning
 from ..engine.graph import ChannelGraph
 from ..engine.scores import Scores, WeightedScores, channel_scales, group_weights
 from ..errors import UserError
@@ -93,7 +95,7 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str | Resol
                    data: Iterable[Batch] | None, device: torch.device, *, seed: int = 0,
                    options: CriterionOptions | None = None) -> Scores:
     """Score every prunable group with `criterion` (a name with `options`, or resolved); the model
-    is left as it was."""
+    is left as it was. Synthetic data given to a criterion that reads data is used with a warning."""
     if isinstance(criterion, ResolvedCriterion):
         if options is not None:
             raise TypeError("compute_scores: a resolved criterion carries its options; pass options=None")
@@ -101,6 +103,7 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str | Resol
     else:
         crit = resolve_criterion(criterion, options, has_data=data is not None)
     scorer = crit.criterion or get_criterion(crit.name)  # a recorded, unknown name fails here
+    _warn_if_synthetic(scorer, crit.options, data)
     was_training = model.training
     try:
         scores = scorer.score(model, graph, data, device, seed=seed, **crit.options)
@@ -112,6 +115,19 @@ def compute_scores(model: nn.Module, graph: ChannelGraph, criterion: str | Resol
     if scales:
         result.channel_scale = {gid: s.detach().double().cpu() for gid, s in scales.items()}
     return result
+
+
+def _warn_if_synthetic(scorer: Criterion, options: Mapping[str, Any], data: Iterable[Batch] | None) -> None:
+    # Here, where data meets the criterion, rather than in resolve_criterion: a --data that then
+    # fails to open must fail with its one error line alone.
+    dataset = getattr(data, "dataset", None)
+    needs = scorer.requires(dict(options))
+    if needs == NEEDS_WEIGHTS or getattr(dataset, "kind", None) != "synthetic":
+        return
+    noise = "random noise with random labels" if needs == NEEDS_LABELS else "random noise"
+    warnings.warn(DataWarning(
+        f"{dataset.source} is {noise}: criterion {scorer.name!r} ranks channels by how they respond to it, not to "  # type: ignore[union-attr]
+        "the model's task; pass images of the task with --data for scores worth pruning by"), stacklevel=3)
 
 
 def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module, *, criterion: str,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -45,6 +46,33 @@ def progress_bar(field: str, *, eta: bool = True, enabled: bool = True) -> Any:
                TextColumn(f"{{task.fields[{field}]}}"), TimeElapsedColumn(), *([TimeRemainingColumn()] if eta else [])]
     return Progress(*columns, console=Console(stderr=True), transient=True,
                     disable=not (enabled and stderr_is_terminal()))
+
+
+@contextmanager
+def bytes_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient bar labelled `description` over `total` bytes (done / total, speed, elapsed,
+    remaining) while a file is read; yields `advance(n)` for each n bytes read. Off a terminal
+    nothing shows and `advance` does nothing."""
+    if not stderr_is_terminal():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(escape(description), total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 class StepProgress:

@@ -15,7 +15,9 @@ What one run does, in order:
 * outputs (`outputs.OutputPaths`): `--out` gets the final model, `<out>.best` the best validated
   one, `<out>.last` + `<out>.state.pt` the resumable state (weights, optimizer, scheduler,
   scaler, RNG, step, hook state), written atomically every `save_every` steps, at epoch ends and
-  on Ctrl-C / SIGTERM. `--resume` continues from it with the same result as an uninterrupted run.
+  on Ctrl-C / SIGTERM (to the process or its whole group: loader workers leave signals to the main
+  process), after which the run ends with `process.Stopped`. `--resume` continues from it with the
+  same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.loaders import ignore_stop_signals, iterate_with_workers
 from ..errors import ChanpruneError, UserError
 from ..support import distributed as D
 from ..support.fsutil import atomic_path
@@ -337,12 +340,14 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def _loader(self, epoch: int, start: int, stop: int) -> DataLoader[Any]:
+    def _batches(self, epoch: int, start: int, stop: int) -> Iterator[Any]:
         sampler = EpochBatches(len(self.train_set), self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,  # type: ignore[arg-type]
                                start=start, stop=stop, rank=self.env.rank, world=self.env.world_size)
-        return DataLoader(KeyedDataset(self.train_set), batch_sampler=sampler, num_workers=self.cfg.workers,
-                          collate_fn=collate_labels, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        loader = DataLoader(KeyedDataset(self.train_set), batch_sampler=sampler, num_workers=self.cfg.workers,
+                            collate_fn=collate_labels, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals if self.cfg.workers > 0 else None,
+                            persistent_workers=False)
+        return iterate_with_workers(loader)
 
     def _progress_text(self) -> str:
         """The progress display's free-text field: epoch, smoothed loss, lr, throughput."""
@@ -377,7 +382,7 @@ class Trainer:
                 start = self.step - epoch * self.steps_per_epoch
                 stop_at = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
                 t_data = time.perf_counter()
-                for x, y in self._loader(epoch, start, stop_at):
+                for x, y in self._batches(epoch, start, stop_at):
                     loss = self._train_step(x, y)
                     self.step += 1
                     if self.device.type == "cuda":
@@ -411,7 +416,7 @@ class Trainer:
                         where = self.outputs.state if self.outputs is not None else "memory"
                         self.log(f"stopped by {stop.signal_name or 'a signal'} after step {self.step}/{self.total_steps}; "
                                  f"state saved to {where}: re-run the same command with --resume to continue")
-                        raise KeyboardInterrupt
+                        raise stop.stopped()
                     t_data = time.perf_counter()
         for h in self.hooks:
             h.on_train_end(self)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.loaders import ignore_stop_signals, iterate_with_workers
 from ..errors import UserError
 from ..support import distributed as D
 from .precision import autocast
@@ -32,12 +33,13 @@ def validate(model: nn.Module, dataset: Dataset[Any], device: torch.device, *, b
         chosen = sorted(perm.tolist())
     indices = chosen[env.rank::env.world_size]
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda")
+                        num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if workers > 0 else None)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, images
     try:
-        for x, y in loader:
+        for x, y in iterate_with_workers(loader):
             x = x.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
