@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chanprune_cli.engine.allocate import MacsEstimator, allocate
+from chanprune_cli.engine.allocate import (
+    MacsEstimator,
+    allocate,
+    match_layer_ratios,
+    parse_layer_ratios,
+    producers,
+    unmatched_layer_ratios,
+)
 from chanprune_cli.criteria.base import WeightedScores
 from chanprune_cli.errors import UserError
 from chanprune_cli.engine.graph import build_graph
@@ -129,3 +136,92 @@ def test_removed_channels_stay_removed_and_leave_the_mean(graph) -> None:  # typ
     assert allocate(graph, nan, target_flops=0.4, removed=first).plan == second
     with pytest.raises(UserError, match="--target-flops"):
         allocate(graph, scores, ratio=0.5, removed=first)
+
+
+# --------------------------------------------------------------------------------------------
+# --layer-ratio: per-layer ratios by module glob
+
+
+@pytest.fixture(scope="module")
+def resnet_graph():  # type: ignore[no-untyped-def]
+    """Option-A ResNet-20: one residual-stream group spans every stage, the blocks' inner convs are
+    groups of their own."""
+    return build_graph(build_model(parse_arch("cifar_resnet20")).eval(), (3, 32, 32))
+
+
+def test_layer_ratios_parse_strings_and_tables_in_order() -> None:
+    assert parse_layer_ratios(None) == {} and parse_layer_ratios([]) == {}
+    assert parse_layer_ratios("layer3.*=0.7") == {"layer3.*": 0.7}
+    assert parse_layer_ratios({"a.*": 0.5, "b": 0}) == {"a.*": 0.5, "b": 0.0}
+    mixed = parse_layer_ratios(["*=0.3", {"layer3.*": 0.7}, " conv1 = 0 ", "*=0.4"])
+    assert list(mixed.items()) == [("layer3.*", 0.7), ("conv1", 0.0), ("*", 0.4)]  # a repeated glob moves last
+    assert parse_layer_ratios(['{"layer3.*": 0.7, "conv1": 0}']) == {"layer3.*": 0.7, "conv1": 0.0}  # as `run` shows a table
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("layer3.*", "expected GLOB=R"), ("=0.5", "expected GLOB=R"), ("layer3.*=1", "from 0"),
+    ("layer3.*=-0.1", "from 0"), ("layer3.*=half", "from 0"), ("layer3.*=nan", "from 0"),
+    ({"layer3.*": True}, "from 0"), ({"layer3.*": "0.5x"}, "from 0"), ('{"layer3.*": 0.7', "a JSON object"),
+    ("[1, 2]", "expected GLOB=R"), ('{"layer3.*": 2}', "from 0"),
+])
+def test_layer_ratios_refuse_bad_values(value: object, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        parse_layer_ratios(value)  # type: ignore[arg-type]
+
+
+def test_a_glob_selects_groups_whose_producers_it_all_matches(resnet_graph) -> None:  # type: ignore[no-untyped-def]
+    groups = resnet_graph.prunable_groups()
+    names = {g.id: g.name for g in groups}
+    matched = match_layer_ratios(groups, {"layer3.*": 0.7, "layer3.1.*": 0.2})
+    assert sorted((names[g], r) for g, r in matched.items()) == [
+        ("layer3.0.conv1", 0.7), ("layer3.1.conv1", 0.2), ("layer3.2.conv1", 0.7)]  # the last matching glob wins
+    stream = next(g for g in groups if len(producers(g)) > 1)
+    assert stream.id in match_layer_ratios(groups, {"*": 0.5}) and stream.id not in matched
+    assert unmatched_layer_ratios(groups, {"layer3.*": 0.7, "conv1": 0.5, "decoder.*": 0.5}) == {
+        "conv1": stream.name, "decoder.*": None}
+
+
+def test_layer_ratio_replaces_ratio_for_matched_groups(resnet_graph) -> None:  # type: ignore[no-untyped-def]
+    scores = _scores(resnet_graph)
+    alloc = allocate(resnet_graph, scores, ratio=0.5, layer_ratio=["layer3.*=0.75", "layer1.0.conv1=0"])
+    plain = allocate(resnet_graph, scores, ratio=0.5).plan
+    for g in resnet_graph.prunable_groups():
+        if g.name.startswith("layer3."):
+            assert len(alloc.plan[g.id]) == 48 and alloc.layer_ratios[g.id] == 0.75
+            kept = [i for i in range(g.channels) if i not in alloc.plan[g.id]]
+            assert max(float(scores[g.id][i]) for i in alloc.plan[g.id]) <= min(float(scores[g.id][i]) for i in kept)
+        elif g.name == "layer1.0.conv1":
+            assert g.id not in alloc.plan and alloc.layer_ratios[g.id] == 0
+        else:
+            assert alloc.plan.get(g.id) == plain.get(g.id) and g.id not in alloc.layer_ratios
+    assert alloc.requested == {"ratio": 0.5}
+
+
+def test_layer_ratio_with_a_target_is_fixed_and_outside_the_ranking(resnet_graph) -> None:  # type: ignore[no-untyped-def]
+    scores = _scores(resnet_graph)
+    layer3 = [g for g in resnet_graph.prunable_groups() if g.name.startswith("layer3.")]
+    for target in (0.3, 0.5):
+        alloc = allocate(resnet_graph, scores, target_flops=target, layer_ratio={"layer3.*": 0.25})
+        assert all(len(alloc.plan[g.id]) == 16 for g in layer3)  # whatever the target
+        achieved = 1 - alloc.estimated_macs_after / alloc.estimated_macs_before
+        assert target <= achieved < target + 0.1
+    # stronger scores in layer3 change nothing there: it is not ranked
+    boosted = {gid: (s * 1000 if gid in {g.id for g in layer3} else s) for gid, s in scores.items()}
+    assert allocate(resnet_graph, boosted, target_flops=0.3, layer_ratio={"layer3.*": 0.25}).plan == \
+        allocate(resnet_graph, scores, target_flops=0.3, layer_ratio={"layer3.*": 0.25}).plan
+    # the fixed ratios alone reach the target: the ranking removes nothing more
+    alone = allocate(resnet_graph, scores, target_flops=0.05, layer_ratio={"layer3.*": 0.5})
+    assert set(alone.plan) == {g.id for g in layer3}
+    with pytest.raises(UserError, match="unreachable.*--layer-ratio"):
+        allocate(resnet_graph, scores, target_flops=0.6, layer_ratio={"*": 0})
+
+
+def test_layer_ratio_in_rounds_keeps_earlier_choices(resnet_graph) -> None:  # type: ignore[no-untyped-def]
+    scores = _scores(resnet_graph)
+    ratios = {"layer3.*": 0.25}
+    first = allocate(resnet_graph, scores, target_flops=0.2, layer_ratio=ratios).plan
+    nan = {g: s.clone() for g, s in scores.items()}
+    for gid, removed in first.items():
+        nan[gid][removed] = float("nan")  # masked channels may score NaN in the next round
+    second = allocate(resnet_graph, nan, target_flops=0.4, removed=first, layer_ratio=ratios).plan
+    assert all(set(first[g]) <= set(second.get(g, [])) for g in first)

@@ -367,7 +367,21 @@ CKPT_CASES: list[tuple[str, Callable[[Ws], Any], Sequence[str], int, str]] = [
     ("chanprune-newer-format", _chanprune(lambda d: d.update(format_version=99)), (), 2, "newer chanprune (format 99); upgrade"),
     ("chanprune-metadata-not-json", _chanprune(lambda d: d.clear()), (), 2, "malformed"),
     ("chanprune-unknown-module", _chanprune(lambda d: d["module_shapes"].update(ghost={"num_features": 3})), (), 2, "ghost"),
+    ("numpy-npz", lambda ws: _npz(ws.inp / "arrays.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(2, np.int64)),
+     ARCH, 2, "is a NumPy .npz archive of arrays (images, labels), not a model checkpoint"),
+    ("numpy-npy", lambda ws: _npy(ws.inp / "weights.npy", np.zeros((10, 64), np.float32)), ARCH, 2,
+     "is a NumPy .npy array, not a model checkpoint"),
 ]
+
+
+def _npz(path: Path, **arrays: Any) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _npy(path: Path, array: Any) -> Path:
+    np.save(path, array)
+    return path
 
 
 @pytest.mark.parametrize("command", list(CKPT_COMMANDS))
@@ -543,6 +557,11 @@ DATA_CASES: list[tuple[str, Callable[[Ws], str], int, str]] = [
     ("labels-beyond-classes", lambda ws: "synthetic:1x8x8:20:64", 2, "but the model outputs 10"),
     ("folders-beyond-classes", lambda ws: str(save_images(ws.inp / "twelve", classes=12, per_class=1)), 2,
      "but the model outputs 10"),
+    ("npz-without-labels", lambda ws: str(_npz(ws.inp / "x.npz", images=np.zeros((16, 8, 8), np.uint8))), 2, "no labels"),
+    ("npz-pickled-objects", lambda ws: str(_npz(ws.inp / "o.npz", images=np.array([None] * 16, dtype=object),
+                                                labels=np.zeros(16, np.int64))), 2, "without unpickling"),
+    ("npz-labels-beyond-classes", lambda ws: str(_npz(ws.inp / "l.npz", images=np.zeros((16, 8, 8), np.uint8),
+                                                      labels=np.arange(16))), 2, "but the model outputs 10"),
 ]
 
 
@@ -559,10 +578,13 @@ def test_bad_data(ws: Ws, command: str, case: str, make: Callable[[Ws], str], co
             assert not escaped.exists()
 
 
-# usable data with a problem worth a warning: (id, maker, warning fragment)
+# usable data with a problem worth a warning: (id, maker, warning fragment); 10 classes, as the model
+# has outputs (fewer is a warning of its own)
 DATA_WARNINGS: list[tuple[str, Callable[[Ws], str], str]] = [
-    ("some-images-corrupt", lambda ws: str(save_images(ws.inp / "some", per_class=4, corrupt=1)), "skipped 2 unreadable image file(s)"),
-    ("rgb-images-for-gray-model", lambda ws: str(save_images(ws.inp / "rgb", per_class=4, mode="RGB")), "converting them to grayscale"),
+    ("some-images-corrupt", lambda ws: str(save_images(ws.inp / "some", classes=10, per_class=1, corrupt=1)),
+     "skipped 10 unreadable image file(s)"),
+    ("rgb-images-for-gray-model", lambda ws: str(save_images(ws.inp / "rgb", classes=10, per_class=1, mode="RGB")),
+     "converting them to grayscale"),
 ]
 
 
@@ -865,3 +887,184 @@ def test_usage_error_of_the_root_is_one_line() -> None:
     result = cli("--no-such-flag")
     assert result.exit_code == 2
     error_line(result.stderr, "No such option: --no-such-flag")
+
+
+# --------------------------------------------------------------------------------------------
+# chanprune run: every value of every stage is checked before the first stage runs, and the error
+# names the key as it was written (`--set bench.calib_batches`, not `--calib-batches`)
+
+
+RUN_VALUE_CASES: list[tuple[str, list[str], tuple[str, str], str]] = [
+    ("set-not-an-int", ["--set", "bench.calib_batches=four"], ("", ""), "--set bench.calib_batches = 'four'"),
+    ("set-below-range", ["--set", "prune.round_to=0"], ("", ""), "--set prune.round_to = 0"),
+    ("set-shared-key", ["--set", "batch_size=big"], ("", ""), "--set batch_size = 'big'"),
+    ("file-not-a-number", [], ("repeats = 1", 'repeats = "many"'), "pipeline.toml [bench] repeats = 'many'"),
+    ("run-stages-not-names", ["--set", "run.stages=3"], ("", ""), "--set run.stages = 3"),
+]
+
+
+@pytest.mark.parametrize(("case", "args", "edit", "fragment"), RUN_VALUE_CASES, ids=[c[0] for c in RUN_VALUE_CASES])
+def test_run_checks_every_value_before_any_stage(ws: Ws, case: str, args: list[str], edit: tuple[str, str],
+                                                 fragment: str) -> None:
+    config = Path(_pipeline_config(ws, str(ws.shared.good), ARCH))
+    config.write_text(config.read_text().replace(*edit))
+    result = cli("run", config, "--dir", ws.o("run"), *args)
+    line = assert_fails(result, 2, fragment, ws.out)  # no stage ran: the run folder was never made
+    assert "--calib-batches" not in line and "--repeats" not in line
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer ratios, bounded validation, ONNX spatial axes: bad values fail before any slow step
+
+
+def _layer_ratio_config(text: str) -> Callable[[Ws], list[Any]]:
+    def build(ws: Ws) -> list[Any]:
+        config = ws.inp / "lr.toml"
+        config.write_text(f"[prune]\nlayer_ratio = {text}\n")
+        return _prune("--ratio", "0.5", "--config", config)(ws)
+    return build
+
+
+RELEASE_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
+    ("prune-layer-ratio-no-ratio", _prune("--ratio", "0.5", "--layer-ratio", "conv2"), 2, "expected GLOB=R"),
+    ("prune-layer-ratio-no-glob", _prune("--ratio", "0.5", "--layer-ratio", "=0.5"), 2, "expected GLOB=R"),
+    ("prune-layer-ratio-1", _prune("--ratio", "0.5", "--layer-ratio", "conv2=1"), 2, "the ratio must be a number from 0"),
+    ("prune-layer-ratio-negative", _prune("--target-flops", "0.5", "--layer-ratio", "conv2=-0.5"), 2, "from 0"),
+    ("prune-layer-ratio-not-a-number", _prune("--ratio", "0.5", "--layer-ratio", "conv2=most"), 2, "conv2=most"),
+    ("prune-layer-ratio-config-number", _layer_ratio_config("0.5"), 2, "expected GLOB=R"),
+    ("prune-layer-ratio-config-table-bad", _layer_ratio_config('{ "conv2" = "lots" }'), 2, "conv2=lots"),
+    ("prune-layer-ratio-fixes-too-much", _prune("--target-flops", "0.7", "--layer-ratio", "*=0"), 2,
+     "--layer-ratio fixing 4 group(s) at most 0.0% of the prunable MACs can be removed; ask for less"),
+    ("prune-val-images-0", _prune("--ratio", "0.5", "--val-data", "digits:test", "--val-images", "0"), 2,
+     "Invalid value for '--val-images'"),
+    ("prune-val-images-without-val-data", _prune("--ratio", "0.5", "--val-images", "100"), 2, "give --val-data too"),
+    ("prune-dry-run-bad-target", _prune("--ratio", "2", "--dry-run"), 2, "--ratio must be between 0 and 1"),
+    ("prune-recorded-normalisation-damaged",
+     lambda ws: ["prune", _chanprune(lambda d: d["meta"].update(normalization={"mean": "bright"}))(ws), "--ratio", "0.5",
+                 "--out", ws.o("p.safetensors")], 2, "recorded normalisation"),
+    ("score-recorded-normalisation-damaged",
+     lambda ws: ["score", _chanprune(lambda d: d["meta"].update(normalization=[0.5]))(ws), "--criterion", "l1",
+                 "--out", ws.o("s.safetensors")], 2, "pass --mean and --std"),
+    ("export-spatial-axes-unknown", lambda ws: ["export", ws.shared.good, *ARCH, "--out", ws.o("m.onnx"),
+                                                "--spatial-axes", "sideways"], 2, "unknown --spatial-axes 'sideways'"),
+    ("export-spatial-axes-dynamic-fixed-size-model", lambda ws: ["export", ws.shared.good, *ARCH, "--out", ws.o("m.onnx"),
+                                                                 "--spatial-axes", "dynamic"], 2,
+     "use --spatial-axes fixed"),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "code", "fragment"), RELEASE_CASES, ids=[c[0] for c in RELEASE_CASES])
+def test_bad_release_options(ws: Ws, case: str, build: Callable[[Ws], list[Any]], code: int, fragment: str) -> None:
+    assert_fails(cli(*build(ws)), code, fragment, ws.out)
+
+
+def test_layer_ratio_matching_nothing_warns(ws: Ws) -> None:
+    result = cli(*_prune("--ratio", "0.5", "--layer-ratio", "decoder.*=0.5")(ws))
+    assert result.exit_code == 0, result.stderr
+    lines = warning_lines(result.stderr)
+    assert len(lines) == 1 and "--layer-ratio 'decoder.*' matches no prunable layer group" in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# nothing silent: classes that may not be the model's, random data for data-driven criteria,
+# NumPy arrays as data, long file names in table titles
+
+CLASS_NAMES = ",".join(f"class{c}" for c in range(10))  # save_images' folders, in the model's output order
+
+
+def _part_of_the_classes(ws: Ws) -> str:
+    """8 of the model's 10 classes: sorted-order labels would put class2 at output 0."""
+    root = save_images(ws.inp / "part", classes=10, per_class=1)
+    for c in (0, 1):
+        for f in (root / f"class{c}").iterdir():
+            f.unlink()
+        (root / f"class{c}").rmdir()
+    return str(root)
+
+
+@pytest.mark.parametrize("command", list(DATA_COMMANDS))
+def test_fewer_data_classes_than_outputs_warn_and_classes_maps_them(ws: Ws, command: str) -> None:
+    data = _part_of_the_classes(ws)
+    result = cli(*DATA_COMMANDS[command](ws, str(ws.shared.good), data))
+    assert result.exit_code == 0, result.stderr
+    (line,) = warning_lines(result.stderr)
+    assert "has 8 classes (class2, class3" in line and "the model outputs 10" in line and "pass --classes" in line
+    for p in ws.out.iterdir():
+        p.unlink()
+    mapped = cli(*DATA_COMMANDS[command](ws, str(ws.shared.good), data), "--classes", CLASS_NAMES)
+    assert mapped.exit_code == 0, mapped.stderr
+    assert warning_lines(mapped.stderr) == []
+
+
+def test_prune_val_data_takes_classes(ws: Ws) -> None:
+    argv = _prune("--ratio", "0.5", "--val-data", _part_of_the_classes(ws))(ws)
+    (line,) = warning_lines(cli(*argv).stderr)
+    assert "pass --classes" in line
+    (ws.out / "p.safetensors").unlink()
+    mapped = cli(*argv, "--classes", CLASS_NAMES)
+    assert mapped.exit_code == 0 and warning_lines(mapped.stderr) == [], mapped.stderr
+
+
+def _with_classes(value: str, names: str | None = None) -> Callable[[Ws], list[Any]]:
+    def build(ws: Ws) -> list[Any]:
+        if names is not None:
+            (ws.inp / "names.txt").write_text(names)
+        return ["analyze", ws.shared.good, *ARCH, "--data", _part_of_the_classes(ws), "--classes",
+                value.replace("NAMES_FILE", str(ws.inp / "names.txt"))]
+    return build
+
+
+CLASSES_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
+    ("too-few-names", _with_classes("class2,class3"), 2, "--classes names 2 classes but the model outputs 10"),
+    ("data-class-not-named", _with_classes(CLASS_NAMES.replace("class9", "truck")), 2,
+     "has class(es) class9 that --classes does not name"),
+    ("duplicate-name", _with_classes(CLASS_NAMES.replace("class9", "class8")), 2, "names 'class8' more than once"),
+    ("empty-name", _with_classes(CLASS_NAMES.replace("class9", "")), 2, "no empty names"),
+    ("names-file-missing", lambda ws: ["analyze", ws.shared.good, *ARCH, "--data", "digits:test", "--classes",
+                                       f"@{ws.inp / 'none.txt'}"], 2, "cannot read"),
+    ("names-file-short", _with_classes("@NAMES_FILE", "class2\nclass3\n"), 2, "--classes names 2 classes"),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "code", "fragment"), CLASSES_CASES, ids=[c[0] for c in CLASSES_CASES])
+def test_bad_classes(ws: Ws, case: str, build: Callable[[Ws], list[Any]], code: int, fragment: str) -> None:
+    assert_fails(cli(*build(ws)), code, fragment, ws.out)
+
+
+@pytest.mark.parametrize("command", ["score", "prune"])
+def test_label_criterion_without_data_never_suggests_random_data(ws: Ws, command: str) -> None:
+    build = _score if command == "score" else lambda *a: _prune("--ratio", "0.5", *a)
+    line = assert_fails(cli(*build("--criterion", "sensitivity")(ws)), 2, "needs labelled calibration data", ws.out)
+    assert "synthetic" not in line and "images of the model's task" in line and "hessian=activation" in line
+    line = assert_fails(cli(*build("--criterion", "hrank")(ws)), 2, "needs calibration data", ws.out)
+    assert "synthetic" not in line
+
+
+@pytest.mark.parametrize(("criterion", "fragment"), [("sensitivity", "random noise with random labels"),
+                                                     ("taylor", "random noise with random labels"),
+                                                     ("hrank", "is random noise: criterion 'hrank'"), ("l1", None)])
+def test_synthetic_data_for_a_data_driven_criterion_warns(ws: Ws, criterion: str, fragment: str | None) -> None:
+    result = cli(*_score("--criterion", criterion, "--data", "synthetic:1x8x8:10:32")(ws))
+    assert result.exit_code == 0, result.stderr
+    lines = warning_lines(result.stderr)
+    if fragment is None:  # weights only: the data is not read
+        assert lines == []
+    else:
+        assert len(lines) == 1 and fragment in lines[0] and "pass images of the task with --data" in lines[0]
+
+
+@pytest.mark.parametrize("command", list(DATA_COMMANDS))
+def test_numpy_arrays_are_data(ws: Ws, command: str) -> None:
+    rng = np.random.default_rng(0)
+    data = _npz(ws.inp / "val.npz", images=(rng.random((16, 8, 8)) * 255).astype(np.uint8), labels=np.arange(16) % 10)
+    result = cli(*DATA_COMMANDS[command](ws, str(ws.shared.good), str(data)))
+    assert result.exit_code == 0, result.stderr
+    assert warning_lines(result.stderr) == []
+
+
+def test_table_titles_keep_file_names_whole(ws: Ws) -> None:
+    """A title longer than its table wraps at spaces, at the console's width, never inside a name."""
+    out = "a-rather-long-name-for-the-pruned-and-finetuned-model.safetensors"  # in the working directory
+    result = cli("export", ws.shared.good, *ARCH, "--format", "safetensors", "--out", out)  # a narrow table
+    assert result.exit_code == 0, result.stderr
+    assert f"→ {out}" in result.stdout  # the title line, the name unbroken

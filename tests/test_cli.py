@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from chanprune_cli import __version__
+from chanprune_cli.checkpoint import load_checkpoint
 from chanprune_cli.cli import app, main
 from chanprune_cli.models import build_model, parse_arch
 
@@ -172,7 +175,8 @@ def test_unreadable_image_is_one_warning_line(digits_ckpt: Path, tmp_path: Path)
         for i in range(2):
             Image.new("L", (8, 8), color=40 * i).save(tmp_path / "imgs" / cls / f"{i}.png")
     (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not a png")
-    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", str(tmp_path / "imgs"), "--input-shape", "1,8,8")
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", str(tmp_path / "imgs"), "--input-shape", "1,8,8",
+                 "--classes", "a,b,c,d,e,f,g,h,i,j")  # 2 of 10 classes, named: no class warning
     assert result.exit_code == 0, result.stderr
     warning_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(warning_lines) == 1 and warning_lines[0].startswith("warning: "), result.stderr
@@ -315,3 +319,201 @@ def test_resnet56_accuracy_full(tmp_path: Path) -> None:
     doc = _analyze_resnet56(tmp_path, "--data", str(CIFAR_TEST), "--batch-size", "200")
     assert doc["accuracy"]["images"] == 10_000
     assert doc["accuracy"]["top1"] == pytest.approx(83.20, abs=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# the release engineer's path: help as written, progress, bounded and dry runs, per-layer
+# ratios, recorded normalisation, default outputs and their permissions
+
+
+def _commands() -> dict[str, Any]:
+    from typer.main import get_command
+
+    return dict(get_command(app).commands)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_help_shows_every_bracketed_word(name: str) -> None:
+    """Help texts are rendered as written: "[prune] table", "CxHxW[:K[:N]]" keep their brackets.
+    (Epilogs, the examples, are markup on purpose and escape what they show.)"""
+    command = _commands()[name]
+    result = runner.invoke(app, [name, "--help"], env={"CHANPRUNE_DEBUG": None, "COLUMNS": "1000", "TERMINAL_WIDTH": "1000"})
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    texts = [t.replace("\\[", "[") for t in [command.help, *(getattr(p, "help", None) for p in command.params)] if t]
+    bracketed = [m for text in texts for m in re.findall(r"\[[^\]\[]*\]", text)]
+    assert name not in ("run", "init") or bracketed  # the commands of the issue have some
+    for word in bracketed:
+        assert word in shown, f"{name} --help lost {word!r}"
+    for markup in ("[b]", "[/b]", "[bold]"):
+        assert markup not in shown
+    assert "  ,  " not in shown and "(default:  " not in shown and "for ." not in shown
+
+
+def test_help_of_run_init_and_score_keep_their_words() -> None:
+    env = {"CHANPRUNE_DEBUG": None, "COLUMNS": "1000", "TERMINAL_WIDTH": "1000"}
+    run_help = " ".join(runner.invoke(app, ["run", "--help"], env=env).stdout.split())
+    assert "shared keys plus [score], [prune], [finetune], [export], [bench] and [run] tables" in run_help
+    assert "(default: [run] stages" in run_help
+    init_help = " ".join(runner.invoke(app, ["init", "--help"], env=env).stdout.split())
+    assert "Criterion for [score]." in init_help and "[bench] gate." in init_help
+    score_help = " ".join(runner.invoke(app, ["score", "--help"], env=env).stdout.split())
+    assert "see chanprune score --help" not in score_help
+    assert "Channel-importance criterion (chanprune score --list-criteria lists them)" in score_help
+    assert "synthetic:CxHxW[:K[:N]]" in score_help
+
+
+def _terminal(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """Progress bars as on a terminal (they are drawn only there): the environment for CliRunner."""
+    from chanprune_cli.support import progress
+
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: True)
+    return {"CHANPRUNE_DEBUG": None, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "200"}
+
+
+def test_prune_labels_every_long_step_and_bounds_val_data(digits_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    args = ["prune", str(digits_ckpt), "--arch", "digits_cnn", "--ratio", "0.5", "--data", "digits:train",
+            "--recalibrate-bn", "2", "--val-data", "digits:test", "--val-images", "100", "--seed", "3"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a.safetensors"), "--json", str(tmp_path / "a.json")],
+                           env=_terminal(monkeypatch))
+    assert result.exit_code == 0, result.output
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stderr)
+    for label in ("tracing the channel graph", "removing channels and verifying", "re-estimating BatchNorm statistics",
+                  "top-1 before pruning", "top-1 after pruning", "top-1 after BN recalibration"):
+        assert label in drawn, label
+    accuracy = json.loads((tmp_path / "a.json").read_text())["accuracy"]
+    assert accuracy["val_images"] == 100
+    assert {"top1_before", "top1_pruned", "top1_recalibrated"} <= set(accuracy)
+    for value in (accuracy["top1_before"], accuracy["top1_pruned"], accuracy["top1_recalibrated"]):
+        assert round(value) == value  # whole percents: 100 images
+    # the same seed draws the same images; off a terminal nothing is drawn at all
+    monkeypatch.undo()
+    again = cli(*args, "--out", str(tmp_path / "b.safetensors"), "--json", str(tmp_path / "b.json"))
+    assert again.exit_code == 0 and again.stderr == ""
+    assert json.loads((tmp_path / "b.json").read_text())["accuracy"] == accuracy
+
+
+def test_prune_dry_run_writes_nothing(digits_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never.safetensors"
+    result = cli("prune", str(digits_ckpt), "--arch", "digits_cnn", "--target-flops", "0.5", "--out", str(out),
+                 "--dry-run", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["dry_run"] is True and doc["output"] is None and doc["verify"]["passed"]
+    assert doc["after"]["macs"] <= 0.5 * doc["before"]["macs"] and doc["layers"]
+    assert any(r["out_after"] < r["out_before"] for r in doc["layers"])
+    assert not out.exists() and not Path(".chanprune").exists()
+    assert "dry run" in result.stderr  # the table went to stderr (--json -)
+    out.write_text("the user's file")  # an existing --out is no obstacle: nothing is written
+    assert cli("prune", str(digits_ckpt), "--arch", "digits_cnn", "--ratio", "0.5", "--out", str(out), "--dry-run").exit_code == 0
+    assert out.read_text() == "the user's file"
+
+
+def test_layer_ratio_flags_and_config_table(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r20.pt"
+    torch.save(build_model(parse_arch("cifar_resnet20")).state_dict(), ckpt)
+    common = ["prune", str(ckpt), "--arch", "cifar_resnet20", "--ratio", "0.5"]
+    result = cli(*common, "--layer-ratio", "layer3.*=0.75", "--layer-ratio", "layer1.0.conv1=0",
+                 "--out", str(tmp_path / "flags.safetensors"), "--json", str(tmp_path / "flags.json"))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads((tmp_path / "flags.json").read_text())
+    widths = {r["name"]: (r["out_before"], r["out_after"]) for r in doc["layers"]}
+    assert widths["layer3.0.conv1"] == (64, 16) and widths["layer1.0.conv1"] == (16, 16)
+    assert widths["layer2.0.conv1"] == (32, 16)  # --ratio for the rest
+    assert widths["conv1"] == (16, 8)  # the residual stream spans every stage: layer3.* does not select it
+    assert doc["layer_ratio"] == {"patterns": {"layer3.*": 0.75, "layer1.0.conv1": 0},
+                                  "groups": {"layer1.0.conv1": 0, "layer3.0.conv1": 0.75, "layer3.1.conv1": 0.75,
+                                             "layer3.2.conv1": 0.75}}
+    history = load_checkpoint(tmp_path / "flags.safetensors").history[-1]
+    assert history["layer_ratio"] == doc["layer_ratio"]
+
+    config = tmp_path / "lr.toml"
+    config.write_text('[prune]\nlayer_ratio = { "layer3.*" = 0.75, "layer1.0.conv1" = 0 }\n')
+    result = cli(*common, "--config", str(config), "--out", str(tmp_path / "table.safetensors"))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "table.safetensors").read_bytes() == (tmp_path / "flags.safetensors").read_bytes()
+    config.write_text('[prune]\nlayer_ratio = ["layer3.*=0.75", "layer1.0.conv1=0"]\n')
+    result = cli(*common, "--config", str(config), "--out", str(tmp_path / "list.safetensors"))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "list.safetensors").read_bytes() == (tmp_path / "flags.safetensors").read_bytes()
+
+
+def test_layer_ratio_with_target_flops_is_fixed_outside_the_ranking(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r20.pt"
+    torch.save(build_model(parse_arch("cifar_resnet20")).state_dict(), ckpt)
+    result = cli("prune", str(ckpt), "--arch", "cifar_resnet20", "--target-flops", "0.4", "--layer-ratio", "layer3.*=0.25",
+                 "--layer-ratio", "layer1.*=0", "--dry-run", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    widths = {r["name"]: (r["out_before"], r["out_after"]) for r in doc["layers"]}
+    assert all(widths[f"layer3.{i}.conv1"] == (64, 48) for i in range(3))
+    assert all(widths[f"layer1.{i}.conv1"] == (16, 16) for i in range(3))
+    assert doc["achieved"]["macs_reduction_pct"] >= 39  # the ranking of the other groups made up the rest
+
+
+def test_normalisation_is_recorded_and_reused(digits_ckpt: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first.safetensors"
+    result = cli("prune", str(digits_ckpt), "--arch", "digits_cnn", "--ratio", "0.25", "--mean", "0.5", "--std", "0.25",
+                 "--out", str(first))
+    assert result.exit_code == 0, result.stderr
+    loaded = load_checkpoint(first)
+    assert loaded.meta["normalization"] == {"mean": [0.5], "std": [0.25]} and loaded.input_shape == (1, 8, 8)
+
+    def prune_again(name: str, *extra: str) -> dict:
+        report = tmp_path / f"{name}.json"
+        res = cli("prune", str(first), "--ratio", "0.25", "--val-data", "digits:test", "--val-images", "200",
+                  "--out", str(tmp_path / f"{name}.safetensors"), "--json", str(report), *extra)
+        assert res.exit_code == 0, res.stderr
+        return json.loads(report.read_text())["accuracy"]
+
+    assert prune_again("recorded") == prune_again("explicit", "--mean", "0.5", "--std", "0.25")
+    prune_again("other", "--mean", "0", "--std", "1")
+    assert load_checkpoint(tmp_path / "recorded.safetensors").meta["normalization"] == {"mean": [0.5], "std": [0.25]}
+    assert load_checkpoint(tmp_path / "other.safetensors").meta["normalization"] == {"mean": [0.0], "std": [1.0]}
+
+    def scores(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        res = cli("score", str(first), "--criterion", "taylor", "--data", "digits:train", "--calib-batches", "1",
+                  "--out", str(tmp_path / f"{name}.scores.safetensors"), *extra)
+        assert res.exit_code == 0, res.stderr
+        return load_file(tmp_path / f"{name}.scores.safetensors")
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    recorded = scores("recorded")
+    assert same(recorded, scores("explicit", "--mean", "0.5", "--std", "0.25"))  # no flags: the recorded values
+    assert not same(recorded, scores("other", "--mean", "0", "--std", "1"))  # a flag wins
+
+
+def test_default_outputs_and_their_permissions(digits_ckpt: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    ckpt = shared / "model.pt"
+    ckpt.write_bytes(digits_ckpt.read_bytes())
+    old = os.umask(0o022)
+    try:
+        # score writes to the working directory (the checkpoint's folder may be read-only)
+        shared.chmod(0o555)
+        try:
+            scored = cli("score", str(ckpt), "--arch", "digits_cnn", "--criterion", "l1")
+        finally:
+            shared.chmod(0o755)
+        assert scored.exit_code == 0, scored.stderr
+        scores = Path("model.pt.l1.scores.safetensors")
+        assert scores.is_file() and not (shared / scores.name).exists()
+        # finetune, like prune, writes CKPT-STEM.<what>.safetensors next to the checkpoint
+        pruned = cli("prune", str(ckpt), "--arch", "digits_cnn", "--ratio", "0.5")
+        assert pruned.exit_code == 0, pruned.stderr
+        tuned = cli("finetune", str(shared / "model.pruned.safetensors"), "--data", "digits:train", "--max-steps", "1",
+                    "--batch-size", "16")
+        assert tuned.exit_code == 0, tuned.stderr
+        outputs = [scores, shared / "model.pruned.safetensors", shared / "model.pruned.finetuned.safetensors"]
+        for path in outputs:  # every output honours the umask (safetensors were 0600)
+            assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
+    finally:
+        os.umask(old)

@@ -275,6 +275,10 @@ BAD = [
     ("json-is-spec-file", lambda p, t: ["export", p["digits"], "--out", t / "m.safetensors", "--json", t / "m.safetensors.json"],
      "both name"),
     ("spec-file-exists", lambda p, t: ["export", p["digits"], "--out", t / "m.safetensors"], "m.safetensors.json already exists; pass --force"),
+    ("spatial-axes-unknown", lambda p, t: ["export", p["digits"], "--out", t / "m.onnx", "--spatial-axes", "sideways"],
+     "unknown --spatial-axes 'sideways'; choose auto, dynamic or fixed"),
+    ("spatial-axes-dynamic-size-bound", lambda p, t: ["export", p["digits"], "--out", t / "m.onnx", "--spatial-axes", "dynamic"],
+     "the model fails on inputs of shape 1,16,16"),
 ]
 
 
@@ -304,3 +308,93 @@ def test_exported_outputs_numpy_flatten() -> None:
     """onnxruntime returns numpy arrays; the comparison reads them like tensors."""
     got = exporter._outputs(lambda x: [np.ones((2, 3), dtype=np.float32)], torch.zeros(1))
     assert len(got) == 1 and got[0].dtype == torch.float64 and got[0].shape == (2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX height and width: dynamic for fully convolutional models, checked at two sizes
+
+FCN_SOURCE = '''
+import torch.nn as nn
+
+
+def make():  # fully convolutional: a segmentation-like head, any input size
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                         nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 2, 1))
+'''
+
+
+def _onnx_dims(path: Path) -> list[str | int]:
+    import onnx
+
+    return [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+
+
+def test_fully_convolutional_onnx_takes_any_size(tmp_path: Path) -> None:
+    """The issue's case: pruned at 12x12, the ONNX graph must run at 100x100 as PyTorch does."""
+    import onnxruntime as ort
+
+    Path("fcn_net.py").write_text(FCN_SOURCE)  # the working directory is importable (pkg.mod:factory)
+    torch.manual_seed(0)
+    model = build_model(parse_arch("fcn_net:make"))
+    randomize(model)
+    torch.save(model.state_dict(), tmp_path / "fcn.pt")
+    pruned_path = tmp_path / "fcn.pruned.safetensors"
+    result = cli("prune", tmp_path / "fcn.pt", "--arch", "fcn_net:make", "--input-shape", "3,12,12", "--ratio", "0.5",
+                 "--out", pruned_path)
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "fcn.onnx"
+    result = cli("export", pruned_path, "--arch", "fcn_net:make", "--out", out, "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.stderr
+    assert "height and width dynamic" in result.stdout
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert doc["spatial_axes"] == "dynamic" and set(doc["max_abs_diff_per_size"]) == {"24x24"} and doc["passed"]
+    assert _onnx_dims(out) == ["batch", 3, "input_height", "input_width"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference = load_checkpoint(pruned_path, arch="fcn_net:make").model.eval()
+    for size in ((100, 100), (12, 12), (37, 64)):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[0]))
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        with torch.no_grad():
+            ref = reference(x)
+        assert got.shape == ref.shape == (2, 2, *size)
+        assert float((got - ref).abs().max()) <= _tolerance(ref)
+
+    fixed = tmp_path / "fixed.onnx"
+    result = cli("export", pruned_path, "--arch", "fcn_net:make", "--out", fixed, "--spatial-axes", "fixed", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["spatial_axes"] == "fixed" and _onnx_dims(fixed) == ["batch", 3, 12, 12]
+
+
+def test_classifiers_keep_their_size_unless_asked(pruned: dict[str, Path], tmp_path: Path) -> None:
+    """A classifier's output does not follow the input size: auto keeps height and width fixed;
+    --spatial-axes dynamic makes them dynamic where the graph allows it, checked at twice the size."""
+    import onnxruntime as ort
+
+    result = cli("export", pruned["resnet20"], "--out", tmp_path / "auto.onnx", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["spatial_axes"] == "fixed" and _onnx_dims(tmp_path / "auto.onnx") == ["batch", 3, 32, 32]
+    result = cli("export", pruned["resnet20"], "--out", tmp_path / "dyn.onnx", "--spatial-axes", "dynamic", "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["max_abs_diff_per_size"].keys() == {"64x64"}
+    session = ort.InferenceSession(str(tmp_path / "dyn.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+    ref = _reference(pruned["resnet20"], x)
+    assert float((torch.from_numpy(session.run(None, {"input": x.numpy()})[0]) - ref).abs().max()) <= _tolerance(ref)
+
+
+def test_dynamic_size_mismatch_exits_1_and_leaves_nothing(pruned: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph that bakes the input size in passes at the export size and fails at the other one."""
+    real = exporter._outputs
+    monkeypatch.setattr(exporter, "_outputs", lambda run, x: [t + (0.5 if x.shape[-1] == 64 else 0) for t in real(run, x)])
+    result = cli("export", pruned["resnet20"], "--out", tmp_path / "m.onnx", "--spatial-axes", "dynamic")
+    assert result.exit_code == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert "does not match the PyTorch model at 64x64" in line and "use --spatial-axes fixed" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spatial_axes_warns_off_onnx(pruned: dict[str, Path], tmp_path: Path) -> None:
+    result = cli("export", pruned["digits"], "--out", tmp_path / "m.ts", "--spatial-axes", "dynamic")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip().splitlines()[0] == "warning: --spatial-axes only applies to --format onnx; ignored for torchscript"

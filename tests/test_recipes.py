@@ -128,6 +128,30 @@ def test_finetune_checkpoint_records_the_steps(ckpt: Path, tmp_path: Path) -> No
         finetune_checkpoint(str(ckpt), options)
 
 
+def test_finetune_checkpoint_names_its_output_like_prune(ckpt: Path, tmp_path: Path) -> None:
+    own = tmp_path / "digits.pt"
+    own.write_bytes(ckpt.read_bytes())
+    options = FinetuneOptions(data="digits:train", out=None, arch="digits_cnn",
+                              train=TrainConfig(max_steps=1, batch_size=16, progress=False))
+    result = finetune_checkpoint(str(own), options, show=lambda text: None)
+    assert result is not None and result.paths.out == tmp_path / "digits.finetuned.safetensors"
+    assert load_checkpoint(result.paths.out).history[-1]["command"] == "finetune"
+
+
+def test_prune_checkpoint_dry_run_and_layer_ratios(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    result = prune_checkpoint(str(ckpt), arch="digits_cnn", ratio=0.5, layer_ratio={"conv2": 0.75, "fc*": 0},
+                              out=str(out), dry_run=True)
+    assert result.dry_run and result.output is None and not out.exists()
+    assert result.layer_ratio == {"patterns": {"conv2": 0.75, "fc*": 0.0}, "groups": {"conv2": 0.75, "fc1": 0.0}}
+    widths = {r["name"]: r["out_after"] for r in result.layers}
+    assert widths == {"conv1": 8, "conv2": 8, "conv3": 16, "fc1": 64, "fc2": 10}
+    assert result.verify is not None and result.verify["passed"]  # verified in memory
+    written = prune_checkpoint(str(ckpt), arch="digits_cnn", ratio=0.5, layer_ratio=["conv2=0.75", "fc*=0"], out=str(out))
+    assert written.output == str(out) and written.layers == result.layers
+    assert load_checkpoint(out).history[-1]["layer_ratio"] == result.layer_ratio
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "onnx"])
 def test_export_checkpoint_checks_what_it_writes(ckpt: Path, tmp_path: Path, fmt: str) -> None:
     if fmt == "onnx":

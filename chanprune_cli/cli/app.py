@@ -16,6 +16,7 @@ import warnings
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -31,11 +32,17 @@ from .failures import DEBUG_ENV, DEBUG_KEY, fail, one_line, usage_error, warning
 
 
 class _ChanpruneGroup(TyperGroup):
-    """Maps exceptions to one stderr line and the documented exit codes.
+    """Maps exceptions to one stderr line and the documented exit codes, and shows help texts as
+    written.
 
     Done here rather than in `main()` so that every way of running the app (console script,
     `python -m chanprune_cli`, `typer.testing.CliRunner`) behaves the same.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in [self, *self.commands.values()]:
+            _literal_help(command)
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         try:
@@ -71,6 +78,17 @@ class _ChanpruneGroup(TyperGroup):
             fail(ctx, f"error: {one_line(str(exc))}", exc.exit_code)
         except Exception as exc:  # a bug or an unforeseen failure: still one line, exit 1
             fail(ctx, f"error: {type(exc).__name__}: {one_line(str(exc))} (re-run with --debug for the traceback)", 1)
+
+
+def _literal_help(command: Any) -> None:
+    """Help texts are plain text, but Typer renders them as rich markup, which swallows literal
+    brackets ("[prune] table", "CxHxW[:K[:N]]" would lose words): escape them all, in one place.
+    Only epilogs are markup (`options.examples` escapes what it puts in them)."""
+    for holder in [command, *command.params]:
+        for attribute in ("help", "short_help"):
+            text = getattr(holder, attribute, None)
+            if isinstance(text, str):
+                setattr(holder, attribute, escape(text))
 
 
 app = typer.Typer(

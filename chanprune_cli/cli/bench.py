@@ -14,6 +14,7 @@ from .options import (
     ArchOpt,
     BatchSizeOpt,
     CalibBatchesOpt,
+    ClassesOpt,
     ConfigOpt,
     DataOpt,
     DebugOpt,
@@ -62,6 +63,7 @@ def bench(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
+    classes: ClassesOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="B,B", help="Batch sizes to time, comma-separated.", rich_help_panel=TIMING_PANEL)] = "1,32",
     threads: Annotated[int | None, typer.Option("--threads", metavar="N", min=1, help="CPU threads for timing (default: torch's current count, kept fixed for every model and recorded).", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs before timing (fewer when --max-time is short).", rich_help_panel=TIMING_PANEL)] = 10,
@@ -84,7 +86,7 @@ def bench(
     report = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
                                trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
                                batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                               batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats,
+                               classes=classes, batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats,
                                max_time=max_time, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
                                gate_batch=gate_batch, plot=plot, force=force, json_report=json_out)
     # With `--json -` stdout carries only the JSON document, so the table goes to stderr.

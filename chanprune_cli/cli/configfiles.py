@@ -13,10 +13,12 @@ import typer
 from ..errors import UserError
 
 try:  # typer >= 0.26 vendors click; older releases use the click package
-    from typer._click.core import ParameterSource
+    from typer._click.core import Context, ParameterSource
+    from typer._click.exceptions import BadParameter
     from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click.core import ParameterSource
+    from click.core import Context, ParameterSource
+    from click.exceptions import BadParameter
     from click.globals import get_current_context
 
 # Positional arguments have no option name; these are their config keys.
@@ -84,6 +86,46 @@ def default_map(command: Any, settings: dict[str, Any]) -> dict[str, Any]:
         value = setting.value
         result[param.name] = (value if isinstance(value, list) else [value]) if many else option_text(value)
     return result
+
+
+def check_settings(command: Any, settings: dict[str, Any]) -> None:
+    """Convert every config value as Click converts the option (types, choices, ranges), so that a bad
+    value fails before anything runs and the message names the key where it was set, not the option."""
+    ctx = Context(command)
+    params = option_keys(command)
+    for key, setting in settings.items():
+        param = params[key]
+        try:
+            param.process_value(ctx, default_map(command, {key: setting})[param.name])
+        except BadParameter as exc:
+            raise UserError(f"{setting.typed(key)} = {setting.value!r}: {exc.message}; fix the value "
+                            f"(see 'chanprune {command.name} --help')") from None
+
+
+def option_args(command: Any, args: list[str], settings: dict[str, Any]) -> list[str]:
+    """The options `settings` give `command` on top of `args`, as a shell would type them: with `args`,
+    the command line that does the same without the config files. Options in `args` win, so they are left out."""
+    from ..project.config import option_text
+
+    ctx = Context(command)
+    given = {a.split("=", 1)[0] for a in args if a.startswith("--")}
+    params = option_keys(command)
+    extra: list[str] = []
+    for key, setting in settings.items():
+        param = params[key]
+        if param.param_type_name == "argument" or given & {*param.opts, *param.secondary_opts}:
+            continue
+        name = next(o for o in param.opts if o.startswith("--"))
+        value = param.process_value(ctx, default_map(command, {key: setting})[param.name])
+        if param.is_flag:
+            off = [o for o in param.secondary_opts if o.startswith("--")]
+            extra += [name] if value else off[:1]
+        elif param.multiple or param.nargs == -1:
+            for item in setting.value if isinstance(setting.value, list) else [setting.value]:
+                extra += [name, str(option_text(item))]
+        else:
+            extra += [name, str(option_text(setting.value))]
+    return extra
 
 
 def prefer_flags(**values: Any) -> dict[str, Any]:

@@ -35,14 +35,17 @@ from .options import (
          "chanprune export pruned.safetensors --format safetensors --out model.safetensors"),
         ("a torchvision model at another input size and opset",
          "chanprune export r18.pt --arch torchvision:resnet18 --input-shape 3,160,160 --format onnx --opset 13 --out r18.onnx"),
+        ("a classifier whose ONNX graph takes any image size (checked at the given size and at twice it)",
+         "chanprune export r18.pt --arch torchvision:resnet18 --format onnx --spatial-axes dynamic --out r18.onnx"),
     ),
 )
 def export(
     ctx: typer.Context,
     ckpt: CkptArg = None,
-    format_: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help="[b]onnx[/b], [b]torchscript[/b] or [b]safetensors[/b] (default: from the --out suffix: .onnx, .pt/.ts, .safetensors).", show_default=False)] = None,
+    format_: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help="onnx, torchscript or safetensors (default: from the --out suffix: .onnx, .pt/.ts, .safetensors).", show_default=False)] = None,
     out: Annotated[str | None, typer.Option("--out", metavar="PATH", help="Output file; a safetensors export also writes PATH.json (the architecture spec).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset version (onnx only).")] = 17,
+    spatial_axes: Annotated[str, typer.Option("--spatial-axes", metavar="auto|dynamic|fixed", help="ONNX height and width: dynamic for a fully convolutional model, one whose output size follows the input's (auto); dynamic for any model (dynamic, e.g. a classifier with global pooling); or fixed at --input-shape (fixed). Dynamic axes are checked at --input-shape and at twice its height and width (onnx only).")] = "auto",
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="R", help="Relative tolerance of the check: the export fails when max |export − PyTorch| > R × max(1, max |PyTorch output|).")] = 1e-4,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -66,11 +69,20 @@ def export(
     from ..report import export_document, make_console, render_export, write_json
 
     fmt = export_format(out, format_)
-    if fmt != "onnx" and given_as_flag(ctx, "opset"):  # typed by the user: not the default or a config value
-        typer.echo(f"warning: --opset only applies to --format onnx; ignored for {fmt}", err=True)
+    for option, name in (("--opset", "opset"), ("--spatial-axes", "spatial_axes")):
+        if fmt != "onnx" and given_as_flag(ctx, name):  # typed by the user: not the default or a config value
+            typer.echo(f"warning: {option} only applies to --format onnx; ignored for {fmt}", err=True)
     outcome = export_checkpoint(ckpt, out, format=fmt, opset=opset, tolerance=tolerance, arch=arch,
                                 arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
-                                device=device, force=force, json_report=json_out)
-    render_export(outcome.checkpoint, outcome.exported, make_console(stderr=json_out == "-"))
+                                device=device, force=force, json_report=json_out, spatial_axes=spatial_axes)
+    exported = outcome.exported
+    console = make_console(stderr=json_out == "-")
+    render_export(outcome.checkpoint, exported, console)
+    if exported.spatial_axes == "dynamic":
+        sizes = ", ".join(f"{size} {diff:.2e}" for size, diff in exported.per_size.items())
+        console.print(f"spatial    height and width dynamic; also checked at {sizes} (batch 1, max |export − PyTorch|)")
     if json_out is not None:
-        write_json(export_document(outcome.checkpoint, outcome.exported, arch=outcome.arch), json_out)
+        document = export_document(outcome.checkpoint, exported, arch=outcome.arch)
+        document["spatial_axes"] = exported.spatial_axes
+        document["max_abs_diff_per_size"] = exported.per_size
+        write_json(document, json_out)

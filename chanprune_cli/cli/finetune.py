@@ -16,6 +16,7 @@ from .options import (
     ArchOpt,
     BatchSizeOpt,
     CkptArg,
+    ClassesOpt,
     ConfigOpt,
     DataOpt,
     DebugOpt,
@@ -24,7 +25,6 @@ from .options import (
     InputShapeOpt,
     JsonOpt,
     MeanOpt,
-    OutOpt,
     SeedOpt,
     StdOpt,
     TrustPickleOpt,
@@ -80,7 +80,7 @@ def finetune(
     teacher_arch_kwargs: Annotated[Optional[str], typer.Option("--teacher-arch-kwargs", metavar="JSON", help="Factory kwargs for --teacher-arch.", rich_help_panel=KD_PANEL, show_default=False)] = None,
     kd_alpha: Annotated[float, typer.Option("--kd-alpha", metavar="α", help="Weight of the distillation term.", rich_help_panel=KD_PANEL)] = 0.5,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature", metavar="T", help="Softmax temperature of the distillation term.", rich_help_panel=KD_PANEL)] = 4.0,
-    schedule: Annotated[str, typer.Option("--schedule", metavar="none|asfp|sfp|cac|whitebox", help="Prune while training: [b]asfp[/b] asymptotic soft filter pruning (rate P·(1−4^(−t/D)), filters re-selected every interval, removed at the end), [b]sfp[/b] the same at a constant rate, [b]cac[/b] online conditional-accuracy-change gates removing channels early in training (reconstructed), [b]whitebox[/b] class-wise masks trained on frozen weights, global-voting removal and BN rescaling, then fine-tuning.", rich_help_panel=SCHEDULE_PANEL)] = "none",
+    schedule: Annotated[str, typer.Option("--schedule", metavar="none|asfp|sfp|cac|whitebox", help="Prune while training: asfp: asymptotic soft filter pruning (rate P·(1−4^(−t/D)), filters re-selected every interval, removed at the end); sfp: the same at a constant rate; cac: online conditional-accuracy-change gates removing channels early in training (reconstructed); whitebox: class-wise masks trained on frozen weights, global-voting removal and BN rescaling, then fine-tuning.", rich_help_panel=SCHEDULE_PANEL)] = "none",
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Schedule target: remove this fraction of the channels of every prunable group.", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Schedule target: remove this fraction of the MACs (global ranking).", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
     prune_every: Annotated[Optional[int], typer.Option("--prune-every", metavar="STEPS", min=1, help="Pruning interval in steps (asfp/sfp default: one epoch; cac default: --cac-rounds equal intervals).", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
@@ -102,7 +102,7 @@ def finetune(
     log_every: Annotated[int, typer.Option("--log-every", metavar="STEPS", min=1, help="Log line interval when stderr is not a terminal.", rich_help_panel=RUN_PANEL)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.state.pt (same options; same result as an uninterrupted run).", rich_help_panel=RUN_PANEL)] = False,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep <out>.last and <out>.state.pt after the run completes.", rich_help_panel=OUTPUT_PANEL)] = False,
-    out: OutOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: InputShapeOpt = None,
@@ -110,6 +110,7 @@ def finetune(
     device: DeviceOpt = "auto",
     mean: MeanOpt = None,
     std: StdOpt = None,
+    classes: ClassesOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
@@ -124,12 +125,11 @@ def finetune(
         raise UserError("give a checkpoint to fine-tune: chanprune finetune CKPT --data TRAIN --out F.safetensors")
     if data is None:
         raise UserError("give training data: --data (an ImageFolder, a .tar.gz of one, digits:train, synthetic:CxHxW:K:N ...)")
-    if out is None:
-        raise UserError("give an output file: --out finetuned.safetensors")
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
     from ..recipes.finetune import FinetuneOptions, finetune_checkpoint
     from ..report import json_document, make_console, write_json
     from ..train import TrainConfig
+    from ..train.process import Stopped
 
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                       nesterov=nesterov, weight_decay=weight_decay, decay_norm_and_bias=decay_norm_bias,
@@ -144,9 +144,12 @@ def finetune(
         prune_every=prune_every, prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
         mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or (), arch=arch,
         arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle, device=device, mean=mean, std=std,
-        threads=threads, resume=resume, keep_state=keep_state, force=force)
+        classes=classes, threads=threads, resume=resume, keep_state=keep_state, force=force)
     console = make_console(stderr=json_out == "-")
-    result = finetune_checkpoint(ckpt, options, show=console.print, json_report=json_out)
+    try:
+        result = finetune_checkpoint(ckpt, options, show=console.print, json_report=json_out)
+    except Stopped as stopped:  # the state is saved and the resume line printed: exit as the signal asks
+        raise typer.Exit(stopped.exit_code) from None
     if result is None:  # a torchrun process other than rank 0
         return
     _render(console, result)

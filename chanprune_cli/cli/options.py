@@ -26,23 +26,24 @@ def examples(*pairs: tuple[str, str]) -> str:
 
 
 CkptArg = Annotated[Optional[str], typer.Argument(metavar="CKPT", help="Checkpoint file (state dict, safetensors, chanprune file, or a pickled module with --trust-pickle).", show_default=False)]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="ARCH", help="Architecture: a built-in name (see --list-archs), [b]torchvision:NAME[/b], or [b]package.module:factory[/b]. Not needed for chanprune files.", rich_help_panel=MODEL_PANEL, show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="ARCH", help="Architecture: a built-in name (chanprune analyze --list-archs lists them), torchvision:NAME, or package.module:factory. Not needed for chanprune files.", rich_help_panel=MODEL_PANEL, show_default=False)]
 ArchKwargsOpt = Annotated[Optional[str], typer.Option("--arch-kwargs", metavar="JSON", help="Factory keyword arguments as a JSON object, e.g. '{\"num_classes\": 10}'.", rich_help_panel=MODEL_PANEL, show_default=False)]
 InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", metavar="C,H,W", help="Model input shape (default: recorded in the checkpoint or known for the architecture). Data is resized to it.", rich_help_panel=MODEL_PANEL, show_default=False)]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled objects. Pickles run code: only for files you trust.", rich_help_panel=MODEL_PANEL)]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run the model (auto: CUDA when available).", rich_help_panel=MODEL_PANEL)]
-DataOpt = Annotated[Optional[str], typer.Option("--data", metavar="DATA", help="Dataset: ImageFolder directory, .tar/.tar.gz of one, MNIST IDX directory, [b]synthetic:CxHxW[:K[:N]][/b], or [b]digits:train[/b]/[b]digits:test[/b].", rich_help_panel=DATA_PANEL, show_default=False)]
+DataOpt = Annotated[Optional[str], typer.Option("--data", metavar="DATA", help="Dataset: ImageFolder directory, .tar/.tar.gz of one, MNIST IDX directory, synthetic:CxHxW[:K[:N]], or digits:train/digits:test.", rich_help_panel=DATA_PANEL, show_default=False)]
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", metavar="M[,M,M]", help="Per-channel normalisation mean; one value applies to every channel (default: ImageNet statistics for RGB images, the data set's own for digits and MNIST).", rich_help_panel=DATA_PANEL, show_default=False)]
 StdOpt = Annotated[Optional[str], typer.Option("--std", metavar="S[,S,S]", help="Per-channel normalisation std (default: as --mean).", rich_help_panel=DATA_PANEL, show_default=False)]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size for data passes.", rich_help_panel=DATA_PANEL)]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="Data loading worker processes (0: load in the main process).", rich_help_panel=DATA_PANEL)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffling), recorded in JSON reports.", rich_help_panel=DATA_PANEL)]
 CalibBatchesOpt = Annotated[Optional[int], typer.Option("--calib-batches", min=1, metavar="N", help="Use at most N batches of --data, drawn at random with --seed (default: all).", rich_help_panel=DATA_PANEL, show_default=False)]
-CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Channel-importance criterion (see [b]chanprune score --help[/b] for the list).", show_default=False)]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", metavar="NAMES", help="The model's class names in output order (comma-separated, or @FILE with one per line): data classes (folder names) are labelled by their place in this list, so a folder holding some of the classes is scored right. Default: the names the checkpoint records, else the data's sorted order.", rich_help_panel=DATA_PANEL, show_default=False)]
+CriterionOpt = Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Channel-importance criterion (chanprune score --list-criteria lists them).", show_default=False)]
 CriterionOptionOpt = Annotated[Optional[list[str]], typer.Option(
     "--criterion-opt", metavar="KEY=VALUE",
-    help="A criterion option (repeatable), e.g. [b]--criterion-opt sigma=0.5[/b]; typed like its default. "
-         "[b]chanprune score --list-criteria[/b] lists each criterion's options and defaults.", show_default=False)]
+    help="A criterion option (repeatable), e.g. --criterion-opt sigma=0.5; typed like its default. "
+         "chanprune score --list-criteria lists each criterion's options and defaults.", show_default=False)]
 OutOpt = Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Output file (safetensors).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the report as JSON to PATH ('-': stdout, the table then goes to stderr).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT_PANEL)]

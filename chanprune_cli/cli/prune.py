@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import UserError
 from .app import app
@@ -17,6 +18,7 @@ from .options import (
     BatchSizeOpt,
     CalibBatchesOpt,
     CkptArg,
+    ClassesOpt,
     ConfigOpt,
     CriterionOpt,
     CriterionOptionOpt,
@@ -35,6 +37,12 @@ from .options import (
 )
 
 
+def _layer_ratio_value(value: Any) -> Any:
+    """A --layer-ratio value as given: a GLOB=R string, or a {GLOB = R} table from a config file
+    (which Click would otherwise turn into its Python text). The recipe validates both."""
+    return value
+
+
 @app.command(
     epilog=examples(
         ("remove half of every layer's channels by L1 norm, verified, as a chanprune file",
@@ -47,16 +55,23 @@ from .options import (
          "chanprune prune resnet56.th --arch cifar_resnet56 --criterion l1 --target-flops 0.5 --rounds 10 --out r56.safetensors"),
         ("keep the classifier head and the stem untouched",
          "chanprune prune model.pt --arch torchvision:mobilenet_v2 --ratio 0.3 --ignore 'features.0.*' --ignore classifier.1 --out m.safetensors"),
+        ("half of every layer group's channels, but 70 % of the last stage's inner ones and none of the first block's",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --ratio 0.5 --layer-ratio 'layer3.*=0.7' --layer-ratio 'layer1.0.*=0'"),
+        ("see the plan (widths, MACs, params) without writing anything",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --target-flops 0.5 --dry-run --json -"),
+        ("top-1 before, after pruning and after BN recalibration on 1000 random test images",
+         "chanprune prune resnet56.th --arch cifar_resnet56 --ratio 0.5 --data train.tar.gz --val-data test.tar.gz --val-images 1000"),
     ),
 )
 def prune(
     ckpt: CkptArg = None,
     criterion: CriterionOpt = None,
     criterion_opt: CriterionOptionOpt = None,
-    scores_path: Annotated[Optional[str], typer.Option("--scores", metavar="S", help="Scores from [b]chanprune score[/b] (instead of --criterion).", show_default=False)] = None,
+    scores_path: Annotated[Optional[str], typer.Option("--scores", metavar="S", help="Scores from chanprune score (instead of --criterion).", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Remove this fraction of the channels of every prunable group (0 < R < 1).", show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Remove this fraction of the MACs by one global ranking (0 < F < 1).", show_default=False)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
+    layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", metavar="GLOB=R", parser=_layer_ratio_value, help="Remove the fraction R (0 <= R < 1; 0 keeps them whole) of the channels of every layer group all of whose producer layers match GLOB, e.g. 'layer3.*=0.7' (repeatable; the last matching GLOB wins; a residual stream shared by several stages matches only a GLOB covering all of them, e.g. '*'). With --ratio: instead of it. With --target-flops: at that fixed ratio, outside the global ranking, which removes what the target still needs from the other groups. In a config file: a list of GLOB=R strings or a table {GLOB = R} (as a flag, also a JSON object). --min-keep and --round-to still apply.", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
     cost_exponent: Annotated[float, typer.Option("--cost-exponent", metavar="E", min=0.0, max=1.0, help="With --target-flops: rank channels by importance / (MACs a channel costs)^E. 0: importance only; 1: importance per MAC; values in between trade the two. Which value works best depends on the model and criterion (measurements: BENCHMARKS.md).")] = 0.0,
@@ -65,6 +80,7 @@ def prune(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
+    val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -78,6 +94,8 @@ def prune(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
+    classes: ClassesOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=OUTPUT_PANEL)] = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -107,20 +125,34 @@ def prune(
     )
 
     result = prune_checkpoint(ckpt, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
-                              ratio=ratio, target_flops=target_flops, ignore=ignore or (), min_keep=min_keep,
-                              round_to=round_to, cost_exponent=cost_exponent, normalize=normalize, rounds=rounds,
-                              verify=not no_verify, recalibrate_bn=recalibrate_bn, val_data=val_data, out=out,
-                              arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
-                              device=device, data=data, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                              seed=seed, calib_batches=calib_batches, force=force, json_report=json_out)
-    record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path), "criterion": result.criterion.name,
-                     "out": absolute(result.output)})
-    report = PruneReport(result.checkpoint, result.output, result.criterion.name, result.requested, result.before,
-                         result.after, result.layers, result.verify, result.blocked, seed=result.seed,
-                         accuracy=result.accuracy)
-    render_prune(report, make_console(stderr=json_out == "-"))
+                              ratio=ratio, target_flops=target_flops, ignore=ignore or (), layer_ratio=layer_ratio,
+                              min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent, normalize=normalize,
+                              rounds=rounds, verify=not no_verify, recalibrate_bn=recalibrate_bn, val_data=val_data,
+                              val_images=val_images, out=out, arch=arch, arch_kwargs=arch_kwargs,
+                              input_shape=input_shape, trust_pickle=trust_pickle, device=device, data=data, mean=mean,
+                              std=std, batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
+                              classes=classes, force=force, json_report=json_out, dry_run=dry_run)
+    if result.output is not None:  # a dry run leaves nothing for a later command to pick up
+        record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
+                         "criterion": result.criterion.name, "out": absolute(result.output)})
+    report = PruneReport(result.checkpoint, result.output or "(dry run: nothing written)", result.criterion.name,
+                         result.requested, result.before, result.after, result.layers, result.verify, result.blocked,
+                         seed=result.seed, accuracy=result.accuracy)
+    console = make_console(stderr=json_out == "-")
+    render_prune(report, console)
+    if result.layer_ratio is not None:
+        groups = result.layer_ratio["groups"]
+        console.print("by layer   " + ", ".join(f"{escape(glob)} {r:g}" for glob, r in result.layer_ratio["patterns"].items())
+                      + f" ({len(groups)} group(s) matched)")
+    if result.accuracy is not None and "val_images" in result.accuracy:
+        console.print(f"val images {result.accuracy['val_images']:,} of --val-data (--val-images, drawn with --seed)")
+    if result.dry_run:
+        console.print("dry run    nothing written (no --out file, no .chanprune/last.json entry)")
     if json_out is not None:
         document = prune_document(report)
+        document["output"] = result.output
+        document["dry_run"] = result.dry_run
+        document["layer_ratio"] = result.layer_ratio
         document["criterion_options"] = result.criterion.recorded_options
         document["normalize"] = result.normalize
         document["rounds"] = result.rounds

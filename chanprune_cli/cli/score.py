@@ -14,6 +14,7 @@ from .options import (
     ArchOpt,
     BatchSizeOpt,
     CalibBatchesOpt,
+    ClassesOpt,
     CkptArg,
     ConfigOpt,
     CriterionOpt,
@@ -39,7 +40,7 @@ from .options import (
          "chanprune score resnet56.th --arch cifar_resnet56 --criterion sensitivity --data train.tar.gz --calib-batches 20 --out r56.sens.safetensors"),
         ("a weight-only criterion needs no data",
          "chanprune score model.pt --arch torchvision:resnet18 --criterion fpgm --out r18.fpgm.safetensors"),
-        ("scores land next to the checkpoint (resnet56.th.l1.scores.safetensors); a plain `prune` then uses them",
+        ("scores land in the working directory (resnet56.th.l1.scores.safetensors); a plain `prune` then uses them",
          "chanprune score resnet56.th --arch cifar_resnet56 --criterion l1 && chanprune prune --ratio 0.5"),
         ("then prune with those scores", "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.sens.safetensors --target-flops 0.5 --out p.safetensors"),
     ),
@@ -49,7 +50,7 @@ def score(
     criterion: CriterionOpt = None,
     criterion_opt: CriterionOptionOpt = None,
     list_criteria: Annotated[bool, typer.Option("--list-criteria", help="List the criteria with what they need and their options (KEY=default), then exit.")] = False,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Scores file (default: CKPT.CRITERION.scores.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Scores file (default: CKPT-NAME.CRITERION.scores.safetensors in the working directory).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     ratio: Annotated[float, typer.Option("--ratio", metavar="R", help="For the summary: how many channels of each layer this ratio would remove.")] = 0.5,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -63,6 +64,7 @@ def score(
     workers: WorkersOpt = 0,
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
+    classes: ClassesOpt = None,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -70,8 +72,8 @@ def score(
 ) -> None:
     """Score every prunable channel with a criterion and save the scores for `prune --scores`.
 
-    [b]--list-criteria[/b] shows every criterion with its options and defaults; set them with
-    [b]--criterion-opt KEY=VALUE[/b] (repeatable)."""
+    --list-criteria shows every criterion with its options and defaults; set them with
+    --criterion-opt KEY=VALUE (repeatable)."""
     if list_criteria:
         print_criteria()
         return
@@ -84,7 +86,8 @@ def score(
     result = score_checkpoint(ckpt, criterion, criterion_options=criterion_opt, out=out, ratio=ratio, arch=arch,
                               arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
                               device=device, data=data, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                              seed=seed, calib_batches=calib_batches, force=force, json_report=json_out)
+                              seed=seed, calib_batches=calib_batches, classes=classes, force=force,
+                              json_report=json_out)
     if result is None:  # a torchrun process other than rank 0
         return
     record("score", {"checkpoint": absolute(ckpt), "arch": arch, "arch_kwargs": arch_kwargs, "input_shape": input_shape,

@@ -4,7 +4,8 @@ Every export is written to a temporary file next to the destination, read back t
 will read it (onnxruntime, `torch.jit.load`, plain `safetensors` + `load_state_dict`), run on the
 same random inputs as the PyTorch model at two batch sizes, and renamed into place only when the
 largest absolute difference is within tolerance. Otherwise a `ChanpruneError` (exit 1) is raised
-and nothing is left behind.
+and nothing is left behind. An ONNX export of a fully convolutional model (one whose output size
+follows the input's) has dynamic height and width too, and is also checked at twice the size.
 
 Tolerance: `rtol × max(1, max |reference output|)`, as in `surgery.verify`, but in float32 (the
 exported artefacts run in float32, where different kernels legitimately differ by ~1e-6 relative).
@@ -37,10 +38,12 @@ __all__ = [
     "DEFAULT_RTOL",
     "FORMATS",
     "LOAD_SNIPPET",
+    "SPATIAL_AXES",
     "ExportMismatch",
     "ExportResult",
     "apply_export_spec",
     "check_opset",
+    "check_spatial_axes",
     "export_model",
     "export_onnx",
     "export_safetensors",
@@ -58,6 +61,9 @@ DEFAULT_RTOL = 1e-4
 # Exported at batch 2, checked at 1 and 3: a batch size baked into the graph cannot pass both.
 EXPORT_BATCH_SIZE = 2
 CHECK_BATCH_SIZES = (1, 3)
+# ONNX height/width: dynamic for fully convolutional models (auto), always, or fixed at --input-shape.
+SPATIAL_AXES = ("auto", "dynamic", "fixed")
+SPATIAL_SCALE = 2  # the second size checked: twice the height and width (keeps their divisibility)
 SPEC_FORMAT = "chanprune-export"
 SPEC_FORMAT_VERSION = 1
 
@@ -97,6 +103,8 @@ class ExportResult:
     method: str | None = None        # torchscript: "script" or "trace"
     spec_path: str | None = None     # safetensors: the JSON architecture spec next to the weights
     device: str = "cpu"              # where the exported artefact was checked
+    spatial_axes: str | None = None  # onnx: "dynamic" (height/width) or "fixed"
+    per_size: dict[str, float] = field(default_factory=dict)  # onnx, dynamic: "HxW" -> max abs diff at batch 1
 
     @property
     def size_mb(self) -> float:
@@ -152,6 +160,14 @@ def check_opset(opset: int) -> None:
     low, high = _opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
         raise UserError(f"--opset {opset} is not supported by this torch's ONNX exporter; pick one from {low} to {high}")
+
+
+def check_spatial_axes(mode: str) -> str:
+    """The --spatial-axes mode (any case), or UserError."""
+    value = str(mode).strip().lower()
+    if value not in SPATIAL_AXES:
+        raise UserError(f"unknown --spatial-axes {mode!r}; choose auto, dynamic or fixed")
+    return value
 
 
 def _first_line(exc: BaseException) -> str:
@@ -227,8 +243,10 @@ def _reference(model: nn.Module, inputs: Mapping[int, torch.Tensor], input_shape
 
 
 def _compare(fmt: str, reference: Mapping[int, list[torch.Tensor]], inputs: Mapping[int, torch.Tensor],
-             run: Callable[[torch.Tensor], Any], rtol: float) -> tuple[float, float, dict[int, float]]:
-    """(max abs diff, absolute tolerance, per-batch diffs) of `run` against `reference`."""
+             run: Callable[[torch.Tensor], Any], rtol: float,
+             hint: str = "re-run with --debug for details") -> tuple[float, float, dict[int, float]]:
+    """(max abs diff, absolute tolerance, per-batch diffs) of `run` against `reference`; `hint`
+    ends the message when the export fails to run."""
     scale = max((float(t.abs().max()) for outs in reference.values() for t in outs if t.numel()), default=0.0)
     tolerance = rtol * max(1.0, scale)
     per_batch: dict[int, float] = {}
@@ -236,8 +254,9 @@ def _compare(fmt: str, reference: Mapping[int, list[torch.Tensor]], inputs: Mapp
         try:
             got = _outputs(run, x)
         except Exception as exc:  # noqa: BLE001 -- the exported artefact failed to run: one line, exit 1
-            raise ChanpruneError(f"the {fmt} export fails on a batch of {b} ({_first_line(exc)}); "
-                                 "nothing was written, re-run with --debug for details") from None
+            shape = ",".join(str(d) for d in x.shape)
+            raise ChanpruneError(f"the {fmt} export fails on inputs of shape {shape} ({_first_line(exc)}); "
+                                 f"nothing was written, {hint}") from None
         ref = reference[b]
         if len(got) != len(ref) or any(a.shape != c.shape for a, c in zip(ref, got)):
             per_batch[b] = float("inf")
@@ -264,12 +283,51 @@ def _size(*paths: Path) -> int:
 # ONNX
 
 
+def _other_size(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], *(d * SPATIAL_SCALE for d in shape[1:]))
+
+
+@torch.no_grad()
+def _spatial_reference(model: nn.Module, shape: tuple[int, ...], reference: list[torch.Tensor], mode: str,
+                       seed: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Input and outputs at twice the height and width when the export gets dynamic spatial axes
+    (None: fixed). auto: only for a fully convolutional model, one whose output size follows the
+    input's; a classifier's output does not, and its graph may bake the size in (pooling kernels)."""
+    if mode == "fixed":
+        return None
+    other = _other_size(shape)
+    x = torch.randn((1, *other), generator=torch.Generator().manual_seed(seed + 2)).to(_dtype(model))
+    try:
+        outputs = [t.detach().to("cpu", torch.float64) for t in _flatten(model(x))]
+    except Exception as exc:  # noqa: BLE001 -- any failure of the model's forward: it takes one size only
+        if mode == "dynamic":
+            raise UserError(f"--spatial-axes dynamic: the model fails on inputs of shape {','.join(map(str, other))} "
+                            f"({_first_line(exc)}); use --spatial-axes fixed") from None
+        return None
+    follows = len(outputs) == len(reference) and any(a.shape[1:] != b.shape[1:] for a, b in zip(outputs, reference))
+    return (x, outputs) if mode == "dynamic" or follows else None
+
+
+def _dynamic_axes(name: str, small: torch.Tensor, large: torch.Tensor | None) -> dict[int, str]:
+    """The batch axis, and the axes whose size differs between the two spatial sizes."""
+    axes = {0: "batch"}
+    if large is not None and large.dim() == small.dim():
+        names = {2: "height", 3: "width"} if small.dim() == 4 else {}
+        axes.update({i: f"{name}_{names.get(i, i)}" for i in range(1, small.dim()) if small.shape[i] != large.shape[i]})
+    return axes
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: Sequence[int], *,
                 opset: int = DEFAULT_OPSET, rtol: float = DEFAULT_RTOL, seed: int = 0,
-                batch_sizes: Sequence[int] = CHECK_BATCH_SIZES) -> ExportResult:
-    """ONNX with a dynamic batch axis, checked with onnxruntime (CPU) before it is kept."""
+                batch_sizes: Sequence[int] = CHECK_BATCH_SIZES, spatial_axes: str = "auto") -> ExportResult:
+    """ONNX with a dynamic batch axis, checked with onnxruntime (CPU) before it is kept.
+
+    `spatial_axes` ("auto", "dynamic", "fixed"): whether height and width are dynamic too; auto
+    makes them dynamic for fully convolutional models. With dynamic spatial axes the export is also
+    checked at twice the height and width (batch 1)."""
     require_onnx()
     check_opset(opset)
+    mode = check_spatial_axes(spatial_axes)
     import onnx
     import onnxruntime as ort
 
@@ -277,9 +335,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: Seq
     shape = tuple(int(d) for d in input_shape)
     inputs = _inputs(model, shape, batch_sizes, seed)
     reference = _reference(model, inputs, shape)
-    n_out = len(next(iter(reference.values())))
+    first = next(iter(reference.values()))
+    spatial = _spatial_reference(model, shape, first, mode, seed)
+    n_out = len(first)
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     example = _inputs(model, shape, [EXPORT_BATCH_SIZE], seed + 1)[EXPORT_BATCH_SIZE]
+    small_in = inputs[next(iter(inputs))]
+    dynamic_axes = {"input": _dynamic_axes("input", small_in, spatial[0] if spatial else None)}
+    for i, name in enumerate(output_names):
+        dynamic_axes[name] = _dynamic_axes(name, first[i], spatial[1][i] if spatial else None)
     # The TorchScript-based exporter (dynamo=False), not torch 2.9+'s default torch.export-based
     # one: that one needs the separate `onnxscript` package and fails on some user models, while
     # this one works offline with torch alone and marks the batch axis dynamic via dynamic_axes.
@@ -287,7 +351,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: Seq
         "opset_version": opset,
         "input_names": ["input"],
         "output_names": output_names,
-        "dynamic_axes": {name: {0: "batch"} for name in ["input", *output_names]},
+        "dynamic_axes": dynamic_axes,
         "do_constant_folding": True,
     }
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch < 2.5 has only this exporter
@@ -308,8 +372,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], input_shape: Seq
             return session.run(None, {input_name: x.numpy()})
 
         diff, tolerance, per_batch = _compare("onnx", reference, inputs, run, rtol)
-        result = ExportResult("onnx", str(out), shape, diff, tolerance, rtol, diff <= tolerance, tuple(batch_sizes),
-                              _size(tmp), per_batch, opset=opset)
+        per_size: dict[str, float] = {}
+        fixed_size = "the graph fixes the input size somewhere: use --spatial-axes fixed"
+        size = "x".join(str(d) for d in _other_size(shape)[1:])
+        if spatial is not None:
+            per_size[size], size_tolerance, _ = _compare("onnx", {1: spatial[1]}, {1: spatial[0]}, run, rtol, fixed_size)
+            tolerance = max(tolerance, size_tolerance)
+        worst = max([diff, *per_size.values()])
+        result = ExportResult("onnx", str(out), shape, worst, tolerance, rtol, worst <= tolerance, tuple(batch_sizes),
+                              _size(tmp), per_batch, opset=opset,
+                              spatial_axes="dynamic" if spatial is not None else "fixed", per_size=per_size)
+        if diff <= tolerance < worst:
+            raise ExportMismatch(f"the onnx export with dynamic height and width does not match the PyTorch model at "
+                                 f"{size}: max |difference| = {worst:.3g} (tolerance {tolerance:.1e}); nothing was "
+                                 f"written, {fixed_size}", result)
         _finish(result)
     return result
 
@@ -456,10 +532,10 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike[str], input_sha
 
 def export_model(fmt: str, model: nn.Module, path: str | os.PathLike[str], input_shape: Sequence[int], *,
                  arch: Any = None, opset: int = DEFAULT_OPSET, rtol: float = DEFAULT_RTOL, seed: int = 0,
-                 device: torch.device | str = "cpu") -> ExportResult:
-    """Dispatch on the format name (one of FORMATS)."""
+                 device: torch.device | str = "cpu", spatial_axes: str = "auto") -> ExportResult:
+    """Dispatch on the format name (one of FORMATS); `spatial_axes` applies to ONNX only."""
     if fmt == "onnx":
-        return export_onnx(model, path, input_shape, opset=opset, rtol=rtol, seed=seed)
+        return export_onnx(model, path, input_shape, opset=opset, rtol=rtol, seed=seed, spatial_axes=spatial_axes)
     if fmt == "torchscript":
         return export_torchscript(model, path, input_shape, rtol=rtol, seed=seed, device=device)
     if fmt == "safetensors":

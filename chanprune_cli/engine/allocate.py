@@ -5,18 +5,24 @@
 the scores (each group's divided by their mean unless they are in loss units), found by bisection; floors
 (`--min-keep`) and `--round-to` are applied per group at every threshold, so the search sees the
 widths that will really be built.
+`--layer-ratio GLOB=R` gives the groups all of whose producer layers match GLOB their own ratio R:
+with `--ratio` instead of it, with `--target-flops` at that fixed ratio and outside the global
+ranking (the ranking removes what the target still needs from the other groups).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
+from .layer_rules import PRODUCER_KINDS
 from .scores import group_weights
 
 DEFAULT_MIN_KEEP = 0.1
@@ -29,6 +35,7 @@ class Allocation:
     estimated_macs_before: int
     estimated_macs_after: int
     floors: dict[int, int] = field(default_factory=dict)  # group id -> minimum channels kept
+    layer_ratios: dict[int, float] = field(default_factory=dict)  # group id -> its --layer-ratio (matched groups)
 
 
 def check_target(ratio: float | None, target_flops: float | None, rounds: int = 1) -> None:
@@ -52,6 +59,83 @@ def parse_min_keep(value: float) -> float:
     if value >= 1 and not float(value).is_integer():
         raise UserError(f"--min-keep {value}: use a fraction below 1 or a whole channel count")
     return value
+
+
+LayerRatioArg = str | Mapping[str, float] | Iterable[str | Mapping[str, float]]
+_LAYER_RATIO_EXAMPLE = "e.g. --layer-ratio 'layer3.*=0.7'"
+
+
+def parse_layer_ratios(spec: LayerRatioArg | None) -> dict[str, float]:
+    """`--layer-ratio` values, validated in one place: "GLOB=R" strings (the option, repeatable) or
+    {GLOB: R} tables (a config file; as a flag, a JSON object), in order; a glob given twice keeps
+    its last ratio. R is in [0, 1): 0 keeps the matched groups whole."""
+    if spec is None:
+        return {}
+    items = [spec] if isinstance(spec, (str, Mapping)) else list(spec)
+    pairs: list[tuple[str, object]] = []
+    for item in items:
+        if isinstance(item, str) and item.lstrip().startswith("{"):  # a table written out (`chanprune run` shows them so)
+            try:
+                item = json.loads(item)
+            except json.JSONDecodeError:
+                item = None
+            if not isinstance(item, dict):
+                raise UserError(f"--layer-ratio: expected GLOB=R or a JSON object {{\"GLOB\": R}}, {_LAYER_RATIO_EXAMPLE}")
+        if isinstance(item, Mapping):
+            pairs.extend((str(k), v) for k, v in item.items())
+            continue
+        glob, sep, value = str(item).rpartition("=")
+        if not sep or not glob.strip():
+            raise UserError(f"--layer-ratio {item!r}: expected GLOB=R (a module-name pattern and a ratio), {_LAYER_RATIO_EXAMPLE}")
+        pairs.append((glob, value))
+    ratios: dict[str, float] = {}
+    for glob, value in pairs:
+        glob = glob.strip()
+        try:
+            ratio = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            ratio = math.nan
+        if not glob:
+            raise UserError(f"--layer-ratio ={value}: expected GLOB=R (a module-name pattern and a ratio), {_LAYER_RATIO_EXAMPLE}")
+        if not 0 <= ratio < 1:
+            raise UserError(f"--layer-ratio {glob}={value}: the ratio must be a number from 0 (keep every channel) "
+                            f"to below 1, {_LAYER_RATIO_EXAMPLE}")
+        ratios.pop(glob, None)  # a repeated glob moves to where it was given last
+        ratios[glob] = ratio
+    return ratios
+
+
+def producers(group: ChannelGroup) -> set[str]:
+    """The modules whose output channels the group's classes are."""
+    return {m for slots in group.classes for m, k, _ in slots if k in PRODUCER_KINDS}
+
+
+def _matches(names: Iterable[str], glob: str) -> list[bool]:
+    return [fnmatch.fnmatchcase(n, glob) for n in names]
+
+
+def match_layer_ratios(groups: Iterable[ChannelGroup], ratios: Mapping[str, float]) -> dict[int, float]:
+    """Group id -> ratio for every group all of whose producer modules match a glob of `ratios`
+    (the last such glob wins, as later flags override earlier ones). All, not any: a residual
+    stream couples layers of every stage, and `layer3.*` must not prune the stem."""
+    matched: dict[int, float] = {}
+    for g in groups:
+        names = sorted(producers(g))
+        for glob, ratio in ratios.items():
+            if names and all(_matches(names, glob)):
+                matched[g.id] = ratio
+    return matched
+
+
+def unmatched_layer_ratios(groups: Sequence[ChannelGroup], ratios: Mapping[str, float]) -> dict[str, str | None]:
+    """Globs of `ratios` that select no group: glob -> a group whose producers it matches only in
+    part (None: it matches none). The recipe warns about them."""
+    unmatched: dict[str, str | None] = {}
+    for glob in ratios:
+        hits = [(g.name, _matches(sorted(producers(g)), glob)) for g in groups]
+        if not any(found and all(found) for _, found in hits):
+            unmatched[glob] = next((name for name, found in hits if any(found)), None)
+    return unmatched
 
 
 def _width_floor(width: int, min_keep: float) -> int:
@@ -146,7 +230,8 @@ class MacsEstimator:
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
              target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
              round_to: int = 1, cost_exponent: float = 0.0, normalize: bool = True,
-             removed: Mapping[int, Sequence[int]] | None = None) -> Allocation:
+             removed: Mapping[int, Sequence[int]] | None = None,
+             layer_ratio: LayerRatioArg | None = None) -> Allocation:
     """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
 
     `cost_exponent` E (global targets only): rank channels by normalised importance / cost^E, the
@@ -160,11 +245,17 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     Scores in loss units (`Criterion.in_loss_units`) are ranked as they are instead.
 
     `removed` (global targets only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
-    they stay in the plan, and each group is normalised by the mean of the channels still alive."""
+    they stay in the plan, and each group is normalised by the mean of the channels still alive.
+
+    `layer_ratio` ("GLOB=R" strings or {GLOB: R}, see `parse_layer_ratios`): a group all of whose
+    producer modules match GLOB loses the fraction R of its channels instead of `ratio`; with
+    `target_flops` it loses that fraction whatever the target, takes no part in the global ranking,
+    and its removal counts towards the target (`--min-keep` and `--round-to` hold for it too)."""
     check_target(ratio, target_flops)
     if round_to < 1:
         raise UserError(f"--round-to must be at least 1, got {round_to}")
     parse_min_keep(min_keep)
+    ratios = parse_layer_ratios(layer_ratio)
     groups = graph.prunable_groups()
     if not groups:
         raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
@@ -181,28 +272,36 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
     estimator = MacsEstimator(graph)
     before = estimator.macs({})
+    fixed_ratio = match_layer_ratios(groups, ratios)
+
+    def at_ratio(g: ChannelGroup, r: float) -> list[int]:
+        def ratio_floor(width: int) -> int:  # every layer keeps its share, not only the group
+            return max(_width_floor(width, min_keep), width - round(r * width))
+
+        s = scores[g.id]
+        if gone.get(g.id):  # an earlier round's choices go first (their scores may be NaN)
+            s = s.double().clone()
+            s[sorted(gone[g.id])] = -math.inf
+        return _removal(g, s, _kept_count(g, round(r * g.channels), floors[g.id], round_to), ratio_floor)
 
     if ratio is not None:
-        def ratio_floor(width: int) -> int:  # every layer keeps its share, not only the group
-            return max(_width_floor(width, min_keep), width - round(ratio * width))
-
-        plan = {}
-        for g in groups:
-            kept = _kept_count(g, round(ratio * g.channels), floors[g.id], round_to)
-            plan[g.id] = _removal(g, scores[g.id], kept, ratio_floor)
-        return Allocation({k: v for k, v in plan.items() if v}, {"ratio": ratio}, before, estimator.macs(plan), floors)
+        plan = {g.id: at_ratio(g, fixed_ratio.get(g.id, ratio)) for g in groups}
+        return Allocation({k: v for k, v in plan.items() if v}, {"ratio": ratio}, before, estimator.macs(plan), floors,
+                          fixed_ratio)
 
     assert target_flops is not None
+    fixed = {g.id: at_ratio(g, fixed_ratio[g.id]) for g in groups if g.id in fixed_ratio}
+    ranked = [g for g in groups if g.id not in fixed_ratio]
     weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
     normalised = {}
-    for g in groups:
+    for g in ranked:
         s = scores[g.id].double()
         mean = s[alive[g.id]].abs().mean() if normalize and alive[g.id] else 1.0
         normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
-    if cost_exponent:
-        cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in groups}
+    if cost_exponent and ranked:
+        cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in ranked}
         mean_cost = sum(cost.values()) / len(cost)
-        for g in groups:
+        for g in ranked:
             if cost[g.id] > 0:
                 normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id]) ** cost_exponent
     for gid, indices in removed.items():
@@ -210,8 +309,8 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
             normalised[gid][list(indices)] = -math.inf  # removed before: first to go, at any threshold
 
     def plan_at(threshold: float) -> dict[int, list[int]]:
-        plan = {}
-        for g in groups:
+        plan = dict(fixed)
+        for g in ranked:
             below = sum(1 for i in g.prunable_classes if float(normalised[g.id][i]) < threshold)
             kept = _kept_count(g, below, floors[g.id], round_to)
             plan[g.id] = _removal(g, normalised[g.id], kept, lambda width: _width_floor(width, min_keep))
@@ -220,20 +319,26 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
     def reduction(plan: Mapping[int, list[int]]) -> float:
         return 1 - estimator.macs(plan) / before if before else 0.0
 
-    values = sorted({float(normalised[g.id][i]) for g in groups for i in g.prunable_classes})
+    values = sorted({float(normalised[g.id][i]) for g in ranked for i in g.prunable_classes})
     most = plan_at(math.inf)
     if reduction(most) < target_flops:
-        raise UserError(f"--target-flops {target_flops:g} is unreachable: with --min-keep {min_keep:g} at most "
-                        f"{reduction(most):.1%} of the prunable MACs can be removed; ask for less or lower --min-keep")
-    # Smallest threshold (index into the sorted score values) that reaches the target.
-    lo, hi = 0, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        threshold = values[mid] if mid < len(values) else math.inf
-        if reduction(plan_at(math.nextafter(threshold, math.inf))) >= target_flops:
-            hi = mid
-        else:
-            lo = mid + 1
-    threshold = values[lo] if lo < len(values) else math.inf
-    plan = plan_at(math.nextafter(threshold, math.inf))
-    return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan), floors)
+        fixed_text = f" and --layer-ratio fixing {len(fixed)} group(s)" if fixed else ""
+        fix_text = ", lower --min-keep or raise or drop --layer-ratio" if fixed else " or lower --min-keep"
+        raise UserError(f"--target-flops {target_flops:g} is unreachable: with --min-keep {min_keep:g}{fixed_text} at most "
+                        f"{reduction(most):.1%} of the prunable MACs can be removed; ask for less{fix_text}")
+    if fixed and not any(removed.values()) and reduction(fixed) >= target_flops:
+        plan = plan_at(-math.inf)  # the fixed ratios alone reach the target: the ranking removes nothing more
+    else:
+        # Smallest threshold (index into the sorted score values) that reaches the target.
+        lo, hi = 0, len(values)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            threshold = values[mid] if mid < len(values) else math.inf
+            if reduction(plan_at(math.nextafter(threshold, math.inf))) >= target_flops:
+                hi = mid
+            else:
+                lo = mid + 1
+        threshold = values[lo] if lo < len(values) else math.inf
+        plan = plan_at(math.nextafter(threshold, math.inf))
+    return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan),
+                      floors, fixed_ratio)

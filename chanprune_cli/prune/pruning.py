@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ class PruneOutcome:
     after: dict[str, int]
     layers: list[dict[str, Any]]
     plan_record: dict[str, Any]
+    approximations: list[str] = field(default_factory=list)  # why the result is not exact (measured, not proven)
 
 
 def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
@@ -66,7 +67,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
           criterion: str | ResolvedCriterion, ratio: float | None = None, target_flops: float | None = None,
           min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, normalize: str = "auto",
           criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
-          check: bool = True, rescale: bool = True) -> PruneOutcome:
+          check: bool = True, rescale: bool = True, layer_ratio: Mapping[str, float] | None = None) -> PruneOutcome:
     """Prune a copy of `model` by `scores`; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
@@ -79,13 +80,14 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     `criterion` made the scores: resolved, or a name with the `criterion_options` the scores were
     made with. `normalize` ("auto", "mean", "none", see `ResolvedCriterion.normalize_mode`) is how
     `target_flops` compares groups; `removed` are channels chosen by earlier rounds
-    (`rounds.score_in_rounds`), kept in the plan.
+    (`rounds.score_in_rounds`), kept in the plan; `layer_ratio` ({GLOB: R}) are per-layer ratios
+    (`allocate.allocate`).
     """
     if not isinstance(criterion, ResolvedCriterion):
         criterion = recorded_criterion(criterion, criterion_options)
     refuse_nonfinite(model, "prune")
     allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                          cost_exponent=cost_exponent, removed=removed,
+                          cost_exponent=cost_exponent, removed=removed, layer_ratio=layer_ratio,
                           normalize=criterion.normalize_mode(normalize) == "mean")
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
@@ -96,10 +98,12 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     pruned = copy.deepcopy(source)
     prune_model(pruned, graph, allocation.plan)
     result = verify(source, graph, allocation.plan, pruned, input_shape) if check else None
-    if result is not None and not result.passed:
+    approximations = graph.approximations(allocation.plan)
+    if result is not None and not result.passed and not approximations:
+        where = f" (first at layer {result.worst_layer})" if result.worst_layer else ""
         raise ChanpruneError(
             f"verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:.3g}); nothing was written. Please report this model; --ignore the "
+            f"(tolerance {result.tolerance:.3g}){where}; nothing was written. Please report this model; --ignore the "
             "layers involved to work around it")
     after, after_layers = snapshot(pruned, input_shape)
     layers = [{"name": n, "type": b["type"], "in_before": b["in"], "out_before": b["out"],
@@ -110,4 +114,6 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     record = plan_record(graph, allocation, criterion.name)
     if scales:
         record["channel_rescale"] = True
-    return PruneOutcome(pruned, allocation, result, before, after, layers, record)
+    if approximations:
+        record["approximate"] = approximations
+    return PruneOutcome(pruned, allocation, result, before, after, layers, record, approximations)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..support.progress import batches_total, progress_bar
 
 
 @torch.no_grad()
@@ -33,13 +34,16 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         m.momentum = None
     used = 0
     try:
-        with preserved_mode_and_device(model, torch.device(device), eval_mode=False):
+        # a bar (on a terminal): on ImageNet-size models this pass takes minutes
+        with progress_bar("rate") as bar, preserved_mode_and_device(model, torch.device(device), eval_mode=False):
+            task = bar.add_task("re-estimating BatchNorm statistics", total=batches_total(batches, max_batches), rate="")
             model.train()
             for images, _ in batches:
                 if used >= max_batches:
                     break
                 model(images.to(device, non_blocking=True))
                 used += 1
+                bar.advance(task)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -9,12 +9,14 @@ from ..engine.graph import build_graph
 from ..report import AnalyzeReport, group_rows, layer_rows, model_size_bytes
 from ..support.device import resolve_device
 from ..checkpoint import nonfinite_summary
+from ..data import ClassesArg, parse_classes
 from .steps import (
     FloatsArg,
     ShapeArg,
     check_json_report,
     eval_loader,
     load_model,
+    model_labels,
     parse_inputs,
     resolve_input_shape,
     seed_everything,
@@ -37,16 +39,20 @@ def analyze_checkpoint(
     workers: int = 0,
     seed: int = 0,
     calib_batches: int | None = None,
+    classes: ClassesArg | None = None,
     force: bool = False,
     json_report: str | None = None,
 ) -> AnalyzeReport:
     """Describe a checkpoint's model; with `data`, also its top-1/top-5 on (at most `calib_batches`
-    random batches of) it. NaN/Inf weights are reported with a warning, not refused.
+    random batches of) it, its classes matched to the model's outputs by `classes` (the model's
+    class names in output order; see `data.fit_classes`). NaN/Inf weights are reported with a
+    warning, not refused.
 
     `json_report` is where the caller will write the JSON report: checked (with `force`) before
     the slow steps, not written here."""
     # Validate every option before the slow steps (loading, tracing, evaluating).
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     dev = None
     if data is not None:
@@ -62,7 +68,7 @@ def analyze_checkpoint(
     # Open --data before the slow analysis steps, so that bad data fails first.
     loader = None if data is None else eval_loader(data, input_shape=shape, mean=mean_t, std=std_t,
                                                    batch_size=batch_size, workers=workers, seed=seed,
-                                                   max_batches=calib_batches)
+                                                   max_batches=calib_batches, labels=model_labels(loaded, shape, names))
     macs = measure.count_macs(model, shape)
     rows = layer_rows(model, measure.per_module_macs(model, shape))
     groups = group_rows(build_graph(model, shape))

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from ..data import make_loader
+from ..data import ClassesArg, make_loader, parse_classes
 from ..deploy import benchmark
 from ..errors import UserError
 from ..report import BenchReport
@@ -28,6 +28,7 @@ from .steps import (
     check_json_report,
     eval_loader,
     load_model,
+    model_labels,
     parse_inputs,
     resolve_input_shape,
     seed_everything,
@@ -50,6 +51,7 @@ def bench_checkpoints(
     workers: int = 0,
     seed: int = 0,
     calib_batches: int | None = None,
+    classes: ClassesArg | None = None,
     batch_sizes: str | Sequence[int] = "1,32",
     threads: int | None = None,
     warmup: int = 10,
@@ -64,7 +66,8 @@ def bench_checkpoints(
 ) -> BenchReport:
     """Measure `checkpoints` (the first is the reference) and evaluate the gates: `max_acc_drop`
     (top-1 points lost, needs `data`) and `min_speedup` (at `gate_batch`, default the largest of
-    `batch_sizes`). A gate that is not met is recorded in the report's `gates`, not raised
+    `batch_sizes`). `classes`: the models' class names in output order, which label the classes of
+    `data`. A gate that is not met is recorded in the report's `gates`, not raised
     (`deploy.benchmark.gate_failure` says what failed).
 
     `plot` and `json_report` are where the caller will draw the chart and write the JSON report
@@ -92,6 +95,7 @@ def bench_checkpoints(
     if min_speedup is not None and min_speedup <= 0:
         raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {min_speedup:g}")
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     if plot is not None:
         require_matplotlib()
@@ -116,7 +120,8 @@ def bench_checkpoints(
     # Open --data before the slow steps, so that bad data fails first.
     first_loader = None if data is None else eval_loader(data, input_shape=shape, mean=mean_t, std=std_t,
                                                          batch_size=batch_size, workers=workers, seed=seed,
-                                                         max_batches=calib_batches)
+                                                         max_batches=calib_batches,
+                                                         labels=model_labels(loaded[0], shape, names))
 
     n = len(loaded)
     results = []

@@ -63,14 +63,17 @@ def export_checkpoint(
     device: str = "cpu",
     force: bool = False,
     json_report: str | None = None,
+    spatial_axes: str = "auto",
 ) -> ExportOutcome:
     """Export `checkpoint` to `out` as `format` (default: from `out`'s suffix: .onnx, .pt/.ts,
     .safetensors; a safetensors export also writes `out`.json, the architecture spec).
 
     The exported file is read back and run on the same random inputs as the PyTorch model at batch
     sizes 1 and 3; a difference above `tolerance` × max(1, max |output|) is an error and nothing is
-    written. `opset` applies to ONNX only. `json_report` is where the caller will write the JSON
-    report: checked before the slow steps."""
+    written. `opset` and `spatial_axes` apply to ONNX only: height and width are dynamic for a fully
+    convolutional model ("auto"), always ("dynamic", checked at twice the size too) or never
+    ("fixed"). `json_report` is where the caller will write the JSON report: checked before the
+    slow steps."""
     fmt = export_format(out, format)
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise UserError(f"--tolerance must be a positive number (a relative tolerance such as 1e-4), got {tolerance:g}")
@@ -78,6 +81,7 @@ def export_checkpoint(
     check_json_report(json_report, force)
     if fmt == "onnx":
         exporter.check_opset(opset)
+        spatial_axes = exporter.check_spatial_axes(spatial_axes)
         exporter.require_onnx()
     dev = resolve_device(device)
     check_output(out, force)
@@ -93,5 +97,6 @@ def export_checkpoint(
     if fmt == "safetensors" and loaded.arch is None:
         raise UserError("this pickled model records no architecture to put in the safetensors spec; pass --arch "
                         "(the factory that builds it), or use --format onnx or torchscript")
-    exported = exporter.export_model(fmt, model, out, shape, arch=loaded.arch, opset=opset, rtol=tolerance, device=dev)
+    exported = exporter.export_model(fmt, model, out, shape, arch=loaded.arch, opset=opset, rtol=tolerance, device=dev,
+                                     spatial_axes=spatial_axes)
     return ExportOutcome(checkpoint, loaded.arch, exported)

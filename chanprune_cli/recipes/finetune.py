@@ -8,8 +8,10 @@ pruning while training (a schedule of train/schedules.py), and save the result a
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
 from ..measure import logits_of
-from ..data import check_labels, open_dataset
+from ..data import check_labels, fit_classes, open_dataset, parse_classes, recorded_classes, with_classes
 from ..engine.allocate import parse_min_keep
 from ..errors import UserError
 from ..measure import count_macs, count_params
@@ -58,7 +60,8 @@ class FinetuneOptions:
     options of `chanprune finetune` (see its --help)."""
 
     data: str  # training data (any --data form)
-    out: str  # the fine-tuned chanprune file; <out>.best, <out>.last and <out>.state.pt go beside it
+    out: str | None  # the fine-tuned chanprune file (None: CKPT-STEM.finetuned.safetensors next to the
+    # checkpoint); <out>.best, <out>.last and <out>.state.pt go beside it
     val_data: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, steps, lr, batch size, seed, ...
     # distillation
@@ -86,6 +89,7 @@ class FinetuneOptions:
     device: str = "auto"
     mean: FloatsArg | None = None
     std: FloatsArg | None = None
+    classes: str | Sequence[str] | None = None  # the model's class names in output order (--classes)
     # the run
     threads: int | None = None
     resume: bool = False
@@ -120,6 +124,8 @@ def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show
     where only rank 0 writes and gets a result (the others get None). `json_report` is where the
     caller will write the JSON report: checked before the slow steps."""
     o = options
+    if o.out is None:  # as prune names its output, so `finetune CKPT --data D` needs no --out
+        o = dataclasses.replace(o, out=str(Path(checkpoint).with_name(Path(checkpoint).stem + ".finetuned.safetensors")))
     if o.dcph and o.schedule != "cac":
         raise UserError("--dcph belongs to --schedule cac (double the channels, prune half while training)")
     if o.mask_lambda < 0:
@@ -128,6 +134,8 @@ def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show
     if o.teacher_arch_kwargs is not None and o.teacher_arch is None:
         raise UserError("--teacher-arch-kwargs needs --teacher-arch")
     shape, mean, std = parse_inputs(o.input_shape, o.mean, o.std)
+    if o.classes is not None:
+        o = dataclasses.replace(o, classes=parse_classes(o.classes))
     check_json_report(json_report, o.force)
     o.train.check()
     paths = OutputPaths.for_out(o.out)
@@ -175,9 +183,11 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
         train_set = open_dataset(o.data, input_shape=shape, mean=mean, std=std, train=cfg.augment)
         val_set = open_dataset(o.val_data, input_shape=shape, mean=mean, std=std, train=False) if o.val_data else None
         classes = _num_classes(model, shape)
-        check_labels(train_set, classes)
-        if val_set is not None:
-            check_labels(val_set, classes)
+        for dataset in (train_set, val_set) if val_set is not None else (train_set,):
+            fit_classes(dataset, classes, o.classes, recorded=recorded_classes(loaded.meta))
+            check_labels(dataset, classes)
+        # The class names the model was trained with, so that later commands match data to them.
+        meta = with_classes(loaded.meta, train_set.classes) if train_set.num_classes == classes else loaded.meta
 
         teacher_model = None
         if o.teacher is not None:
@@ -198,7 +208,7 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
                  "kd": {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature} if o.teacher else None,
                  "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
                  "dcph": o.dcph or None}
-        info = CheckpointInfo(arch=spec, input_shape=shape, history=history, plans=plans, meta=loaded.meta, entry=entry)
+        info = CheckpointInfo(arch=spec, input_shape=shape, history=history, plans=plans, meta=meta, entry=entry)
 
         def on_eval(row: dict[str, Any]) -> None:
             mark = "  [green]best[/green]" if row["best"] else ""
@@ -231,7 +241,7 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
                        "train_images_per_second": result.images_per_second, "tool_version": tool_version()}
         if env.is_main:
             save_chanprune(paths.out, model, spec, input_shape=shape, history=[*history, final_entry],
-                           plans=[*plans, *result.plans], meta=loaded.meta, force=True)
+                           plans=[*plans, *result.plans], meta=meta, force=True)
             if not o.keep_state:
                 for p in (paths.state, paths.last):
                     p.unlink(missing_ok=True)

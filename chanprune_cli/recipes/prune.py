@@ -4,13 +4,16 @@ whose history records how it was made."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
-from ..engine.allocate import check_target, parse_min_keep
+from ..checkpoint.chanprune_format import resolve_normalization, with_normalization
+from ..data import ClassesArg, make_loader, parse_classes
+from ..engine.allocate import LayerRatioArg, check_target, parse_layer_ratios, parse_min_keep, unmatched_layer_ratios
 from ..engine.graph import build_graph, match_ignored
 from ..engine.scores import Scores
 from ..errors import UserError
@@ -30,13 +33,18 @@ from ..prune.scoring import (
 from ..report import group_rows
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
+from ..support.progress import batches_total, progress_bar
 from .steps import (
     FloatsArg,
     ShapeArg,
+    Labels,
     calibration_loader,
     check_distinct_outputs,
     check_json_report,
+    criterion_labels,
     load_model,
+    model_labels,
+    open_labelled,
     parse_inputs,
     require_arch,
     resolve_input_shape,
@@ -56,19 +64,21 @@ class PruneResult:
     """What `prune_checkpoint` did: the saved file and the numbers its report shows."""
 
     checkpoint: str
-    output: str  # the pruned chanprune file
+    output: str | None  # the pruned chanprune file (None: a dry run wrote nothing)
     criterion: ResolvedCriterion  # what made the scores (with the options recorded)
     normalize: str  # "mean" | "none": how --target-flops compared groups
     rounds: int
     requested: dict[str, float]  # {"ratio": r} or {"target_flops": f}
+    layer_ratio: dict[str, Any] | None  # {"patterns": {glob: r}, "groups": {group: r}} (None: no --layer-ratio)
     before: dict[str, int]  # params, macs
     after: dict[str, int]
     layers: list[dict[str, Any]]  # per conv/linear layer: widths, params and MACs before and after
     verify: dict[str, Any] | None  # max_abs_diff, tolerance, passed (None: verification skipped)
     blocked: list[dict[str, Any]]  # channel groups kept whole: name, channels, reason
-    accuracy: dict[str, Any] | None  # top-1 before/after (and after BN recalibration), recalibrated_bn_batches
+    accuracy: dict[str, Any] | None  # top-1 before/after (and after BN recalibration), val_images, recalibrated_bn_batches
     seed: int
     model: nn.Module  # the pruned model (CPU, eval mode), as saved
+    dry_run: bool = False
 
 
 def prune_checkpoint(
@@ -80,6 +90,7 @@ def prune_checkpoint(
     ratio: float | None = None,
     target_flops: float | None = None,
     ignore: Sequence[str] = (),
+    layer_ratio: LayerRatioArg | None = None,
     min_keep: float = 0.1,
     round_to: int = 1,
     cost_exponent: float = 0.0,
@@ -88,6 +99,7 @@ def prune_checkpoint(
     verify: bool = True,
     recalibrate_bn: int = 20,
     val_data: str | None = None,
+    val_images: int | None = None,
     out: str | None = None,
     arch: str | None = None,
     arch_kwargs: str | dict[str, Any] | None = None,
@@ -101,8 +113,10 @@ def prune_checkpoint(
     workers: int = 0,
     seed: int = 0,
     calib_batches: int | None = None,
+    classes: ClassesArg | None = None,
     force: bool = False,
     json_report: str | None = None,
+    dry_run: bool = False,
 ) -> PruneResult:
     """Prune `checkpoint` and save the result to `out` (default: CHECKPOINT-STEM.pruned.safetensors
     next to it); the options mean what `chanprune prune`'s do.
@@ -110,8 +124,15 @@ def prune_checkpoint(
     Scores come from `criterion` (default l1; `criterion_options` as {"key": value} or
     ["key=value"]) computed on `data`, or from a `scores` file of `score_checkpoint`. Give exactly
     one of `ratio` (of every group's channels) and `target_flops` (of the MACs); `rounds` > 1
-    reaches `target_flops` in that many rescoring rounds. With `data`, BatchNorm statistics are
-    re-estimated on `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured.
+    reaches `target_flops` in that many rescoring rounds. `layer_ratio` ("GLOB=R" strings or
+    {GLOB: R}) gives the groups whose producer layers match GLOB their own ratio (with
+    `target_flops`: fixed, outside the global ranking). With `data`, BatchNorm statistics are
+    re-estimated on `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured (on
+    a fixed random subset of `val_images` images, drawn with `seed`). `classes`: the model's class
+    names in output order, which label the classes of `val_data` (and of `data` for a criterion that
+    reads labels). Without `mean`/`std`/`input_shape`, those a chanprune checkpoint records are
+    used; the output records them.
+    `dry_run`: everything but writing the output (the result has the plan; `output` is None).
     `json_report` is where the caller will write the JSON report: checked before the slow steps."""
     if out is None:
         out = str(Path(checkpoint).with_name(Path(checkpoint).stem + ".pruned.safetensors"))
@@ -120,10 +141,17 @@ def prune_checkpoint(
     if rounds > 1 and scores is not None:
         raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
     check_target(ratio, target_flops, rounds)
+    ratios = parse_layer_ratios(layer_ratio)
+    if val_images is not None and val_images < 1:
+        raise UserError(f"--val-images must be at least 1, got {val_images}")
+    if val_images is not None and val_data is None:
+        raise UserError("--val-images sets how many images of --val-data to evaluate on; give --val-data too")
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     parse_min_keep(min_keep)
-    check_output(out, force)
+    if not dry_run:  # a dry run writes no output, so an existing file is no obstacle
+        check_output(out, force)
     check_distinct_outputs(("--out", out), ("--json", json_report))
     if scores is not None:
         info = read_scores_meta(scores)  # a missing or foreign score file fails before the slow steps
@@ -138,27 +166,33 @@ def prune_checkpoint(
     loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
     arch_spec = require_arch(loaded)
     shape = resolve_input_shape(shape, loaded)
+    mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
     model = loaded.model.eval()
     refuse_nonfinite(model, "prune")
-    graph = build_graph(model, shape, ignore=ignore)
+    with _busy("tracing the channel graph"):
+        graph = build_graph(model, shape, ignore=ignore)
     for pattern in match_ignored((n for n, _ in model.named_modules()), ignore):
         warn(f"--ignore {pattern!r} matches no module")
+    for pattern, partly in unmatched_layer_ratios(graph.prunable_groups(), ratios).items():
+        why = (f"only some of the layers of group {partly}, whose channels are coupled (a glob selects a group when "
+               "it matches all of its producer layers)") if partly else "no prunable layer group"
+        warn(f"--layer-ratio {pattern!r} matches {why}; it has no effect (see `chanprune analyze` for the groups)")
     narrow = [g for g in graph.prunable_groups() if round_to > 1 and g.channels <= round_to]
     if narrow and len(narrow) < len(graph.prunable_groups()):
         warn(f"--round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
              f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned")
     dev = resolve_device(device)
 
-    def batches(source: str | None, max_batches: int | None) -> DataLoader | None:
+    def batches(source: str | None, max_batches: int | None, labels: Labels | None = None) -> DataLoader | None:
         # a fresh loader draws the same seeded batches every time (every round, the final recalibration)
         return calibration_loader(source, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size,
-                                  workers=workers, seed=seed, max_batches=max_batches)
+                                  workers=workers, seed=seed, max_batches=max_batches, labels=labels)
 
     removed: dict[int, list[int]] = {}
     if scores is not None:
         channel_scores, _ = load_scores(scores, graph, model)
     else:
-        calibration = batches(data, calib_batches)
+        calibration = batches(data, calib_batches, criterion_labels(resolved, loaded, shape, names) if data else None)
         round_numbers = iter(range(1, rounds + 1))
 
         def rescore(m: nn.Module) -> Scores:
@@ -174,40 +208,102 @@ def prune_checkpoint(
         channel_scores, removed = score_in_rounds(model, graph, rescore, rounds=rounds, target_flops=target_flops,
                                                   refresh=refresh if refreshing else None, min_keep=min_keep,
                                                   round_to=round_to, cost_exponent=cost_exponent,
-                                                  normalize=mode == "mean")
-    outcome = pruning.prune(model, graph, channel_scores, shape, criterion=resolved, ratio=ratio,
-                            target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                            cost_exponent=cost_exponent, normalize=mode, removed=removed, check=verify)
-    accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, val_data, recalibrate_bn, dev)
+                                                  normalize=mode == "mean", layer_ratio=ratios)
+    with _busy("removing channels and verifying the result against the masked original" if verify
+               else "removing channels"):
+        outcome = pruning.prune(model, graph, channel_scores, shape, criterion=resolved, ratio=ratio,
+                                target_flops=target_flops, min_keep=min_keep, round_to=round_to,
+                                cost_exponent=cost_exponent, normalize=mode, removed=removed, check=verify,
+                                layer_ratio=ratios)
+    validation = None if val_data is None else _validation_loader(
+        val_data, val_images, model_labels(loaded, shape, names), input_shape=shape, mean=mean_t, std=std_t,
+        batch_size=batch_size, workers=workers, seed=seed)
+    accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, recalibrate_bn, dev)
+    if validation is not None and val_images is not None:
+        accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
     checked = None if outcome.verify is None else {
         "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
+    by_id = {g.id: g.name for g in graph.groups}
+    layer_ratios = {"patterns": ratios, "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
+        if ratios else None
     history_entry = {"command": "prune", "criterion": resolved.name, "criterion_options": resolved.recorded_options,
                      "cost_exponent": cost_exponent, "normalize": mode, "rounds": rounds,
                      "requested": outcome.allocation.requested, "data": data, "seed": seed, "before": outcome.before,
                      "after": outcome.after, "verify": checked,
                      "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0), "tool_version": tool_version()}
-    save_chanprune(out, outcome.model, arch_spec, input_shape=shape, history=[*loaded.history, history_entry],
-                   plans=[*loaded.plans, outcome.plan_record], meta=loaded.meta, force=force)
+    if layer_ratios is not None:
+        history_entry["layer_ratio"] = layer_ratios
+    if not dry_run:
+        save_chanprune(out, outcome.model, arch_spec, input_shape=shape, history=[*loaded.history, history_entry],
+                       plans=[*loaded.plans, outcome.plan_record], meta=with_normalization(loaded.meta, mean_t, std_t),
+                       force=force)
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]}
                for g in group_rows(graph) if not g["prunable"]]
-    return PruneResult(checkpoint, out, resolved, mode, rounds, outcome.allocation.requested, outcome.before,
-                       outcome.after, outcome.layers, checked, blocked, accuracy or None, seed, outcome.model)
+    return PruneResult(checkpoint, None if dry_run else out, resolved, mode, rounds, outcome.allocation.requested,
+                       layer_ratios, outcome.before, outcome.after, outcome.layers, checked, blocked, accuracy or None,
+                       seed, outcome.model, dry_run)
+
+
+def _validation_loader(source: str, images: int | None, labels: Labels, *, input_shape: tuple[int, int, int],
+                       mean: tuple[float, ...] | None, std: tuple[float, ...] | None, batch_size: int, workers: int,
+                       seed: int) -> DataLoader:
+    """--val-data opened once for the three top-1 passes; with `images`, a fixed random subset of
+    that many images drawn with `seed` (data sets are often sorted by class, so not the first ones)."""
+    import torch
+    from torch.utils.data import Subset
+
+    dataset: Any = open_labelled(source, labels, input_shape=input_shape, mean=mean, std=std)
+    if images is not None and images < len(dataset):
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images]
+        dataset = Subset(dataset, sorted(chosen.tolist()))
+    return make_loader(dataset, batch_size=batch_size, workers=workers, seed=seed)
 
 
 def _accuracy_and_recalibration(original: nn.Module, pruned: nn.Module,
                                 batches: Callable[[str | None, int | None], DataLoader | None], data: str | None,
-                                val_data: str | None, recalibrate_bn: int, device: torch.device) -> dict[str, Any]:
-    """BN recalibration of `pruned` on `data` (in place), with top-1 before/after on `val_data`."""
+                                validation: DataLoader | None, recalibrate_bn: int,
+                                device: torch.device) -> dict[str, Any]:
+    """BN recalibration of `pruned` on `data` (in place), with top-1 before/after on `validation`."""
     result: dict[str, Any] = {}
 
-    def top1(model: nn.Module, key: str) -> None:
-        if val_data is not None:
-            result[key] = float(evaluate(model, batches(val_data, None), device, progress=True)["top1"])
+    def top1(model: nn.Module, key: str, label: str) -> None:
+        if validation is not None:
+            with _counted(validation, label) as batches_seen:
+                result[key] = float(evaluate(model, batches_seen, device, progress=False)["top1"])
 
-    top1(original, "top1_before")
-    top1(pruned, "top1_pruned")
+    top1(original, "top1_before", "top-1 before pruning")
+    top1(pruned, "top1_pruned", "top-1 after pruning")
     if data is not None and recalibrate_bn > 0:
         result["recalibrated_bn_batches"] = recalibrate(pruned, batches(data, recalibrate_bn), device, recalibrate_bn)
-        top1(pruned, "top1_recalibrated")
+        top1(pruned, "top1_recalibrated", "top-1 after BN recalibration")
     pruned.cpu().eval()
     return result
+
+
+# Progress on stderr, only on a terminal (support/progress.py): every step that can take more than
+# a few seconds on a large model says what it is doing.
+
+@contextlib.contextmanager
+def _busy(label: str) -> Iterator[None]:
+    """An indeterminate bar with elapsed time while one long call runs."""
+    with progress_bar("info", eta=False) as bar:
+        bar.add_task(label, total=None, info="")
+        yield
+
+
+@contextlib.contextmanager
+def _counted(loader: DataLoader, label: str) -> Iterator[Iterable[Any]]:
+    """`loader`'s batches, advancing a bar labelled `label` (with images/s) until the block ends."""
+    import time
+
+    with progress_bar("rate") as bar:
+        task = bar.add_task(label, total=batches_total(loader, None), rate="")
+
+        def batches() -> Iterator[Any]:
+            started, images = time.perf_counter(), 0
+            for batch in loader:
+                yield batch
+                images += len(batch[0])
+                bar.update(task, advance=1, rate=f"{images / max(time.perf_counter() - started, 1e-9):,.0f} images/s")
+
+        yield batches()

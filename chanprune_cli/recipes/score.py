@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..engine.allocate import allocate, check_target
@@ -19,12 +20,15 @@ from ..support import distributed as D
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..checkpoint import refuse_nonfinite
+from ..data import ClassesArg, parse_classes
+from ..checkpoint.chanprune_format import resolve_normalization
 from .steps import (
     FloatsArg,
     ShapeArg,
     calibration_loader,
     check_distinct_outputs,
     check_json_report,
+    criterion_labels,
     load_model,
     parse_inputs,
     resolve_input_shape,
@@ -65,20 +69,25 @@ def score_checkpoint(
     workers: int = 0,
     seed: int = 0,
     calib_batches: int | None = None,
+    classes: ClassesArg | None = None,
     force: bool = False,
     json_report: str | None = None,
 ) -> ScoreResult | None:
     """Score every prunable channel with `criterion` (on `data` when it needs calibration data) and
-    save the scores to `out` (default: CHECKPOINT.CRITERION.scores.safetensors).
+    save the scores to `out` (default: CHECKPOINT-NAME.CRITERION.scores.safetensors in the working
+    directory: checkpoints often sit in read-only shared folders). Without `mean`/`std`, those a
+    chanprune checkpoint records are used.
 
     `criterion_options`: {"key": value} or ["key=value", ...]. `ratio` only shapes the summary (how
-    many channels of each group it would remove). Under torchrun the calibration batches are split
+    many channels of each group it would remove). `classes`: the model's class names in output order,
+    which label the data's classes when the criterion reads labels. Under torchrun the calibration batches are split
     over the processes and only rank 0 writes and gets a result (the others get None).
     `json_report` is where the caller will write the JSON report: checked before the slow steps."""
-    if out is None:  # next to the checkpoint, named so that scores of several criteria can coexist
-        out = f"{checkpoint}.{criterion}.scores.safetensors"
+    if out is None:  # named so that scores of several checkpoints and criteria can coexist
+        out = f"{Path(checkpoint).name}.{criterion}.scores.safetensors"
     check_target(ratio, None)
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     resolved = resolve_criterion(criterion, criterion_options, has_data=data is not None, data_source=data)
     check_output(out, force)
@@ -87,11 +96,13 @@ def score_checkpoint(
 
     loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
     shape = resolve_input_shape(shape, loaded)
+    mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
     model = loaded.model.eval()
     refuse_nonfinite(model, "score")
     graph = build_graph(model, shape)
+    labels = criterion_labels(resolved, loaded, shape, names) if data is not None else None
     loader = calibration_loader(data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size,
-                                workers=workers, seed=seed, max_batches=calib_batches)
+                                workers=workers, seed=seed, max_batches=calib_batches, labels=labels)
     # Under torchrun the calibration batches are split over the processes and the scores reduced
     # (weighted by batches); rank 0 writes. A plain run is one process of one.
     with D.distributed_session(resolve_device(device)) as (env, run_device):

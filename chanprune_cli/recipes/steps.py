@@ -11,18 +11,31 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..checkpoint import LoadedCheckpoint
-from ..data import make_loader, parse_floats, parse_shape
+from ..criteria.base import NEEDS_LABELS
+from ..data import (
+    ClassesArg,
+    check_labels,
+    fit_classes,
+    make_loader,
+    open_dataset,
+    parse_floats,
+    parse_shape,
+    recorded_classes,
+)
 from ..errors import UserError
 from ..models import ArchSpec, default_input_shape
 from ..support.fsutil import check_output
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
+
+    from ..prune.scoring import ResolvedCriterion
 
 Shape = tuple[int, int, int]
 ShapeArg = str | Sequence[int]  # "3,32,32" (as --input-shape) or (3, 32, 32)
@@ -113,19 +126,69 @@ def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint) -> Sha
 # data
 
 
+@dataclass(frozen=True)
+class Labels:
+    """What labelled data must match: the model's number of outputs and, when known, their class
+    names (`--classes`, else the names the checkpoint records)."""
+
+    outputs: int | None
+    classes: ClassesArg | None = None
+    recorded: list[str] | None = None
+
+
+def model_labels(loaded: LoadedCheckpoint, input_shape: Shape, classes: ClassesArg | None) -> Labels:
+    """The `Labels` of a loaded model (one forward pass of zeros counts its outputs)."""
+    from ..measure import logits_of
+
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            out = logits_of(model(torch.zeros(1, *input_shape, device=param.device if param is not None else None)))
+    finally:
+        model.train(was_training)
+    outputs = int(out.shape[1]) if out.dim() == 2 else None  # not a classifier: nothing to match
+    return Labels(outputs, classes, recorded_classes(loaded.meta))
+
+
+def criterion_labels(resolved: ResolvedCriterion, loaded: LoadedCheckpoint, input_shape: Shape,
+                     classes: ClassesArg | None) -> Labels | None:
+    """The `Labels` calibration data must match when the criterion reads labels; None when it does
+    not (unlabelled calibration data, e.g. one folder of images, is then fine)."""
+    if resolved.criterion is None or resolved.criterion.requires(resolved.options) != NEEDS_LABELS:
+        return None
+    return model_labels(loaded, input_shape, classes)
+
+
+def open_labelled(source: str, labels: Labels, *, input_shape: Shape, mean: tuple[float, ...] | None,
+                  std: tuple[float, ...] | None, train: bool = False) -> Any:
+    """A data set whose labels are the model's output indices (`data.fit_classes`); labels the model
+    cannot output fail here, before any slow step."""
+    dataset = open_dataset(source, input_shape=input_shape, mean=mean, std=std, train=train)
+    fit_classes(dataset, labels.outputs, labels.classes, recorded=labels.recorded)
+    if labels.outputs is not None:
+        check_labels(dataset, labels.outputs)
+    return dataset
+
+
 def eval_loader(source: str, *, input_shape: Shape, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-                batch_size: int, workers: int, seed: int, max_batches: int | None = None) -> DataLoader:
-    """An evaluation loader; with `max_batches` it draws that many random batches (seeded)."""
+                batch_size: int, workers: int, seed: int, max_batches: int | None = None,
+                labels: Labels | None = None) -> DataLoader:
+    """An evaluation loader; with `max_batches` it draws that many random batches (seeded). With
+    `labels`, the data's classes are matched to the model's outputs (without: labels unused)."""
     # mean/std None: the source's own statistics (ImageNet for RGB images, see data.open_dataset).
-    return make_loader(source, batch_size=batch_size, workers=workers, seed=seed, shuffle=max_batches is not None,
+    data: Any = source if labels is None else open_labelled(source, labels, input_shape=input_shape, mean=mean, std=std)
+    return make_loader(data, batch_size=batch_size, workers=workers, seed=seed, shuffle=max_batches is not None,
                        max_batches=max_batches, train=False, input_shape=input_shape, mean=mean, std=std)
 
 
 def calibration_loader(source: str | None, *, input_shape: Shape, mean: tuple[float, ...] | None,
                        std: tuple[float, ...] | None, batch_size: int, workers: int, seed: int,
-                       max_batches: int | None) -> DataLoader | None:
-    """The calibration batches of --data (None without data)."""
+                       max_batches: int | None, labels: Labels | None = None) -> DataLoader | None:
+    """The calibration batches of --data (None without data); `labels` when the criterion reads them."""
     if source is None:
         return None
     return eval_loader(source, input_shape=input_shape, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                       seed=seed, max_batches=max_batches)
+                       seed=seed, max_batches=max_batches, labels=labels)

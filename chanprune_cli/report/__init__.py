@@ -43,6 +43,16 @@ def human_count(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}".rstrip()
 
 
+def print_table(console: Console, table: Table) -> None:
+    """Print `table` under its title, which gets a line of its own wrapped at the console's width:
+    rich wraps a table's own title at the table's width, breaking long file names mid-word above a
+    narrow table."""
+    title, table.title = table.title, None
+    if title is not None:
+        console.print(title, style=table.title_style or "table.title", overflow="fold")
+    console.print(table)
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A console bound to the current stdout/stderr (so test runners that swap them capture it)."""
     # Wider than rich's 80-column default when not on a terminal: tables in logs stay readable.
@@ -160,10 +170,10 @@ def render_run(results: list[Any], run_dir: Path, console: Console) -> None:
     table.add_column("s", justify="right")
     table.add_column("outputs", overflow="fold")
     for r in results:
-        status = "[green]ran[/green]" if r.status == "ran" else "[dim]up to date[/dim]"
-        table.add_row(r.name, status, f"{r.seconds:.1f}" if r.status == "ran" else "–",
+        status = {"ran": "[green]ran[/green]", "failed": "[red]gates failed[/red]"}.get(r.status, "[dim]up to date[/dim]")
+        table.add_row(r.name, status, "–" if r.status == "skipped" else f"{r.seconds:.1f}",
                       escape(", ".join(Path(p).name for p in r.outputs)))
-    console.print(table)
+    print_table(console, table)
 
 
 def render_config(files: list[str], rows: dict[str, list[dict[str, Any]]], last: dict[str, Any], state_file: str,
@@ -180,7 +190,7 @@ def render_config(files: list[str], rows: dict[str, list[dict[str, Any]]], last:
         for e in entries:
             source = "[dim]default[/dim]" if e["source"] == "default" else escape(e["source"])
             table.add_row(e["key"], escape(json.dumps(e["value"])), source)
-        console.print(table)
+        print_table(console, table)
     if isinstance(last.get("score"), dict):
         s = last["score"]
         console.print(f"last score ({escape(state_file)}): {escape(str(s.get('checkpoint')))} "
@@ -250,7 +260,7 @@ def render_analyze(report: AnalyzeReport, console: Console) -> None:
             human_count(row.macs),
             f"{_pct(row.macs, report.macs):.1f}",
         )
-    console.print(table)
+    print_table(console, table)
     if report.groups is not None:
         render_groups(report.groups, console)
     console.print(f"params     {report.params:,} ({human_count(report.params)})")
@@ -287,7 +297,7 @@ def render_groups(groups: list[dict[str, Any]], console: Console) -> None:
     for g in groups:
         status = "[green]yes[/green]" if g["prunable"] else "[red]blocked[/red]"
         table.add_row(g["name"], str(g["channels"]), str(len(g["members"])), status, g["reason"] or "")
-    console.print(table)
+    print_table(console, table)
     prunable = sum(1 for g in groups if g["prunable"])
     console.print(f"groups     {prunable} of {len(groups)} prunable")
 
@@ -348,7 +358,7 @@ def render_prune(report: PruneReport, console: Console) -> None:
         table.add_row(r["name"], f"{r['in_before']}→{r['out_before']}  ⇒  {r['in_after']}→{r['out_after']}",
                       f"{r['params_before']:,} → {r['params_after']:,}",
                       f"{human_count(r['macs_before'])} → {human_count(r['macs_after'])}", style=style)
-    console.print(table)
+    print_table(console, table)
     req = ", ".join(f"{k} {v:g}" for k, v in report.requested.items())
     console.print(f"requested  {req}")
     console.print(f"params     {report.before['params']:,} → {report.after['params']:,} "
@@ -392,7 +402,7 @@ def render_scores(criterion: str, output: str, ratio: float, rows: list[dict[str
     for r in rows:
         table.add_row(r["group"], str(r["channels"]), f"{r['min']:.3g}", f"{r['median']:.3g}", f"{r['max']:.3g}",
                       str(r["removed_at_ratio"]))
-    console.print(table)
+    print_table(console, table)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +488,7 @@ def render_bench(report: BenchReport, console: Console) -> None:
             change = "ref" if i == 0 else ("-" if c.top1_change is None else f"{c.top1_change:+.2f}")
             cells += ["-" if acc is None else f"{acc['top1']:.2f}", change, "-" if acc is None else f"{acc['top5']:.2f}"]
         table.add_row(*cells)
-    console.print(table)
+    print_table(console, table)
 
     lat = Table(title=f"latency on {report.device}{threads}  ·  median (p90) of timed runs after warm-up",
                 title_justify="left")
@@ -502,7 +512,7 @@ def render_bench(report: BenchReport, console: Console) -> None:
                         "ref" if ref_row else _times(c.macs_ratio),
                         "ref" if ref_row or efficiency is None else f"{100 * efficiency:.0f} %",
                         end_section=b == max(m.latency))
-    console.print(lat)
+    print_table(console, lat)
     if len(report.models) > 1:
         console.print("speed-up = reference median / model median; MACs ratio = reference MACs / model MACs "
                       "(the speed-up the MACs alone predict); 100 % = as much faster as the work removed")
@@ -549,7 +559,7 @@ def render_export(checkpoint: str, result: Any, console: Console) -> None:
     table.add_column("tolerance", justify="right")
     for b, diff in result.per_batch.items():
         table.add_row(str(b), f"{diff:.2e}", f"{result.tolerance:.1e}")
-    console.print(table)
+    print_table(console, table)
     dynamic = " (batch axis dynamic)" if result.format != "safetensors" else ""
     details = [f"input {'×'.join(str(d) for d in result.input_shape)}{dynamic}", f"{result.size_mb:.2f} MB"]
     if result.opset is not None:

@@ -38,13 +38,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
     os.close(fd)
-    # mkstemp creates files 0600; outputs get the usual permissions of a new file (0666 - umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates files 0600, and some writers (safetensors' save_file) replace the file
+        # with a private one of their own: the finished output gets the usual permissions of a new
+        # file (0666 - umask) just before it is renamed into place.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, out)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
