@@ -1,12 +1,14 @@
-"""Coverage sweep: chanprune's channel engine vs Torch-Pruning over every torchvision classifier.
+"""Coverage sweep: chanprune's channel engine vs Torch-Pruning over torchvision's or timm's classifiers.
 
-For each model (every `torchvision.models.list_models(module=torchvision.models)` entry plus the
-built-in CIFAR ResNets loaded from ../shared/checkpoints when present):
+For each model (`--zoo torchvision`: every `torchvision.models.list_models(module=torchvision.models)`
+entry plus the built-in CIFAR ResNets loaded from ../shared/checkpoints when present; `--zoo timm`:
+the convolutional families of `timm.list_models()`, see `timm_models`, random init):
 
 * chanprune: `build_graph`, remove 30 % (``--ratio``) of the channels of every prunable group
   (lowest L1 norm of the producers' filters), `prune_model` on a copy, `verify` against the
   masked original (float64), one eval forward and one training step (train mode, SGD, batch 2).
   Outcome: ``pruned+verified`` / ``blocked`` (no prunable group; reason) / ``failed`` (error).
+  MACs (fvcore, one input of the sweep's size) are counted before and after, for both tools.
 * Torch-Pruning 1.6.1: ``tp.pruner.MagnitudePruner`` with ``MagnitudeImportance(p=1)``,
   ``pruning_ratio=ratio``, the final classifier(s) ignored, ``global_pruning=False``, the same
   example input. Outcome: ``ok`` / ``failed to prune`` / ``forward fails`` / ``wrong output shape``
@@ -22,9 +24,13 @@ Untrained torchvision models have BatchNorm at weight 1, bias 0, running stats 0
 hide slicing mistakes in norms; the worker randomises every norm's affine parameters and running
 statistics first (same seed for both tools).
 
+Untrained timm models get the same treatment (every norm's per-channel parameters and
+statistics, timm's EvoNorms and FilterResponseNorms included).
+
 Usage:
     python bench/coverage.py --models all --json /tmp/cov.json --markdown /tmp/cov.md
     python bench/coverage.py --models resnet18,cifar_resnet20 --no-tp
+    python bench/coverage.py --zoo timm --size 128 --json /tmp/timm.json --markdown /tmp/timm.md
 """
 
 from __future__ import annotations
@@ -49,6 +55,20 @@ CIFAR = {
     "cifar_resnet56": "resnet56-4bfd9763.th",
 }
 DEFAULT_TIMING_MODELS = ("resnet50", "densenet121")
+ZOO = "torchvision"  # --zoo; the workers get it on their command line
+
+# timm's model modules whose networks are convolutional. Transformer and conv/attention hybrid
+# families (vision_transformer, swin, maxxvit, mobilevit, efficientformer, levit, ...) are left
+# out: their attention and LayerNorm-normalised token streams are pinned by design.
+TIMM_CNN_FAMILIES = (
+    "byobnet", "convmixer", "convnext", "cpubone", "cspnet", "cspnext", "densenet", "dla", "dpn", "efficientnet",
+    "fasternet", "ghostnet", "hardcorenas", "hgnet", "hrnet", "inception_next", "inception_resnet_v2",
+    "inception_v3", "inception_v4", "lcnetv2", "mambaout", "mobilenetv3", "mobilenetv5", "nasnet", "nfnet",
+    "pnasnet", "rdnet", "regnet", "repghost", "repvit", "res2net", "resnest", "resnet", "resnetv2", "rexnet",
+    "selecsls", "senet", "sknet", "starnet", "tresnet", "vgg", "vovnet", "xception", "xception_aligned",
+)
+TIMM_SMALL = 30e6  # parameters of a "small" member
+TIMM_LARGEST = 100e6  # a family with no small member contributes its smallest up to this size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,15 +77,38 @@ DEFAULT_TIMING_MODELS = ("resnet50", "densenet121")
 
 
 def default_size(name: str) -> int:
+    if ZOO == "timm":
+        import timm
+
+        return int(timm.get_pretrained_cfg(name).input_size[-1])
     if name.startswith("cifar_"):
         return 32
     return 299 if name == "inception_v3" else 224
 
 
+def randomize_norms(model: Any, seed: int = 1) -> None:
+    """Random affine parameters and running statistics in every norm (an untrained BatchNorm is the
+    identity, which would hide a wrong slice); timm's norms are matched by name (EvoNorm,
+    FilterResponseNorm, BatchNormAct2d, ...), their per-channel `v`/`tau` included."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    ranges = {"weight": (0.5, 1.5), "bias": (-0.2, 0.2), "running_mean": (-0.2, 0.2), "running_var": (0.5, 1.5),
+              "v": (0.5, 1.5), "tau": (-0.2, 0.2)}
+    with torch.no_grad():
+        for m in model.modules():
+            if not isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and "Norm" not in type(m).__name__:
+                continue
+            for attr, (lo, hi) in ranges.items():
+                t = getattr(m, attr, None)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 1:
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+
+
 def load_model(name: str) -> tuple[Any, int, str]:
     """(eval-mode model, number of classes, where it came from)."""
     import torch
-    from torch import nn
 
     if name in CIFAR:
         from chanprune_cli.checkpoint import load_checkpoint
@@ -74,21 +117,21 @@ def load_model(name: str) -> tuple[Any, int, str]:
         model = load_checkpoint(str(path), arch=name).model
         source = f"checkpoint {path.name}"
         classes = 10
+    elif ZOO == "timm":
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False)
+        source = "timm (random init)"
+        classes = model.num_classes
     else:
         import torchvision
 
         model = torchvision.models.get_model(name, weights=None)
         source = "torchvision (random init)"
         classes = 1000
-    # Randomise norms so that a wrong slice of a norm shows up in verify (untrained BN is identity).
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and name not in CIFAR:
-                for attr, lo, hi in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2), ("running_mean", -0.2, 0.2), ("running_var", 0.5, 1.5)):
-                    t = getattr(m, attr, None)
-                    if isinstance(t, torch.Tensor) and t.is_floating_point():
-                        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    if name not in CIFAR:  # a wrong slice of a norm shows up in verify only if the norm is not the identity
+        randomize_norms(model)
     return model.eval(), classes, source
 
 
@@ -152,6 +195,21 @@ def train_step(model: Any, size: int) -> float:
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: Any, size: int) -> int | None:
+    """fvcore MACs of one 3×size×size input (the same count for both tools); None if fvcore fails."""
+    from chanprune_cli.measure import count_macs as fvcore_macs
+
+    try:
+        return fvcore_macs(model, (3, size, size))
+    except Exception:  # noqa: BLE001 (a model fvcore cannot trace still has its other results)
+        return None
+
+
+def macs_removed(res: dict[str, Any]) -> float | None:
+    before, after = res.get("macs"), res.get("macs_after")
+    return 1 - after / before if before and after is not None else None
 
 
 def l1_plan(model: Any, graph: Any, ratio: float) -> tuple[dict[int, list[int]], str]:
@@ -261,7 +319,7 @@ def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float
         graph = build_graph(model, shape)
         res["build_s"] = time.perf_counter() - t
         prunable = graph.prunable_groups()
-        res.update(groups=len(graph.groups), prunable_groups=len(prunable),
+        res.update(groups=len(graph.groups), prunable_groups=len(prunable), tracing=getattr(graph, "tracing", "fx"),
                    channels=sum(g.channels for g in graph.groups),
                    prunable_channels=sum(len(g.prunable_classes) for g in prunable),
                    unfollowed=graph.unfollowed[:20])
@@ -293,6 +351,8 @@ def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float
         stage = "forward"
         with torch.no_grad():
             pruned.eval()(torch.randn(2, *shape))
+        stage = "MACs"
+        res["macs"], res["macs_after"] = count_macs(model, size), count_macs(pruned, size)
         stage = "train step"
         res["train_loss"] = train_step(pruned, size)
         res["status"] = "pruned+verified"
@@ -316,6 +376,7 @@ def worker_tp(name: str, ratio: float, size_req: int | None) -> dict[str, Any]:
     example = torch.randn(1, 3, size, size)
     with torch.no_grad():
         ref_shapes = [tuple(o.shape) for o in flat_outputs(model.eval()(example))]
+    res["macs"] = count_macs(model, size)
     try:
         t = time.perf_counter()
         pruner = tp.pruner.MagnitudePruner(
@@ -342,6 +403,7 @@ def worker_tp(name: str, ratio: float, size_req: int | None) -> dict[str, Any]:
     if shapes != ref_shapes:
         res.update(status="wrong output shape", reason=f"{shapes} != {ref_shapes}")
         return res
+    res["macs_after"] = count_macs(model, size)
     try:
         res["train_loss"] = train_step(model, size)
     except Exception as exc:  # noqa: BLE001 (any failure is a result here)
@@ -408,7 +470,46 @@ def worker_timing(name: str, ratio: float, size_req: int | None, repeats: int) -
 # ------------------------------------------------------------------------------------------------
 
 
+def timm_models() -> list[str]:
+    """The timm sweep: members of TIMM_CNN_FAMILIES with at most TIMM_SMALL parameters (timm's own
+    `test_*` models aside), sorted by size; a family with more than three keeps a third of them,
+    evenly spaced (its smallest and largest included). A family with no small member contributes
+    its smallest when that has at most TIMM_LARGEST parameters. Parameters are counted on the meta
+    device (nothing is allocated or downloaded)."""
+    import math
+    import warnings
+
+    import timm
+    import torch
+
+    warnings.filterwarnings("ignore")
+    chosen: list[str] = []
+    for family in TIMM_CNN_FAMILIES:
+        sized = []
+        for name in timm.list_models(module=family):
+            if name.startswith("test_"):
+                continue
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+            sized.append((sum(p.numel() for p in model.parameters()), name))
+        sized.sort()
+        small = [n for p, n in sized if p <= TIMM_SMALL] or [n for p, n in sized[:1] if p <= TIMM_LARGEST]
+        k = len(small) if len(small) <= 3 else max(3, math.ceil(len(small) / 3))
+        chosen += [small[round(i * (len(small) - 1) / (k - 1))] for i in range(k)] if k > 1 else small
+    return list(dict.fromkeys(chosen))
+
+
 def model_list(spec: str) -> list[str]:
+    if ZOO == "timm":
+        import timm
+
+        if spec == "all":
+            return timm_models()
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        unknown = [n for n in names if not timm.is_model(n)]
+        if unknown:
+            sys.exit(f"unknown timm model(s): {', '.join(unknown)}")
+        return names
     import torchvision
 
     tv = list(torchvision.models.list_models(module=torchvision.models))
@@ -427,7 +528,7 @@ def param_count_meta(name: str) -> int | None:
     import torch
     import torchvision
 
-    if name in CIFAR:
+    if name in CIFAR or ZOO == "timm":  # the timm list is chosen by size already
         return 0
     import warnings
 
@@ -443,7 +544,7 @@ def param_count_meta(name: str) -> int | None:
 def run_worker(tool: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out_path = fh.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--model", name,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--model", name, "--zoo", args.zoo,
            "--ratio", str(args.ratio), "--worker-out", out_path, "--threads", str(args.threads),
            "--max-params", str(args.max_params), "--timing-repeats", str(args.timing_repeats)]
     if args.size:
@@ -482,6 +583,10 @@ def run_worker(tool: str, name: str, args: argparse.Namespace) -> dict[str, Any]
 
 def _fmt_s(v: Any) -> str:
     return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def _fmt_pct(v: Any) -> str:
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "-"
 
 
 def ours_time(r: dict[str, Any]) -> float | None:
@@ -523,16 +628,25 @@ def summarize(results: dict[str, dict[str, Any]], skipped: dict[str, str], args:
               if r.get(tool) and r[tool].get("status", "").startswith(ok) and r[tool].get("params")]
         return sum(fr) / len(fr) if fr else None
 
-    return {"ratio": args.ratio, "models": len(results), "skipped": skipped, "chanprune": ours_counts,
+    def macs(tool: str, ok: str) -> dict[str, Any]:
+        """MACs removed by the successful runs of `tool`: how many measured, how many >= 20 %, median."""
+        fr = sorted(f for r in results.values() if r.get(tool) and r[tool].get("status", "").startswith(ok)
+                    and (f := macs_removed(r[tool])) is not None)
+        mid = len(fr) // 2
+        median = (fr[mid] if len(fr) % 2 else (fr[mid - 1] + fr[mid]) / 2) if fr else None
+        return {"measured": len(fr), "at_least_20pct": sum(f >= 0.2 for f in fr), "median": median}
+
+    return {"ratio": args.ratio, "zoo": args.zoo, "models": len(results), "skipped": skipped, "chanprune": ours_counts,
             "torch_pruning": tp_counts, "timing": timing,
+            "macs_removed": {"chanprune": macs("ours", "pruned+verified"), "torch_pruning": macs("tp", "ok")},
             "mean_param_fraction_kept": {"chanprune": kept("ours", "pruned+verified"), "torch_pruning": kept("tp", "ok")},
             "timing_method": (f"best of {args.timing_repeats} dedicated runs, {args.threads} thread(s)" if timing_runs
                               else f"single sweep run, {args.threads} thread(s)")}
 
 
 def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
-    lines = ["| model | params (M) | input | chanprune | groups (prunable) | params after (M) | ours s (build/prune/verify) | Torch-Pruning | TP params after (M) | TP s (graph/prune) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params (M) | input | chanprune | groups (prunable) | params after (M) | MACs removed | ours s (build/prune/verify) | Torch-Pruning | TP params after (M) | TP MACs removed | TP s (graph/prune) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         o, t = r.get("ours", {}), r.get("tp")
         size = f"{o.get('size', '-')}" + (f" ({o['size_note']})" if o.get("size_note") else "")
@@ -542,14 +656,19 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
             name, f"{o.get('params', 0) / 1e6:.1f}", size, ostat.replace("|", "/"),
             f"{o.get('groups', '-')} ({o.get('prunable_groups', '-')})",
             f"{o['params_after'] / 1e6:.1f}" if "params_after" in o else "-",
+            _fmt_pct(macs_removed(o)),
             f"{_fmt_s(o.get('build_s'))}/{_fmt_s(o.get('prune_s'))}/{_fmt_s(o.get('verify_s'))}",
             tstat.replace("|", "/"),
             f"{t['params_after'] / 1e6:.1f}" if t and "params_after" in t else "-",
+            _fmt_pct(macs_removed(t)) if t else "-",
             f"{_fmt_s(t.get('graph_s'))}/{_fmt_s(t.get('prune_s'))}" if t else "-",
         ]) + " |")
-    out = [f"# Coverage sweep (ratio {summary['ratio']})", "",
+    out = [f"# Coverage sweep: {summary.get('zoo', 'torchvision')} (ratio {summary['ratio']})", "",
            f"chanprune: {json.dumps(summary['chanprune'])}", "",
            f"Torch-Pruning 1.6.1: {json.dumps(summary['torch_pruning'])}", "",
+           "MACs removed by the successful runs (fvcore): "
+           + "; ".join(f"{k} {v['at_least_20pct']} of {v['measured']} at >= 20 %, median {_fmt_pct(v['median'])}"
+                       for k, v in summary.get("macs_removed", {}).items()), "",
            "Mean fraction of parameters kept (successful models): "
            + ", ".join(f"{k} {v:.3f}" for k, v in summary.get("mean_param_fraction_kept", {}).items() if v is not None), ""]
     if summary["skipped"]:
@@ -578,7 +697,9 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="all", help="all, or a comma-separated list (torchvision names, cifar_resnet20, cifar_resnet56)")
+    ap.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision",
+                    help="where the models come from (timm: see timm_models for the list)")
+    ap.add_argument("--models", default="all", help="all, or a comma-separated list (torchvision or timm names, cifar_resnet20, cifar_resnet56)")
     ap.add_argument("--ratio", type=float, default=0.3, help="fraction of each prunable group's channels to remove")
     ap.add_argument("--size", type=int, default=None, help="input side override (used only where the model runs on it)")
     ap.add_argument("--max-params", type=float, default=400e6, help="skip models with more parameters (default 400M)")
@@ -601,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    globals()["ZOO"] = args.zoo
     if args.checkpoints:  # workers read it from the environment
         os.environ["CHANPRUNE_CHECKPOINTS"] = str(args.checkpoints.resolve())
         globals()["CHECKPOINTS"] = args.checkpoints.resolve()

@@ -1,12 +1,14 @@
 """Architecture resolution: the built-in table, and `build_model` dispatching an `ArchSpec` by form.
 
-Forms: a built-in name (cifar_resnet20…110, digits_cnn), `torchvision:NAME`, `package.module:factory`.
+Forms: a built-in name (cifar_resnet20…110, digits_cnn), `torchvision:NAME`, `timm:NAME`,
+`package.module:factory`.
 `build_model(spec)` returns a freshly initialised `nn.Module`, never downloading weights.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +17,13 @@ from torch import nn
 from ..errors import UserError
 from .cifar import CIFAR_DEPTHS, make_cifar
 from .digits import make_digits
-from .external import build_factory, build_torchvision
+from .external import build_factory, build_timm, build_torchvision, timm_input_shape
 from .spec import ArchSpec
 
 __all__ = ["build_model", "builtin_archs", "default_input_shape", "widened_spec"]
 
-_FORMS_HELP = "torchvision:<name> (e.g. torchvision:resnet18) or package.module:factory (importable from the current directory)"
+_FORMS_HELP = ("torchvision:<name> (e.g. torchvision:resnet18), timm:<name> (e.g. timm:efficientnet_b0) or "
+               "package.module:factory (importable from the current directory)")
 
 # name → (factory of the kwargs, one-line description, natural C,H,W input)
 _BUILTINS: dict[str, tuple[Callable[[dict[str, Any]], nn.Module], str, tuple[int, int, int]]] = {
@@ -56,6 +59,8 @@ def default_input_shape(spec: ArchSpec | None) -> tuple[int, int, int] | None:
         return _BUILTINS[spec.name][2]
     if spec.name.startswith("torchvision:"):
         return (3, 299, 299) if spec.name.split(":", 1)[1] == "inception_v3" else (3, 224, 224)
+    if spec.name.startswith("timm:"):
+        return timm_input_shape(spec)
     return None
 
 
@@ -80,6 +85,11 @@ def _unknown_arch(name: str) -> UserError:
                 hint = f" Did you mean torchvision:{name.lower()}?"
         except Exception:  # torchvision is optional for this hint only
             pass
+    if not hint and importlib.util.find_spec("timm") is not None:
+        import timm
+
+        if timm.is_model(name):
+            hint = f" Did you mean timm:{name}?"
     return UserError(f"unknown architecture {name!r}; use a built-in ({', '.join(_BUILTINS)}), {_FORMS_HELP}.{hint}")
 
 
@@ -89,6 +99,8 @@ def build_model(spec: ArchSpec) -> nn.Module:
         return _BUILTINS[spec.name][0](dict(spec.kwargs))
     if spec.name.startswith("torchvision:"):
         return build_torchvision(spec)
+    if spec.name.startswith("timm:"):
+        return build_timm(spec)
     if ":" in spec.name:
         return build_factory(spec)
     raise _unknown_arch(spec.name)
