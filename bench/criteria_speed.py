@@ -11,9 +11,16 @@ reported: wall time, and the CPU time of this process (`time.process_time`, all 
 shared, oversubscribed machine the CPU-time column is the trustworthy one, best with
 `--threads 1` (no OpenMP spin-waiting in it).
 
+`--count-ops` reports, instead of times, what each method costs per batch whatever the device:
+the tensor operations dispatched (on a GPU, about one kernel launch each; views included) and the
+values read back to the host (`.item()`, `float()`, a tensor's truth value: on a GPU each one
+makes the host wait for the device). The label range check of `criteria.gates.batches`, which
+reads the labels on the host before they move, is not counted. Per batch = (count over 4 batches
+- count over 1 batch) / 3, so the fixed cost of one `score()` call drops out.
+
 Usage:
     python bench/criteria_speed.py [--batches 8] [--batch-size 64] [--threads 2] [--device cpu]
-                                   [--arch cifar_resnet20] [--criteria taylor,hrank,...]
+                                   [--arch cifar_resnet20] [--criteria taylor,hrank,...] [--count-ops]
 """
 
 from __future__ import annotations
@@ -62,6 +69,66 @@ def _baseline(model: torch.nn.Module, data: list, device: torch.device, backward
     return _timed(lambda: (run(data), _sync(device)))
 
 
+def count_ops(model: torch.nn.Module, graph: object, data: list, device: torch.device, specs: list[str]) -> None:
+    """Operations and host reads per batch of the baselines and of every criterion (see the module doc)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chanprune_cli.criteria import gates as gates_module
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter[str] = Counter()
+            self.host = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if not self.host:
+                self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = Ops()
+    # Load every criterion before wrapping the host check: a criterion that imports `check_labels`
+    # for its own per-batch checks keeps the real one (and its reads count).
+    criteria = {spec: get_criterion(spec.partition(":")[0]) for spec in specs}
+    real_check = gates_module.check_labels
+
+    def host_check(y: torch.Tensor, classes: int) -> None:  # the labels, read before they move
+        mode.host = True
+        try:
+            real_check(y, classes)
+        finally:
+            mode.host = False
+
+    gates_module.check_labels = host_check  # type: ignore[assignment]
+
+    def per_batch(run: object) -> tuple[float, float]:
+        counts = []
+        for n in (1, 4):
+            mode.ops.clear()
+            with mode:
+                run(data[:n])  # type: ignore[operator]
+            counts.append((sum(mode.ops.values()), mode.ops["aten._local_scalar_dense"]))
+        return (counts[1][0] - counts[0][0]) / 3, (counts[1][1] - counts[0][1]) / 3
+
+    def baseline(batches: list) -> None:
+        params = list(model.parameters())
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    model.eval()
+    base_ops, _ = per_batch(baseline)
+    print(f"{'method':<34} {'ops/batch':>10} {'vs fwd+bwd':>10} {'reads/batch':>12}")
+    print(f"{'forward+backward (baseline)':<34} {base_ops:>10.0f} {1.0:>9.2f}x {0.0:>12.1f}")
+    for spec in specs:
+        options = dict(kv.split("=", 1) for kv in spec.partition(":")[2].split(";") if kv)
+        criterion = criteria[spec]
+        ops, reads = per_batch(lambda b: criterion.score(model, graph, b, device, seed=0, **options))  # noqa: B023
+        print(f"{spec:<34} {ops:>10.0f} {ops / base_ops:>9.2f}x {reads:>12.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="cifar_resnet20")
@@ -71,6 +138,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--criteria", default=",".join(DEFAULT))
+    ap.add_argument("--count-ops", action="store_true", help="count operations and host reads per batch instead of timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -83,6 +151,12 @@ def main() -> None:
     images = args.batches * args.batch_size
 
     specs = args.criteria.split(",")
+    if args.count_ops:
+        if len(data) < 4:
+            ap.error("--count-ops needs --batches 4 or more")
+        print(f"{args.arch}, batch {args.batch_size}, {device}, torch {torch.__version__}")
+        count_ops(model, graph, data, device, specs)
+        return
     best: dict[str, tuple[float, float]] = {}
 
     def record(key: str, seconds: tuple[float, float]) -> None:

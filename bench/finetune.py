@@ -13,12 +13,15 @@ the test split:
            first 25 % of the run)
 
 Each method runs the real commands in-process (`chanprune_cli.cli.main`), so the commands recorded
-in the report reproduce it. Training throughput: our loop (`Trainer`, no validation) vs a plain
-PyTorch loop (same model, loader, optimizer and loss) on the one-shot pruned model, interleaved
-rounds, best round kept (the machine may be shared).
+in the report reproduce it. Training throughput: our loop (`Trainer`, no validation) on its two
+input paths (small images held as one tensor on the device and cropped there, or decoded and
+augmented per step) vs a plain PyTorch loop (same model, per-step loader, optimizer and loss) on
+the one-shot pruned model, interleaved rounds, best round kept (the machine may be shared).
 
 Usage (the recorded CPU run, see BENCHMARKS.md):
     python bench/finetune.py --steps 200 --threads 1 --out bench/out/finetune
+Throughput only (the input paths; prunes the model it needs first):
+    python bench/finetune.py --throughput-only --threads 2 --throughput-steps 30 --throughput-rounds 3 --out bench/out/ft-speed
 Quick smoke run:
     python bench/finetune.py --steps 3 --eval-images 256 --throughput-steps 2 --out /tmp/ftb
 """
@@ -69,25 +72,35 @@ def test_top1(path: Path, test: Any, device: torch.device, eval_images: int) -> 
 
 
 def throughput(model_path: Path, train: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """images/s of our Trainer vs a plain loop: same model, data, optimizer, loss; best of rounds."""
+    """images/s of our Trainer on each input path vs a plain loop: same model, data, optimizer and
+    loss; interleaved rounds, best kept. `tensor`: small images held as one tensor on the device,
+    cropped and flipped there (`--tensor-cache`); `loader`: decoded and augmented per item
+    (`--no-tensor-cache`, the path every run took before the tensor path existed)."""
     base = load_checkpoint(model_path).model
     dataset = open_dataset(train, input_shape=SHAPE, mean=MEAN, std=STD, train=True)
     steps, bs = args.throughput_steps, args.batch_size
+    started = time.perf_counter()
+    from chanprune_cli.data.tensorcache import tensor_images
 
-    def ours() -> float:
+    tensor_images(dataset, workers=args.workers or 0)  # decoded once (or read from the cache folder)
+    prepare_s = time.perf_counter() - started
+
+    def ours(tensor: bool) -> tuple[float, float]:
         model = copy.deepcopy(base)
         cfg = TrainConfig(max_steps=steps, batch_size=bs, lr=0.01, progress=False, save_every=None, seed=args.seed,
-                          workers=args.workers)
-        result = Trainer(model, dataset, cfg, device=device).fit()
-        return result.images_per_second
+                          workers=args.workers, tensor_cache=tensor, compile=args.compile)
+        trainer = Trainer(model, dataset, cfg, device=device)
+        cpu = time.process_time()
+        result = trainer.fit()
+        return result.images_per_second, result.train_images / max(time.process_time() - cpu, 1e-9)
 
-    def plain() -> float:
+    def plain() -> tuple[float, float]:
         model = copy.deepcopy(base).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        loader = make_loader(dataset, batch_size=bs, seed=args.seed, shuffle=True, workers=args.workers,
+        loader = make_loader(dataset, batch_size=bs, seed=args.seed, shuffle=True, workers=args.workers or 0,
                              max_batches=steps, drop_last=True)
         images = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y)
@@ -97,15 +110,23 @@ def throughput(model_path: Path, train: str, args: argparse.Namespace, device: t
             images += x.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return images / (time.perf_counter() - start)
+        return images / (time.perf_counter() - start), images / max(time.process_time() - cpu, 1e-9)
 
-    rounds: dict[str, list[float]] = {"ours": [], "plain": []}
+    runs = {"tensor": lambda: ours(True), "loader": lambda: ours(False), "plain": plain}
+    rounds: dict[str, list[float]] = {k: [] for k in runs}
+    cpu_rounds: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.throughput_rounds):
-        rounds["ours"].append(ours())
-        rounds["plain"].append(plain())
+        for name, fn in runs.items():
+            wall, cpu = fn()
+            rounds[name].append(wall)
+            cpu_rounds[name].append(cpu)
     best = {k: max(v) for k, v in rounds.items()}
-    return {"steps": steps, "batch_size": bs, "rounds": rounds, "ours": best["ours"], "plain": best["plain"],
-            "ratio": best["ours"] / best["plain"] if best["plain"] else None}
+    best_cpu = {k: max(v) for k, v in cpu_rounds.items()}
+    return {"steps": steps, "batch_size": bs, "workers": args.workers, "compile": args.compile,
+            "tensor_prepare_s": prepare_s, "rounds": rounds, "cpu_rounds": cpu_rounds, "best": best,
+            "best_per_cpu_second": best_cpu, "ours": best["tensor"], "plain": best["plain"],
+            "ratio": best["tensor"] / best["plain"] if best["plain"] else None,
+            "tensor_vs_loader": best["tensor"] / best["loader"] if best["loader"] else None}
 
 
 def main() -> int:
@@ -128,7 +149,10 @@ def main() -> int:
     parser.add_argument("--throughput-steps", type=int, default=20)
     parser.add_argument("--throughput-rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="loader processes (default: finetune's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the throughput runs")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the throughput comparison (prunes the model it needs first)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "finetune")
@@ -143,11 +167,12 @@ def main() -> int:
 
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [] if args.throughput_only else [m.strip() for m in args.methods.split(",") if m.strip()]
     common = ["--data", args.train, "--val-data", args.test, "--mean", MEAN, "--std", STD,
               "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-              "--seed", str(args.seed), "--device", args.device, "--workers", str(args.workers),
-              "--save-every", str(max(args.steps, 1)), "--force"]
+              "--seed", str(args.seed), "--device", args.device, "--save-every", str(max(args.steps, 1)), "--force"]
+    if args.workers is not None:
+        common += ["--workers", str(args.workers)]
     if args.threads is not None:
         common += ["--threads", str(args.threads)]
     if args.eval_images < 10000:
@@ -169,17 +194,18 @@ def main() -> int:
         print(json.dumps({name: results[name]}), flush=True)
 
     pruned = args.out / "r56-pruned.safetensors"
-    if {"oneshot", "kd"} & set(methods):
+    if {"oneshot", "kd"} & set(methods) or (args.throughput_only and not pruned.exists()):
         prune_args = ["prune", str(args.checkpoint), "--arch", args.arch, "--criterion", args.criterion,
                       "--target-flops", str(args.target_flops), "--data", args.train, "--mean", MEAN, "--std", STD,
                       "--calib-batches", str(args.calib_batches), "--batch-size", str(args.batch_size),
                       "--seed", str(args.seed), "--out", str(pruned), "--json", str(args.out / "prune.json"), "--force"]
         commands["prune"] = prune_args
         prune_s = run(prune_args)
-        before = test_top1(pruned, test, device, args.eval_images)
-        results["pruned_no_finetune"] = {"top1": before["top1"], "top5": before["top5"], "prune_s": prune_s,
-                                         "eval_images": before["images"]}
-        print(json.dumps({"pruned_no_finetune": results["pruned_no_finetune"]}), flush=True)
+        if methods:
+            before = test_top1(pruned, test, device, args.eval_images)
+            results["pruned_no_finetune"] = {"top1": before["top1"], "top5": before["top5"], "prune_s": prune_s,
+                                             "eval_images": before["images"]}
+            print(json.dumps({"pruned_no_finetune": results["pruned_no_finetune"]}), flush=True)
     for name in methods:
         out, report = args.out / f"r56-{name}.safetensors", args.out / f"{name}.json"
         if name == "oneshot":
@@ -233,16 +259,16 @@ def main() -> int:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
+    machine = (f"Device {doc['device']} ({doc['cpu_count']} cores, {doc['threads']} torch threads, load average "
+               f"{', '.join(f'{v:.1f}' for v in doc['load_average'] or [])}), torch {doc['torch']}, {doc['date']}.")
     lines = [
         f"ResNet-56 (CIFAR-10 JPEG baseline checkpoint), {100 * s['target_flops']:.0f} % of the MACs removed, "
         f"{s['steps']} steps of batch {s['batch_size']} per method (SGD nesterov, lr {s['lr']}, warm-up + cosine), "
-        f"top-1 on {s['eval_images'] if s['eval_images'] < 10000 else 10000} test images. "
-        f"Device {doc['device']} ({doc['cpu_count']} cores, {doc['threads']} torch threads, load average "
-        f"{', '.join(f'{v:.1f}' for v in doc['load_average'] or [])}), torch {doc['torch']}, {doc['date']}.",
+        f"top-1 on {s['eval_images'] if s['eval_images'] < 10000 else 10000} test images. " + machine,
         "",
         "| method | top-1 % | top-5 % | MACs removed | params | train img/s | wall s |",
         "|---|---|---|---|---|---|---|",
-    ]
+    ] if doc["results"] else [machine]
     labels = {"pruned_no_finetune": f"one-shot `{s['criterion']}`, no fine-tuning",
               "oneshot": f"(i) one-shot `{s['criterion']}` + fine-tune",
               "kd": f"(ii) one-shot `{s['criterion']}` + fine-tune with `--teacher` (α {s['kd_alpha']})",
@@ -258,9 +284,16 @@ def markdown(doc: dict[str, Any]) -> str:
     t = doc.get("throughput")
     if t:
         lines += ["", f"Training throughput on the one-shot pruned model ({t['steps']} steps of batch {t['batch_size']}, "
-                  f"data loading included, best of {len(t['rounds']['ours'])} interleaved rounds): "
-                  f"our loop {t['ours']:.0f} img/s, plain PyTorch loop {t['plain']:.0f} img/s "
-                  f"(ratio {t['ratio']:.2f})."]
+                  f"data loading included, best of {len(t['rounds']['tensor'])} interleaved rounds, workers "
+                  f"{t['workers'] if t['workers'] is not None else 'default'}"
+                  f"{', torch.compile' if t['compile'] else ''}; the tensor path's one-time decode or cache read "
+                  f"took {t['tensor_prepare_s']:.1f} s):", "",
+                  "| loop | img/s (wall) | img per CPU-second (main process) |", "|---|---|---|"]
+        labels = {"tensor": "ours, tensor path (images on the device)", "loader": "ours, loader path (decode per step)",
+                  "plain": "plain PyTorch loop (decode per step)"}
+        for name, label in labels.items():
+            lines.append(f"| {label} | {t['best'][name]:.1f} | {t['best_per_cpu_second'][name]:.1f} |")
+        lines += ["", f"tensor path / loader path {t['tensor_vs_loader']:.2f}×, tensor path / plain loop {t['ratio']:.2f}×."]
     lines += ["", "Commands:", ""] + [f"    {c}" for c in doc["commands"].values()]
     return "\n".join(lines) + "\n"
 

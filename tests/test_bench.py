@@ -89,7 +89,11 @@ def test_json_fields_and_comparison_with_the_reference(ckpts: dict[str, Path], t
     assert doc["tool"]["name"] == "chanprune" and doc["torch_version"] == torch.__version__
     assert doc["reference"] == str(ckpts["good"])
     assert doc["device"] == "cpu" and doc["threads"] == 1 and doc["batch_sizes"] == [1, 4]
-    assert doc["timing"] == {"warmup": 1, "repeats": 3, "max_time_s": 10.0}
+    timing = doc["timing"]
+    assert {k: timing.pop(k) for k in ("warmup", "repeats", "max_time_s")} == {"warmup": 1, "repeats": 3, "max_time_s": 10.0}
+    assert timing.pop("device_name")
+    assert timing == {"dtype": "fp32", "channels_last": False, "cudnn_benchmark": False, "compile": False,
+                      "cudnn_allow_tf32": None}
     assert doc["data"]["source"] == "digits:test" and doc["data"]["images"] == 359
     assert doc["gates"] == [] and doc["passed"] is True
 
@@ -245,6 +249,66 @@ def test_time_model_bounds_runs_by_time() -> None:
     exact = benchmark.time_model(model, (4,), 2, "cpu", warmup=2, repeats=7, threads=1, max_time=0)
     assert (exact["repeats"], exact["warmup"]) == (7, 2)
     assert exact["threads"] == 1 and exact["median_ms"] > 0
+
+
+def test_deployed_timing_settings_in_the_json(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "deployed.json"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--max-time", "0", "--dtype", "bf16",
+                 "--channels-last", "--device", "cpu", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    timing = json.loads(out.read_text())["timing"]
+    assert timing["dtype"] == "bf16" and timing["channels_last"] is True
+    assert timing["cudnn_benchmark"] is False and timing["compile"] is False  # autotuning is CUDA's
+    assert timing["device_name"] and timing["cudnn_allow_tf32"] is None
+    assert "bf16, channels-last" in result.stdout
+
+
+def test_deployed_copy_leaves_the_model_alone() -> None:
+    model = build_model(parse_arch("digits_cnn")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    timed = benchmark.deployed(model, benchmark.Deployment(dtype="bf16", channels_last=True), torch.device("cpu"),
+                               (1, 8, 8))
+    assert next(timed.parameters()).dtype == torch.bfloat16
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    result = benchmark.time_model(timed, (1, 8, 8), 2, "cpu", warmup=1, repeats=2, threads=1, max_time=0,
+                                  settings=benchmark.Deployment(dtype="bf16", channels_last=True))
+    assert result["repeats"] == 2 and result["median_ms"] > 0
+
+
+def test_fp16_on_the_cpu_warns_and_a_bad_dtype_fails_before_loading(load_spy: list[str], ckpts: dict[str, Path]) -> None:
+    warned = cli("bench", ckpts["good"], *ARCH, *FAST, "--max-time", "0", "--dtype", "fp16", "--device", "cpu")
+    assert warned.exit_code == 0, warned.stderr
+    assert [ln for ln in warned.stderr.splitlines() if ln.startswith("warning: --dtype fp16 on the CPU")]
+    load_spy.clear()
+    bad = cli("bench", ckpts["good"], *ARCH, "--dtype", "fp8")
+    assert bad.exit_code == 2 and "--dtype must be one of fp32, fp16, bf16" in _error_line(bad.stderr)
+    assert load_spy == []
+
+
+def test_cudnn_autotuning_is_scoped_to_the_timing() -> None:
+    before = torch.backends.cudnn.benchmark
+    with benchmark.cudnn_autotune(not before):
+        assert torch.backends.cudnn.benchmark is (not before)
+    assert torch.backends.cudnn.benchmark is before
+    assert benchmark.Deployment().autotune(torch.device("cpu")) is False
+    assert benchmark.Deployment().autotune(torch.device("cuda")) is True
+    assert benchmark.Deployment(cudnn_benchmark=False).autotune(torch.device("cuda")) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_deployed_latency(dtype: str) -> None:
+    model = build_model(parse_arch("cifar_resnet20")).eval()
+    settings = benchmark.Deployment(dtype=dtype, channels_last=True)
+    before = torch.backends.cudnn.benchmark
+    timed = benchmark.deployed(model, settings, torch.device("cuda"), (3, 32, 32))
+    result = benchmark.time_model(timed, (3, 32, 32), 8, "cuda", warmup=0, repeats=3, threads=None, max_time=0,
+                                  settings=settings)
+    assert result["warmup"] >= 2 and result["median_ms"] > 0  # autotuning needs its warm-up runs
+    assert torch.backends.cudnn.benchmark is before
+    assert next(model.parameters()).device.type == "cpu"
+    described = settings.to_json(torch.device("cuda"))
+    assert described["device_name"] == torch.cuda.get_device_name(0) and described["cudnn_benchmark"] is True
 
 
 def test_gate_descriptions() -> None:

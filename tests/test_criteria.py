@@ -441,6 +441,98 @@ def test_activation_hessian_matches_unfold() -> None:
     assert torch.allclose(_input_energy(lin, z), z.square().mean(dim=(0, 1)))
 
 
+def test_activation_hessian_averages_batches_like_unfold() -> None:
+    from chanprune_cli.criteria.sensitivity import activation_diagonals
+
+    model = PlainNet().eval()
+    graph = build_graph(model, (3, 8, 8))
+    data = make_data(batches=2, batch=5) + make_data(batches=1, batch=3, seed=1)  # batches of unequal size
+    got = activation_diagonals(model, graph, graph.prunable_groups(), data, CPU, amp=False)["conv2"]
+    want = torch.stack([F.unfold(F.relu(model.conv1(x)).square(), 3, padding=1).mean(dim=(0, 2)) for x, _ in data])
+    assert torch.allclose(got, want.mean(0).reshape(6, 3, 3), rtol=1e-5, atol=1e-7)  # the mean of batch means
+
+
+def test_shared_gate_multipliers_change_nothing(mixed: tuple) -> None:
+    # Points that place a group's channels alike share one multiplier per forward: the outputs
+    # and the gates' gradients are those of one multiplier per point.
+    model, graph = mixed
+    x, y = make_data(batches=1)[0]
+
+    def run(share: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with ChannelGates(model, graph) as gates:
+            if not share:
+                gates._multiplier = lambda gate, gid, p, out: gates._compute_multiplier(gate, gid, p, out)
+            g = {gid: torch.rand((x.shape[0], c), generator=torch.Generator().manual_seed(gid)).requires_grad_(True)
+                 for gid, c in gates.channels.items()}
+            gates.gates = dict(g)
+            out = model.eval()(x)
+            return out.detach(), list(torch.autograd.grad(F.cross_entropy(out, y), list(g.values())))
+
+    (shared, grads), (alone, want) = run(True), run(False)
+    assert torch.equal(shared, alone)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads, want))
+
+
+def test_cac_block_update_equals_the_per_group_sums() -> None:
+    est = CACEstimator({3: 2, 7: 3}, CPU, drop_prob=0.5, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    gates = est.draw(6)
+    assert [tuple(g.shape) for g in gates.values()] == [(6, 2), (6, 3)] and all(g.is_leaf for g in gates.values())
+    losses, correct = torch.rand(6, generator=gen), torch.rand(6, generator=gen) > 0.5
+    clean = torch.rand(6, generator=gen)
+    grads = {3: torch.randn(6, 2, generator=gen), 7: None}  # group 7 did not reach the output
+    est.update(losses, correct, gates, grads, clean_losses=clean)
+    for gid, g in gates.items():
+        on = g.detach().double()
+        off = 1 - on
+        loss, err = (losses - clean).double(), 1 - correct.double()
+        assert torch.allclose(est.loss_off[gid], loss @ off) and torch.allclose(est.loss_on[gid], loss @ on)
+        assert torch.allclose(est.err_off[gid], err @ off) and torch.equal(est.n_off[gid], off.sum(0))
+        minus = -grads[gid].double() if grads[gid] is not None else torch.zeros_like(on)
+        assert torch.allclose(est.fo_off[gid], (minus * off).sum(0)) and torch.allclose(est.fo_abs[gid], minus.abs().sum(0))
+
+
+@pytest.mark.parametrize("name,options", [("sensitivity", {}), ("sensitivity", {"hessian": "activation"}),
+                                          ("cac", {}), ("whitebox", {})])
+def test_scoring_reads_nothing_back_per_batch(name: str, options: dict, mixed: tuple,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU, every value read back (.item(), float(), a Python bool of a tensor) makes the host
+    # wait for the device; scoring reads none per batch (labels are checked before they move).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chanprune_cli.criteria import gates as gates_module
+
+    model, graph = mixed
+
+    class Reads(TorchDispatchMode):
+        count = 0
+        host = False  # inside the label check on the host
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense and not self.host:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    reads = Reads()
+    real_check = gates_module.check_labels
+
+    def host_check(y: torch.Tensor, classes: int) -> None:
+        reads.host = True
+        try:
+            real_check(y, classes)
+        finally:
+            reads.host = False
+
+    monkeypatch.setattr(gates_module, "check_labels", host_check)
+    counts = []
+    for batches in (1, 4):
+        reads.count = 0
+        with reads:
+            get_criterion(name).score(model, graph, make_data(batches=batches), CPU, seed=0, **options)
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------

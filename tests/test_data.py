@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,79 @@ def test_large_image_train_uses_random_resized_crop(tmp_path: Path) -> None:
     ds.reseed(0)
     x, _ = ds[0]
     assert x.shape == (3, 72, 72)
+
+
+# --------------------------------------------------------------------------- the tensor input path
+
+
+def _items(ds: Any, indices: list[int], seeds: list[int]) -> torch.Tensor:
+    out = []
+    for i, seed in zip(indices, seeds):
+        ds.reseed(seed)
+        out.append(ds[i][0])
+    return torch.stack(out)
+
+
+def _draws(ds: Any, seeds: list[int]) -> torch.Tensor:
+    form = ds.tensor_form()
+    rows = []
+    for seed in seeds:
+        ds.reseed(seed)
+        rows.append([int(v) for v in ds.crop_flip_draws(form.pad, form.flip)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.mark.parametrize("source,shape", [("folder", (3, 8, 8)), ("folder", (1, 10, 10)), ("digits:train", (1, 8, 8)),
+                                          ("digits:train", (3, 12, 12))])
+def test_tensor_batches_equal_the_items_bit_for_bit(tmp_path: Path, source: str, shape: tuple[int, int, int]) -> None:
+    from chanprune_cli.data.tensorcache import tensor_images
+
+    src = str(_make_folder(tmp_path / "imgs")) if source == "folder" else source
+    stats = {"input_shape": shape, "mean": (0.4,) * shape[0], "std": (0.2,) * shape[0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # color images read as grayscale
+        train, evaluation = open_dataset(src, train=True, **stats), open_dataset(src, **stats)
+    images = tensor_images(train)
+    indices, seeds = [3, 0, 1, 3], [11, 12, 13, 14]
+    x, y = images.batch(torch.tensor(indices), _draws(train, seeds))
+    assert torch.equal(x, _items(train, indices, seeds))  # the same crop, flip and normalisation
+    assert y.tolist() == [train.targets[i] for i in indices]
+    plain, _ = tensor_images(evaluation).batch(torch.tensor(indices))  # no draws: as stored, normalised
+    assert torch.equal(plain, torch.stack([evaluation[i][0] for i in indices]))
+
+
+def test_tensor_cache_is_keyed_by_content(tmp_path: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chanprune_cli.data import imagefolder
+    from chanprune_cli.data.tensorcache import tensor_images
+
+    root = _make_folder(tmp_path / "imgs")
+    first = tensor_images(open_dataset(root, train=True))
+    cached = sorted((_private_cache / "chanprune" / "tensors").glob("*.npy"))
+    assert len(cached) == 1
+
+    def no_decoding(self: Any, index: int) -> torch.Tensor:
+        raise AssertionError("decoded again")
+
+    with monkeypatch.context() as m:  # unchanged files: read from the cache, not decoded
+        m.setattr(imagefolder.ImageFolderDataset, "raw_item", no_decoding)
+        again = tensor_images(open_dataset(root, train=True))
+        assert torch.equal(again.images, first.images)
+        # the same content under a new modification time: re-hashed, same key, still no decoding
+        os.utime(root / "cat" / "a.png", (1_000_000, 1_000_000))
+        assert torch.equal(tensor_images(open_dataset(root, train=True)).images, first.images)
+    _write_image(root / "cat" / "a.png", (0, 200, 0))  # new content: a new key, decoded again
+    changed = tensor_images(open_dataset(root, train=True))
+    assert len(sorted((_private_cache / "chanprune" / "tensors").glob("*.npy"))) == 2
+    assert not torch.equal(changed.images, first.images)
+
+
+def test_tensor_path_takes_small_stored_images_only(tmp_path: Path) -> None:
+    from chanprune_cli.data.tensorcache import tensor_path_problem
+
+    assert tensor_path_problem(open_dataset(_make_folder(tmp_path / "small"))) is None
+    big = open_dataset(_make_folder(tmp_path / "big", size=(96, 80)), input_shape=(3, 72, 72))
+    assert "up to 64 px" in (tensor_path_problem(big) or "")
+    assert "up to 64 px" in (tensor_path_problem(open_dataset("synthetic:3x8x8:4:16")) or "")
 
 
 # --------------------------------------------------------------------------- archives

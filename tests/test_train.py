@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
 from chanprune_cli.data import open_dataset
-from chanprune_cli.errors import UserError
+from chanprune_cli.errors import ChanpruneError, UserError
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.surgery import zero_producers
 from chanprune_cli.models import build_model, parse_arch, widened_spec
@@ -51,6 +51,12 @@ from chanprune_cli.train import (
 SHAPE = (1, 8, 8)
 SPEC = parse_arch("digits_cnn", None)
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded image tensors go to a cache folder of the test's own, never ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -263,11 +269,84 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, digits_train: Any
     assert_same(weights(result.model), weights(reference))
 
 
-def test_result_does_not_depend_on_data_workers(digits_train: Any, trained_state: Any) -> None:
+@pytest.mark.parametrize("tensor", [False, True])
+def test_result_does_not_depend_on_data_workers(digits_train: Any, trained_state: Any, tensor: bool) -> None:
     # Every sample's augmentation is seeded by (seed, epoch, index): loader processes change nothing.
-    a = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=0).fit().model
-    b = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=2).fit().model
-    assert_same(weights(a), weights(b))
+    a = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=0, tensor_cache=tensor)
+    b = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=6, workers=2, tensor_cache=tensor)
+    assert (a.inputs.kind, b.inputs.kind) == (("tensor",) * 2 if tensor else ("loader",) * 2)
+    assert_same(weights(a.fit().model), weights(b.fit().model))
+
+
+@pytest.mark.parametrize("data", ["digits", "jpegs"])
+def test_tensor_path_trains_the_same_model_as_the_loader_path(data: str, trained_state: Any, jpeg_folder: Path) -> None:
+    # Images held as one tensor, cropped and flipped per batch, are the loader's batches bit for bit
+    # (the same per-sample draws), so the two input paths train the same weights.
+    train = open_dataset("digits:train" if data == "digits" else str(jpeg_folder), input_shape=SHAPE, mean=(0.5,),
+                         std=(0.5,), train=True)
+    loader = make_trainer(fresh_model(trained_state), train, None, max_steps=8, batch_size=16, tensor_cache=False)
+    tensor = make_trainer(fresh_model(trained_state), train, None, max_steps=8, batch_size=16, tensor_cache=True)
+    assert (loader.inputs.kind, tensor.inputs.kind) == ("loader", "tensor")
+    assert_same(weights(loader.fit().model), weights(tensor.fit().model))
+
+
+def test_validation_on_the_tensor_path_matches_the_loader(digits_test: Any, trained_state: Any) -> None:
+    from chanprune_cli.data.tensorcache import tensor_images
+    from chanprune_cli.train import validate
+
+    model = fresh_model(trained_state)
+    held = tensor_images(digits_test)
+    for subset in (None, 100):
+        assert validate(model, held, torch.device("cpu"), batch_size=64, max_images=subset) == \
+            validate(model, digits_test, torch.device("cpu"), batch_size=64, max_images=subset)
+
+
+def test_tensor_cache_required_but_impossible_is_a_usage_error(trained_state: Any) -> None:
+    big = open_dataset("synthetic:1x8x8:10:64")
+    with pytest.raises(UserError, match="--tensor-cache: the training data cannot be held as one tensor"):
+        make_trainer(fresh_model(trained_state), big, None, tensor_cache=True)
+    assert make_trainer(fresh_model(trained_state), big, None).inputs.kind == "loader"  # default: when possible
+
+
+def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chanprune_cli.train import inputs
+
+    monkeypatch.setattr(inputs, "usable_cpus", lambda: 16)
+    assert inputs.default_workers(torch.device("cpu")) == 0  # training already uses every core
+    assert inputs.default_workers(torch.device("cuda")) == 8
+    monkeypatch.setattr(inputs, "usable_cpus", lambda: 3)
+    assert inputs.default_workers(torch.device("cuda")) == 2
+
+
+def test_a_nonfinite_loss_names_its_step(digits_train: Any) -> None:
+    with pytest.raises(ChanpruneError, match=r"the training loss became (nan|inf) at step \d+; lower --lr"):
+        make_trainer(fresh_model(), digits_train, None, max_steps=30, lr=1e8, momentum=0.0).fit()
+
+
+def test_compile_is_refused_with_a_schedule(digits_train: Any) -> None:
+    with pytest.raises(UserError, match="--compile needs --schedule none"):
+        make_trainer(fresh_model(), digits_train, None, hooks=[_schedule("asfp")], compile=True)
+
+
+@pytest.mark.slow
+def test_compile_trains_on_the_cpu(digits_train: Any, trained_state: Any) -> None:
+    result = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=2, compile=True).fit()
+    assert result.steps == 2 and all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_path_feeds_the_loader_paths_batches(trained_state: Any, jpeg_folder: Path) -> None:
+    train = open_dataset(str(jpeg_folder), input_shape=SHAPE, mean=(0.5,), std=(0.5,), train=True)
+    cuda = torch.device("cuda")
+    loader = Trainer(fresh_model(trained_state), train, TrainConfig(max_steps=4, batch_size=16, tensor_cache=False,
+                                                                   progress=False, save_every=None), device=cuda)
+    tensor = Trainer(fresh_model(trained_state), train, TrainConfig(max_steps=4, batch_size=16, tensor_cache=True,
+                                                                   progress=False, save_every=None), device=cuda)
+    assert tensor.inputs.images is not None and tensor.inputs.images.device.type == "cuda"
+    for (xa, ya), (xb, yb) in zip(loader.inputs.batches(0, 4), tensor.inputs.batches(0, 4)):
+        assert xb.device.type == "cuda" and torch.equal(xa, xb) and torch.equal(ya, yb)
+    result = tensor.fit()
+    assert result.input_path == "tensor" and result.steps == 4 and result.images_per_second > 0
 
 
 def test_resume_refuses_changed_options(tmp_path: Path, digits_train: Any) -> None:

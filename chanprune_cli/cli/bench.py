@@ -25,6 +25,7 @@ from .options import (
     MeanOpt,
     SeedOpt,
     StdOpt,
+    TaskOutputOpt,
     TrustPickleOpt,
     WorkersOpt,
     examples,
@@ -47,6 +48,9 @@ CheckpointsArg = Annotated[list[str] | None, typer.Argument(
          "chanprune bench base.th ft.safetensors --arch cifar_resnet56 --data test/ --max-acc-drop 1 --min-speedup 1.5 --json bench.json"),
         ("latency only, at batch 1, 8 and 64 on 4 threads, with a chart",
          "chanprune bench model.pt pruned.safetensors --arch torchvision:resnet50 --batch-sizes 1,8,64 --threads 4 --plot bench.png"),
+        ("GPU latency as deployed: fp16, channels-last (cuDNN autotuning is on by default on CUDA); prune with "
+         "--round-to 8 so that the kept widths suit the GPU's kernels",
+         "chanprune bench r50.pt r50-pruned.safetensors --arch torchvision:resnet50 --device cuda --dtype fp16 --channels-last --batch-sizes 1,64,256"),
     ),
 )
 def bench(
@@ -64,11 +68,16 @@ def bench(
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
     classes: ClassesOpt = None,
+    task_output: TaskOutputOpt = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="B,B", help="Batch sizes to time, comma-separated.", rich_help_panel=TIMING_PANEL)] = "1,32",
     threads: Annotated[int | None, typer.Option("--threads", metavar="N", min=1, help="CPU threads for timing (default: torch's current count, kept fixed for every model and recorded).", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs before timing (fewer when --max-time is short).", rich_help_panel=TIMING_PANEL)] = 10,
     repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help="Timed runs per model and batch size; the median is reported.", rich_help_panel=TIMING_PANEL)] = 50,
     max_time: Annotated[float, typer.Option("--max-time", metavar="SECONDS", min=0.0, help="Stop timing one model at one batch size after about this long (at least 5 timed runs); 0: always --repeats.", rich_help_panel=TIMING_PANEL)] = 10.0,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="fp32|fp16|bf16", help="Precision the models are timed in (weights and input converted, as a half-precision export runs). fp16 is for GPUs: on the CPU it warns. On a GPU, pruned widths that are not multiples of 8 miss the fastest (tensor-core) kernels, which can make a pruned model slower at small batches: prune with --round-to 8. Accuracy is measured in fp32.", rich_help_panel=TIMING_PANEL)] = "fp32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Time the models and inputs in channels-last (NHWC) memory order, as GPU deployments usually run.", rich_help_panel=TIMING_PANEL)] = False,
+    cudnn_benchmark: Annotated[bool | None, typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="On CUDA, let cuDNN time its kernels during the warm-up and keep the fastest per layer (torch.backends.cudnn.benchmark, only while timing). Default: on with CUDA.", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="Time the models through torch.compile (compiled during the warm-up, once per batch size).", rich_help_panel=TIMING_PANEL)] = False,
     max_acc_drop: Annotated[float | None, typer.Option("--max-acc-drop", metavar="PTS", help="Fail when a model's top-1 is more than PTS percentage points below the reference's (needs --data).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
     min_speedup: Annotated[float | None, typer.Option("--min-speedup", metavar="X", help="Fail when a model is less than X times as fast as the reference (median latency at --gate-batch).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
     gate_batch: Annotated[int | None, typer.Option("--gate-batch", metavar="B", help="Batch size --min-speedup compares at (default: the largest of --batch-sizes).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
@@ -86,9 +95,12 @@ def bench(
     report = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
                                trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
                                batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                               classes=classes, batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats,
-                               max_time=max_time, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
-                               gate_batch=gate_batch, plot=plot, force=force, json_report=json_out)
+                               classes=classes, output=task_output, batch_sizes=batch_sizes, threads=threads,
+                               warmup=warmup, repeats=repeats, max_time=max_time, dtype=dtype,
+                               channels_last=channels_last, cudnn_benchmark=cudnn_benchmark, compile=compile_model,
+                               max_acc_drop=max_acc_drop,
+                               min_speedup=min_speedup, gate_batch=gate_batch, plot=plot, force=force,
+                               json_report=json_out)
     # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
     render_bench(report, make_console(stderr=json_out == "-"))
     # Every output is written before a gate fails the command: CI keeps the artifacts.

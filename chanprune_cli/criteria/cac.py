@@ -57,11 +57,11 @@ from .gates import (
     ChannelGates,
     autocast,
     batches,
-    check_labels,
     choice,
     gradients,
     logits_of,
     normalise,
+    output_classes,
     parse_options,
     working_model,
 )
@@ -70,11 +70,18 @@ DEFAULTS: dict[str, Any] = {"drop_prob": 0.1, "mc_weight": "auto", "mc_halfway":
                             "first_order": "abs", "paired": True, "amp": False}
 
 
+# The running sums, in the order of the estimator's one [9, channels] block: the rows each update
+# adds as one matrix product (off, then on) stay adjacent.
+_SUMS = ("loss_off", "err_off", "n_off", "loss_on", "err_on", "n_on", "fo_off", "fo_on", "fo_abs")
+
+
 class CACEstimator:
     """Running Monte-Carlo and first-order estimates of the loss/error increase per channel.
 
     Training loops reuse it: `gates = est.draw(batch)`, run the model under `ChannelGates` with
     those gates, then `est.update(losses, correct, gates, grads)`; `est.scores()` at any time.
+    The sums of every group live in one block (`loss_off[gid]` etc. are views of it), so an
+    update is a few whole-block operations however many groups there are.
     """
 
     def __init__(self, channels: dict[int, int], device: torch.device | str, *, drop_prob: float = 0.1,
@@ -85,48 +92,46 @@ class CACEstimator:
         self.device = torch.device(device)
         self.drop_prob = drop_prob
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.loss_off, self.loss_on, self.err_off, self.err_on = (self._zeros() for _ in range(4))
-        self.n_off, self.n_on, self.fo_off, self.fo_on, self.fo_abs = (self._zeros() for _ in range(5))
+        self._block = torch.zeros((len(_SUMS), sum(self.channels.values())), dtype=torch.float64, device=self.device)
+        sizes = list(self.channels.values())
+        for row, name in zip(self._block, _SUMS):
+            setattr(self, name, dict(zip(self.channels, row.split(sizes))))
         self.samples = 0
-
-    def _zeros(self) -> dict[int, torch.Tensor]:
-        return {gid: torch.zeros(c, dtype=torch.float64, device=self.device) for gid, c in self.channels.items()}
 
     def draw(self, batch: int) -> dict[int, torch.Tensor]:
         """Per-sample 0/1 gates [batch, channels] for every group (requires_grad, float32)."""
-        return {gid: (torch.rand((batch, c), generator=self.generator, device=self.device) >= self.drop_prob)
-                .float().requires_grad_(True) for gid, c in self.channels.items()}
+        # One uniform draw per group, in group order (the stream a seed gives), compared at once.
+        uniform = [torch.rand((batch, c), generator=self.generator, device=self.device) for c in self.channels.values()]
+        on = (torch.cat(uniform, 1) >= self.drop_prob).float()
+        return {gid: part.requires_grad_(True) for gid, part in zip(self.channels, on.split(list(self.channels.values()), 1))}
 
     @torch.no_grad()
     def update(self, losses: torch.Tensor, correct: torch.Tensor, gates: dict[int, torch.Tensor],
                grads: dict[int, torch.Tensor | None], *, clean_losses: torch.Tensor | None = None,
                clean_correct: torch.Tensor | None = None) -> None:
         """Add one batch: per-sample losses [B] and correctness [B] (bool) under `gates` ([B, C]
-        per group), d(sum of losses)/d(gates) [B, C] (None: the group did not affect the output),
-        and optionally the same sample's loss/correctness with every gate on (a control variate:
-        subtracting it removes the per-sample difficulty from the Monte-Carlo differences without
-        biasing them, as the gate draws are independent of the sample)."""
+        for every group), d(sum of losses)/d(gates) [B, C] (None: the group did not affect the
+        output), and optionally the same sample's loss/correctness with every gate on (a control
+        variate: subtracting it removes the per-sample difficulty from the Monte-Carlo differences
+        without biasing them, as the gate draws are independent of the sample)."""
+        if set(gates) != set(self.channels):
+            raise ValueError("CACEstimator.update needs the gates of every group")
         loss = losses.detach().double()
         err = 1 - correct.detach().double()
         if clean_losses is not None:
             loss = loss - clean_losses.detach().double()
         if clean_correct is not None:
             err = err - (1 - clean_correct.detach().double())
-        for gid, g in gates.items():
-            on = g.detach().double()
-            off = 1 - on
-            self.loss_off[gid] += loss @ off
-            self.loss_on[gid] += loss @ on
-            self.err_off[gid] += err @ off
-            self.err_on[gid] += err @ on
-            self.n_off[gid] += off.sum(0)
-            self.n_on[gid] += on.sum(0)
-            grad = grads.get(gid)
-            if grad is not None:
-                minus = -grad.detach().double()
-                self.fo_off[gid] += (minus * off).sum(0)
-                self.fo_on[gid] += (minus * on).sum(0)
-                self.fo_abs[gid] += minus.abs().sum(0)
+        on = torch.cat([gates[gid].detach() for gid in self.channels], 1).double()
+        off = 1 - on
+        weights = torch.stack([loss, err, torch.ones_like(loss)])  # [3, B]: loss, error, count
+        self._block[0:3] += weights @ off
+        self._block[3:6] += weights @ on
+        minus = torch.cat([-g.detach().double() if (g := grads.get(gid)) is not None
+                           else on.new_zeros((on.shape[0], c)) for gid, c in self.channels.items()], 1)
+        self._block[6] += (minus * off).sum(0)
+        self._block[7] += (minus * on).sum(0)
+        self._block[8] += minus.abs().sum(0)
         self.samples += int(losses.shape[0])
 
     def monte_carlo(self, metric: str = "loss") -> dict[int, torch.Tensor]:
@@ -203,20 +208,19 @@ class CAC(Criterion):
         device = torch.device(device)
         with working_model(model, device) as net, ChannelGates(net, graph) as gates:
             est = CACEstimator(gates.channels, device, drop_prob=opts["drop_prob"], seed=seed)
-            for x, y in batches(data, device, description="cac", need_labels=True):
+            classes = output_classes(net, graph, device, self.name)
+            for x, y in batches(data, device, description="cac", need_labels=True, classes=classes):
                 assert y is not None
                 clean_losses = clean_correct = None
                 if opts["paired"]:
                     gates.gates = {}
                     with torch.no_grad(), autocast(device, opts["amp"]):
-                        clean = logits_of(net(x)).float()
-                    check_labels(y, clean.shape[-1])
+                        clean = logits_of(net(x), net).float()
                     clean_losses, clean_correct = F.cross_entropy(clean, y, reduction="none"), clean.argmax(-1) == y
                 g = est.draw(x.shape[0])
                 gates.gates = dict(g)
                 with autocast(device, opts["amp"]):
-                    logits = logits_of(net(x)).float()
-                check_labels(y, logits.shape[-1])
+                    logits = logits_of(net(x), net).float()
                 losses = F.cross_entropy(logits, y, reduction="none")
                 grads = gradients(losses.sum(), list(g.values()))
                 est.update(losses, logits.argmax(-1) == y, g, dict(zip(g, grads)),

@@ -141,12 +141,14 @@ def gradients(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Te
 
 
 def batches(data: Iterable[Any], device: torch.device | str, *, description: str,
-            need_labels: bool = False, max_images: int | None = None,
-            max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            need_labels: bool = False, max_images: int | None = None, max_batches: int | None = None,
+            classes: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(inputs, labels) on `device`, each batch moved once; labels None when the data has none.
 
-    Stops after `max_batches` batches or `max_images` images (the last batch is cut). Draws a
-    transient progress bar with images/s on stderr when stderr is a terminal.
+    Stops after `max_batches` batches or `max_images` images (the last batch is cut). With
+    `classes`, labels outside 0..classes-1 are a UserError, checked before the labels move (a check
+    on the device would make the host wait for it every batch). Draws a transient progress bar
+    with images/s on stderr when stderr is a terminal.
     """
     device = torch.device(device)
     total = batches_total(data, max_batches)
@@ -175,6 +177,8 @@ def batches(data: Iterable[Any], device: torch.device | str, *, description: str
                 y = torch.as_tensor(y)
             if need_labels and (y is None or y.dim() != 1 or y.shape[0] != x.shape[0]):
                 raise UserError("this criterion needs labelled data: batches of (images, class indices)")
+            if classes is not None and y is not None:
+                check_labels(y, classes)
             x = x.to(device, non_blocking=True)
             if not x.is_floating_point():
                 x = x.float()
@@ -191,6 +195,19 @@ def check_labels(y: torch.Tensor, classes: int) -> None:
     if y.numel() and (int(y.max()) >= classes or int(y.min()) < 0):
         raise UserError(f"data has labels {int(y.min())}..{int(y.max())} but the model outputs {classes} classes; "
                         "check --data and the checkpoint")
+
+
+def output_classes(net: nn.Module, graph: ChannelGraph, device: torch.device, criterion: str) -> int:
+    """The number of classes `net` outputs, from one forward of two random inputs (before the data
+    loop, so that `batches` can check every batch's labels on the host)."""
+    param = next(net.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    example = torch.randn((2, *graph.input_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with torch.no_grad():
+        out = logits_of(net(example), net)
+    if out.dim() != 2:
+        raise UserError(f"{criterion} needs a classifier: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
+    return int(out.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,9 +234,20 @@ class ChannelGates:
         self._handles: list[Any] = []
         self._device_maps: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._primary: dict[tuple[int, int], torch.Tensor] = {}
+        # Points of a group that place its channels alike (the blocks of a residual stream) share
+        # one multiplier within a forward pass: computed at the first of them, reused at the
+        # others (each forward starts afresh, so no multiplier outlives its autograd graph).
+        self._layout: dict[tuple[int, int], int] = {}
+        self._multipliers: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         for gid, pts in self.points.items():
             seen: set[int] = set()
+            layouts: list[HookPoint] = []
             for p, pt in enumerate(pts):
+                same = [i for i, other in enumerate(layouts) if other.axis == pt.axis and other.width == pt.width
+                        and torch.equal(other.full_map, pt.full_map)]
+                if not same:
+                    layouts.append(pt)
+                self._layout[(gid, p)] = same[0] if same else len(layouts) - 1
                 first = [i for i, c in enumerate(pt.classes.tolist()) if c not in seen]
                 seen.update(pt.classes.tolist())
                 self._primary[(gid, p)] = torch.tensor(first, dtype=torch.long)
@@ -236,6 +264,7 @@ class ChannelGates:
         for gid, pts in self.points.items():
             for p, pt in enumerate(pts):
                 by_module.setdefault(pt.module, []).append((gid, p))
+        self._handles.append(self.model.register_forward_pre_hook(lambda module, inputs: self._multipliers.clear()))
         for name, entries in by_module.items():
             self._handles.append(modules[name].register_forward_hook(self._make_hook(entries)))
         return self
@@ -244,6 +273,7 @@ class ChannelGates:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._multipliers.clear()
 
     def _map(self, gid: int, p: int, device: torch.device) -> torch.Tensor:
         key = (gid, p, device)
@@ -272,6 +302,16 @@ class ChannelGates:
         return hook
 
     def _multiplier(self, gate: torch.Tensor, gid: int, p: int, output: torch.Tensor) -> torch.Tensor:
+        key = (gid, self._layout[(gid, p)], output.dim(), output.shape[0] if gate.dim() > 1 else None,
+               output.dtype, output.device, torch.is_grad_enabled())
+        cached = self._multipliers.get(key)
+        if cached is not None and cached[0] is gate:  # the same gate tensor: the same multiplier
+            return cached[1]
+        mult = self._compute_multiplier(gate, gid, p, output)
+        self._multipliers[key] = (gate, mult)
+        return mult
+
+    def _compute_multiplier(self, gate: torch.Tensor, gid: int, p: int, output: torch.Tensor) -> torch.Tensor:
         pt = self.points[gid][p]
         full = self._map(gid, p, output.device)
         gate = gate.to(output.device)

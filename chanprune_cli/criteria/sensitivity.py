@@ -62,11 +62,11 @@ from .base import (
 from .gates import (
     autocast,
     batches,
-    check_labels,
     choice,
     find_bn_pairs,
     gradients,
     logits_of,
+    output_classes,
     parse_options,
     producer_channels,
     working_model,
@@ -84,15 +84,8 @@ def _producers(graph: ChannelGraph, groups: list[ChannelGroup]) -> set[str]:
     return {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
 
 
-def _input_energy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-weight-input Hessian diagonal E[x^2]: [in_channels, *kernel] for convs, [in] for linear."""
-    x2 = x.detach().float().square()
-    if isinstance(module, nn.Linear):
-        return x2.reshape(-1, x2.shape[-1]).mean(0)
-    if isinstance(module, _CONV_T):
-        mean = x2.mean(dim=[0, *range(2, x2.dim())])
-        return mean.reshape(-1, *([1] * len(module.kernel_size))).expand(-1, *module.kernel_size)
-    assert isinstance(module, _CONV)
+def _conv_pads(module: nn.Module) -> list[int]:
+    """F.pad amounts (last dimension first) that pad like the conv itself does."""
     pads: list[int] = []
     if isinstance(module.padding, str):  # "valid" needs none; "same" pads like the module does
         if module.padding == "same":
@@ -102,18 +95,49 @@ def _input_energy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         for p in reversed(module.padding):
             pads += [p, p]
+    return pads
+
+
+def _energy_map(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One batch's share of `_input_energy`: for a conv, the batch mean of x^2, padded as the conv
+    pads x ([1, C, *padded size]); for a linear layer or a transposed conv already the E[x^2]
+    per input channel. Linear in x^2, so batches average before the per-offset slicing of
+    `_patch_energy` (which then runs once per scoring, not once per batch)."""
+    x2 = x.detach().float().square()
+    if isinstance(module, nn.Linear):
+        return x2.reshape(-1, x2.shape[-1]).mean(0)
+    if isinstance(module, _CONV_T):
+        return x2.mean(dim=[0, *range(2, x2.dim())])
+    assert isinstance(module, _CONV)
+    m = x2.mean(0, keepdim=True)
+    pads = _conv_pads(module)
     if any(pads):
-        # Padding x^2 the way the module pads x is exact for every padding mode ((pad x)^2 = pad x^2).
+        # Padding x^2 the way the module pads x is exact for every padding mode ((pad x)^2 = pad x^2),
+        # and padding commutes with the batch mean.
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x2 = F.pad(x2, pads, mode=mode)
-    sizes = x2.shape[2:]
+        m = F.pad(m, pads, mode=mode)
+    return m
+
+
+def _patch_energy(module: nn.Module, m: torch.Tensor) -> torch.Tensor:
+    """`_input_energy` from (the average of) `_energy_map`s."""
+    if isinstance(module, nn.Linear):
+        return m
+    if isinstance(module, _CONV_T):
+        return m.reshape(-1, *([1] * len(module.kernel_size))).expand(-1, *module.kernel_size)
+    sizes = m.shape[2:]
     out = [(s - d * (k - 1) - 1) // st + 1 for s, d, k, st in zip(sizes, module.dilation, module.kernel_size, module.stride)]
-    h = torch.empty((x2.shape[1], *module.kernel_size), device=x2.device)
+    h = torch.empty((m.shape[1], *module.kernel_size), device=m.device)
     for offs in itertools.product(*[range(k) for k in module.kernel_size]):
         sl = [slice(None), slice(None)] + [slice(o * d, o * d + st * (n - 1) + 1, st)
                                            for o, d, st, n in zip(offs, module.dilation, module.stride, out)]
-        h[(slice(None), *offs)] = x2[tuple(sl)].mean(dim=[0, *range(2, x2.dim())])
+        h[(slice(None), *offs)] = m[tuple(sl)].mean(dim=[0, *range(2, m.dim())])
     return h
+
+
+def _input_energy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-weight-input Hessian diagonal E[x^2]: [in_channels, *kernel] for convs, [in] for linear."""
+    return _patch_energy(module, _energy_map(module, x))
 
 
 def _weight_hessian(module: nn.Module, h_in: torch.Tensor) -> torch.Tensor:
@@ -141,16 +165,17 @@ def fisher_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGr
     for _, p in params:
         p.requires_grad_(True)
     steps = 0
-    for x, y in batches(data, device, description="sensitivity (fisher)", need_labels=True):
+    classes = output_classes(net, graph, device, "sensitivity")
+    for x, y in batches(data, device, description="sensitivity (fisher)", need_labels=True, classes=classes):
         assert y is not None
         with autocast(device, amp):
-            logits = logits_of(net(x)).float()
-        check_labels(y, logits.shape[-1])
+            logits = logits_of(net(x), net).float()
         loss = F.cross_entropy(logits, y)
         grads = gradients(loss, [p for _, p in params])
-        for (key, _), grad in zip(params, grads):
-            if grad is not None:
-                sums[key] += grad.float().square()
+        got = [(sums[key], grad.float()) for (key, _), grad in zip(params, grads) if grad is not None]
+        if got:  # sum += grad^2 for every parameter in one multi-tensor kernel (not two per parameter)
+            acc, g = [a for a, _ in got], [b for _, b in got]
+            torch._foreach_addcmul_(acc, g, g)
         steps += 1
     return {key: s / max(steps, 1) for key, s in sums.items()}
 
@@ -165,7 +190,7 @@ def activation_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[Chann
 
     def pre_hook(name: str) -> Any:
         def hook(m: nn.Module, inputs: Any) -> None:
-            h = _input_energy(m, inputs[0])
+            h = _energy_map(m, inputs[0])
             sums[name] = sums[name] + h if name in sums else h
         return hook
 
@@ -181,7 +206,7 @@ def activation_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[Chann
     finally:
         for h in handles:
             h.remove()
-    return {k: v / max(steps, 1) for k, v in sums.items()}
+    return {k: _patch_energy(modules[k], v / max(steps, 1)) for k, v in sums.items()}
 
 
 def _full_hessian(m: nn.Module, name: str, hessian: str, diag: dict[Any, torch.Tensor]) -> torch.Tensor | None:
@@ -192,49 +217,91 @@ def _full_hessian(m: nn.Module, name: str, hessian: str, diag: dict[Any, torch.T
 
 def _saliencies(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], hessian: str,
                 diag: dict[Any, torch.Tensor], include_norm: bool) -> tuple[Scores, dict[int, float]]:
-    """Per group: the saliency of every class, and the group's mean Hessian diagonal (normalised)."""
+    """Per group: the saliency of every class, and the group's mean Hessian diagonal (normalised).
+
+    The device computes one saliency per weight row (output channel) of every module and one
+    Hessian sum per module, and hands them over in one transfer; the sums over each class's rows
+    are host arithmetic (a read per channel would make the host wait for the device each time)."""
     modules = dict(net.named_modules())
     pairs = find_bn_pairs(net, graph, _producers(graph, groups)) if hessian == "activation" else {}
-    scores: Scores = {}
-    trace: dict[int, float] = {}
-    fulls: dict[str, torch.Tensor | None] = {}
+    # What every class reads: producer rows (module, rows) and BatchNorm entries (module, index).
+    producer_rows: dict[str, set[int]] = {}
+    uses: list[tuple[int, int, str, str, Any]] = []  # (group id, class, kind, module, rows or index)
     for g in groups:
-        s = torch.zeros(g.channels, dtype=torch.float64)
-        tr_sum, tr_n = 0.0, 0
-        seen: set[str] = set()
         for ci, slots in enumerate(g.classes):
             for name, kind, index in slots:
                 m = modules[name]
                 if kind in ("out", "dw") and getattr(m, "weight", None) is not None:
-                    if name not in fulls:
-                        fulls[name] = _full_hessian(m, name, hessian, diag)
-                    full = fulls[name]
-                    if full is None:
-                        continue
                     rows = producer_channels(m, kind, index)
-                    w2 = rule_for(m).weight_rows(m, m.weight.detach().float(), rows).square()
-                    per_row = (rule_for(m).weight_rows(m, full, rows) * w2).flatten(1).sum(1)
-                    if hessian == "fisher":
-                        if getattr(m, "bias", None) is not None and (name, "bias") in diag:
-                            per_row = per_row + diag[(name, "bias")][rows] * m.bias.detach()[rows].float().square()
-                    else:
-                        bn = modules.get(pairs.get(name, ""))
-                        if isinstance(bn, _BN) and bn.weight is not None and bn.running_var is not None:
-                            idx = torch.tensor(rows, device=bn.weight.device)
-                            factor = bn.weight.detach().float()[idx].square() / (bn.running_var.float()[idx] + bn.eps)
-                            per_row = per_row * factor.to(per_row.device)
-                    s[ci] += 0.5 * float(per_row.sum())
-                    if name not in seen:
-                        seen.add(name)
-                        tr_sum += float(full.double().sum())
-                        tr_n += full.numel()
+                    producer_rows.setdefault(name, set()).update(rows)
+                    uses.append((g.id, ci, "rows", name, rows))
                 elif kind == "norm" and hessian == "fisher" and include_norm and isinstance(m, _BN) and (name, "weight") in diag:
-                    val = 0.5 * float(diag[(name, "weight")][index] * m.weight.detach()[index].float() ** 2)
-                    if (name, "bias") in diag:
-                        val += 0.5 * float(diag[(name, "bias")][index] * m.bias.detach()[index].float() ** 2)
-                    s[ci] += val
-        scores[g.id] = s
-        trace[g.id] = tr_sum / max(tr_n, 1)
+                    uses.append((g.id, ci, "norm", name, index))
+    parts: list[torch.Tensor] = []  # float64 on the device, concatenated for one transfer
+    layout: dict[tuple[str, str], tuple[int, int]] = {}  # -> (offset, length) in `parts`
+    offset = 0
+
+    def add(key: tuple[str, str], values: torch.Tensor) -> None:
+        nonlocal offset
+        parts.append(values.detach().double().reshape(-1))
+        layout[key] = (offset, parts[-1].numel())
+        offset += parts[-1].numel()
+
+    numel: dict[str, int] = {}
+    position: dict[str, dict[int, int]] = {}  # module -> output channel -> its place in the "rows" values
+    for name in sorted(producer_rows):
+        m = modules[name]
+        full = _full_hessian(m, name, hessian, diag)
+        if full is None:
+            continue
+        rows = sorted(producer_rows[name])
+        rule = rule_for(m)
+        w2 = rule.weight_rows(m, m.weight.detach().float(), rows).square()
+        per_row = (rule.weight_rows(m, full, rows) * w2).flatten(1).sum(1)
+        if hessian == "fisher":
+            if getattr(m, "bias", None) is not None and (name, "bias") in diag:
+                per_row = per_row + diag[(name, "bias")][rows] * m.bias.detach()[rows].float().square()
+        else:
+            bn = modules.get(pairs.get(name, ""))
+            if isinstance(bn, _BN) and bn.weight is not None and bn.running_var is not None:
+                idx = torch.tensor(rows, device=bn.weight.device)
+                factor = bn.weight.detach().float()[idx].square() / (bn.running_var.float()[idx] + bn.eps)
+                per_row = per_row * factor.to(per_row.device)
+        add((name, "rows"), per_row)
+        add((name, "trace"), full.double().sum())
+        numel[name] = full.numel()
+        position[name] = {r: i for i, r in enumerate(rows)}
+    for name in sorted({u[3] for u in uses if u[2] == "norm"}):
+        m = modules[name]
+        add((name, "norm_w"), diag[(name, "weight")] * m.weight.detach().float() ** 2)
+        if (name, "bias") in diag:
+            add((name, "norm_b"), diag[(name, "bias")] * m.bias.detach().float() ** 2)
+    host = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
+
+    def values(key: tuple[str, str]) -> torch.Tensor:
+        start, length = layout[key]
+        return host[start:start + length]
+
+    scores: Scores = {g.id: torch.zeros(g.channels, dtype=torch.float64) for g in groups}
+    trace_sum: dict[int, float] = dict.fromkeys(scores, 0.0)
+    trace_n: dict[int, int] = dict.fromkeys(scores, 0)
+    seen: set[tuple[int, str]] = set()
+    for gid, ci, what, name, where in uses:
+        if what == "rows":
+            if (name, "rows") not in layout:
+                continue  # no Hessian for this module
+            index = position[name]
+            scores[gid][ci] += 0.5 * float(values((name, "rows"))[[index[r] for r in where]].sum())
+            if (gid, name) not in seen:
+                seen.add((gid, name))
+                trace_sum[gid] += float(values((name, "trace"))[0])
+                trace_n[gid] += numel[name]
+        else:
+            val = 0.5 * float(values((name, "norm_w"))[where])
+            if (name, "norm_b") in layout:
+                val += 0.5 * float(values((name, "norm_b"))[where])
+            scores[gid][ci] += val
+    trace = {gid: trace_sum[gid] / max(trace_n[gid], 1) for gid in scores}
     mean = sum(trace.values()) / max(len(trace), 1)
     weights = {gid: (t / mean if mean > 0 else 1.0) for gid, t in trace.items()}
     return scores, weights

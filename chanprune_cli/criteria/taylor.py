@@ -67,7 +67,7 @@ class Taylor(Criterion):
                 g = {gid: torch.ones((*lead, c), device=device, requires_grad=True) for gid, c in gates.channels.items()}
                 gates.gates = dict(g)
                 with autocast(device, opts["amp"]):
-                    logits = logits_of(net(x)).float()
+                    logits = logits_of(net(x), net).float()
                 check_labels(y, logits.shape[-1])
                 loss = F.cross_entropy(logits, y, reduction="sum" if opts["per_sample"] else "mean")
                 grads = gradients(loss, list(g.values()))

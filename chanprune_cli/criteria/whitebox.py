@@ -45,16 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
 from ..engine.graph import ChannelGraph
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, WeightedScores, register
 from .gates import (
     ChannelGates,
     autocast,
     batches,
-    check_labels,
     choice,
     logits_of,
+    output_classes,
     parse_options,
     working_model,
 )
@@ -64,14 +63,7 @@ DEFAULTS: dict[str, Any] = {"lam": 0.05, "lr": 0.1, "norm": "l2", "train_weights
 
 
 def num_classes(net: nn.Module, graph: ChannelGraph, device: torch.device) -> int:
-    param = next(net.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    example = torch.randn((2, *graph.input_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    with torch.no_grad():
-        out = logits_of(net(example))
-    if out.dim() != 2:
-        raise UserError(f"whitebox needs a classifier: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
-    return int(out.shape[1])
+    return output_classes(net, graph, device, "whitebox")
 
 
 def class_gates(masks: dict[int, torch.Tensor], y: torch.Tensor, generator: torch.Generator) -> dict[int, torch.Tensor]:
@@ -84,43 +76,52 @@ def class_gates(masks: dict[int, torch.Tensor], y: torch.Tensor, generator: torc
 
 def whitebox_masks(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch], device: torch.device | str,
                    *, seed: int = 0, **options: Any) -> dict[int, torch.Tensor]:
-    """The trained class-wise masks {group id: [K, C]} (on the CPU)."""
+    """The trained class-wise masks {group id: [K, C]} (on the CPU).
+
+    The masks of all groups are one [K, total channels] tensor (each group's gates are a slice of
+    one matrix product), so a step costs a few whole-tensor operations however many groups there
+    are, and the gradient clipping never makes the host wait for the device."""
     opts = parse_options("whitebox", options, DEFAULTS)
     norm = choice("whitebox", "norm", opts["norm"], ("l2", "l1"))
     device = torch.device(device)
     with working_model(model, device, copy_model=opts["train_weights"]) as net, ChannelGates(net, graph) as gates:
         k = num_classes(net, graph, device)
-        init = 2.0 / (k + 1)
-        masks = {gid: torch.full((k, c), init, device=device, requires_grad=True) for gid, c in gates.channels.items()}
-        params = list(masks.values())
+        sizes = list(gates.channels.values())
+        masks = torch.full((k, sum(sizes)), 2.0 / (k + 1), device=device, requires_grad=True)
+        # Each group's columns as one row of `padded` (index sum(sizes) is a zero): the per-group
+        # L2 norms of the column sums in one call, with the norm's safe gradient at zero.
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        padded = torch.tensor([[s + j if j < c else sum(sizes) for j in range(max(sizes, default=0))]
+                               for s, c in zip(starts, sizes)], dtype=torch.long, device=device)
         weights = [p for p in net.parameters() if p.is_floating_point()] if opts["train_weights"] else []
         for p in weights:
             p.requires_grad_(True)
         generator = torch.Generator(device=device).manual_seed(seed)
-        for x, y in batches(data, device, description="whitebox", need_labels=True):
+        for x, y in batches(data, device, description="whitebox", need_labels=True, classes=k):
             assert y is not None
-            check_labels(y, k)
-            gates.gates = class_gates(masks, y, generator)
+            u = torch.rand((y.shape[0], k), generator=generator, device=y.device)  # as class_gates draws it
+            gates.gates = dict(zip(gates.channels, (u.scatter(1, y[:, None], 1.0) @ masks).split(sizes, 1)))
             with autocast(device, opts["amp"]):
-                logits = logits_of(net(x)).float()
+                logits = logits_of(net(x), net).float()
             loss = F.cross_entropy(logits, y)
-            penalty = sum((m.sum(0).norm(p=2) if norm == "l2" else m.sum(0).abs().sum()) for m in params)
+            sums = masks.sum(0)
+            if norm == "l2":
+                penalty = torch.linalg.vector_norm(torch.cat([sums, sums.new_zeros(1)])[padded], dim=1).sum()
+            else:
+                penalty = sums.abs().sum()
             total = loss + opts["lam"] * penalty
-            grads = torch.autograd.grad(total, params + weights, allow_unused=True)
-            mask_grads = [g for g in grads[:len(params)] if g is not None]
-            scale = 1.0
-            if opts["max_grad_norm"] > 0 and mask_grads:
-                total_norm = float(torch.sqrt(sum(g.double().square().sum() for g in mask_grads)))
-                scale = min(1.0, opts["max_grad_norm"] / max(total_norm, 1e-12))
+            grads = torch.autograd.grad(total, [masks, *weights], allow_unused=True)
             with torch.no_grad():
-                for p, g in zip(params, grads[:len(params)]):
-                    if g is not None:
-                        p -= opts["lr"] * scale * g
-                for p, g in zip(weights, grads[len(params):]):
+                step = grads[0] * opts["lr"]
+                if opts["max_grad_norm"] > 0:
+                    grad_norm = grads[0].double().square().sum().sqrt()
+                    step *= (opts["max_grad_norm"] / grad_norm.clamp_min(1e-12)).clamp(max=1.0).float()
+                masks -= step
+                for p, g in zip(weights, grads[1:]):
                     if g is not None:
                         p -= opts["weight_lr"] * g
         gates.gates = {}
-    return {gid: m.detach().cpu() for gid, m in masks.items()}
+    return {gid: m.clone() for gid, m in zip(gates.channels, masks.detach().cpu().split(sizes, 1))}
 
 
 @register

@@ -1,13 +1,15 @@
 """The data set base class every source builds on, and the warning category for skipped data.
 
 Owns the attributes every data set carries (`classes`, `targets`, `input_shape`, `mean`, `std`,
-`skipped`, ...), per-data-set normalisation, and the seeded augmentation primitives (pad-and-crop,
-flip, RandomResizedCrop box) that draw only from the data set's own generator.
+`skipped`, ...), per-data-set normalisation, the seeded augmentation primitives (pad-and-crop,
+flip, RandomResizedCrop box) that draw only from the data set's own generator, and what the tensor
+input path (`tensorcache`) asks of a data set (`tensor_form`, `raw_item`, `cache_key`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SMALL_IMAGE_MAX", "ChanpruneDataset", "DataWarning", "pad_for"]
+__all__ = ["SMALL_IMAGE_MAX", "ChanpruneDataset", "DataWarning", "TensorForm", "crop_flip", "pad_for"]
 
 SMALL_IMAGE_MAX = 64  # up to this many pixels per side: pad-and-crop augmentation (CIFAR style)
 
@@ -23,6 +25,19 @@ SMALL_IMAGE_MAX = 64  # up to this many pixels per side: pad-and-crop augmentati
 class DataWarning(UserWarning):
     """Something about the data deserves a word (files skipped, classes that may not be the model's,
     random data where real data matters); the run goes on."""
+
+
+@dataclass(frozen=True)
+class TensorForm:
+    """How a data set's items come from one tensor of its images (the tensor input path,
+    `tensorcache`): item i is `raw_item(i)`, cropped and flipped by `crop_flip` with the draws of
+    `crop_flip_draws` when `augment`, then normalised as (x - offset) / divisor per channel."""
+
+    augment: bool
+    pad: int
+    flip: bool
+    offset: Tensor  # [C]
+    divisor: Tensor  # [C]
 
 
 class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
@@ -92,11 +107,24 @@ class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand(1, generator=self._rng).item())
 
-    def _pad_crop(self, x: Tensor, pad: int) -> Tensor:
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (pad, pad, pad, pad))
+    def crop_flip_draws(self, pad: int, flip: bool) -> tuple[int, int, bool]:
+        """One item's pad-and-crop offsets (top, left) and flip, from this data set's generator."""
         top, left = self._randint(2 * pad + 1), self._randint(2 * pad + 1)
-        return padded[..., top : top + h, left : left + w]
+        return top, left, flip and self._uniform(0.0, 1.0) < 0.5
+
+    # The tensor input path; data sets whose items are not a crop and flip of a stored image keep
+    # these defaults and are always read item by item.
+    def tensor_form(self) -> TensorForm | None:
+        """How items come from `raw_item` (None: they do not, e.g. large or synthetic images)."""
+        return None
+
+    def raw_item(self, index: int) -> Tensor:
+        """Item `index` before augmentation and normalisation (see `tensor_form`)."""
+        raise NotImplementedError
+
+    def cache_key(self) -> str | None:
+        """A key of the raw images' content for the on-disk tensor cache (None: not cached on disk)."""
+        return None
 
     def _flip(self, x: Tensor) -> Tensor:
         return x.flip(-1) if self._uniform(0.0, 1.0) < 0.5 else x
@@ -120,6 +148,13 @@ class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
         else:
             w, h = width, height
         return (width - w) // 2, (height - h) // 2, w, h
+
+
+def crop_flip(x: Tensor, pad: int, top: int, left: int, flipped: bool) -> Tensor:
+    """Zero-pad by `pad`, crop the input size at (top, left), then mirror when `flipped`."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (pad, pad, pad, pad))[..., top : top + h, left : left + w]
+    return x.flip(-1) if flipped else x
 
 
 def pad_for(h: int, w: int) -> int:

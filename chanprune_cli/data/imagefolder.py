@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
 from ..errors import UserError
-from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, pad_for
+from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, pad_for
 from .listing import is_hidden, visible_subdirs
 from .stats import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_stats
 
@@ -186,14 +186,15 @@ class ImageFolderDataset(ChanpruneDataset):
         self._set_stats(*resolve_stats(mean, std, input_shape[0], default))
         self._small = max(input_shape[1:]) <= SMALL_IMAGE_MAX
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def _decode(self, index: int, *, random_crop: bool) -> Tensor:
+        """Image `index` as uint8 C×H×W at the input size; `random_crop`: a RandomResizedCrop of it."""
         from PIL import Image
 
         _, h, w = self.input_shape
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                if self.train and not self._small:
+                if random_crop:
                     im = im.convert(self._mode) if im.mode != self._mode else im
                     left, top, cw, ch = self._rrc_box(im.width, im.height)
                     im = im.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
@@ -208,13 +209,32 @@ class ImageFolderDataset(ChanpruneDataset):
         except Exception as exc:  # the header was fine at index time; the pixel data is not
             raise UserError(f"could not decode image {path}: {exc}") from None
         x = torch.from_numpy(array)
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x = self._decode(index, random_crop=self.train and not self._small)
         if self.train:  # on uint8: zero padding is black either way, and it is cheaper
             if self._small:
-                x = self._pad_crop(x, pad_for(h, w))
-            x = self._flip(x)
+                pad = pad_for(*self.input_shape[1:])
+                x = crop_flip(x, pad, *self.crop_flip_draws(pad, True))
+            else:
+                x = self._flip(x)
         # (x/255 - mean)/std folded into one subtraction and one division.
         return x.float().sub_(self._mean255).div_(self._std255), self.targets[index]
+
+    def tensor_form(self) -> TensorForm | None:
+        if not self._small:
+            return None
+        return TensorForm(augment=self.train, pad=pad_for(*self.input_shape[1:]), flip=True,
+                          offset=self._mean255.flatten(), divisor=self._std255.flatten())
+
+    def raw_item(self, index: int) -> Tensor:
+        return self._decode(index, random_crop=False)
+
+    def cache_key(self) -> str | None:
+        from .tensorcache import files_key
+
+        return files_key(self.paths, self.input_shape, self._mode)
 
     def _set_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super()._set_stats(mean, std)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, pad_for
+from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, pad_for
 from .stats import resolve_stats
 
 __all__ = ["TensorImageDataset"]
@@ -67,25 +67,50 @@ class TensorImageDataset(ChanpruneDataset):
         self._native_hw = native[1:]
         self._set_stats(*resolve_stats(mean, std, input_shape[0], default_stats))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        c, h, w = self.input_shape
+    def _scaled(self, index: int) -> Tensor:
         x = self.images[index].to(torch.float32).mul(self._scale)
-        if x.ndim == 2:
-            x = x.unsqueeze(0)
-        big = max(h, w) > SMALL_IMAGE_MAX
-        if self.train and big:
-            left, top, cw, ch = self._rrc_box(x.shape[-1], x.shape[-2])
-            x = x[..., top : top + ch, left : left + cw]
+        return x.unsqueeze(0) if x.ndim == 2 else x
+
+    def _resized(self, x: Tensor) -> Tensor:
+        h, w = self.input_shape[1:]
         if tuple(x.shape[-2:]) != (h, w):
             x = F.interpolate(x.unsqueeze(0), size=(h, w), mode="bilinear", antialias=True,
                               align_corners=False).squeeze(0)
-        if self.train:
-            if not big:
-                x = self._pad_crop(x, pad_for(h, w))
+        return x
+
+    def _channels(self, x: Tensor) -> Tensor:
+        c, h, w = self.input_shape
+        if c == 3 and x.shape[0] == 1:
+            return x.expand(3, h, w)
+        if c == 1 and x.shape[0] == 3:
+            return (x * _LUMA).sum(0, keepdim=True)
+        return x
+
+    def _big(self) -> bool:
+        return max(self.input_shape[1:]) > SMALL_IMAGE_MAX
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if self.train and self._big():
+            x = self._scaled(index)
+            left, top, cw, ch = self._rrc_box(x.shape[-1], x.shape[-2])
+            x = self._resized(x[..., top : top + ch, left : left + cw])
             if self._flip_ok:
                 x = self._flip(x)
-        if c == 3 and x.shape[0] == 1:
-            x = x.expand(3, h, w)
-        elif c == 1 and x.shape[0] == 3:
-            x = (x * _LUMA).sum(0, keepdim=True)
+            x = self._channels(x)
+        else:
+            # Channel conversion before the crop and flip gives the same values as after it (it
+            # acts per pixel, and the zero padding stays zero), so `raw_item` can store it.
+            x = self.raw_item(index)
+            if self.train:
+                pad = pad_for(*self.input_shape[1:])
+                x = crop_flip(x, pad, *self.crop_flip_draws(pad, self._flip_ok))
         return self._normalize(x), self.targets[index]
+
+    def tensor_form(self) -> TensorForm | None:
+        if self._big():
+            return None
+        return TensorForm(augment=self.train, pad=pad_for(*self.input_shape[1:]), flip=self._flip_ok,
+                          offset=self._mean_t.flatten(), divisor=self._std_t.flatten())
+
+    def raw_item(self, index: int) -> Tensor:
+        return self._channels(self._resized(self._scaled(index)))

@@ -6,7 +6,11 @@ then accuracy, then latency), so that bad data fails before the slow timing star
 
 Latency is `measure.measure_latency`: warm-up runs, then the median (and p90) of repeated timed
 forward passes of one random batch, CUDA synchronised, with a fixed intra-op thread count on the
-CPU. The median rather than the mean, because a busy machine only ever adds time: one preempted run
+CPU. Models are timed as deployed (`Deployment`): a copy in the chosen precision (fp32, fp16,
+bf16: weights and input converted, as an exported half-precision model runs), optionally in
+channels-last memory order and through torch.compile, with cuDNN autotuning (on CUDA, by
+default) scoped to the timing: the warm-up runs pick each layer's fastest kernel. Accuracy is
+measured on the float32 model. The median rather than the mean, because a busy machine only ever adds time: one preempted run
 moves the mean but not the median. `max_time` bounds one model at one batch size: after a probe
 run, the number of timed runs is cut so that they take about `max_time` seconds (never fewer than
 `MIN_REPEATS`), so large models at large batches stay affordable on a CPU.
@@ -18,8 +22,11 @@ batch size. Every non-reference model is gated; the command exits 3 when any gat
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from collections.abc import Sequence
+import platform
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
     from ..models import ArchSpec
 
 MIN_REPEATS = 5  # the fewest timed runs a time-bounded measurement keeps
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TUNED_WARMUP = 2  # with autotuning or compilation, the first run tunes/compiles and the second runs the result
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -137,28 +146,124 @@ def describe(loaded: LoadedCheckpoint, path: str, input_shape: tuple[int, int, i
     )
 
 
+# --------------------------------------------------------------------------------------------
+# timing as deployed
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How models are timed: precision, memory order, cuDNN autotuning and torch.compile."""
+
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    channels_last: bool = False
+    cudnn_benchmark: bool | None = None  # None: on CUDA
+    compile: bool = False
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def autotune(self, device: torch.device) -> bool:
+        """Whether cuDNN picks kernels by timing them (only CUDA has cuDNN)."""
+        return device.type == "cuda" and (self.cudnn_benchmark if self.cudnn_benchmark is not None else True)
+
+    def to_json(self, device: torch.device) -> dict[str, Any]:
+        cuda = device.type == "cuda"
+        return {"dtype": self.dtype, "channels_last": self.channels_last, "cudnn_benchmark": self.autotune(device),
+                "compile": self.compile, "device_name": device_name(device),
+                # fp32 convolutions on Ampere and later run as TF32 unless this is off
+                "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if cuda else None}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (e.g. 'NVIDIA H100 80GB HBM3'), else the CPU's as the platform reports it."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def precision_warning(dtype: str, device: torch.device) -> str | None:
+    """One line when `dtype` is not what `device` runs natively (None: it is)."""
+    if device.type == "cpu":
+        if dtype == "fp16":
+            return ("--dtype fp16 on the CPU: half precision is for GPUs; CPU kernels run it slower than fp32, "
+                    "so this latency says little about deployment (time fp16 on a GPU, or use bf16/fp32 here)")
+        mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        if dtype == "bf16" and not (mkldnn_bf16 is not None and mkldnn_bf16()):
+            return "--dtype bf16: this CPU has no native bf16 arithmetic; it is emulated and slower than fp32"
+    elif device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        return "--dtype bf16: this GPU has no native bf16 arithmetic (before Ampere); use fp16"
+    return None
+
+
+@contextlib.contextmanager
+def cudnn_autotune(enabled: bool) -> Iterator[None]:
+    """`torch.backends.cudnn.benchmark` set for the block and restored after it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def deployed(model: nn.Module, settings: Deployment, device: torch.device, input_shape: Sequence[int]) -> nn.Module:
+    """A copy of `model` as `settings` time it (the original is left as it is); one forward at
+    batch 1 proves that it runs (a precision or compiler the device lacks is a UserError here)."""
+    copy_ = copy.deepcopy(model).eval().to(device=device, dtype=DTYPES[settings.dtype])
+    if settings.channels_last:
+        copy_ = copy_.to(memory_format=torch.channels_last)
+    timed: nn.Module = torch.compile(copy_, dynamic=False) if settings.compile else copy_
+    try:
+        with cudnn_autotune(settings.autotune(device)):
+            measure.measure_latency(timed, input_shape, 1, device, warmup=0, repeats=1,
+                                    channels_last=settings.channels_last)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001  (kernels and compilers fail with many types)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        what = "torch.compile" if settings.compile else f"--dtype {settings.dtype}"
+        raise UserError(f"{what} does not run on {device}: {first}; time without it") from None
+    return timed
+
+
 def time_model(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device | str, *,
-               warmup: int, repeats: int, threads: int | None, max_time: float | None) -> dict[str, Any]:
-    """`measure.measure_latency`, with the number of runs bounded by `max_time` seconds (see the module doc).
+               warmup: int, repeats: int, threads: int | None, max_time: float | None,
+               settings: Deployment | None = None) -> dict[str, Any]:
+    """`measure.measure_latency`, with the number of runs bounded by `max_time` seconds (see the
+    module doc); `model` as `deployed` made it for `settings`, whose autotuning is on while it runs.
 
     The result has `warmup` (runs before timing, the probe included) and `repeats` (timed runs) as done.
     """
+    settings = settings or Deployment()
+    device = torch.device(device)
+    tuned = settings.autotune(device) or settings.compile
+    if tuned:
+        warmup = max(warmup, _TUNED_WARMUP)
+    with cudnn_autotune(settings.autotune(device)):
+        return _time_model(model, input_shape, batch_size, device, warmup=warmup, repeats=repeats, threads=threads,
+                           max_time=max_time, channels_last=settings.channels_last,
+                           probe_warmup=min(_TUNED_WARMUP if tuned else 1, warmup))
+
+
+def _time_model(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device, *,
+                warmup: int, repeats: int, threads: int | None, max_time: float | None, channels_last: bool,
+                probe_warmup: int) -> dict[str, Any]:
     if not max_time or max_time <= 0 or repeats <= MIN_REPEATS:
         result = measure.measure_latency(model, input_shape, batch_size, device, warmup=warmup, repeats=repeats,
-                                         threads=threads)
+                                         threads=threads, channels_last=channels_last)
         result["warmup"] = warmup
         return result
-    # Probe: one untimed and one timed run tell roughly how long a run takes (and warm up).
-    probe_warmup = min(1, warmup)
+    # Probe: untimed runs and one timed run tell roughly how long a run takes (and warm up).
     probe = measure.measure_latency(model, input_shape, batch_size, device, warmup=probe_warmup, repeats=1,
-                                    threads=threads)
+                                    threads=threads, channels_last=channels_last)
     per_run = max(probe["median_ms"] / 1000.0, 1e-6)
     timed = max(MIN_REPEATS, min(repeats, int(max_time / per_run)))
     done = probe_warmup + 1
     # The rest of the warm-up, within a quarter of the time budget.
     extra_warmup = max(0, min(warmup - done, int(0.25 * max_time / per_run)))
     result = measure.measure_latency(model, input_shape, batch_size, device, warmup=extra_warmup, repeats=timed,
-                                     threads=threads)
+                                     threads=threads, channels_last=channels_last)
     result["warmup"] = done + extra_warmup
     return result
 

@@ -21,6 +21,7 @@ from ..report.plots import check_plot_path, require_matplotlib
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..checkpoint import nonfinite_summary
+from ..checkpoint.chanprune_format import resolve_normalization
 from .steps import (
     FloatsArg,
     ShapeArg,
@@ -30,8 +31,10 @@ from .steps import (
     load_model,
     model_labels,
     parse_inputs,
+    parse_output,
     resolve_input_shape,
     seed_everything,
+    select_task_output,
     warn,
 )
 
@@ -52,11 +55,16 @@ def bench_checkpoints(
     seed: int = 0,
     calib_batches: int | None = None,
     classes: ClassesArg | None = None,
+    output: str | None = None,
     batch_sizes: str | Sequence[int] = "1,32",
     threads: int | None = None,
     warmup: int = 10,
     repeats: int = 50,
     max_time: float = 10.0,
+    dtype: str = "fp32",
+    channels_last: bool = False,
+    cudnn_benchmark: bool | None = None,
+    compile: bool = False,
     max_acc_drop: float | None = None,
     min_speedup: float | None = None,
     gate_batch: int | None = None,
@@ -67,8 +75,12 @@ def bench_checkpoints(
     """Measure `checkpoints` (the first is the reference) and evaluate the gates: `max_acc_drop`
     (top-1 points lost, needs `data`) and `min_speedup` (at `gate_batch`, default the largest of
     `batch_sizes`). `classes`: the models' class names in output order, which label the classes of
-    `data`. A gate that is not met is recorded in the report's `gates`, not raised
-    (`deploy.benchmark.gate_failure` says what failed).
+    `data`. `output` picks the task output of models with several (else each model's recorded one);
+    without `mean`/`std`, those the checkpoints record are used (they must agree). Latency is timed
+    as deployed (`deploy.benchmark.Deployment`): in `dtype`, `channels_last`, with cuDNN autotuning
+    (`cudnn_benchmark`, None: on CUDA) and `compile`; accuracy in float32. A gate that is
+    not met is recorded in the report's `gates`, not raised (`deploy.benchmark.gate_failure` says
+    what failed).
 
     `plot` and `json_report` are where the caller will draw the chart and write the JSON report
     (report/plots.py, report/): checked before the slow steps, not written here."""
@@ -95,7 +107,11 @@ def bench_checkpoints(
     if min_speedup is not None and min_speedup <= 0:
         raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {min_speedup:g}")
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    choice = parse_output(output)
     names = parse_classes(classes) if classes is not None else None
+    deployment = benchmark.Deployment(dtype=dtype, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
+                                      compile=compile)
+    deployment.check()
     check_json_report(json_report, force)
     if plot is not None:
         require_matplotlib()
@@ -104,15 +120,21 @@ def bench_checkpoints(
     check_distinct_outputs(("--json", json_report), ("--plot", plot))
     _refuse_overwriting_inputs(checkpoints, ("--json", json_report), ("--plot", plot))
     dev = resolve_device(device)
+    precision = benchmark.precision_warning(dtype, dev)
+    if precision is not None:
+        warn(precision)
     seed_everything(seed)
 
     loaded = [load_model(c, arch, arch_kwargs, trust_pickle) for c in checkpoints]
-    shapes = [resolve_input_shape(shape, ld) for ld in loaded]
+    shapes = [resolve_input_shape(shape, ld, data) for ld in loaded]
     for path, s in zip(checkpoints[1:], shapes[1:]):
         if tuple(s) != tuple(shapes[0]):
             raise UserError(f"{path} takes input {'x'.join(map(str, s))} but the reference {checkpoints[0]} takes "
                             f"{'x'.join(map(str, shapes[0]))}; bench compares models on one input, pass --input-shape")
     shape = shapes[0]
+    mean_t, std_t = _recorded_normalization(checkpoints, loaded, mean_t, std_t)
+    for ld in loaded:
+        select_task_output(ld, choice, shape)
     for path, ld in zip(checkpoints, loaded):
         bad = nonfinite_summary(ld.model)
         if bad is not None:  # still timed; its accuracy is meaningless and --max-acc-drop will say so
@@ -136,18 +158,39 @@ def bench_checkpoints(
                                                                              calib_batches), dev, calib_batches)
         data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"]}  # type: ignore[index]
     threads_used = threads if threads is not None else torch.get_num_threads()
+    timed = []
+    for i, (result, ld) in enumerate(zip(results, loaded)):
+        with _status(f"preparing model {i + 1}/{n} for timing ({deployment.dtype}): {result.path}"):
+            timed.append(benchmark.deployed(ld.model, deployment, dev, shape))
     for b in sizes:
-        for i, (result, ld) in enumerate(zip(results, loaded)):
+        for i, (result, model) in enumerate(zip(results, timed)):
             with _status(f"timing model {i + 1}/{n} at batch {b}: {result.path}"):
-                result.latency[b] = benchmark.time_model(ld.model, shape, b, dev, warmup=warmup, repeats=repeats,
-                                                         threads=threads_used, max_time=max_time)
+                result.latency[b] = benchmark.time_model(model, shape, b, dev, warmup=warmup, repeats=repeats,
+                                                         threads=threads_used, max_time=max_time, settings=deployment)
     comparisons = [benchmark.compare(results[0], r) for r in results]
     gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
                                      gate_batch=gate_at)
     return BenchReport(
         models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads_used,
-        batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time},
+        batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time,
+                                         **deployment.to_json(dev)},
         gate_batch=gate_at, data=data_info, seed=seed, plot=plot)
+
+
+def _recorded_normalization(checkpoints: Sequence[str], loaded: Sequence[Any], mean: tuple[float, ...] | None,
+                            std: tuple[float, ...] | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """--mean/--std, else what the checkpoints record: every model sees the same images, so the
+    checkpoints must agree."""
+    found: dict[tuple[Any, Any], str] = {}
+    for path, ld in zip(checkpoints, loaded):
+        values = resolve_normalization(ld.meta, mean, std)
+        if values != (mean, std):
+            found.setdefault(values, path)
+    if len(found) > 1:
+        (a, first), (b, second) = list(found.items())[:2]
+        raise UserError(f"{first} and {second} record different normalisation (mean, std) {a} and {b}; pass --mean "
+                        "and --std for the data all models are compared on")
+    return next(iter(found), (mean, std))
 
 
 def _refuse_overwriting_inputs(checkpoints: Sequence[str], *outputs: tuple[str, str | None]) -> None:

@@ -37,7 +37,9 @@ class TrainConfig:
     grad_clip: float | None = None     # max global gradient norm
     seed: int = 0
     augment: bool = True               # random crop + flip (small images) / random-resized crop + flip
-    workers: int = 0
+    workers: int | None = None         # loader processes (None: inputs.default_workers for the device)
+    tensor_cache: bool | None = None   # small images as one tensor on the device (None: when possible)
+    compile: bool = False              # torch.compile the forward passes
     eval_every: int | None = None      # steps between validations (None: every epoch)
     eval_batch_size: int | None = None
     val_images: int | None = None      # validate on a fixed random subset of this many images
@@ -81,7 +83,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.log_every < 1:
             raise UserError(f"--log-every must be at least 1, got {self.log_every}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
 
     def result_fields(self) -> dict[str, Any]:

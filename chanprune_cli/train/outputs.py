@@ -29,11 +29,12 @@ class OutputPaths:
 
 @dataclass
 class CheckpointInfo:
-    """What a chanprune file written by the trainer records besides the weights."""
+    """What a model file written by the trainer records besides the weights."""
 
-    arch: Any  # ArchSpec
+    arch: Any  # ArchSpec (None: a whole pickled model, written back into its container)
     input_shape: tuple[int, int, int]
     history: list[dict[str, Any]] = field(default_factory=list)  # the input checkpoint's history
     plans: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     entry: dict[str, Any] = field(default_factory=dict)  # this run's history entry (static part)
+    origin: Any = None  # checkpoint.PickledOrigin of a whole pickled model (checkpoint.save_model)

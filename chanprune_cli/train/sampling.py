@@ -70,6 +70,51 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             yield [(key, int(i)) for i in perm[base:base + self.local].tolist()]
 
 
+class KeyedDraws(Dataset[Any]):
+    """The tensor input path's items: `(key, i)` is (i, top, left, flip), the crop and flip that
+    `KeyedDataset` gives sample i (its generator seeded by (key, i)), without decoding it."""
+
+    def __init__(self, base: Any, pad: int, flip: bool) -> None:
+        self.base, self.pad, self.flip = base, pad, flip
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, int, int, bool]:
+        key, index = item
+        self.base.reseed(mix_seed(key, index))
+        return (index, *self.base.crop_flip_draws(self.pad, self.flip))
+
+
+class RunBatches(Sampler[list[tuple[int, int]]]):
+    """`EpochBatches` of every epoch from global step `start` to `stop`: one loader serves the whole
+    run, so its workers start once and prefetch across epoch ends."""
+
+    def __init__(self, n: int, global_batch: int, steps_per_epoch: int, *, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n, self.global_batch, self.steps_per_epoch, self.seed = n, global_batch, steps_per_epoch, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while step < self.stop:
+            epoch = step // self.steps_per_epoch
+            first = epoch * self.steps_per_epoch
+            end = min(self.steps_per_epoch, self.stop - first)
+            yield from EpochBatches(self.n, self.global_batch, seed=self.seed, epoch=epoch, start=step - first,
+                                    stop=end, rank=self.rank, world=self.world)
+            step = first + end
+
+
+def collate_draws(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B], draws [B, 3] as top, left, flip) from `KeyedDraws` items."""
+    rows = torch.as_tensor([[int(v) for v in item] for item in batch], dtype=torch.long)
+    return rows[:, 0], rows[:, 1:]
+
+
 def collate_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images stacked, labels as int64) from a list of (image, label, ...) samples."""
     xs, ys = zip(*[(b[0], b[1]) for b in batch])

@@ -29,7 +29,7 @@ def train_step_check(model: nn.Module, input_shape: Sequence[int], *, batch: int
     loss_value = float("nan")
     for _ in range(steps):
         x = torch.randn((batch, *input_shape), generator=g).to(device)
-        logits = logits_of(model(x)).float()
+        logits = logits_of(model(x), model).float()
         y = torch.randint(0, logits.shape[-1], (batch,), generator=g).to(device)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)

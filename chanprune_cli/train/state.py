@@ -74,17 +74,21 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-def model_from_state(state: Mapping[str, Any]) -> nn.Module:
-    """Rebuild the model saved in a training state (its current, possibly pruned, shapes)."""
+def model_from_state(state: Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved in a training state (its current, possibly pruned, shapes); `model`:
+    restore into it instead (a whole pickled model, which has no architecture to build)."""
     from ..engine import shapes
     from ..models import ArchSpec, build_model
 
-    spec = ArchSpec.from_json(state["arch"])
-    model = build_model(spec)
+    if model is None:
+        spec = ArchSpec.from_json(state["arch"])
+        model, name = build_model(spec), str(spec)
+    else:
+        name = type(model).__name__
     tensors = state["model"]
     shapes.apply_shape_attrs(model, state["module_shapes"], {k: tuple(v.shape) for k, v in tensors.items()})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     problems = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
     if problems:
-        raise UserError(f"the training state does not fit {spec}: {', '.join(problems[:3])}")
+        raise UserError(f"the training state does not fit {name}: {', '.join(problems[:3])}")
     return model

@@ -3,7 +3,12 @@
 What one run does, in order:
 
 * data: the batches of `sampling.EpochBatches`, so the run is a pure function of the seed and a
-  resumed run continues exactly where the interrupted one stopped;
+  resumed run continues exactly where the interrupted one stopped; served by `inputs.TrainInputs`
+  (small images as one tensor on the device, else loader workers), the same batches either way;
+* the host waits for the device only at sync points (log lines, a throttled progress display,
+  validation, saves, every `SYNC_EVERY` steps on CUDA; every step on the CPU or with hooks): the
+  losses of the steps since the last one are checked there (a non-finite loss names its step);
+* optional `torch.compile` of the forward passes (`--compile`, without schedules);
 * optimisation: `optim.build_optimizer` (SGD, weight decay on conv/linear weights only) under the
   `optim.WarmupCosine` schedule, optional label smoothing, optional knowledge distillation from a
   teacher (`optim.kd_loss`, weighted with cross-entropy), optional gradient clipping;
@@ -25,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,22 +39,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data.loaders import ignore_stop_signals, iterate_with_workers
 from ..errors import ChanpruneError, UserError
 from ..support import distributed as D
 from ..support.fsutil import atomic_path
 from ..support.progress import StepProgress
 from .config import TrainConfig
 from .hooks import Hook
+from .inputs import TrainInputs, default_workers, tensor_images_for
 from .optim import WarmupCosine, build_optimizer, carry_momentum, kd_loss
 from .outputs import CheckpointInfo, OutputPaths
 from .precision import autocast, resolve_amp
 from .process import StopRequest
-from .sampling import EpochBatches, KeyedDataset, collate_labels
 from .state import STATE_FORMAT, STATE_VERSION, rng_state, set_rng_state, to_cpu
 from .validation import validate
+
+
+SYNC_EVERY = 50  # steps between sync points on CUDA (at most: log lines and validation add their own)
+_SHOW_EVERY_S = 0.5  # the progress display reads the device's loss at most this often
 
 
 @dataclass
@@ -67,6 +75,8 @@ class TrainResult:
     resumed_from: int | None
     hook_summaries: dict[str, Any]
     plans: list[dict[str, Any]]
+    input_path: str = "loader"  # "tensor" (images on the device) or "loader" (decoded per step)
+    workers: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -109,6 +119,19 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scheduler = WarmupCosine(self.total_steps, cfg.warmup, cfg.min_lr)
+        if cfg.compile and self.hooks:
+            raise UserError("--compile needs --schedule none: pruning schedules change the model while it trains")
+        self.workers = cfg.workers if cfg.workers is not None else default_workers(device)
+        self.inputs = TrainInputs(train_set, batch_size=cfg.batch_size, steps_per_epoch=self.steps_per_epoch,
+                                  seed=cfg.seed, workers=self.workers, device=device, env=self.env,
+                                  tensor=cfg.tensor_cache)
+        # --tensor-cache insists for the training data only; validation data uses it when it can.
+        self.val_images = None if val_set is None else tensor_images_for(
+            val_set, device=device, workers=self.workers, wanted=None if cfg.tensor_cache else cfg.tensor_cache,
+            role="validation")
+        # Host work per step only where the device runs ahead of the host: CUDA, without hooks
+        # (which read the model or its gradients every step anyway).
+        self._sync_every = SYNC_EVERY if device.type == "cuda" and not self.hooks else 1
         self.teacher = teacher
         if teacher is not None:
             teacher.to(device).eval()
@@ -116,6 +139,8 @@ class Trainer:
                 p.requires_grad_(False)
             if self.channels_last:
                 teacher.to(memory_format=torch.channels_last)
+        self.teacher_forward: Any = teacher  # compiled by _wrap() with --compile
+        self._first_step_done = False
         self.step = 0
         self.weights_frozen = False
         self.evals: list[dict[str, Any]] = []
@@ -124,6 +149,11 @@ class Trainer:
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
         self._loss_ema: float | None = None
+        self._loss_sum, self._loss_n = 0.0, 0
+        self._pending_losses: list[torch.Tensor] = []  # since the last sync point, on the device
+        self._mark = 0.0  # perf_counter() at the last sync point (train_seconds counts from it)
+        self._shown_at = -math.inf
+        self._shown = ""
         self._last_lr = 0.0
         self._pending_optimizer: Any = None  # restored once fit() has built the optimizer
         self._pending_rng: Any = None
@@ -149,6 +179,11 @@ class Trainer:
             self.ddp_model = DDP(self.model, device_ids=ids, output_device=ids[0] if ids else None)
         else:
             self.ddp_model = self.model
+        self.teacher_forward = self.teacher
+        if self.cfg.compile:
+            self.ddp_model = _compiled(self.ddp_model)
+            if self.teacher is not None:
+                self.teacher_forward = _compiled(self.teacher)
 
     def _hook_groups(self) -> list[dict[str, Any]]:
         return [g for h in self.hooks for g in h.param_groups(self)]
@@ -184,7 +219,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "world_size": self.env.world_size,
             "config": self.cfg.result_fields(),
-            "arch": self.ckpt.arch.to_json(),
+            "arch": self.ckpt.arch.to_json() if self.ckpt.arch is not None else None,  # None: a pickled model
             "module_shapes": shapes.shape_attrs(self.model),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": to_cpu(self.optimizer.state_dict()),
@@ -235,7 +270,7 @@ class Trainer:
         self._pending_rng = rng[self.env.rank] if self.env.rank < len(rng) else None
 
     def _save_model(self, path: Path, *, kind: str, evaluation: dict[str, Any] | None = None) -> None:
-        from ..checkpoint import save_chanprune, tool_version
+        from ..checkpoint import LoadedCheckpoint, save_model, tool_version
 
         assert self.ckpt is not None
         entry = {**self.ckpt.entry, "steps": self.step, "total_steps": self.total_steps, "checkpoint": kind,
@@ -243,8 +278,9 @@ class Trainer:
                  "tool_version": tool_version()}
         plans = [*self.ckpt.plans, *[p for h in self.hooks for p in h.plans()]]
         model = self.model
-        save_chanprune(path, model, self.ckpt.arch, input_shape=self.ckpt.input_shape,
-                       history=[*self.ckpt.history, entry], plans=plans, meta=self.ckpt.meta, force=True)
+        written_as = LoadedCheckpoint(model, self.ckpt.arch, "chanprune", origin=self.ckpt.origin)
+        save_model(path, model, written_as, input_shape=self.ckpt.input_shape,
+                   history=[*self.ckpt.history, entry], plans=plans, meta=self.ckpt.meta, force=True)
 
     def save_state(self) -> None:
         """Write `<out>.last` (chanprune) and `<out>.state.pt` atomically (rank 0), then sync."""
@@ -263,7 +299,21 @@ class Trainer:
         """The fp16 gradient scale (1 without a scaler): hooks divide raw .grad by it."""
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the loss, still on the device (checked at the sync points)."""
+        if self._first_step_done or not self.cfg.compile:
+            return self._step(x, y)
+        try:  # the first call compiles
+            loss = self._step(x, y)
+        except (UserError, ChanpruneError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001  (torch.compile fails with many types, e.g. no C++ compiler)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"--compile: torch.compile failed on this machine ({first[:300]}); run without --compile") from None
+        self._first_step_done = True
+        return loss
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from ..measure import logits_of
 
         cfg = self.cfg
@@ -274,7 +324,7 @@ class Trainer:
         for h in self.hooks:
             h.before_forward(self, x, y)
         with autocast(self.device, self.amp_dtype):
-            logits = logits_of(self.ddp_model(x))
+            logits = logits_of(self.ddp_model(x), self.model)
         logits = logits.float()
         if not self._labels_checked:  # once: a per-step check would synchronise CUDA every step
             self._labels_checked = True
@@ -284,15 +334,12 @@ class Trainer:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if self.teacher is not None and cfg.kd_alpha > 0:
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
-                t_logits = logits_of(self.teacher(x)).float()
+                t_logits = logits_of(self.teacher_forward(x), self.teacher).float()
             loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd_loss(logits, t_logits, cfg.kd_temperature)
         for h in self.hooks:
             extra = h.extra_loss(self, logits, y)
             if extra is not None:
                 loss = loss + extra
-        if not torch.isfinite(loss.detach()):
-            raise ChanpruneError(f"the training loss became {float(loss.detach())} at step {self.step + 1}; "
-                                 "lower --lr (or use --grad-clip)")
         self._last_lr = self.scheduler.apply(self.optimizer, self.step)
         if self.weights_frozen:  # a hook trains only its own parameters for now
             for g in self.optimizer.param_groups:
@@ -314,7 +361,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss.detach()
 
     # ---- evaluation ------------------------------------------------------------------------
 
@@ -322,7 +369,7 @@ class Trainer:
         if self.val_set is None:
             return None
         bs = self.cfg.eval_batch_size or max(self.local_batch, 128)
-        result = validate(self.model, self.val_set, self.device, batch_size=bs, workers=self.cfg.workers,
+        result = validate(self.model, self.val_images or self.val_set, self.device, batch_size=bs, workers=self.workers,
                           env=self.env, channels_last=self.channels_last, amp_dtype=self.amp_dtype,
                           max_images=self.cfg.val_images)
         row = {"step": self.step, "epoch": round(epoch, 3), "train_loss": train_loss, "lr": self._last_lr,
@@ -340,20 +387,45 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def _batches(self, epoch: int, start: int, stop: int) -> Iterator[Any]:
-        sampler = EpochBatches(len(self.train_set), self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,  # type: ignore[arg-type]
-                               start=start, stop=stop, rank=self.env.rank, world=self.env.world_size)
-        loader = DataLoader(KeyedDataset(self.train_set), batch_sampler=sampler, num_workers=self.cfg.workers,
-                            collate_fn=collate_labels, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals if self.cfg.workers > 0 else None,
-                            persistent_workers=False)
-        return iterate_with_workers(loader)
+    def _sync(self) -> None:
+        """A sync point: wait for the device, count the time since the last one as training time,
+        and take the losses of the steps since (the first non-finite one stops the run)."""
+        if self._pending_losses:
+            values = torch.stack(self._pending_losses).float().cpu().tolist()  # one transfer for all
+            first = self.step - len(values)
+            self._pending_losses.clear()
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    raise ChanpruneError(f"the training loss became {value} at step {first + i + 1}; "
+                                         "lower --lr (or use --grad-clip)")
+                self._loss_ema = value if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * value
+                self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.train_seconds += now - self._mark
+        self._mark = now
+
+    def _take_train_loss(self) -> float | None:
+        """Mean training loss since the last validation (None: no step since)."""
+        mean = self._loss_sum / self._loss_n if self._loss_n else None
+        self._loss_sum, self._loss_n = 0.0, 0
+        return mean
 
     def _progress_text(self) -> str:
-        """The progress display's free-text field: epoch, smoothed loss, lr, throughput."""
+        """The progress display's free-text field: epoch, smoothed loss, lr, throughput (a sync point)."""
+        self._sync()
         rate = self.train_images / self.train_seconds if self.train_seconds > 0 else 0.0
         epoch = self.step / self.steps_per_epoch
-        return f"epoch {epoch:.2f}  loss {self._loss_ema or 0:.4f}  lr {self._last_lr:.3g}  {rate:,.0f} img/s"
+        self._shown = f"epoch {epoch:.2f}  loss {self._loss_ema or 0:.4f}  lr {self._last_lr:.3g}  {rate:,.0f} img/s"
+        self._shown_at = time.perf_counter()
+        return self._shown
+
+    def _bar_text(self) -> str:
+        """`_progress_text` for a progress bar, which asks every step: refreshed every `_SHOW_EVERY_S`."""
+        if time.perf_counter() - self._shown_at < _SHOW_EVERY_S:
+            return self._shown
+        return self._progress_text()
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -375,56 +447,59 @@ class Trainer:
         self._wrap()
         progress = StepProgress("training", self.total_steps, completed=self.step, log_every=cfg.log_every,
                                 enabled=cfg.progress and self.env.is_main)
-        loss_sum, loss_n = 0.0, 0
         with StopRequest() as stop, progress:
-            while self.step < self.total_steps:
-                epoch = self.step // self.steps_per_epoch
-                start = self.step - epoch * self.steps_per_epoch
-                stop_at = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-                t_data = time.perf_counter()
-                for x, y in self._batches(epoch, start, stop_at):
-                    loss = self._train_step(x, y)
-                    self.step += 1
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    self.train_seconds += now - t_data
-                    self.train_images += x.shape[0] * self.env.world_size
-                    self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
-                    loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            self._mark = time.perf_counter()  # training time counts from here (data loading included)
+            for x, y in self.inputs.batches(self.step, self.total_steps):
+                self._pending_losses.append(self._train_step(x, y))
+                self.step += 1
+                self.train_images += x.shape[0] * self.env.world_size
+                epoch_end = self.step % self.steps_per_epoch == 0
+                last = self.step == self.total_steps
+                due_eval = (cfg.eval_every is not None and self.step % cfg.eval_every == 0) or (
+                    cfg.eval_every is None and epoch_end)
+                due_save = epoch_end or last or (cfg.save_every is not None and self.step % cfg.save_every == 0)
+                if due_eval or due_save or last or self.step % self._sync_every == 0:
+                    self._sync()
+                for h in self.hooks:
+                    h.on_step_end(self)
+                progress.update(self.step, self._bar_text if progress.tty else self._progress_text)
+                if epoch_end:
                     for h in self.hooks:
-                        h.on_step_end(self)
-                    progress.update(self.step, self._progress_text)
-                    epoch_end = self.step % self.steps_per_epoch == 0
-                    if epoch_end:
-                        for h in self.hooks:
-                            h.on_epoch_end(self, epoch)
-                    last = self.step == self.total_steps
-                    due_eval = (cfg.eval_every is not None and self.step % cfg.eval_every == 0) or (
-                        cfg.eval_every is None and epoch_end)
-                    if due_eval and not last:
-                        progress.pause()
-                        self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=loss_sum / max(loss_n, 1))
-                        loss_sum, loss_n = 0.0, 0
-                        progress.resume()
-                    due_save = epoch_end or last or (cfg.save_every is not None and self.step % cfg.save_every == 0)
-                    stopping = D.any_rank(stop.requested, self.env) if (self.env.distributed or stop.requested) else False
-                    if due_save or stopping:
-                        self.save_state()
-                    if stopping:
-                        progress.pause()
-                        where = self.outputs.state if self.outputs is not None else "memory"
-                        self.log(f"stopped by {stop.signal_name or 'a signal'} after step {self.step}/{self.total_steps}; "
-                                 f"state saved to {where}: re-run the same command with --resume to continue")
-                        raise stop.stopped()
-                    t_data = time.perf_counter()
+                        h.on_epoch_end(self, (self.step - 1) // self.steps_per_epoch)
+                if due_eval and not last:
+                    progress.pause()
+                    self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=self._take_train_loss())
+                    progress.resume()
+                stopping = D.any_rank(stop.requested, self.env) if (self.env.distributed or stop.requested) else False
+                if stopping:
+                    self._sync()
+                if due_save or stopping:
+                    self.save_state()
+                if stopping:
+                    progress.pause()
+                    where = self.outputs.state if self.outputs is not None else "memory"
+                    self.log(f"stopped by {stop.signal_name or 'a signal'} after step {self.step}/{self.total_steps}; "
+                             f"state saved to {where}: re-run the same command with --resume to continue")
+                    raise stop.stopped()
+                if due_eval or due_save or self._sync_every == 1:
+                    # Validation, saving and hooks are not training time (where the host is in step
+                    # with the device: without syncs, the device's time in flight would be lost).
+                    self._mark = time.perf_counter()
+            self._sync()
         for h in self.hooks:
             h.on_train_end(self)
-        final = self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=loss_sum / max(loss_n, 1) if loss_n else None,
-                              final=True)
+        final = self.evaluate(epoch=self.step / self.steps_per_epoch, train_loss=self._take_train_loss(), final=True)
         return TrainResult(model=self.model, steps=self.step, epochs_done=self.step / self.steps_per_epoch,
                            evals=self.evals, best=self.best, final=final, train_images=self.train_images,
                            train_seconds=self.train_seconds, resumed_from=self.resumed_from,
                            hook_summaries={h.name: h.summary() for h in self.hooks},
-                           plans=[p for h in self.hooks for p in h.plans()])
+                           plans=[p for h in self.hooks for p in h.plans()], input_path=self.inputs.kind,
+                           workers=self.workers)
 
+
+def _compiled(module: nn.Module) -> Any:
+    """`torch.compile(module)`; compilation itself happens at the first call (see `_train_step`)."""
+    try:
+        return torch.compile(module)
+    except RuntimeError as exc:  # platforms torch.compile does not support say so here
+        raise UserError(f"--compile: {str(exc).splitlines()[0]}; run without --compile") from None

@@ -1,5 +1,7 @@
 """Validation during and after training: top-1/top-5 and mean loss on a data set (or a fixed
-random subset of it), sharded over the ranks of a distributed run and summed."""
+random subset of it), sharded over the ranks of a distributed run and summed. The sums stay on the
+device until the end (no host sync per batch); a data set held as one tensor on the device
+(`data.tensorcache.TensorImages`) is batched there without a loader."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.loaders import ignore_stop_signals, iterate_with_workers
+from ..data.tensorcache import TensorImages
 from ..errors import UserError
 from ..support import distributed as D
 from .precision import autocast
@@ -18,7 +21,7 @@ from .sampling import collate_labels
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, dataset: Dataset[Any], device: torch.device, *, batch_size: int = 256,
+def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: torch.device, *, batch_size: int = 256,
              workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
     """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
@@ -32,30 +35,44 @@ def validate(model: nn.Module, dataset: Dataset[Any], device: torch.device, *, b
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]
         chosen = sorted(perm.tolist())
     indices = chosen[env.rank::env.world_size]
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda",
-                        worker_init_fn=ignore_stop_signals if workers > 0 else None)
+    batches: Any
+    if isinstance(dataset, TensorImages):
+        batches = (dataset.batch(torch.tensor(indices[i:i + batch_size], dtype=torch.long))
+                   for i in range(0, len(indices), batch_size))
+        label_max = [int(dataset.targets.max())] if len(dataset) else []  # every label, checked once
+    else:
+        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals if workers > 0 else None)
+        batches = iterate_with_workers(loader)
+        label_max = None  # each batch's, on the host before the transfer
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct1, correct5, loss
+    counted = 0
     try:
-        for x, y in iterate_with_workers(loader):
+        for x, y in batches:
+            if label_max is None:
+                tops = [int(y.max())] if y.numel() else []
+            else:
+                tops, label_max = label_max, []
             x = x.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                logits = logits_of(model(x)).float()
-            if y.numel() and int(y.max()) >= logits.shape[1]:
-                raise UserError(f"validation data has labels up to {int(y.max())} but the model outputs "
+                logits = logits_of(model(x), model).float()
+            if tops and tops[0] >= logits.shape[1]:
+                raise UserError(f"validation data has labels up to {tops[0]} but the model outputs "
                                 f"{logits.shape[1]} classes; check --val-data and the checkpoint")
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices.eq(y[:, None])
-            sums += torch.tensor([float(hits[:, 0].sum()), float(hits.any(1).sum()),
-                                  float(F.cross_entropy(logits, y, reduction="sum")), float(y.numel())],
-                                 dtype=torch.float64)
+            sums += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                                 F.cross_entropy(logits, y, reduction="sum").double()])
+            counted += int(y.numel())
     finally:
         model.train(was_training)
+    sums = torch.cat([sums.cpu(), torch.tensor([float(counted)], dtype=torch.float64)])
     D.all_reduce_sum_(sums, env)
     images = int(sums[3])
     if images == 0:

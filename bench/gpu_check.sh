@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The prepared GPU check (bench/gpu_check.py says what it runs): on the lent machine, from the
+# repository root, with .whl/ and .gpu_check_data/ carried (both made here by
+# bench/gpu_check_prepare.sh):
+#
+#     bash bench/gpu_check.sh                 # one CUDA GPU, about 8 minutes; writes $OUT/gpu_check.{md,json,log}
+#     GPU_CHECK_QUICK=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh   # the CPU dry run, tiny budgets (./gpu_check_out/)
+#
+# PYTHON: the interpreter (default python3, the lent machine's). Extra arguments go to bench/gpu_check.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SITE=${GPU_CHECK_SITE:-/tmp/site}
+PY=${PYTHON:-python3}
+# The lent machine's python3 has torch, torchvision, typer, rich, safetensors, onnx(runtime), timm
+# and pytest-xdist, but not fvcore and its pure-Python needs: those come as wheels.
+if ! "$PY" -c "import fvcore, iopath, yacs, termcolor" 2>/dev/null; then
+    ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/ wheels: run bench/gpu_check_prepare.sh here first" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# The data cache (extracted archives, decoded tensors) outside the repository.
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/chanprune-cache}
+if [ "${GPU_CHECK_QUICK:-0}" = "1" ]; then
+    exec "$PY" bench/gpu_check.py --quick --device cpu "$@"
+fi
+exec "$PY" bench/gpu_check.py "$@"
