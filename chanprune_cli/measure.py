@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,16 +24,116 @@ from .errors import UserError
 from .support.progress import batches_total, progress_bar
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """The task output of a model: the first element of a tuple/list, `out` of a dict (the one
-    definition evaluation, criteria and training use)."""
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    if isinstance(output, dict):
-        output = output.get("out", next(iter(output.values())))
-    if not isinstance(output, torch.Tensor):
-        raise UserError(f"the model returns {type(output).__name__}; expected a tensor of logits")
+# The attribute of a model naming its task output (`--output`). It lives on the module, so it
+# follows the model into every copy (masked, gated, pruned, trained) without a global.
+TASK_OUTPUT_ATTR = "chanprune_task_output"
+# Fields that name the task output where a model returns several (torchvision GoogLeNet/Inception
+# in train mode, segmentation models): taken without --output.
+_TASK_FIELDS = ("logits", "out")
+
+
+def parse_task_output(text: str) -> str:
+    """`--output` checked: an index or key, nested with dots (`1`, `out`, `1.logits`)."""
+    value = text.strip()
+    if not value or any(not part or part != part.strip() for part in value.split(".")):
+        raise UserError(f"--output {text!r}: give an output index or key, nested with dots "
+                        "(e.g. --output 0, --output out, --output 1.logits)")
+    return value
+
+
+def set_task_output(model: nn.Module, choice: str | None) -> None:
+    """Make `choice` (a `parse_task_output` path) the task output `logits_of` picks for `model`;
+    None: the default (one output, or a field named logits/out)."""
+    if choice is None:
+        model.__dict__.pop(TASK_OUTPUT_ATTR, None)
+    else:
+        setattr(model, TASK_OUTPUT_ATTR, choice)
+
+
+def task_output_of(model: nn.Module) -> str | None:
+    """The task output chosen for `model` (`set_task_output`), None for the default."""
+    choice = getattr(model, TASK_OUTPUT_ATTR, None)
+    return choice if isinstance(choice, str) else None
+
+
+def logits_of(output: Any, model: nn.Module | None = None) -> torch.Tensor:
+    """The task output of a model's `output` (the one definition evaluation, criteria and training
+    use): one tensor is it, whatever the choice (models that return several outputs only in
+    training); else the part `model`'s `--output` choice names, else the only element, else a
+    field named `logits` or `out`. Several outputs and no choice: UserError naming them, never a
+    guess."""
+    choice = task_output_of(model) if model is not None else None
+    value = output if isinstance(output, torch.Tensor) else (
+        _select(output, choice) if choice is not None else _default_output(output))
+    if not isinstance(value, torch.Tensor):
+        hint = f"check --output {choice}" if choice is not None else "check that the model returns its logits"
+        raise UserError(f"the model's task output is {_describe(value)}; expected a tensor of logits ({hint})")
+    return value
+
+
+def _parts(value: Any) -> list[tuple[str, Any]]:
+    """(name, part) of a model output container: dict keys, namedtuple fields, else indices."""
+    if isinstance(value, Mapping):
+        return [(str(k), v) for k, v in value.items()]
+    fields = getattr(value, "_fields", None)
+    if isinstance(value, tuple) and fields:
+        return list(zip(fields, value))
+    return [(str(i), v) for i, v in enumerate(value)]
+
+
+def _select(output: Any, choice: str) -> Any:
+    value, walked = output, []
+    for part in choice.split("."):
+        if not isinstance(value, (Mapping, tuple, list)):
+            where = f"output {'.'.join(walked)}" if walked else "output"
+            raise UserError(f"--output {choice}: the model's {where} is {_describe(value)}, which has no part {part!r}; "
+                            f"check --output against the model's outputs ({_summary(output)})")
+        parts = dict(_parts(value))
+        if part not in parts and isinstance(value, (tuple, list)) and part.isdigit() and int(part) < len(value):
+            parts[part] = value[int(part)]  # a namedtuple's parts by index too
+        if part not in parts:
+            raise UserError(f"--output {choice}: the model's output{' ' + '.'.join(walked) if walked else 's'} "
+                            f"{'have' if not walked else 'has'} no part {part!r}; pick one of: {_summary(value)}")
+        value = parts[part]
+        walked.append(part)
+    return value
+
+
+def _default_output(output: Any) -> Any:
+    while isinstance(output, (Mapping, tuple, list)):
+        parts = _parts(output)
+        named = [v for k, v in parts if k in _TASK_FIELDS and not isinstance(output, list)]
+        if named:
+            output = named[0]
+        elif len(parts) == 1:
+            output = parts[0][1]
+        else:
+            first = parts[0][0] if parts else "0"
+            raise UserError(f"the model returns {describe_outputs(output)}; pass --output INDEX|KEY "
+                            f"to say which is the task output (logits) for accuracy, data-driven criteria and "
+                            f"fine-tuning, e.g. --output {first}")
     return output
+
+
+def describe_outputs(output: Any) -> str:
+    """A model's output in words: `tensor 2x10`, or `3 outputs (0: tensor 2x4, 1: ..., 2: ...)`."""
+    if isinstance(output, (Mapping, tuple, list)):
+        return f"{len(output)} outputs ({_summary(output)})"
+    return _describe(output)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "tensor " + "x".join(map(str, value.shape)) if value.dim() else "a scalar tensor"
+    if isinstance(value, (Mapping, tuple, list)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _summary(value: Any, limit: int = 6) -> str:
+    parts = _parts(value)
+    shown = ", ".join(f"{k}: {_describe(v)}" for k, v in parts[:limit])
+    return shown + (f", … ({len(parts) - limit} more)" if len(parts) > limit else "")
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -174,7 +274,7 @@ def evaluate(
             inputs, targets = batch[0], batch[1]
             inputs = inputs.to(device, non_blocking=True)
             targets = torch.as_tensor(targets).to(device, non_blocking=True).long()
-            logits = logits_of(model(inputs))
+            logits = logits_of(model(inputs), model)
             if logits.ndim != 2:
                 raise UserError(f"the model returns shape {tuple(logits.shape)}; expected (batch, classes)")
             classes = logits.shape[1]
@@ -221,11 +321,13 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 20,
     threads: int | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float | int]:
     """Forward-pass latency of one batch: median/p90/mean in ms and images per second (at the median).
 
     Each repeat is timed separately (CUDA synchronised before and after); `threads` fixes torch's
-    intra-op thread count for the measurement and is restored afterwards.
+    intra-op thread count for the measurement and is restored afterwards. The input has the
+    model's parameter dtype, in channels-last memory order with `channels_last`.
     """
     shape = _input_shape(input_shape)
     if batch_size < 1:
@@ -246,6 +348,8 @@ def measure_latency(
             # Random rather than zero input: some kernels take shortcuts on zeros.
             gen = torch.Generator().manual_seed(0)
             x = torch.randn((batch_size, *shape), generator=gen).to(device=device, dtype=dtype)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             for _ in range(warmup):
                 model(x)
             if cuda:

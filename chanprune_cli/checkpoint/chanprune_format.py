@@ -25,13 +25,16 @@ from .loaded import LoadedCheckpoint
 from .messages import first_line
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "NORMALIZATION_KEY", "tool_version", "load_chanprune",
-           "recorded_normalization", "resolve_normalization", "save_chanprune", "with_normalization"]
+           "TASK_OUTPUT_KEY", "recorded_normalization", "recorded_task_output", "resolve_normalization",
+           "resolve_task_output", "save_chanprune", "with_normalization", "with_task_output"]
 
 FORMAT_NAME = "chanprune"
 FORMAT_VERSION = 1
 METADATA_KEY = "chanprune"
 # meta key of the --mean/--std a file was made with ({"mean": [...], "std": [...]}, either may be absent)
 NORMALIZATION_KEY = "normalization"
+# meta key of the --output a file was made with: which of the model's outputs is the task output
+TASK_OUTPUT_KEY = "task_output"
 
 Floats = tuple[float, ...]
 
@@ -83,6 +86,25 @@ def with_normalization(meta: dict[str, Any], mean: Floats | None, std: Floats | 
     record.update({k: list(v) for k, v in (("mean", mean), ("std", std)) if v is not None})
     rest = {k: v for k, v in meta.items() if k != NORMALIZATION_KEY}
     return {**rest, NORMALIZATION_KEY: record} if record else rest
+
+
+def recorded_task_output(meta: dict[str, Any]) -> str | None:
+    """The --output recorded in a chanprune file's `meta` (None: nothing recorded)."""
+    value = meta.get(TASK_OUTPUT_KEY)
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        raise UserError(f"the checkpoint's recorded task output {value!r} is malformed (file damaged or edited); "
+                        "pass --output")
+    return value
+
+
+def resolve_task_output(meta: dict[str, Any], output: str | None) -> str | None:
+    """--output as given, else as `meta` records it."""
+    return output if output is not None else recorded_task_output(meta)
+
+
+def with_task_output(meta: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """`meta` recording `output` as the task output (None: keep what `meta` records)."""
+    return meta if output is None else {**meta, TASK_OUTPUT_KEY: output}
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 from ..support.fsutil import atomic_path, check_output
 
-__all__ = ["PICKLE_METADATA_KEY", "PickledOrigin", "float_model", "origin_of", "pickled_metadata", "read_pickled_metadata",
+__all__ = ["PICKLE_METADATA_KEY", "PickledOrigin", "check_pickled_output", "float_model", "origin_of", "pickled_metadata", "read_pickled_metadata",
            "save_pickled_model"]
 
 PICKLE_METADATA_KEY = "chanprune"
@@ -78,13 +78,18 @@ def pickled_metadata(input_shape: Any, history: list[dict[str, Any]], plans: lis
             "tool_version": tool_version, "torch_version": torch.__version__}
 
 
+def check_pickled_output(path: str) -> None:
+    """A whole pickled model is written back as a pickle: never to a .safetensors path."""
+    if path.lower().endswith(".safetensors"):
+        raise UserError(f"--out {path}: this pickled model has no architecture chanprune can rebuild, so it is saved as "
+                        "a pickle in its own container; give --out a .pt path (or pass --arch to write a chanprune file)")
+
+
 def save_pickled_model(path: str | os.PathLike[str], model: nn.Module, origin: PickledOrigin, *,
                        metadata: dict[str, Any], force: bool = False) -> None:
     """Write `model` into a copy of its original container (see the module docstring)."""
     out = check_output(path, force)
-    if out.suffix == ".safetensors":
-        raise UserError(f"{out}: this model was loaded from a pickle and has no architecture chanprune can rebuild, so it "
-                        "is saved as a pickle too; give --out a .pt path")
+    check_pickled_output(str(out))
     module = copy.deepcopy(model).cpu().eval()
     if origin.dtype != torch.float32:
         module = module.to(origin.dtype)

@@ -25,6 +25,8 @@ from .options import (
     MeanOpt,
     SeedOpt,
     StdOpt,
+    TaskOutputOpt,
+    ThroughLayerNormOpt,
     TrustPickleOpt,
     WorkersOpt,
     examples,
@@ -57,6 +59,8 @@ def analyze(
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
     classes: ClassesOpt = None,
+    task_output: TaskOutputOpt = None,
+    through_layernorm: ThroughLayerNormOpt = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     list_archs: Annotated[bool, typer.Option("--list-archs", help="List the built-in architectures and exit.", rich_help_panel=MODEL_PANEL)] = False,
@@ -75,7 +79,8 @@ def analyze(
     report = analyze_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
                                 trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
                                 batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                                classes=classes, force=force, json_report=json_out)
+                                classes=classes, output=task_output, through_layernorm=through_layernorm, force=force,
+                                json_report=json_out)
     # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
     render_analyze(report, make_console(stderr=json_out == "-"))
     if json_out is not None:

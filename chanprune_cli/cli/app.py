@@ -95,7 +95,7 @@ app = typer.Typer(
     name="chanprune",
     cls=_ChanpruneGroup,
     help="Structured channel pruning for trained CNNs: checkpoint in, smaller verified checkpoint out.",
-    epilog="Exit codes: 0 success · 1 runtime failure · 2 bad usage or input · 3 a gate was not met · 130 interrupted.\n\n"
+    epilog="Exit codes: 0 success · 1 runtime failure · 2 bad usage or input · 3 a gate was not met · 130 interrupted (Ctrl-C) · 143 terminated (SIGTERM; finetune saves its state first).\n\n"
     "Run [b]chanprune COMMAND --help[/b] for a command's options and examples.",
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,  # errors are one line (or a plain traceback with --debug)

@@ -27,8 +27,8 @@ from .options import (
     MeanOpt,
     SeedOpt,
     StdOpt,
+    TaskOutputOpt,
     TrustPickleOpt,
-    WorkersOpt,
     examples,
 )
 
@@ -94,6 +94,8 @@ def finetune(
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Schedules: never remove channels produced by modules matching GLOB (repeatable).", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
     amp: Annotated[str, typer.Option("--amp", metavar="auto|off|bf16|fp16", help="Mixed precision on CUDA (auto: bf16 where supported); CPU runs in float32.", rich_help_panel=RUN_PANEL)] = "auto",
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format (default: on CUDA).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    tensor_cache: Annotated[Optional[bool], typer.Option("--tensor-cache/--no-tensor-cache", help="Hold small images (up to 64 px) as one tensor on the device, decoded once (image folders: cached in the cache folder), and crop, flip and normalise each batch there: same batches as decoding every step, without the decoding (default: whenever the data allows it).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward passes (the first step compiles; pays off on GPUs for long runs). Not with --schedule.", rich_help_panel=RUN_PANEL)] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", min=1, help="CPU threads for torch (tiny models train faster with 1).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", min=1, help="Validate every STEPS steps instead of every epoch.", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", metavar="B", min=1, help="Batch size of validation passes (default: max(batch, 128)).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
@@ -111,8 +113,9 @@ def finetune(
     mean: MeanOpt = None,
     std: StdOpt = None,
     classes: ClassesOpt = None,
+    task_output: TaskOutputOpt = None,
     batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 0,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=0, help="Loader processes for decoding and augmentation (0: in the main process). Default: on CUDA one per spare CPU up to 8, on the CPU 0 (training uses every core). The result does not depend on it.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -135,7 +138,8 @@ def finetune(
                       nesterov=nesterov, weight_decay=weight_decay, decay_norm_and_bias=decay_norm_bias,
                       warmup=warmup, min_lr=min_lr, label_smoothing=label_smoothing, kd_alpha=kd_alpha,
                       kd_temperature=kd_temperature, amp=amp, channels_last=channels_last, grad_clip=grad_clip,
-                      seed=seed, augment=augment, workers=workers, eval_every=eval_every,
+                      seed=seed, augment=augment, workers=workers, tensor_cache=tensor_cache,
+                      compile=compile_model, eval_every=eval_every,
                       eval_batch_size=eval_batch_size, val_images=val_images, save_every=save_every,
                       log_every=log_every)
     options = FinetuneOptions(
@@ -144,7 +148,7 @@ def finetune(
         prune_every=prune_every, prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
         mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or (), arch=arch,
         arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle, device=device, mean=mean, std=std,
-        classes=classes, threads=threads, resume=resume, keep_state=keep_state, force=force)
+        classes=classes, output=task_output, threads=threads, resume=resume, keep_state=keep_state, force=force)
     console = make_console(stderr=json_out == "-")
     try:
         result = finetune_checkpoint(ckpt, options, show=console.print, json_report=json_out)
@@ -165,7 +169,8 @@ def _document_body(result: FinetuneResult) -> dict[str, Any]:
             "config": result.config.result_fields(), "world_size": result.world_size, "device": result.device,
             "steps": run.steps, "epochs": run.epochs_done, "resumed_from": run.resumed_from,
             "train": {"images": run.train_images, "seconds": run.train_seconds,
-                      "images_per_second": run.images_per_second},
+                      "images_per_second": run.images_per_second, "input": run.input_path, "workers": run.workers,
+                      "compile": result.config.compile},
             "evals": run.evals, "final": run.final, "best": run.best,
             "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans}
 

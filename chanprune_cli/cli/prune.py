@@ -31,6 +31,8 @@ from .options import (
     MeanOpt,
     SeedOpt,
     StdOpt,
+    TaskOutputOpt,
+    ThroughLayerNormOpt,
     TrustPickleOpt,
     WorkersOpt,
     examples,
@@ -61,6 +63,8 @@ def _layer_ratio_value(value: Any) -> Any:
          "chanprune prune resnet56.th --arch cifar_resnet56 --target-flops 0.5 --dry-run --json -"),
         ("top-1 before, after pruning and after BN recalibration on 1000 random test images",
          "chanprune prune resnet56.th --arch cifar_resnet56 --ratio 0.5 --data train.tar.gz --val-data test.tar.gz --val-images 1000"),
+        ("a YOLO checkpoint as ultralytics writes it (a whole pickled model): written back as a .pt that YOLO() loads",
+         "chanprune prune yolov8n.pt --trust-pickle --input-shape 3,640,640 --target-flops 0.3 --out yolov8n-pruned.pt"),
     ),
 )
 def prune(
@@ -71,6 +75,7 @@ def prune(
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Remove this fraction of the channels of every prunable group (0 < R < 1).", show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Remove this fraction of the MACs by one global ranking (0 < F < 1).", show_default=False)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
+    through_layernorm: ThroughLayerNormOpt = False,
     layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", metavar="GLOB=R", parser=_layer_ratio_value, help="Remove the fraction R (0 <= R < 1; 0 keeps them whole) of the channels of every layer group all of whose producer layers match GLOB, e.g. 'layer3.*=0.7' (repeatable; the last matching GLOB wins; a residual stream shared by several stages matches only a GLOB covering all of them, e.g. '*'). With --ratio: instead of it. With --target-flops: at that fixed ratio, outside the global ranking, which removes what the target still needs from the other groups. In a config file: a list of GLOB=R strings or a table {GLOB = R} (as a flag, also a JSON object). --min-keep and --round-to still apply.", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
@@ -81,7 +86,7 @@ def prune(
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=DATA_PANEL, show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: InputShapeOpt = None,
@@ -95,6 +100,7 @@ def prune(
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
     classes: ClassesOpt = None,
+    task_output: TaskOutputOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=OUTPUT_PANEL)] = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -110,6 +116,8 @@ def prune(
         arch, arch_kwargs, input_shape = arch or chained.get("arch"), arch_kwargs or chained.get("arch_kwargs"), input_shape or chained.get("input_shape")
         mean, std = mean or chained.get("mean"), std or chained.get("std")
         trust_pickle = trust_pickle or bool(chained.get("trust_pickle"))
+        task_output = task_output or chained.get("output")
+        through_layernorm = through_layernorm or bool(chained.get("through_layernorm"))
     if ckpt is None:
         raise UserError("no checkpoint given and no earlier 'chanprune score' in this directory; run e.g. "
                         "'chanprune score CKPT --criterion l1' then 'chanprune prune --ratio 0.5', "
@@ -125,13 +133,14 @@ def prune(
     )
 
     result = prune_checkpoint(ckpt, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
-                              ratio=ratio, target_flops=target_flops, ignore=ignore or (), layer_ratio=layer_ratio,
+                              ratio=ratio, target_flops=target_flops, ignore=ignore or (),
+                              through_layernorm=through_layernorm, layer_ratio=layer_ratio,
                               min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent, normalize=normalize,
                               rounds=rounds, verify=not no_verify, recalibrate_bn=recalibrate_bn, val_data=val_data,
                               val_images=val_images, out=out, arch=arch, arch_kwargs=arch_kwargs,
                               input_shape=input_shape, trust_pickle=trust_pickle, device=device, data=data, mean=mean,
                               std=std, batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                              classes=classes, force=force, json_report=json_out, dry_run=dry_run)
+                              classes=classes, output=task_output, force=force, json_report=json_out, dry_run=dry_run)
     if result.output is not None:  # a dry run leaves nothing for a later command to pick up
         record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
                          "criterion": result.criterion.name, "out": absolute(result.output)})
@@ -156,6 +165,7 @@ def prune(
         document["criterion_options"] = result.criterion.recorded_options
         document["normalize"] = result.normalize
         document["rounds"] = result.rounds
+        document["approximations"] = result.approximations
         write_json(document, json_out)
 
 

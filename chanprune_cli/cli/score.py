@@ -28,6 +28,8 @@ from .options import (
     MeanOpt,
     SeedOpt,
     StdOpt,
+    TaskOutputOpt,
+    ThroughLayerNormOpt,
     TrustPickleOpt,
     WorkersOpt,
     examples,
@@ -65,6 +67,8 @@ def score(
     seed: SeedOpt = 0,
     calib_batches: CalibBatchesOpt = None,
     classes: ClassesOpt = None,
+    task_output: TaskOutputOpt = None,
+    through_layernorm: ThroughLayerNormOpt = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -86,13 +90,14 @@ def score(
     result = score_checkpoint(ckpt, criterion, criterion_options=criterion_opt, out=out, ratio=ratio, arch=arch,
                               arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
                               device=device, data=data, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                              seed=seed, calib_batches=calib_batches, classes=classes, force=force,
-                              json_report=json_out)
+                              seed=seed, calib_batches=calib_batches, classes=classes, output=task_output,
+                              through_layernorm=through_layernorm, force=force, json_report=json_out)
     if result is None:  # a torchrun process other than rank 0
         return
     record("score", {"checkpoint": absolute(ckpt), "arch": arch, "arch_kwargs": arch_kwargs, "input_shape": input_shape,
                      "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": result.criterion.options,
-                     "scores": absolute(result.output), "data": data, "mean": mean, "std": std})
+                     "scores": absolute(result.output), "data": data, "mean": mean, "std": std, "output": task_output,
+                     "through_layernorm": through_layernorm})
     console = make_console(stderr=json_out == "-")
     render_scores(result.criterion.name, result.output, result.ratio, result.rows, console)
     if json_out is not None:

@@ -32,6 +32,12 @@ class VerifyResult:
     layers_compared: int = 0  # layer outputs compared one by one (those whose width the plan kept)
     worst_layer: str | None = None  # the layer furthest outside its tolerance, when one is
     by_layers: bool = False  # outputs differ only through discontinuous post-processing (see verify)
+    scale: float = 0.0  # max |masked original output|: the tolerance is rtol * max(1, scale)
+
+    @property
+    def relative_diff(self) -> float:
+        """max |pruned − masked original| relative to the outputs' scale (at least 1)."""
+        return self.max_abs_diff / max(1.0, self.scale)
 
 
 def removals(graph: ChannelGraph, plan: Plan) -> dict[str, dict[str, set[int]]]:
@@ -120,13 +126,14 @@ def zero_producers(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
             _rule(name, modules[name]).zero_producers(modules[name], rest)
 
 
-def _flatten_outputs(value: Any) -> list[torch.Tensor]:
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (tuples, lists, dicts and detections' lists of dicts)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _flatten_outputs(v)]
+        return [t for v in value.values() for t in flatten_outputs(v)]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _flatten_outputs(v)]
+        return [t for v in value for t in flatten_outputs(v)]
     return []
 
 
@@ -138,13 +145,14 @@ def _tolerance(reference: torch.Tensor, rtol: float) -> float:
     return rtol * max(1.0, float(reference.abs().max()) if reference.numel() else 0.0)
 
 
-def _compare(ref_out: list[torch.Tensor], got_out: list[torch.Tensor], rtol: float) -> tuple[float, float, bool]:
-    if len(ref_out) != len(got_out) or any(a.shape != b.shape for a, b in zip(ref_out, got_out)):
-        return float("inf"), 0.0, False
-    diff = max((float((a - b).abs().max()) for a, b in zip(ref_out, got_out) if a.numel()), default=0.0)
+def _compare(ref_out: list[torch.Tensor], got_out: list[torch.Tensor], rtol: float) -> tuple[float, float, bool, float]:
+    """(max difference, tolerance, within it, scale of the reference outputs)."""
     scale = max((float(a.abs().max()) for a in ref_out if a.numel()), default=0.0)
+    if len(ref_out) != len(got_out) or any(a.shape != b.shape for a, b in zip(ref_out, got_out)):
+        return float("inf"), 0.0, False, scale
+    diff = max((float((a - b).abs().max()) for a, b in zip(ref_out, got_out) if a.numel()), default=0.0)
     tolerance = rtol * max(1.0, scale)
-    return diff, tolerance, diff <= tolerance
+    return diff, tolerance, diff <= tolerance, scale
 
 
 class _LayerCheck:
@@ -214,11 +222,11 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     candidate = copy.deepcopy(pruned).double().eval()
     device = next((p.device for p in reference.parameters()), torch.device("cpu"))
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
-    ref_out = _flatten_outputs(reference(x))
-    diff, tolerance, passed = _compare(ref_out, _flatten_outputs(candidate(x)), rtol)
+    ref_out = flatten_outputs(reference(x))
+    diff, tolerance, passed, scale = _compare(ref_out, flatten_outputs(candidate(x)), rtol)
     layers = _LayerCheck(reference, candidate, rtol)
     ref_again, substituted = layers.run(x)
     layers_ok = layers.worst is None
-    by_layers = not passed and layers_ok and _compare(_flatten_outputs(ref_again), _flatten_outputs(substituted), rtol)[2]
+    by_layers = not passed and layers_ok and _compare(flatten_outputs(ref_again), flatten_outputs(substituted), rtol)[2]
     return VerifyResult(diff, tolerance, (passed and layers_ok) or by_layers, len(ref_out), layers.compared,
-                        None if layers_ok else layers.worst[1], by_layers)
+                        None if layers_ok else layers.worst[1], by_layers, scale)

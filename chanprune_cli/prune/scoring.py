@@ -131,7 +131,10 @@ def _warn_if_synthetic(scorer: Criterion, options: Mapping[str, Any], data: Iter
 
 
 def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module, *, criterion: str,
-                options: dict[str, Any], data: dict[str, Any] | None, force: bool = False) -> None:
+                options: dict[str, Any], data: dict[str, Any] | None, force: bool = False,
+                through_layernorm: bool = False) -> None:
+    """Write a score file; `through_layernorm` records how `graph` was built (prune --scores must
+    build the same groups)."""
     check_output(path, force)
     names = {g.id: g.name for g in graph.groups}
     tensors = {f"group/{names[gid]}": s.contiguous() for gid, s in scores.items()}
@@ -146,6 +149,7 @@ def save_scores(path: str, scores: Scores, graph: ChannelGraph, model: nn.Module
         "input_shape": list(graph.input_shape),
         "groups": {names[gid]: int(s.numel()) for gid, s in scores.items()},
         "group_weights": {names[gid]: w for gid, w in group_weights(scores).items()},
+        "through_layernorm": through_layernorm,
         "tool_version": tool_version(),
     }
     with atomic_path(path) as tmp:

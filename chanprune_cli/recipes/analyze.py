@@ -9,6 +9,7 @@ from ..engine.graph import build_graph
 from ..report import AnalyzeReport, group_rows, layer_rows, model_size_bytes
 from ..support.device import resolve_device
 from ..checkpoint import nonfinite_summary
+from ..checkpoint.chanprune_format import resolve_normalization
 from ..data import ClassesArg, parse_classes
 from .steps import (
     FloatsArg,
@@ -18,8 +19,10 @@ from .steps import (
     load_model,
     model_labels,
     parse_inputs,
+    parse_output,
     resolve_input_shape,
     seed_everything,
+    select_task_output,
     warn,
 )
 
@@ -40,18 +43,23 @@ def analyze_checkpoint(
     seed: int = 0,
     calib_batches: int | None = None,
     classes: ClassesArg | None = None,
+    output: str | None = None,
+    through_layernorm: bool = False,
     force: bool = False,
     json_report: str | None = None,
 ) -> AnalyzeReport:
     """Describe a checkpoint's model; with `data`, also its top-1/top-5 on (at most `calib_batches`
     random batches of) it, its classes matched to the model's outputs by `classes` (the model's
     class names in output order; see `data.fit_classes`). NaN/Inf weights are reported with a
-    warning, not refused.
+    warning, not refused. `output` picks the task output of a model with several; without
+    `mean`/`std`/`input_shape`/`output`, those the checkpoint records are used (an input shape also
+    from `data`). `through_layernorm` shows the channel groups `prune --through-layernorm` would use.
 
     `json_report` is where the caller will write the JSON report: checked (with `force`) before
     the slow steps, not written here."""
     # Validate every option before the slow steps (loading, tracing, evaluating).
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    choice = parse_output(output)
     names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     dev = None
@@ -60,7 +68,9 @@ def analyze_checkpoint(
     seed_everything(seed)
 
     loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
-    shape = resolve_input_shape(shape, loaded)
+    shape = resolve_input_shape(shape, loaded, data)
+    mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
+    select_task_output(loaded, choice, shape)
     model = loaded.model.eval()
     bad = nonfinite_summary(model)
     if bad is not None:  # analyze still reports the structure; score and prune refuse such a model
@@ -71,7 +81,7 @@ def analyze_checkpoint(
                                                    max_batches=calib_batches, labels=model_labels(loaded, shape, names))
     macs = measure.count_macs(model, shape)
     rows = layer_rows(model, measure.per_module_macs(model, shape))
-    groups = group_rows(build_graph(model, shape))
+    groups = group_rows(build_graph(model, shape, through_layernorm=through_layernorm))
 
     accuracy: dict[str, Any] | None = None
     if loader is not None:

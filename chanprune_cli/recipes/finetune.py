@@ -1,5 +1,6 @@
 """The `finetune` recipe: fine-tune a (pruned) checkpoint, optionally distilling from a teacher or
-pruning while training (a schedule of train/schedules.py), and save the result as a chanprune file.
+pruning while training (a schedule of train/schedules.py), and save the result as a chanprune file
+(a whole pickled model: back into its own container, `checkpoint.save_model`).
 
 `FinetuneOptions` holds what the command's options set; the training knobs themselves are a
 `TrainConfig` (train/), which the options carry whole.
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
-from ..measure import logits_of
+from ..checkpoint import refuse_nonfinite, save_model, tool_version
+from ..checkpoint.chanprune_format import resolve_normalization, with_normalization, with_task_output
+from ..measure import describe_outputs, logits_of, set_task_output, task_output_of
 from ..data import check_labels, fit_classes, open_dataset, parse_classes, recorded_classes, with_classes
 from ..engine.allocate import parse_min_keep
 from ..errors import UserError
@@ -45,10 +47,12 @@ from .steps import (
     ShapeArg,
     check_json_report,
     load_model,
+    model_out_path,
     parse_inputs,
-    require_arch,
+    parse_output,
     resolve_input_shape,
     say,
+    select_task_output,
 )
 
 Show = Callable[[str], None]
@@ -60,8 +64,8 @@ class FinetuneOptions:
     options of `chanprune finetune` (see its --help)."""
 
     data: str  # training data (any --data form)
-    out: str | None  # the fine-tuned chanprune file (None: CKPT-STEM.finetuned.safetensors next to the
-    # checkpoint); <out>.best, <out>.last and <out>.state.pt go beside it
+    out: str | None  # the fine-tuned model's file (None: CKPT-STEM.finetuned.safetensors next to the
+    # checkpoint, .pt for a whole pickled model); <out>.best, <out>.last and <out>.state.pt go beside it
     val_data: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, steps, lr, batch size, seed, ...
     # distillation
@@ -90,6 +94,7 @@ class FinetuneOptions:
     mean: FloatsArg | None = None
     std: FloatsArg | None = None
     classes: str | Sequence[str] | None = None  # the model's class names in output order (--classes)
+    output: str | None = None  # which of the model's outputs is the task output (--output INDEX|KEY)
     # the run
     threads: int | None = None
     resume: bool = False
@@ -124,7 +129,9 @@ def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show
     where only rank 0 writes and gets a result (the others get None). `json_report` is where the
     caller will write the JSON report: checked before the slow steps."""
     o = options
-    if o.out is None:  # as prune names its output, so `finetune CKPT --data D` needs no --out
+    defaulted = o.out is None
+    if defaulted:  # as prune names its output, so `finetune CKPT --data D` needs no --out; the suffix
+        # follows the model once it is loaded, the state file beside it does not depend on it
         o = dataclasses.replace(o, out=str(Path(checkpoint).with_name(Path(checkpoint).stem + ".finetuned.safetensors")))
     if o.dcph and o.schedule != "cac":
         raise UserError("--dcph belongs to --schedule cac (double the channels, prune half while training)")
@@ -134,23 +141,26 @@ def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show
     if o.teacher_arch_kwargs is not None and o.teacher_arch is None:
         raise UserError("--teacher-arch-kwargs needs --teacher-arch")
     shape, mean, std = parse_inputs(o.input_shape, o.mean, o.std)
+    choice = parse_output(o.output)
     if o.classes is not None:
         o = dataclasses.replace(o, classes=parse_classes(o.classes))
     check_json_report(json_report, o.force)
     o.train.check()
     paths = OutputPaths.for_out(o.out)
-    check_output(o.out, o.force)
+    if not defaulted:
+        check_output(o.out, o.force)
     if o.resume and not paths.state.exists():
         raise UserError(f"--resume: no training state at {paths.state} (nothing was interrupted, or the run completed)")
     if not o.resume and paths.state.exists() and not o.force:
         raise UserError(f"a run state from an earlier run exists at {paths.state}: pass --resume to continue it, "
                         "or --force to start over")
     with threads(o.threads):
-        return _run(checkpoint, o, ratio, shape, mean, std, paths, show)
+        return _run(checkpoint, o, ratio, shape, mean, std, choice, paths, defaulted, show)
 
 
 def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape | None, mean: tuple[float, ...] | None,
-         std: tuple[float, ...] | None, paths: OutputPaths, show: Show | None) -> FinetuneResult | None:
+         std: tuple[float, ...] | None, choice: str | None, paths: OutputPaths, defaulted: bool,
+         show: Show | None) -> FinetuneResult | None:
     cfg = o.train
     if o.min_keep is not None:
         parse_min_keep(o.min_keep)
@@ -158,8 +168,13 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
         show_main = (show or make_console(stderr=True).print) if env.is_main else (lambda text: None)
 
         loaded = load_model(checkpoint, o.arch, o.arch_kwargs, o.trust_pickle)
-        spec = require_arch(loaded)
-        shape = resolve_input_shape(shape, loaded)
+        paths = OutputPaths.for_out(model_out_path(None if defaulted else o.out, checkpoint, "finetuned", loaded))
+        if defaulted:
+            check_output(paths.out, o.force)
+        spec = loaded.arch
+        shape = resolve_input_shape(shape, loaded, o.data)
+        mean, std = resolve_normalization(loaded.meta, mean, std)  # a flag wins over what the checkpoint records
+        task_output = select_task_output(loaded, choice, shape)
         if not o.dcph:  # DCPH trains a new, wider model: the checkpoint's weights are not used
             refuse_nonfinite(loaded.model, "fine-tune")
         model = loaded.model
@@ -167,31 +182,39 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
         if o.dcph:
             if loaded.plans:
                 raise UserError("--dcph starts from an unpruned built-in architecture; this checkpoint is already pruned")
-            spec = widened_spec(spec, 2.0)
+            if loaded.arch is None:
+                raise UserError("--dcph builds the model's architecture at twice its width; this pickled model records "
+                                "none: pass --arch to name it")
+            spec = widened_spec(loaded.arch, 2.0)
             torch.manual_seed(cfg.seed)
             model = build_model(spec)
+            set_task_output(model, task_output)
             history = [{"command": "finetune", "dcph": True, "from": str(checkpoint), "arch": loaded.arch.to_json(),
                         "note": "2x-wide architecture trained from initialisation (weights of the checkpoint unused)"}]
             plans = []
         state = None
         if o.resume:
             state = load_train_state(paths.state)
-            if state.get("arch") != spec.to_json():
-                raise UserError(f"the state at {paths.state} belongs to architecture {state.get('arch')}, not {spec}")
-            model = model_from_state(state)
+            if state.get("arch") != (spec.to_json() if spec is not None else None):
+                raise UserError(f"the state at {paths.state} belongs to architecture {state.get('arch')}, not "
+                                f"{spec or 'this pickled model'}; resume with the checkpoint the run started from")
+            model = model_from_state(state, model if spec is None else None)  # a pickled model: restored in place
+            set_task_output(model, task_output)
 
+        classes = _num_classes(model, shape)  # before the data: a model that is no classifier fails first
         train_set = open_dataset(o.data, input_shape=shape, mean=mean, std=std, train=cfg.augment)
         val_set = open_dataset(o.val_data, input_shape=shape, mean=mean, std=std, train=False) if o.val_data else None
-        classes = _num_classes(model, shape)
         for dataset in (train_set, val_set) if val_set is not None else (train_set,):
             fit_classes(dataset, classes, o.classes, recorded=recorded_classes(loaded.meta))
             check_labels(dataset, classes)
         # The class names the model was trained with, so that later commands match data to them.
         meta = with_classes(loaded.meta, train_set.classes) if train_set.num_classes == classes else loaded.meta
+        meta = with_task_output(with_normalization(meta, mean, std), task_output)
 
         teacher_model = None
         if o.teacher is not None:
             t_loaded = load_model(o.teacher, o.teacher_arch or loaded.arch, o.teacher_arch_kwargs, o.trust_pickle)
+            select_task_output(t_loaded, choice, shape)  # --output, else the teacher's recorded one
             if _num_classes(t_loaded.model, shape) != classes:
                 raise UserError(f"the teacher outputs {_num_classes(t_loaded.model, shape)} classes, the student {classes}")
             refuse_nonfinite(t_loaded.model, "distil from")
@@ -208,7 +231,8 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
                  "kd": {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature} if o.teacher else None,
                  "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
                  "dcph": o.dcph or None}
-        info = CheckpointInfo(arch=spec, input_shape=shape, history=history, plans=plans, meta=meta, entry=entry)
+        info = CheckpointInfo(arch=spec, input_shape=shape, history=history, plans=plans, meta=meta, entry=entry,
+                              origin=loaded.origin)
 
         def on_eval(row: dict[str, Any]) -> None:
             mark = "  [green]best[/green]" if row["best"] else ""
@@ -227,11 +251,15 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
             trainer.restore(state)
         where = f"{env.world_size} processes ({env.backend})" if env.distributed else str(device)
         show_main(f"[bold]finetune[/bold] {checkpoint} → {paths.out}")
-        show_main(f"  model {spec}  params {before['params']:,}  MACs {before['macs']:,}  on {where}")
+        described = spec or f"{type(model).__name__} (pickled)"
+        show_main(f"  model {described}  params {before['params']:,}  MACs {before['macs']:,}  on {where}")
         show_main(f"  {trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.2f} epochs of "
                   f"{trainer.steps_per_epoch}), global batch {cfg.batch_size}, lr {cfg.lr:g} (warm-up + cosine), "
                   f"schedule {o.schedule}" + (f", teacher {o.teacher}" if o.teacher else "")
                   + (f"; resuming at step {trainer.step}" if state is not None else ""))
+        inputs = ("images held as one tensor on the device, cropped and flipped there"
+                  if trainer.inputs.kind == "tensor" else "decoded and augmented per step")
+        show_main(f"  input: {inputs}; {trainer.workers} loader worker(s)" + (", torch.compile" if cfg.compile else ""))
 
         result = trainer.fit()
         model = result.model
@@ -240,8 +268,8 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
                        "before": before, "after": after, "schedules": result.hook_summaries,
                        "train_images_per_second": result.images_per_second, "tool_version": tool_version()}
         if env.is_main:
-            save_chanprune(paths.out, model, spec, input_shape=shape, history=[*history, final_entry],
-                           plans=[*plans, *result.plans], meta=meta, force=True)
+            save_model(paths.out, model, dataclasses.replace(loaded, arch=spec), input_shape=shape,
+                       history=[*history, final_entry], plans=[*plans, *result.plans], meta=meta, force=True)
             if not o.keep_state:
                 for p in (paths.state, paths.last):
                     p.unlink(missing_ok=True)
@@ -257,9 +285,27 @@ def _num_classes(model: nn.Module, shape: Shape) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            out = logits_of(model(torch.zeros(2, *shape)))
+            output = model(torch.zeros(2, *shape))
     finally:
         model.train(was)
+    # A detector (e.g. YOLO) or a dense model has no (batch, classes) output: cross-entropy on labelled
+    # images cannot train it, whichever output --output picks.
+    if task_output_of(model) is None and not any(t.dim() == 2 for t in _tensors(output)):
+        _not_a_classifier(describe_outputs(output))
+    out = logits_of(output, model)
     if out.dim() != 2:
-        raise UserError(f"finetune needs a classifier: the model returns shape {tuple(out.shape)}, expected (batch, classes)")
+        _not_a_classifier(f"task output {describe_outputs(out)}")
     return int(out.shape[1])
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def _not_a_classifier(what: str) -> None:
+    raise UserError(f"finetune trains classifiers (cross-entropy on labelled images) but this model returns {what}, "
+                    "no (batch, classes) logits; use the model's own training code to fine-tune a detector or other "
+                    "model (see the README, 'Whole pickled models')")

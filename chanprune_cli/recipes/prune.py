@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import refuse_nonfinite, save_chanprune, tool_version
-from ..checkpoint.chanprune_format import resolve_normalization, with_normalization
+from ..checkpoint import refuse_nonfinite, save_model, tool_version
+from ..checkpoint.chanprune_format import resolve_normalization, with_normalization, with_task_output
 from ..data import ClassesArg, make_loader, parse_classes
 from ..engine.allocate import LayerRatioArg, check_target, parse_layer_ratios, parse_min_keep, unmatched_layer_ratios
 from ..engine.graph import build_graph, match_ignored
 from ..engine.scores import Scores
+from ..engine.surgery import VerifyResult
 from ..errors import UserError
 from ..measure import evaluate
 from ..prune import pruning
@@ -44,12 +44,14 @@ from .steps import (
     criterion_labels,
     load_model,
     model_labels,
+    model_out_path,
     open_labelled,
     parse_inputs,
-    require_arch,
+    parse_output,
     resolve_input_shape,
     say,
     seed_everything,
+    select_task_output,
     warn,
 )
 
@@ -64,7 +66,7 @@ class PruneResult:
     """What `prune_checkpoint` did: the saved file and the numbers its report shows."""
 
     checkpoint: str
-    output: str | None  # the pruned chanprune file (None: a dry run wrote nothing)
+    output: str | None  # the pruned model's file (None: a dry run wrote nothing)
     criterion: ResolvedCriterion  # what made the scores (with the options recorded)
     normalize: str  # "mean" | "none": how --target-flops compared groups
     rounds: int
@@ -73,12 +75,14 @@ class PruneResult:
     before: dict[str, int]  # params, macs
     after: dict[str, int]
     layers: list[dict[str, Any]]  # per conv/linear layer: widths, params and MACs before and after
-    verify: dict[str, Any] | None  # max_abs_diff, tolerance, passed (None: verification skipped)
+    verify: dict[str, Any] | None  # max_abs_diff, tolerance, passed, approximate, relative_diff (None: skipped)
     blocked: list[dict[str, Any]]  # channel groups kept whole: name, channels, reason
     accuracy: dict[str, Any] | None  # top-1 before/after (and after BN recalibration), val_images, recalibrated_bn_batches
     seed: int
     model: nn.Module  # the pruned model (CPU, eval mode), as saved
     dry_run: bool = False
+    # why the result is not exact (--through-layernorm removals): measured, not proven; empty when exact
+    approximations: list[str] = field(default_factory=list)
 
 
 def prune_checkpoint(
@@ -90,6 +94,7 @@ def prune_checkpoint(
     ratio: float | None = None,
     target_flops: float | None = None,
     ignore: Sequence[str] = (),
+    through_layernorm: bool = False,
     layer_ratio: LayerRatioArg | None = None,
     min_keep: float = 0.1,
     round_to: int = 1,
@@ -114,12 +119,14 @@ def prune_checkpoint(
     seed: int = 0,
     calib_batches: int | None = None,
     classes: ClassesArg | None = None,
+    output: str | None = None,
     force: bool = False,
     json_report: str | None = None,
     dry_run: bool = False,
 ) -> PruneResult:
     """Prune `checkpoint` and save the result to `out` (default: CHECKPOINT-STEM.pruned.safetensors
-    next to it); the options mean what `chanprune prune`'s do.
+    next to it, .pt for a whole pickled model, which is written back into its own container); the
+    options mean what `chanprune prune`'s do.
 
     Scores come from `criterion` (default l1; `criterion_options` as {"key": value} or
     ["key=value"]) computed on `data`, or from a `scores` file of `score_checkpoint`. Give exactly
@@ -130,12 +137,13 @@ def prune_checkpoint(
     re-estimated on `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured (on
     a fixed random subset of `val_images` images, drawn with `seed`). `classes`: the model's class
     names in output order, which label the classes of `val_data` (and of `data` for a criterion that
-    reads labels). Without `mean`/`std`/`input_shape`, those a chanprune checkpoint records are
-    used; the output records them.
+    reads labels). `output` (an index or key, nested with dots) picks the model's task output where
+    it returns several. Without `mean`/`std`/`input_shape`/`output`, those the checkpoint records
+    are used (an input shape also from `data`); the output records them. `through_layernorm` makes
+    channels behind a LayerNorm removable: the result is then approximate (measured, reported and
+    warned about, not proven).
     `dry_run`: everything but writing the output (the result has the plan; `output` is None).
     `json_report` is where the caller will write the JSON report: checked before the slow steps."""
-    if out is None:
-        out = str(Path(checkpoint).with_name(Path(checkpoint).stem + ".pruned.safetensors"))
     if criterion is not None and scores is not None:
         raise UserError("give either --criterion or --scores, not both")
     if rounds > 1 and scores is not None:
@@ -147,16 +155,18 @@ def prune_checkpoint(
     if val_images is not None and val_data is None:
         raise UserError("--val-images sets how many images of --val-data to evaluate on; give --val-data too")
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    choice = parse_output(output)
     names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     parse_min_keep(min_keep)
-    if not dry_run:  # a dry run writes no output, so an existing file is no obstacle
+    if out is not None and not dry_run:  # a dry run writes no output, so an existing file is no obstacle
         check_output(out, force)
     check_distinct_outputs(("--out", out), ("--json", json_report))
     if scores is not None:
         info = read_scores_meta(scores)  # a missing or foreign score file fails before the slow steps
         if criterion_options:
             raise UserError("--criterion-opt sets options of --criterion; scores from --scores were made with their own options")
+        _check_scores_layernorm(scores, bool(info.get("through_layernorm")), through_layernorm)
         resolved = recorded_criterion(str(info.get("criterion")), info.get("options"))
     else:
         resolved = resolve_criterion(criterion or "l1", criterion_options, has_data=data is not None, data_source=data)
@@ -164,13 +174,17 @@ def prune_checkpoint(
     seed_everything(seed)
 
     loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
-    arch_spec = require_arch(loaded)
-    shape = resolve_input_shape(shape, loaded)
+    out = model_out_path(out, checkpoint, "pruned", loaded)  # a pickled model's output is a .pt
+    if not dry_run:
+        check_output(out, force)
+    check_distinct_outputs(("--out", out), ("--json", json_report))
+    shape = resolve_input_shape(shape, loaded, data or val_data)
     mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
+    choice = select_task_output(loaded, choice, shape)
     model = loaded.model.eval()
     refuse_nonfinite(model, "prune")
     with _busy("tracing the channel graph"):
-        graph = build_graph(model, shape, ignore=ignore)
+        graph = build_graph(model, shape, ignore=ignore, through_layernorm=through_layernorm)
     for pattern in match_ignored((n for n, _ in model.named_modules()), ignore):
         warn(f"--ignore {pattern!r} matches no module")
     for pattern, partly in unmatched_layer_ratios(graph.prunable_groups(), ratios).items():
@@ -221,8 +235,12 @@ def prune_checkpoint(
     accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, recalibrate_bn, dev)
     if validation is not None and val_images is not None:
         accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
-    checked = None if outcome.verify is None else {
-        "max_abs_diff": outcome.verify.max_abs_diff, "tolerance": outcome.verify.tolerance, "passed": outcome.verify.passed}
+    checked = None if outcome.verify is None else _verify_record(outcome.verify, outcome.approximations)
+    if outcome.approximations:
+        measured = (f"max relative deviation {checked['relative_diff']:.2g} on random inputs" if checked
+                    else "not measured: --no-verify")
+        warn(f"the pruned model is approximate: removing channels behind a LayerNorm changed its statistics ({measured}); "
+             "re-estimate BatchNorm statistics (--data, --recalibrate-bn) and fine-tune it (chanprune finetune) before use")
     by_id = {g.id: g.name for g in graph.groups}
     layer_ratios = {"patterns": ratios, "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
         if ratios else None
@@ -233,15 +251,34 @@ def prune_checkpoint(
                      "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0), "tool_version": tool_version()}
     if layer_ratios is not None:
         history_entry["layer_ratio"] = layer_ratios
+    if through_layernorm:
+        history_entry["through_layernorm"] = True
+        history_entry["approximate"] = outcome.approximations
     if not dry_run:
-        save_chanprune(out, outcome.model, arch_spec, input_shape=shape, history=[*loaded.history, history_entry],
-                       plans=[*loaded.plans, outcome.plan_record], meta=with_normalization(loaded.meta, mean_t, std_t),
-                       force=force)
+        meta = with_task_output(with_normalization(loaded.meta, mean_t, std_t), choice)
+        save_model(out, outcome.model, loaded, input_shape=shape, history=[*loaded.history, history_entry],
+                   plans=[*loaded.plans, outcome.plan_record], meta=meta, force=force)
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]}
                for g in group_rows(graph) if not g["prunable"]]
     return PruneResult(checkpoint, None if dry_run else out, resolved, mode, rounds, outcome.allocation.requested,
                        layer_ratios, outcome.before, outcome.after, outcome.layers, checked, blocked, accuracy or None,
-                       seed, outcome.model, dry_run)
+                       seed, outcome.model, dry_run, outcome.approximations)
+
+
+def _check_scores_layernorm(path: str, scored: bool, pruning: bool) -> None:
+    """--through-layernorm changes the channel groups: scores fit only a graph built the same way."""
+    if scored and not pruning:
+        raise UserError(f"{path} was scored with --through-layernorm (its groups reach behind LayerNorms); pass "
+                        "--through-layernorm to prune with it too, or re-run chanprune score without it")
+    if pruning and not scored:
+        raise UserError(f"--through-layernorm changes the channel groups, but {path} was scored without it; re-run "
+                        "chanprune score with --through-layernorm, or drop it")
+
+
+def _verify_record(result: VerifyResult, approximations: Sequence[str]) -> dict[str, Any]:
+    """The verification as reports and histories record it (`relative_diff`: see VerifyResult)."""
+    return {"max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "passed": result.passed,
+            "approximate": bool(approximations), "relative_diff": result.relative_diff}
 
 
 def _validation_loader(source: str, images: int | None, labels: Labels, *, input_shape: tuple[int, int, int],

@@ -31,8 +31,10 @@ from .steps import (
     criterion_labels,
     load_model,
     parse_inputs,
+    parse_output,
     resolve_input_shape,
     seed_everything,
+    select_task_output,
 )
 
 
@@ -70,6 +72,8 @@ def score_checkpoint(
     seed: int = 0,
     calib_batches: int | None = None,
     classes: ClassesArg | None = None,
+    output: str | None = None,
+    through_layernorm: bool = False,
     force: bool = False,
     json_report: str | None = None,
 ) -> ScoreResult | None:
@@ -80,13 +84,16 @@ def score_checkpoint(
 
     `criterion_options`: {"key": value} or ["key=value", ...]. `ratio` only shapes the summary (how
     many channels of each group it would remove). `classes`: the model's class names in output order,
-    which label the data's classes when the criterion reads labels. Under torchrun the calibration batches are split
+    which label the data's classes when the criterion reads labels; `output` picks the task output of
+    a model with several (else the recorded one). `through_layernorm` builds the channel groups as
+    `prune_checkpoint(through_layernorm=True)` does (recorded in the file). Under torchrun the calibration batches are split
     over the processes and only rank 0 writes and gets a result (the others get None).
     `json_report` is where the caller will write the JSON report: checked before the slow steps."""
     if out is None:  # named so that scores of several checkpoints and criteria can coexist
         out = f"{Path(checkpoint).name}.{criterion}.scores.safetensors"
     check_target(ratio, None)
     shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
+    choice = parse_output(output)
     names = parse_classes(classes) if classes is not None else None
     check_json_report(json_report, force)
     resolved = resolve_criterion(criterion, criterion_options, has_data=data is not None, data_source=data)
@@ -95,11 +102,12 @@ def score_checkpoint(
     seed_everything(seed)
 
     loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
-    shape = resolve_input_shape(shape, loaded)
+    shape = resolve_input_shape(shape, loaded, data)
     mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
+    select_task_output(loaded, choice, shape)
     model = loaded.model.eval()
     refuse_nonfinite(model, "score")
-    graph = build_graph(model, shape)
+    graph = build_graph(model, shape, through_layernorm=through_layernorm)
     labels = criterion_labels(resolved, loaded, shape, names) if data is not None else None
     loader = calibration_loader(data, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size,
                                 workers=workers, seed=seed, max_batches=calib_batches, labels=labels)
@@ -115,7 +123,7 @@ def score_checkpoint(
         return None
     data_record = None if data is None else {"source": data, "batches": calib_batches, "batch_size": batch_size, "seed": seed}
     save_scores(out, scores, graph, model, criterion=criterion, options=resolved.recorded_options, data=data_record,
-                force=force)
+                force=force, through_layernorm=through_layernorm)
     removal = allocate(graph, scores, ratio=ratio).plan
     rows = [{"group": g.name, "channels": g.channels, "min": float(scores[g.id].min()), "median": float(scores[g.id].median()),
              "max": float(scores[g.id].max()), "removed_at_ratio": len(removal.get(g.id, []))} for g in graph.prunable_groups()]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint import LoadedCheckpoint
+from ..checkpoint import LoadedCheckpoint, output_suffix
+from ..checkpoint.pickled_model import check_pickled_output
 from ..criteria.base import NEEDS_LABELS
 from ..data import (
     ClassesArg,
@@ -69,6 +72,13 @@ def parse_inputs(input_shape: ShapeArg | None, mean: FloatsArg | None,
     return shape, mean_t, std_t
 
 
+def parse_output(output: str | None) -> str | None:
+    """`--output` checked (None: not given; see `measure.parse_task_output`)."""
+    from ..measure import parse_task_output
+
+    return parse_task_output(output) if output is not None else None
+
+
 def check_json_report(path: str | None, force: bool) -> None:
     """Fail before any long computation when the caller's JSON report (`--json`) could not be written."""
     if path is not None and path != "-":
@@ -103,23 +113,73 @@ def load_model(checkpoint: str, arch: str | ArchSpec | None, arch_kwargs: str | 
     return load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
 
 
-def require_arch(loaded: LoadedCheckpoint) -> ArchSpec:
-    """The architecture a chanprune file written from `loaded` records (a bare pickle has none)."""
-    if loaded.arch is None:
-        raise UserError("this pickled model has no architecture to rebuild it from; pass --arch as well")
-    return loaded.arch
+def model_out_path(out: str | None, checkpoint: str, kind: str, loaded: LoadedCheckpoint) -> str:
+    """Where a command writes its model: `out`, or CKPT-STEM.KIND next to the checkpoint with the
+    suffix `checkpoint.save_model` writes for `loaded` (.pt for a whole pickled model). A pickled
+    model cannot become a safetensors file, which fails here, before the slow steps."""
+    suffix = output_suffix(loaded)
+    if out is None:
+        return str(Path(checkpoint).with_name(f"{Path(checkpoint).stem}.{kind}{suffix}"))
+    if suffix == ".pt":
+        check_pickled_output(out)
+    return out
 
 
-def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint) -> Shape:
-    """--input-shape, else the shape recorded in the checkpoint, else the architecture's default."""
+def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint, data: str | None = None) -> Shape:
+    """--input-shape, else the shape recorded in the checkpoint, else the architecture's default,
+    else the size of the samples of `data` (checked on one forward pass)."""
     if explicit is not None:
         return explicit
     if loaded.input_shape is not None:
         return tuple(loaded.input_shape)  # type: ignore[return-value]
     shape = default_input_shape(loaded.arch)
-    if shape is None:
-        raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (e.g. --input-shape 3,224,224)")
-    return tuple(shape)  # type: ignore[return-value]
+    if shape is not None:
+        return tuple(shape)  # type: ignore[return-value]
+    if data is None:
+        raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (the channels and size of "
+                        "the images it takes), or --data to take it from the data")
+    return _data_input_shape(data, loaded.model)
+
+
+def _data_input_shape(data: str, model: torch.nn.Module) -> Shape:
+    """The (C, H, W) of `data`'s samples as stored (MNIST 1x28x28, an image folder's common size)."""
+    from ..checkpoint.messages import first_line
+
+    with warnings.catch_warnings():  # what is wrong with the data is said once, when it is opened for use
+        warnings.simplefilter("ignore")
+        shape: Shape = tuple(open_dataset(data).input_shape)  # type: ignore[assignment]
+    try:
+        _forward(model, shape)
+    except Exception as exc:
+        raise UserError(f"the model does not run on {'x'.join(map(str, shape))} inputs, the size of the samples of "
+                        f"--data {data} ({first_line(exc)}); pass --input-shape C,H,W") from None
+    return shape
+
+
+def select_task_output(loaded: LoadedCheckpoint, explicit: str | None, input_shape: Shape) -> str | None:
+    """The task output (`--output`, else the one the checkpoint records), set on the model for
+    `measure.logits_of` and checked on one forward pass; None: the default rule."""
+    from ..checkpoint.chanprune_format import resolve_task_output
+    from ..measure import logits_of, set_task_output
+
+    choice = resolve_task_output(loaded.meta, explicit)
+    model = loaded.model
+    set_task_output(model, choice)
+    if choice is not None:
+        logits_of(_forward(model, input_shape), model)
+    return choice
+
+
+def _forward(model: torch.nn.Module, input_shape: Shape) -> Any:
+    """One eval-mode forward pass of a batch of zeros (the model's mode restored)."""
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(1, *input_shape, device=param.device if param is not None else None))
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,15 +200,7 @@ def model_labels(loaded: LoadedCheckpoint, input_shape: Shape, classes: ClassesA
     """The `Labels` of a loaded model (one forward pass of zeros counts its outputs)."""
     from ..measure import logits_of
 
-    model = loaded.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            param = next(model.parameters(), None)
-            out = logits_of(model(torch.zeros(1, *input_shape, device=param.device if param is not None else None)))
-    finally:
-        model.train(was_training)
+    out = logits_of(_forward(loaded.model, input_shape), loaded.model)
     outputs = int(out.shape[1]) if out.dim() == 2 else None  # not a classifier: nothing to match
     return Labels(outputs, classes, recorded_classes(loaded.meta))
 

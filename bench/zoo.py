@@ -1,0 +1,217 @@
+"""Zoo sweep: torchvision detection and segmentation models and YOLO checkpoints, chanprune vs
+Torch-Pruning on the same model, input and ratio.
+
+For each model (random init; norms randomised so a wrong slice shows in verify):
+
+* chanprune, through the command line: the model is saved as users have it (a state dict for
+  torchvision's models, a pickled `{'model': DetectionModel, ...}` checkpoint as ultralytics
+  writes it for YOLO), then `chanprune prune --criterion l1 --ratio R --json` (verified against
+  the masked original), then the output file is loaded again (`chanprune analyze`, and plain
+  `torch.load` for pickles) and its outputs compared with the pruned model's. Outcome:
+  pruned+verified+reloaded with the MACs removed, or the one-line error.
+* Torch-Pruning 1.6.1: `MagnitudePruner(MagnitudeImportance(p=1), pruning_ratio=R)` with the
+  prediction heads ignored (as its detection/YOLO examples do), then one forward. Outcome: ok with
+  MACs removed / error.
+
+Each (model, tool) runs in its own subprocess with a timeout.
+
+    python bench/zoo.py --json bench/out/zoo.json --markdown bench/out/zoo.md
+    python bench/zoo.py --models fasterrcnn_mobilenet_v3_large_fpn,yolov8n --size 160
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+YOLO = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml"}
+
+
+def all_models() -> list[str]:
+    import torchvision
+
+    det = torchvision.models.list_models(module=torchvision.models.detection)
+    seg = torchvision.models.list_models(module=torchvision.models.segmentation)
+    return sorted(det) + sorted(seg) + list(YOLO)
+
+
+def build(name: str) -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name in YOLO:
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        from ultralytics.nn.tasks import DetectionModel
+
+        model = DetectionModel(YOLO[name], verbose=False)
+    else:
+        from chanprune_cli.models import build_model, parse_arch
+
+        model = build_model(parse_arch(f"torchvision:{name}"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                for attr, lo, hi in (("weight", 0.5, 1.5), ("bias", -0.2, 0.2), ("running_mean", -0.2, 0.2), ("running_var", 0.5, 1.5)):
+                    t = getattr(m, attr, None)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model.eval()
+
+
+def ours(name: str, size: int, ratio: float, work: Path) -> dict[str, Any]:
+    import torch
+
+    from chanprune_cli.checkpoint import load_checkpoint
+    from chanprune_cli.cli import main as chanprune
+    from chanprune_cli.engine.surgery import flatten_outputs
+    from chanprune_cli.measure import count_macs
+
+    model = build(name)
+    if name in YOLO:
+        ckpt = work / f"{name}.pt"
+        torch.save({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "train_args": {"imgsz": size}}, ckpt)
+        args = [str(ckpt), "--trust-pickle"]
+        out = work / f"{name}.pruned.pt"
+    else:
+        ckpt = work / f"{name}.pth"
+        torch.save(model.state_dict(), ckpt)
+        args = [str(ckpt), "--arch", f"torchvision:{name}"]
+        out = work / f"{name}.pruned.safetensors"
+    report = work / "prune.json"
+    started = time.perf_counter()
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        code = chanprune(["prune", *args, "--input-shape", f"3,{size},{size}", "--criterion", "l1", "--ratio", str(ratio),
+                          "--out", str(out), "--json", str(report), "--force"])
+    seconds = time.perf_counter() - started
+    if code != 0:
+        said = [ln for ln in errors.getvalue().splitlines() if ln.startswith("error:")]
+        return {"outcome": "failed", "exit": code, "seconds": round(seconds, 1), "error": (said or ["?"])[-1][:300]}
+    doc = json.loads(report.read_text())
+    before, after = doc["before"]["macs"], doc["after"]["macs"]
+    # Reload the output as a user would: it must run and have the widths prune reported.
+    reloaded = load_checkpoint(str(out), trust_pickle=name in YOLO).model
+    with torch.no_grad():
+        ran = bool(flatten_outputs(reloaded(torch.randn(1, 3, size, size))))
+    same = ran and count_macs(reloaded, (3, size, size)) == after
+    plain = None
+    if name in YOLO:
+        plain = type(torch.load(out, weights_only=False)["model"]).__name__
+    return {"outcome": "pruned+verified+reloaded" if doc["verify"]["passed"] and same else "not verified",
+            "macs_removed": round(100 * (1 - after / before), 1), "seconds": round(seconds, 1),
+            "verify": doc["verify"], "plain_torch_load": plain}
+
+
+def heads(model: Any, name: str) -> list[Any]:
+    if name in YOLO:
+        return [model.model[-1]]
+    ignored = []
+    for attr in ("roi_heads", "rpn", "head"):
+        part = getattr(model, attr, None)
+        if part is not None:
+            ignored.append(part.box_predictor if attr == "roi_heads" else part.head if attr == "rpn" else part)
+    if getattr(model, "roi_heads", None) is not None:
+        for extra in ("mask_predictor", "keypoint_predictor"):
+            if getattr(model.roi_heads, extra, None) is not None:
+                ignored.append(getattr(model.roi_heads, extra))
+    for attr in ("classifier", "aux_classifier"):
+        part = getattr(model, attr, None)
+        if part is not None:
+            ignored.append(list(part.modules())[-1])
+    return ignored
+
+
+def torch_pruning(name: str, size: int, ratio: float) -> dict[str, Any]:
+    import torch
+    import torch_pruning as tp
+
+    from chanprune_cli.measure import count_macs
+
+    model = build(name)
+    example = torch.randn(1, 3, size, size)
+    before = count_macs(model, (3, size, size))
+    started = time.perf_counter()
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=heads(model, name))
+    pruner.step()
+    with torch.no_grad():
+        model(example)
+    after = count_macs(model, (3, size, size))
+    return {"outcome": "ok", "macs_removed": round(100 * (1 - after / before), 1),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_one(tool: str, name: str, size: int, ratio: float, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--one", tool, name, "--size", str(size), "--ratio", str(ratio)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "CHANPRUNE_NO_PROJECT_CONFIG": "1"})
+    except subprocess.TimeoutExpired:
+        return {"outcome": "timeout"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    err = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    return {"outcome": "error", "error": (err[-1] if err else f"exit {done.returncode}")[:300]}
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = ["| model | chanprune | MACs removed | s | Torch-Pruning | MACs removed | s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["chanprune"], r["torch_pruning"]
+        why_a = a.get("error") or (f"exit {a['exit']}" if "exit" in a else "")
+        why_b = b.get("error", "")
+        lines.append(f"| {r['model']} | {a['outcome']}{' (' + why_a[:80] + ')' if why_a else ''} | {a.get('macs_removed', '–')} | "
+                     f"{a.get('seconds', '–')} | {b['outcome']}{' (' + why_b[:80] + ')' if why_b else ''} | "
+                     f"{b.get('macs_removed', '–')} | {b.get('seconds', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="all")
+    parser.add_argument("--size", type=int, default=224, help="input side (square)")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--no-tp", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    parser.add_argument("--one", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        tool, name = args.one
+        with tempfile.TemporaryDirectory() as tmp:
+            result = ours(name, args.size, args.ratio, Path(tmp)) if tool == "chanprune" else torch_pruning(name, args.size, args.ratio)
+        print("RESULT " + json.dumps(result))
+        return 0
+    names = all_models() if args.models == "all" else args.models.split(",")
+    rows = []
+    for name in names:
+        row = {"model": name, "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout),
+               "torch_pruning": {"outcome": "skipped"} if args.no_tp else run_one("tp", name, args.size, args.ratio, args.timeout)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
