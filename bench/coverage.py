@@ -163,15 +163,9 @@ def classifier_modules(model: Any, num_classes: int) -> list[Any]:
 
 
 def flat_outputs(value: Any) -> list[Any]:
-    import torch
+    from chanprune_cli.engine.surgery import flatten_outputs  # imported in the workers only
 
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat_outputs(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in flat_outputs(v)]
-    return []
+    return flatten_outputs(value)
 
 
 def train_step(model: Any, size: int) -> float:

@@ -76,7 +76,7 @@ def ours(name: str, size: int, ratio: float, work: Path) -> dict[str, Any]:
     from chanprune_cli.checkpoint import load_checkpoint
     from chanprune_cli.cli import main as chanprune
     from chanprune_cli.engine.surgery import flatten_outputs
-    from chanprune_cli.measure import count_macs
+    from chanprune_cli.measure import count_params
 
     model = build(name)
     if name in YOLO:
@@ -101,11 +101,12 @@ def ours(name: str, size: int, ratio: float, work: Path) -> dict[str, Any]:
         return {"outcome": "failed", "exit": code, "seconds": round(seconds, 1), "error": (said or ["?"])[-1][:300]}
     doc = json.loads(report.read_text())
     before, after = doc["before"]["macs"], doc["after"]["macs"]
-    # Reload the output as a user would: it must run and have the widths prune reported.
+    # Reload the output as a user would: it must run and have the parameters prune reported (not
+    # the MACs: a detector's depend on how many boxes its input leaves after NMS).
     reloaded = load_checkpoint(str(out), trust_pickle=name in YOLO).model
     with torch.no_grad():
         ran = bool(flatten_outputs(reloaded(torch.randn(1, 3, size, size))))
-    same = ran and count_macs(reloaded, (3, size, size)) == after
+    same = ran and count_params(reloaded) == doc["after"]["params"]
     plain = None
     if name in YOLO:
         plain = type(torch.load(out, weights_only=False)["model"]).__name__

@@ -212,6 +212,21 @@ class PReLURule(ChannelwiseRule):
         return {"weight": (module.num_parameters,)}
 
 
+def link_channel_groups(call: ModuleCall, x: torch.Tensor, groups: int, fixed_reason: str) -> None:
+    """A norm over `groups` equal groups of channels: one "gnorm" slot per group, linked to each of
+    its channels (a fixed channel pins its group with `fixed_reason`); the output passes `x` on."""
+    vec = call.channel_vector(x, 1)
+    per = vec.numel() // groups
+    for grp in range(groups):
+        sid = call.new_slot("gnorm", grp)
+        for i in vec[grp * per:(grp + 1) * per].tolist():
+            if i >= 0:
+                call.link(sid, i)
+            else:
+                call.pin([sid], fixed_reason)
+    call.set_output(x)
+
+
 class GroupNormRule(LayerRule):
     """GroupNorm: the channels of one group are normalised together, so they fall together."""
 
@@ -222,16 +237,7 @@ class GroupNormRule(LayerRule):
         m, x = call.module, call.x
         if x is None:
             return False
-        vec = call.channel_vector(x, 1)
-        per = m.num_channels // m.num_groups
-        for grp in range(m.num_groups):
-            sid = call.new_slot("gnorm", grp)
-            for i in vec[grp * per:(grp + 1) * per].tolist():
-                if i >= 0:
-                    call.link(sid, i)
-                else:
-                    call.pin([sid], f"GroupNorm {call.name} mixes fixed channels")
-        call.set_output(x)
+        link_channel_groups(call, x, m.num_groups, f"GroupNorm {call.name} mixes fixed channels")
         return True
 
     @staticmethod

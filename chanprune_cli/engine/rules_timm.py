@@ -39,6 +39,7 @@ from .builtin_rules import (
     PassThroughRule,
     PerChannelSpatialRule,
     PReLURule,
+    link_channel_groups,
 )
 from .layer_rules import (
     Drop,
@@ -103,16 +104,7 @@ class ChannelGroupsRule(LayerRule):
             call.pin_inputs(f"{type(m).__name__} {call.name} normalises over all channels (one group)")
             call.set_output(x)
             return True
-        vec = call.channel_vector(x, 1)
-        per = vec.numel() // groups
-        for grp in range(groups):
-            sid = call.new_slot("gnorm", grp)
-            for i in vec[grp * per:(grp + 1) * per].tolist():
-                if i >= 0:
-                    call.link(sid, i)
-                else:
-                    call.pin([sid], f"{type(m).__name__} {call.name} normalises fixed channels with others")
-        call.set_output(x)
+        link_channel_groups(call, x, groups, f"{type(m).__name__} {call.name} normalises fixed channels with others")
         return True
 
     def prune(self, module: nn.Module, drop: Drop) -> None:
