@@ -32,10 +32,10 @@ from .gates import (
     ChannelGates,
     autocast,
     batches,
-    check_labels,
     choice,
     gradients,
     logits_of,
+    output_classes,
     parse_options,
     working_model,
 )
@@ -61,14 +61,14 @@ class Taylor(Criterion):
         with working_model(model, device) as net, ChannelGates(net, graph) as gates:
             total = {gid: torch.zeros(c, dtype=torch.float64, device=device) for gid, c in gates.channels.items()}
             steps = 0
-            for x, y in batches(data, device, description="taylor", need_labels=True):
+            classes = output_classes(net, graph, device, self.name)  # labels checked on the host, before they move
+            for x, y in batches(data, device, description="taylor", need_labels=True, classes=classes):
                 assert y is not None
                 lead = (x.shape[0],) if opts["per_sample"] else ()
                 g = {gid: torch.ones((*lead, c), device=device, requires_grad=True) for gid, c in gates.channels.items()}
                 gates.gates = dict(g)
                 with autocast(device, opts["amp"]):
                     logits = logits_of(net(x), net).float()
-                check_labels(y, logits.shape[-1])
                 loss = F.cross_entropy(logits, y, reduction="sum" if opts["per_sample"] else "mean")
                 grads = gradients(loss, list(g.values()))
                 for gid, grad in zip(g, grads):
