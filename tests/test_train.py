@@ -631,7 +631,8 @@ def test_cli_schedule_asfp_and_bad_usage(tmp_path: Path, pruned_ckpt: Path) -> N
 def test_cli_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path: Path, pruned_ckpt: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["finetune", str(pruned_ckpt), "--data", "digits:train", "--mean", "0.5", "--std", "0.5", "--max-steps", "12",
-            "--batch-size", "32", "--lr", "0.05", "--save-every", "4", "--threads", "1", "--seed", "1"]
+            "--batch-size", "32", "--lr", "0.05", "--save-every", "4", "--threads", "1", "--seed", "1",
+            "--device", "cpu"]  # bitwise reproducible on the CPU (cuDNN's backward kernels are not)
     full = cli(*args, "--out", str(tmp_path / "full.safetensors"))
     assert full.exit_code == 0, full.output
 
@@ -708,7 +709,7 @@ def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _preempt_args(ckpt: Path, data: Path) -> list[str]:
     return ["finetune", str(ckpt), "--data", str(data), "--workers", "2", "--mean", "0.5", "--std", "0.5",
             "--max-steps", "12", "--batch-size", "16", "--lr", "0.05", "--save-every", "4", "--threads", "1",
-            "--seed", "1"]
+            "--seed", "1", "--device", "cpu"]  # bitwise reproducible on the CPU
 
 
 @pytest.fixture(scope="module")
