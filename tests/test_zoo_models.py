@@ -156,12 +156,71 @@ def test_torchvision_detector_from_a_state_dict(tmp_path: Path) -> None:
            "--out", out, "--json", json_path))
     doc = json.loads(json_path.read_text())
     assert doc["verify"]["passed"] and doc["achieved"]["macs_reduction_pct"] >= 15
+    assert doc["macs_workload"] is None  # dense heads: the same work before and after
 
     loaded = load_checkpoint(out, arch="zoo_tiny_ssd:make")
     assert sum(p.numel() for p in loaded.model.parameters()) == doc["after"]["params"]
     with torch.no_grad():
         detections = loaded.model.eval()(torch.rand(2, 3, 64, 64))
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
+
+
+# --------------------------------------------------------------------------------------------
+# MACs that depend on the input (a detector's proposals): said, and compared on one workload
+
+ROWS_NET = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    """Its head runs on as many rows as `gate` finds positive: the work depends on the weights, as a
+    detector's region proposals do, so the pruned model (whose stem lost channels) does other work."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 1, 1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = self.stem(x)
+        rows = self.mid(f).permute(0, 2, 3, 1).flatten(0, 2)
+        n = int((self.gate(f) > 0).sum()) + 1
+        return self.head(rows[:n]).mean(0, keepdim=True)
+
+
+def make():
+    return Net()
+'''
+
+
+def test_macs_of_another_workload_are_said_and_recounted(tmp_path: Path) -> None:
+    Path("zoo_rows_net.py").write_text(ROWS_NET)
+    torch.manual_seed(0)
+    torch.save(build_model(parse_arch("zoo_rows_net:make")).state_dict(), tmp_path / "rows.pt")
+    json_path = tmp_path / "prune.json"
+    result = ok(cli("prune", tmp_path / "rows.pt", "--arch", "zoo_rows_net:make", "--input-shape", "3,8,8",
+                    "--ratio", "0.5", "--out", tmp_path / "rows.pruned.safetensors", "--json", json_path))
+    doc = json.loads(json_path.read_text())
+    assert doc["verify"]["passed"]
+    workload = doc["macs_workload"]
+    layers = {r["name"]: r for r in doc["layers"]}
+    # the head ran on other rows; on the original's rows it costs its MACs before x kept inputs / inputs
+    (factor,) = workload["changed_layers"].values()
+    assert list(workload["changed_layers"]) == ["head"] and factor != pytest.approx(1.0, abs=0.01)
+    head = layers["head"]
+    expected_head = head["macs_before"] * head["in_after"] / head["in_before"]
+    assert round(head["macs_after"] / expected_head, 4) == factor
+    recounted = doc["before"]["macs"] - sum(
+        r["macs_before"] * (1 - r["in_after"] * r["out_after"] / (r["in_before"] * r["out_before"]))
+        for r in doc["layers"])
+    assert workload["macs_after"] == round(recounted)
+    assert workload["macs_reduction_pct"] == round(100 * (1 - workload["macs_after"] / doc["before"]["macs"]), 2)
+    (line,) = warnings_of(result.stderr)
+    assert "MACs depend on its input" in line and "head" in line and f"{workload['macs_after']:,}" in line
+    history = load_checkpoint(tmp_path / "rows.pruned.safetensors", arch="zoo_rows_net:make").history[-1]
+    assert history["macs_workload"] == workload
 
 
 # --------------------------------------------------------------------------------------------

@@ -166,6 +166,7 @@ def prune(
         document["normalize"] = result.normalize
         document["rounds"] = result.rounds
         document["approximations"] = result.approximations
+        document["macs_workload"] = result.macs_workload  # null unless the MACs depend on the input
         write_json(document, json_out)
 
 

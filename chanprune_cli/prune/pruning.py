@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,19 @@ class PruneOutcome:
     layers: list[dict[str, Any]]
     plan_record: dict[str, Any]
     approximations: list[str] = field(default_factory=list)  # why the result is not exact (measured, not proven)
+    workload: Workload | None = None  # set when the MACs before and after count different workloads
+
+
+@dataclass
+class Workload:
+    """The conv/linear layers whose MACs after pruning are not what their kept channels explain:
+    the model ran them on a different number of positions (a detector's region proposals depend
+    on its weights), so `after["macs"]` counts another workload than `before["macs"]`.
+    `macs_same_workload`: the pruned model's MACs on the original's workload (each such layer's
+    MACs before, scaled by its kept channels)."""
+
+    changed: list[tuple[str, float]]  # (layer, measured / expected MACs), most changed first
+    macs_same_workload: int
 
 
 def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
@@ -41,7 +55,7 @@ def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, in
         shape = layer_shape(m)  # the layer rules say which modules are conv/linear layers
         if shape is not None and shape.kind in ("conv", "linear"):
             rows[name] = {"name": name, "type": type(m).__name__, "in": shape.in_channels, "out": shape.out_channels,
-                          "params": count_params(m), "macs": macs.get(name, 0)}
+                          "groups": shape.groups, "params": count_params(m), "macs": macs.get(name, 0)}
     return {"params": count_params(model), "macs": sum(macs.values())}, rows
 
 
@@ -116,4 +130,24 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         record["channel_rescale"] = True
     if approximations:
         record["approximate"] = approximations
-    return PruneOutcome(pruned, allocation, result, before, after, layers, record, approximations)
+    return PruneOutcome(pruned, allocation, result, before, after, layers, record, approximations,
+                        workload_check(before, before_layers, after_layers))
+
+
+def workload_check(before: Mapping[str, int], before_layers: Mapping[str, Mapping[str, Any]],
+                   after_layers: Mapping[str, Mapping[str, Any]]) -> Workload | None:
+    """None when every conv/linear layer's MACs changed exactly as its kept channels say (removing
+    channels leaves spatial sizes alone); else the layers that did not (see `Workload`)."""
+    changed, excess = [], 0
+    for name, b in before_layers.items():
+        a = after_layers.get(name)
+        if a is None or not b["macs"] or not (b["in"] and b["out"] and a["in"] and a["out"]):
+            continue
+        expected = b["macs"] * (a["out"] * a["in"] / a["groups"]) / (b["out"] * b["in"] / b["groups"])
+        excess += b["macs"] - expected
+        if abs(a["macs"] - expected) > 0.01 * expected + 1:
+            changed.append((name, a["macs"] / expected))
+    if not changed:
+        return None
+    changed.sort(key=lambda item: -abs(math.log(max(item[1], 1e-12))))
+    return Workload(changed, int(round(before["macs"] - excess)))

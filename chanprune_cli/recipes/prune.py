@@ -83,6 +83,9 @@ class PruneResult:
     dry_run: bool = False
     # why the result is not exact (--through-layernorm removals): measured, not proven; empty when exact
     approximations: list[str] = field(default_factory=list)
+    # set when MACs before and after count different workloads (a detector's proposals): which layers,
+    # and the pruned model's MACs on the original's workload
+    macs_workload: dict[str, Any] | None = None
 
 
 def prune_checkpoint(
@@ -241,6 +244,15 @@ def prune_checkpoint(
                     else "not measured: --no-verify")
         warn(f"the pruned model is approximate: removing channels behind a LayerNorm changed its statistics ({measured}); "
              "re-estimate BatchNorm statistics (--data, --recalibrate-bn) and fine-tune it (chanprune finetune) before use")
+    workload = None
+    if outcome.workload is not None:
+        workload = _workload_record(outcome.workload, outcome.before["macs"])
+        name, factor = outcome.workload.changed[0]
+        warn(f"this model's MACs depend on its input: after pruning {len(outcome.workload.changed)} layer(s) ran on a "
+             f"different number of positions (e.g. {name}: {factor:.2f}x the MACs its kept channels explain; a "
+             "detector's region proposals change with its weights), so 'MACs after' counts another workload. On the "
+             f"original's workload the pruned model has {workload['macs_after']:,} MACs "
+             f"(-{workload['macs_reduction_pct']:.1f} %); parameters compare exactly")
     by_id = {g.id: g.name for g in graph.groups}
     layer_ratios = {"patterns": ratios, "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
         if ratios else None
@@ -251,6 +263,8 @@ def prune_checkpoint(
                      "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0), "tool_version": tool_version()}
     if layer_ratios is not None:
         history_entry["layer_ratio"] = layer_ratios
+    if workload is not None:
+        history_entry["macs_workload"] = workload
     if through_layernorm:
         history_entry["through_layernorm"] = True
         history_entry["approximate"] = outcome.approximations
@@ -262,7 +276,13 @@ def prune_checkpoint(
                for g in group_rows(graph) if not g["prunable"]]
     return PruneResult(checkpoint, None if dry_run else out, resolved, mode, rounds, outcome.allocation.requested,
                        layer_ratios, outcome.before, outcome.after, outcome.layers, checked, blocked, accuracy or None,
-                       seed, outcome.model, dry_run, outcome.approximations)
+                       seed, outcome.model, dry_run, outcome.approximations, workload)
+
+
+def _workload_record(workload: pruning.Workload, macs_before: int) -> dict[str, Any]:
+    return {"changed_layers": {name: round(factor, 4) for name, factor in workload.changed},
+            "macs_after": workload.macs_same_workload,
+            "macs_reduction_pct": round(100 * (1 - workload.macs_same_workload / macs_before), 2) if macs_before else 0.0}
 
 
 def _check_scores_layernorm(path: str, scored: bool, pruning: bool) -> None:
