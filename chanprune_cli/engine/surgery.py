@@ -161,8 +161,12 @@ class _LayerCheck:
     on exactly the reference's inputs, and what follows the last layers (sorting, thresholds, NMS)
     sees the same values in both models."""
 
-    def __init__(self, reference: nn.Module, candidate: nn.Module, rtol: float) -> None:
+    def __init__(self, reference: nn.Module, candidate: nn.Module, rtol: float,
+                 candidate_shapes: dict[str, list[Any]]) -> None:
         self.reference, self.candidate, self.rtol = reference, candidate, rtol
+        # Only outputs the candidate's layer will match in shape are kept: in float64 at detection
+        # sizes, copies of every layer's output took more memory than a 24 GiB machine has.
+        self.candidate_shapes = candidate_shapes
         self.outputs: dict[str, list[Any]] = {}
         self.compared = 0
         self.worst: tuple[float, str] | None = None  # (diff / tolerance, layer)
@@ -183,9 +187,13 @@ class _LayerCheck:
         return ref, got
 
     def _recorder(self, name: str) -> Any:
+        shapes = self.candidate_shapes.get(name, [])
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            seen = self.outputs.setdefault(name, [])
+            wanted = len(seen) < len(shapes) and isinstance(output, torch.Tensor) and shapes[len(seen)] == output.shape
             # a copy: later in-place ops (`x += y` after a module) must not change what was seen
-            self.outputs.setdefault(name, []).append(output.clone() if isinstance(output, torch.Tensor) else None)
+            seen.append(output.clone() if wanted else None)
         return hook
 
     def _substitute(self, name: str) -> Any:
@@ -202,6 +210,21 @@ class _LayerCheck:
                 self.worst = (excess, name)
             return ref.clone()
         return hook
+
+
+def _recording_shapes(model: nn.Module, x: torch.Tensor, shapes: dict[str, list[Any]]) -> Any:
+    """`model(x)`, noting in `shapes` the output shape of every leaf call (None: not a tensor)."""
+    def recorder(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            shapes.setdefault(name, []).append(output.shape if isinstance(output, torch.Tensor) else None)
+        return hook
+
+    handles = [m.register_forward_hook(recorder(name)) for name, m in _leaves(model)]
+    try:
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -223,8 +246,9 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     device = next((p.device for p in reference.parameters()), torch.device("cpu"))
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     ref_out = flatten_outputs(reference(x))
-    diff, tolerance, passed, scale = _compare(ref_out, flatten_outputs(candidate(x)), rtol)
-    layers = _LayerCheck(reference, candidate, rtol)
+    shapes: dict[str, list[Any]] = {}
+    diff, tolerance, passed, scale = _compare(ref_out, flatten_outputs(_recording_shapes(candidate, x, shapes)), rtol)
+    layers = _LayerCheck(reference, candidate, rtol, shapes)
     ref_again, substituted = layers.run(x)
     layers_ok = layers.worst is None
     by_layers = not passed and layers_ok and _compare(flatten_outputs(ref_again), flatten_outputs(substituted), rtol)[2]
