@@ -159,11 +159,19 @@ def torch_pruning(name: str, size: int, ratio: float) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_one(tool: str, name: str, size: int, ratio: float, timeout: float) -> dict[str, Any]:
+def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_limit_gb: float) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", tool, name, "--size", str(size), "--ratio", str(ratio)]
+    limit = int(mem_limit_gb * 2**30)
+
+    def cap_memory() -> None:  # a runaway (Torch-Pruning passed 15 GB on yolo11n) fails alone
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "CHANPRUNE_NO_PROJECT_CONFIG": "1"})
+                              env={**os.environ, "PYTHONPATH": str(REPO), "CHANPRUNE_NO_PROJECT_CONFIG": "1"},
+                              preexec_fn=cap_memory if mem_limit_gb > 0 else None)  # noqa: PLW1509 (no threads here)
     except subprocess.TimeoutExpired:
         return {"outcome": "timeout"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -191,6 +199,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224, help="input side (square)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap per model and tool (0: none)")
     parser.add_argument("--no-tp", action="store_true")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -205,11 +214,12 @@ def main() -> int:
     names = all_models() if args.models == "all" else args.models.split(",")
     rows = []
     for name in names:
-        row = {"model": name, "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout),
-               "torch_pruning": {"outcome": "skipped"} if args.no_tp else run_one("tp", name, args.size, args.ratio, args.timeout)}
+        row = {"model": name, "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout, args.mem_limit_gb),
+               "torch_pruning": {"outcome": "skipped"} if args.no_tp else
+               run_one("tp", name, args.size, args.ratio, args.timeout, args.mem_limit_gb)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout}
+    settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout, "mem_limit_gb": args.mem_limit_gb}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
