@@ -16,7 +16,7 @@ runs out of time is recorded as such and the next one runs):
   export      ONNX export of the fine-tuned model (checked against PyTorch)
   latency     `chanprune bench` of the ResNet-56 pair, and of a ResNet-50 with 50 % of the MACs
               removed with and without `--round-to 8`: fp32 without autotuning (as measured
-              before) vs fp16 channels-last with cuDNN autotuning, batch 1/64/256
+              before) vs bf16 channels-last with cuDNN autotuning, batch 1/64/256
   scoring     `bench/criteria_speed.py` on CUDA: each criterion's cost relative to forward+backward
   suite       the whole test suite (pytest-xdist) in the time that is left: the failures with a GPU
 
@@ -251,7 +251,7 @@ def _bench(check: Check, name: str, models: list[str], arch: str, extra: list[st
 
 def phase_latency(check: Check, r56_pair: list[str], work: Path) -> None:
     b = check.budget
-    fast = ["--dtype", "bf16" if check.device == "cpu" else "fp16", "--channels-last"]
+    fast = ["--dtype", "bf16", "--channels-last"]  # the deployment: bf16, channels-last, autotuned
     plain = ["--dtype", "fp32", "--no-cudnn-benchmark"]
     if r56_pair:
         data = ["--data", str(check.data / "cifar10-jpeg-test.tar.gz"), "--mean", MEAN, "--std", STD]
