@@ -460,3 +460,55 @@ def test_through_layernorm_makes_normalised_channels_removable_and_approximate()
     assert pruned.norm.normalized_shape == (6,) and pruned.norm.weight.shape == (6,) and pruned.fc.in_features == 6
     assert pruned(torch.randn(2, 3, 4, 4)).shape == (2, 4)
     assert not verify(model, graph, plan, pruned, (3, 4, 4)).passed  # the statistics changed: not exact
+
+
+class _TwoLevelRoIHead(nn.Module):
+    """A detector's second stage in miniature: two feature levels, torchvision's MultiScaleRoIAlign
+    (which fills a zeros tensor level by level) and a linear head. Box size picks the level: small
+    boxes go to level 0 only, so level 1's pooling is empty in the example input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import MultiScaleRoIAlign
+
+        self.c0 = nn.Conv2d(3, 8, 3, stride=4, padding=1)  # 1/4 of the input
+        self.c1 = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # 1/8
+        self.p0, self.p1 = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1)
+        self.pool = MultiScaleRoIAlign(["0", "1"], 2, 2)
+        self.head = nn.Linear(6 * 2 * 2, 5)
+        self.box_side = 4.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from collections import OrderedDict
+
+        f0 = self.c0(x)
+        feats = OrderedDict([("0", self.p0(f0)), ("1", self.p1(self.c1(f0)))])
+        n, s = x.shape[0], self.box_side
+        boxes = [torch.tensor([[1.0, 2.0, 1.0 + s, 2.0 + s], [3.0, 1.0, 3.0 + s, 1.0 + s]], dtype=x.dtype)
+                 for _ in range(n)]
+        return self.head(self.pool(feats, boxes, [tuple(x.shape[-2:])] * n).flatten(1))
+
+
+def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() -> None:
+    torch.manual_seed(0)
+    model = randomize(_TwoLevelRoIHead()).eval()
+    graph = build_graph(model, (3, 32, 32))
+    assert graph.tracing == "recorded"
+    group = next(g for g in graph.groups if g.name == "p0")  # the pooled channels' producers
+    assert group.prunable and {"p0", "p1", "head"} <= set(group.members)  # one channel c for both levels
+    plan = {group.id: group.prunable_classes[:2]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert verify(model, graph, plan, pruned, (3, 32, 32)).passed
+    assert pruned.p0.out_channels == pruned.p1.out_channels == 4 and pruned.head.in_features == 16
+
+    # big boxes go to level 1, which the example never pooled from: still the masked original
+    from chanprune_cli.engine.surgery import mask_model
+
+    reference = copy.deepcopy(model).double()
+    mask_model(reference, graph, plan)
+    candidate = copy.deepcopy(pruned).double()
+    reference.box_side = candidate.box_side = 150.0
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(candidate(x), reference(x), rtol=1e-9, atol=1e-12)

@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 from ..errors import UserError
-from .recording import Shape, record, summarize
+from .recording import Shape, record, setitem, summarize
 from .layer_rules import PRODUCER_KINDS, UNTRACKED, ModuleCost, Slot, TraceOptions, is_registered_leaf, rule_for
 
 _ELEMENTWISE_FUNCTIONS = {
@@ -56,6 +56,23 @@ _PER_CHANNEL_SPATIAL_FUNCTIONS = {
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate,
 }
+
+
+def _roi_ops() -> set[Any]:
+    """torchvision's RoI pooling (detectors' second stage): output channel c of every box is pooled
+    from input channel c alone, whatever the boxes, so it passes channels like a pooling layer.
+    (The position-sensitive variants mix channels and are not here.)"""
+    import torchvision.ops
+
+    ops: set[Any] = {torchvision.ops.roi_align, torchvision.ops.roi_pool}
+    for name in ("roi_align", "roi_pool"):
+        packet = getattr(torch.ops.torchvision, name, None)
+        if packet is not None:
+            ops |= {packet, packet.default}
+    return ops
+
+
+_PER_CHANNEL_SPATIAL_FUNCTIONS |= _roi_ops()
 # Ops replayed on the label tensors themselves.
 _STRUCTURAL_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat,
@@ -208,12 +225,22 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _id_values(t: torch.Tensor) -> torch.Tensor:
+    """The ids a label tensor refers to: its elements, without broadcast repeats. An empty view (a
+    tensor with no rows in the example input, e.g. a detector level no box went to) still refers to
+    its channels through its storage: those ids, so that it stays followed, and is pinned whole
+    (conservatively) where it cannot be followed."""
+    if t.numel() or not t.untyped_storage().nbytes():
+        return _compact(t)
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())
+
+
 def _unique_ids(t: torch.Tensor) -> torch.Tensor:
     """Sorted distinct non-negative ids of a label tensor.
 
     Perf: `Tensor.unique` sorts (0.1-0.25 s on a 1.6M-element label map, called thousands of times
     for maxvit_t); ids are small non-negative ints, so marking them in a bitmap is O(n)."""
-    t = _compact(t)
+    t = _id_values(t)
     t = t[t >= 0] if t.numel() else t.reshape(-1)
     if not t.numel():
         return torch.empty(0, dtype=torch.long)
@@ -326,7 +353,7 @@ class _Propagator:
         return out
 
     def _pin_inputs(self, node: fx.Node, reason: str) -> None:
-        tracked = [t for t in self._tensor_inputs(node) if bool((_compact(t) >= 0).any())]
+        tracked = [t for t in self._tensor_inputs(node) if bool((_id_values(t) >= 0).any())]
         if tracked:
             self.unfollowed.append(reason)
             for t in tracked:
@@ -398,11 +425,13 @@ class _Propagator:
         target = node.target
         is_method = node.op == "call_method"
         inputs = self._tensor_inputs(node)
-        tracked = [t for t in inputs if bool((_compact(t) >= 0).any())]  # perf: no full-size compare
+        tracked = [t for t in inputs if bool((_id_values(t) >= 0).any())]  # perf: no full-size compare
         shape = self._out_shape(node)
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
         container = self.labels.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if target is setitem and self._rows_written(node):
+            return
         if target is operator.getitem and isinstance(container, tuple):
             self.labels[node] = container[self._concrete(node.args[1], for_labels=False)]
             return
@@ -440,6 +469,37 @@ class _Propagator:
         else:
             self._pin_inputs(node, f"unsupported op {name} ({node.name})")
             self._untracked_output(node)
+
+    def _rows_written(self, node: fx.Node) -> bool:
+        """`dest[rows] = value` (torchvision's multi-scale RoI pooling fills a zeros tensor level by
+        level): when only the leading axis is indexed, channel c of `dest` holds channel c of
+        `value`, of earlier writes, or zeros. A fresh `dest` takes `value`'s channels from here on;
+        one written before has its channels unioned with `value`'s, as an addition would. Anything
+        else stays an unknown op (False)."""
+        dest, index, value = node.args[:3]
+        shape = self._out_shape(dest) if isinstance(dest, fx.Node) else None
+        lab, known = self._label(value), self.labels.get(dest) if isinstance(dest, fx.Node) else None
+        leading_only = not isinstance(index, tuple) or all(i == slice(None) for i in index[1:])
+        if shape is None or len(shape) < 2 or lab is None or lab.dim() < 2 or lab.shape[1] != shape[1] or not leading_only:
+            return False
+        if lab.numel():
+            vec = self._channel_vector(lab, 1, node, "setitem")
+        else:  # no rows for this level in the example: the labels' storage still holds the channels
+            try:  # (a per-channel op broadcast them; any other storage fails here and stays unknown)
+                vec = torch.as_strided(lab, (lab.shape[1],), (lab.stride(1),), lab.storage_offset())
+            except RuntimeError:
+                return False
+        if not bool((vec >= 0).all()):
+            return False
+        if isinstance(known, torch.Tensor) and bool((_id_values(known) >= 0).any()):
+            earlier = self._channel_vector(known, 1, node, "setitem")
+            if not bool((earlier >= 0).all()):
+                return False
+            for a, b in zip(earlier.tolist(), vec.tolist()):
+                self.uf.union(a, b)
+            return True
+        self.labels[dest] = self._broadcast_vec(vec, 1, shape)
+        return True
 
     def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> None:
         """Elementwise op: ids meeting at one position are unioned. A tracked channel meeting a
