@@ -476,17 +476,20 @@ class _TwoLevelRoIHead(nn.Module):
         self.p0, self.p1 = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1)
         self.pool = MultiScaleRoIAlign(["0", "1"], 2, 2)
         self.head = nn.Linear(6 * 2 * 2, 5)
-        self.box_side = 4.0
+        self.mask_head = nn.Conv2d(6, 5, 2)  # a second stage on detections: none in the example
+        self.box_side, self.detections = 4.0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from collections import OrderedDict
 
         f0 = self.c0(x)
         feats = OrderedDict([("0", self.p0(f0)), ("1", self.p1(self.c1(f0)))])
-        n, s = x.shape[0], self.box_side
+        n, s, shapes = x.shape[0], self.box_side, [tuple(x.shape[-2:])] * x.shape[0]
         boxes = [torch.tensor([[1.0, 2.0, 1.0 + s, 2.0 + s], [3.0, 1.0, 3.0 + s, 1.0 + s]], dtype=x.dtype)
                  for _ in range(n)]
-        return self.head(self.pool(feats, boxes, [tuple(x.shape[-2:])] * n).flatten(1))
+        found = [b[: self.detections] for b in boxes]
+        masks = self.mask_head(self.pool(feats, found, shapes)).flatten(1).sum(0)
+        return self.head(self.pool(feats, boxes, shapes).flatten(1)) + masks
 
 
 def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() -> None:
@@ -495,12 +498,14 @@ def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() 
     graph = build_graph(model, (3, 32, 32))
     assert graph.tracing == "recorded"
     group = next(g for g in graph.groups if g.name == "p0")  # the pooled channels' producers
-    assert group.prunable and {"p0", "p1", "head"} <= set(group.members)  # one channel c for both levels
+    # one channel c for both levels, and for the stage that ran on no box in the example
+    assert group.prunable and {"p0", "p1", "head", "mask_head"} <= set(group.members)
     plan = {group.id: group.prunable_classes[:2]}
     pruned = copy.deepcopy(model)
     prune_model(pruned, graph, plan)
     assert verify(model, graph, plan, pruned, (3, 32, 32)).passed
-    assert pruned.p0.out_channels == pruned.p1.out_channels == 4 and pruned.head.in_features == 16
+    assert pruned.p0.out_channels == pruned.p1.out_channels == pruned.mask_head.in_channels == 4
+    assert pruned.head.in_features == 16
 
     # big boxes go to level 1, which the example never pooled from: still the masked original
     from chanprune_cli.engine.surgery import mask_model
@@ -509,6 +514,7 @@ def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() 
     mask_model(reference, graph, plan)
     candidate = copy.deepcopy(pruned).double()
     reference.box_side = candidate.box_side = 150.0
+    reference.detections = candidate.detections = 2
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(candidate(x), reference(x), rtol=1e-9, atol=1e-12)

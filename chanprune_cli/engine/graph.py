@@ -365,6 +365,10 @@ class _Propagator:
     def _channel_vector(self, lab: torch.Tensor, axis: int, node: fx.Node, what: str) -> torch.Tensor:
         """The ids along `axis`; pins and returns untracked ids when they also vary elsewhere."""
         axis = axis % lab.dim()
+        if not lab.numel() and lab.shape[axis]:
+            # An empty view (no rows in the example: a detector's stage with no boxes) still holds
+            # its channels in its storage; a storage that does not fails here, and the op is pinned.
+            return torch.as_strided(lab, (lab.shape[axis],), (lab.stride(axis),), lab.storage_offset())
         index: list[Any] = [0] * lab.dim()
         index[axis] = slice(None)
         vec = lab[tuple(index)]
@@ -482,13 +486,7 @@ class _Propagator:
         leading_only = not isinstance(index, tuple) or all(i == slice(None) for i in index[1:])
         if shape is None or len(shape) < 2 or lab is None or lab.dim() < 2 or lab.shape[1] != shape[1] or not leading_only:
             return False
-        if lab.numel():
-            vec = self._channel_vector(lab, 1, node, "setitem")
-        else:  # no rows for this level in the example: the labels' storage still holds the channels
-            try:  # (a per-channel op broadcast them; any other storage fails here and stays unknown)
-                vec = torch.as_strided(lab, (lab.shape[1],), (lab.stride(1),), lab.storage_offset())
-            except RuntimeError:
-                return False
+        vec = self._channel_vector(lab, 1, node, "setitem")
         if not bool((vec >= 0).all()):
             return False
         if isinstance(known, torch.Tensor) and bool((_id_values(known) >= 0).any()):
