@@ -477,6 +477,7 @@ class _TwoLevelRoIHead(nn.Module):
         self.pool = MultiScaleRoIAlign(["0", "1"], 2, 2)
         self.head = nn.Linear(6 * 2 * 2, 5)
         self.mask_head = nn.Conv2d(6, 5, 2)  # a second stage on detections: none in the example
+        self.kp_head = nn.Conv2d(6, 3, 1)  # its outputs are read in a loop over detections
         self.box_side, self.detections = 4.0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -489,7 +490,11 @@ class _TwoLevelRoIHead(nn.Module):
                  for _ in range(n)]
         found = [b[: self.detections] for b in boxes]
         masks = self.mask_head(self.pool(feats, found, shapes)).flatten(1).sum(0)
-        return self.head(self.pool(feats, boxes, shapes).flatten(1)) + masks
+        keypoints = self.kp_head(self.pool(feats, found, shapes))
+        scores = torch.zeros(1, 3, dtype=x.dtype)
+        for i in range(keypoints.shape[0]):  # runs zero times in the example
+            scores = scores + keypoints[i].amax((1, 2))
+        return self.head(self.pool(feats, boxes, shapes).flatten(1)) + masks + scores.sum(1, keepdim=True)
 
 
 def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() -> None:
@@ -498,8 +503,11 @@ def test_roi_pooling_passes_channels_and_couples_its_levels_even_an_empty_one() 
     graph = build_graph(model, (3, 32, 32))
     assert graph.tracing == "recorded"
     group = next(g for g in graph.groups if g.name == "p0")  # the pooled channels' producers
-    # one channel c for both levels, and for the stage that ran on no box in the example
-    assert group.prunable and {"p0", "p1", "head", "mask_head"} <= set(group.members)
+    # one channel c for both levels, and for the stages that ran on no box in the example
+    assert group.prunable and {"p0", "p1", "head", "mask_head", "kp_head"} <= set(group.members)
+    # what reads kp_head's outputs never ran: they are kept, not guessed
+    keypoints = next(g for g in graph.groups if g.name == "kp_head")
+    assert not keypoints.prunable and "reach no layer and no model output" in (keypoints.reason or "")
     plan = {group.id: group.prunable_classes[:2]}
     pruned = copy.deepcopy(model)
     prune_model(pruned, graph, plan)

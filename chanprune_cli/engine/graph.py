@@ -883,6 +883,10 @@ def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCos
         cls = [sorted(units[r], key=lambda s: (order.get(s[0], 0), s[1], s[2])) for r in roots]
         pinned = {i: pins[r] for i, r in enumerate(roots) if r in pins}
         for i, slots in enumerate(cls):
+            if i not in pinned and all(k in PRODUCER_KINDS for _, k, _ in slots):
+                # No layer and no output took these channels in the traced run: something dropped
+                # them unseen (a loop over detections that ran zero times), so what uses them is unknown.
+                pinned[i] = "its channels reach no layer and no model output in the traced run"
             if i not in pinned and any(fnmatch.fnmatchcase(m, pat) for m, k, _ in slots if k in PRODUCER_KINDS for pat in ignore):
                 pinned[i] = "ignored by --ignore"
         approximate = {i: approx[r] for i, r in enumerate(roots) if r in approx}
