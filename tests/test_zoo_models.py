@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from engine_helpers import randomize
 from torch import nn
 from typer.testing import CliRunner
 
@@ -49,16 +50,6 @@ def warnings_of(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("warning: ")]
 
 
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so that a wrong surgery cannot hide behind identity norms."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-
-
 # --------------------------------------------------------------------------------------------
 # YOLO: a whole pickled model, written back into its own container
 
@@ -72,7 +63,7 @@ def test_yolo_checkpoint_prunes_and_reloads_everywhere(tmp_path: Path, monkeypat
 
     torch.manual_seed(0)
     model = DetectionModel("yolov8n.yaml", verbose=False)
-    randomize_bn(model)
+    randomize(model)
     yolo_checkpoint = tmp_path / "yolov8n.pt"
     torch.save({"date": "2026-01-01", "version": "8.4.190", "epoch": -1, "best_fitness": None,
                 "model": model.eval().half(), "ema": None, "updates": None, "optimizer": None,
@@ -149,7 +140,7 @@ def test_torchvision_detector_from_a_state_dict(tmp_path: Path) -> None:
     Path("zoo_tiny_ssd.py").write_text(TINY_SSD)  # the working directory is importable (pkg.mod:factory)
     torch.manual_seed(0)
     model = build_model(parse_arch("zoo_tiny_ssd:make"))
-    randomize_bn(model)
+    randomize(model)
     torch.save(model.state_dict(), tmp_path / "ssd.pt")
     out, json_path = tmp_path / "ssd.pruned.safetensors", tmp_path / "prune.json"
     ok(cli("prune", tmp_path / "ssd.pt", "--arch", "zoo_tiny_ssd:make", "--input-shape", "3,64,64", "--ratio", "0.5",
@@ -348,7 +339,7 @@ def onet(tmp_path: Path) -> Path:
     Path("zoo_onet.py").write_text(ONET)
     torch.manual_seed(0)
     model = build_model(parse_arch("zoo_onet:make"))
-    randomize_bn(model)
+    randomize(model)
     torch.save(model.state_dict(), tmp_path / "onet.pt")
     return tmp_path / "onet.pt"
 

@@ -119,8 +119,9 @@ class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
         return None
 
     def raw_item(self, index: int) -> Tensor:
-        """Item `index` before augmentation and normalisation (see `tensor_form`)."""
-        raise NotImplementedError
+        """Item `index` before augmentation and normalisation (see `tensor_form`). Only called when
+        `tensor_form()` returns a form, so only data sets that return one implement it."""
+        raise NotImplementedError(f"{type(self).__name__} returns a tensor_form but has no raw_item")
 
     def cache_key(self) -> str | None:
         """A key of the raw images' content for the on-disk tensor cache (None: not cached on disk)."""
