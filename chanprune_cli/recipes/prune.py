@@ -199,6 +199,10 @@ def prune_checkpoint(
         warn(f"--round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
              f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned")
     dev = resolve_device(device)
+    # opened before the slow steps: validation labels the model cannot output fail here
+    validation = None if val_data is None else _validation_loader(
+        val_data, val_images, model_labels(loaded, shape, names), input_shape=shape, mean=mean_t, std=std_t,
+        batch_size=batch_size, workers=workers, seed=seed)
 
     def batches(source: str | None, max_batches: int | None, labels: Labels | None = None) -> DataLoader | None:
         # a fresh loader draws the same seeded batches every time (every round, the final recalibration)
@@ -232,9 +236,6 @@ def prune_checkpoint(
                                 target_flops=target_flops, min_keep=min_keep, round_to=round_to,
                                 cost_exponent=cost_exponent, normalize=mode, removed=removed, check=verify,
                                 layer_ratio=ratios)
-    validation = None if val_data is None else _validation_loader(
-        val_data, val_images, model_labels(loaded, shape, names), input_shape=shape, mean=mean_t, std=std_t,
-        batch_size=batch_size, workers=workers, seed=seed)
     accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, recalibrate_bn, dev)
     if validation is not None and val_images is not None:
         accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
