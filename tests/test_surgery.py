@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from engine_helpers import randomize
 from torch import nn
 
+from chanprune_cli.engine.allocate import MacsEstimator
 from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph
 from chanprune_cli.engine.surgery import mask_model, prune_model, removals, verify
 
@@ -332,6 +333,39 @@ def test_grouped_conv_stays_divisible() -> None:
     assert p.gconv.in_channels % p.gconv.groups == 0 and p.gconv.out_channels % p.gconv.groups == 0
     check_bn(p.bn, 8)
     assert p.head.in_channels == 8
+
+
+class GroupedBetweenGroupNorms(nn.Module):
+    """A grouped conv between GroupNorms whose groups are its conv groups (timm's *_gn nets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.gn0 = nn.GroupNorm(4, 8)
+        self.gconv = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.gn1 = nn.GroupNorm(4, 12)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.gn1(self.gconv(F.relu(self.gn0(self.stem(x)))))))
+
+
+def conv_macs(model: nn.Module, positions: int) -> int:
+    return sum(m.out_channels * m.in_channels // m.groups * m.weight[0, 0].numel() * positions
+               for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_grouped_conv_between_group_norms_loses_whole_conv_groups() -> None:
+    # Local input j of every conv group plus the GroupNorms' groups would leave one class: the
+    # conv is traced again as whole groups (conv group k with its inputs, outputs, norm groups).
+    model = GroupedBetweenGroupNorms()
+    graph, plan, p = prune_and_check(model, (3, 4, 4))
+    g = group_of(graph, "stem")
+    assert g.channels == 4 and g.prunable
+    assert {("stem", "out", 2), ("stem", "out", 3), ("gn0", "gnorm", 1), ("gconv", "grp", 1), ("gn1", "gnorm", 1)} <= set(g.classes[1])
+    assert conv_shape(p.gconv) == (4, 6, 2, (6, 2, 3, 3)) and p.gconv.bias.shape == (6,)
+    assert (p.stem.out_channels, p.gn0.num_groups, p.gn1.num_groups, p.head.in_channels) == (4, 2, 2, 6)
+    assert MacsEstimator(graph).macs(plan) == conv_macs(p, 16) < conv_macs(model, 16)
 
 
 class Transposed(nn.Module):

@@ -128,6 +128,9 @@ PER_CHANNEL: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], bool
     ("MobileOneBlock", lambda: byobnet.MobileOneBlock(C, C, num_conv_branches=2),
      lambda m: m.conv_kxk[1].conv.in_channels == 5),
     ("GhostModule", lambda: ghostnet.GhostModule(C, C), lambda m: m.primary_conv[0].in_channels == 5),
+    # the mean over channels now counts 5: weight and eps scale by 8/5
+    ("GlobalResponseNorm", lambda: GlobalResponseNorm(C, channels_last=False),
+     lambda m: m.weight.shape == (5,) and m.eps == pytest.approx(1e-6 * C / 5)),
 ]
 
 
@@ -177,17 +180,87 @@ def test_weight_standardised_conv_keeps_its_inputs_and_prunes_its_outputs() -> N
 
 @pytest.mark.parametrize("factory,reason", [
     (lambda: tl.EcaModule(C), "1-D conv sliding along the channels"),
-    (lambda: GlobalResponseNorm(C, channels_last=False), "mean response over channels"),
     (lambda: tl.GroupNorm1Act(C), "normalises over all channels"),
     (lambda: tl.LayerNorm2d(C), "normalises over channels"),
     (lambda: tl.RmsNormAct2d(C), "normalises over channels"),
-], ids=["EcaModule", "GlobalResponseNorm", "GroupNorm1Act", "LayerNorm2d", "RmsNormAct2d"])
+], ids=["EcaModule", "GroupNorm1Act", "LayerNorm2d", "RmsNormAct2d"])
 def test_layers_that_mix_channels_pin_them_with_a_reason(factory: Callable[[], nn.Module], reason: str) -> None:
     torch.manual_seed(0)
     graph = build_graph(randomized(Host(factory())), SHAPE)
     group = group_of(graph, "conv1")
     assert not group.prunable and reason in (group.reason or "")
     assert all(g.prunable for g in graph.groups if g is not group and g.name != "fc")
+
+
+class ChannelsLastMlp(nn.Module):
+    """ConvNeXt-V2's MLP: Linear → GELU → GlobalResponseNorm → Linear on channels-last tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, C, 3, padding=1)
+        self.fc1 = nn.Linear(C, 12)
+        self.grn = GlobalResponseNorm(12, channels_last=True)
+        self.fc2 = nn.Linear(12, C)
+        self.fc = nn.Linear(C, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).permute(0, 2, 3, 1)
+        return self.fc(self.fc2(self.grn(nn.functional.gelu(self.fc1(x)))).mean((1, 2)))
+
+
+def test_global_response_norm_channels_last_is_pruned_exactly_and_rebuilt() -> None:
+    torch.manual_seed(0)
+    model = randomized(ChannelsLastMlp())
+    group, pruned = prune_verify_train(model, module="fc1", remove=4)
+    assert {"fc1", "grn", "fc2"} <= members(group)
+    assert pruned.grn.weight.shape == (8,) and pruned.fc2.in_features == 8
+    record = shape_attrs(pruned)
+    assert record["grn"]["eps"] == pytest.approx(1e-6 * 12 / 8)
+    fresh = ChannelsLastMlp()
+    tensors = pruned.state_dict()
+    apply_shape_attrs(fresh, record, {k: tuple(v.shape) for k, v in tensors.items()})
+    fresh.load_state_dict(tensors)
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(fresh.eval()(x), pruned.eval()(x))
+
+
+class CondHost(nn.Module):
+    """conv1 → CondConv2d mixing 3 experts by routing weights computed from its input → conv2."""
+
+    def __init__(self, depthwise: bool) -> None:
+        super().__init__()
+        out = C if depthwise else 10
+        self.conv1 = nn.Conv2d(3, C, 3, padding=1)
+        self.routing = nn.Linear(C, 3)
+        self.layer = tl.CondConv2d(C, out, 3, padding=1, groups=C if depthwise else 1, bias=True, num_experts=3)
+        self.conv2 = nn.Conv2d(out, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        routing = torch.sigmoid(self.routing(x.mean((2, 3))))
+        return self.fc(self.conv2(self.layer(x, routing)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_cond_conv_slices_every_expert_and_keeps_the_routing(depthwise: bool) -> None:
+    torch.manual_seed(0)
+    model = randomized(CondHost(depthwise))
+    routing = group_of(build_graph(model, SHAPE), "routing")
+    assert not routing.prunable and "mixes its experts by these weights" in (routing.reason or "")
+    group, pruned = prune_verify_train(model)  # conv1's channels: the experts' inputs and the routing's
+    assert pruned.layer.in_channels == 5 and pruned.routing.in_features == 5
+    kept_out = 5 if depthwise else 10
+    assert pruned.layer.weight.shape == (3, kept_out * (1 if depthwise else 5) * 9)
+    if not depthwise:
+        group, pruned = prune_verify_train(model, module="layer")
+        assert pruned.layer.out_channels == 7 and pruned.layer.bias.shape == (3, 7) and pruned.conv2.in_channels == 7
+    fresh = CondHost(depthwise)
+    tensors = pruned.state_dict()
+    apply_shape_attrs(fresh, shape_attrs(pruned), {k: tuple(v.shape) for k, v in tensors.items()})
+    fresh.load_state_dict(tensors)
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(fresh.eval()(x), pruned.eval()(x))
 
 
 def test_timm_linear_is_a_linear_layer() -> None:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.graph import ChannelGraph, ChannelGroup
-from ..engine.layer_rules import rule_for
+from ..engine.layer_rules import PRODUCER_KINDS, rule_for
 from .base import (
     NEEDS_DATA,
     NEEDS_LABELS,
@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {"hessian": "fisher", "layer_allocation": False, "inc
 
 
 def _producers(graph: ChannelGraph, groups: list[ChannelGroup]) -> set[str]:
-    return {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
+    return {m for g in groups for slots in g.classes for m, k, _ in slots if k in PRODUCER_KINDS}
 
 
 def _conv_pads(module: nn.Module) -> list[int]:
@@ -231,7 +231,7 @@ def _saliencies(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
         for ci, slots in enumerate(g.classes):
             for name, kind, index in slots:
                 m = modules[name]
-                if kind in ("out", "dw") and getattr(m, "weight", None) is not None:
+                if kind in PRODUCER_KINDS and getattr(m, "weight", None) is not None:
                     rows = producer_channels(m, kind, index)
                     producer_rows.setdefault(name, set()).update(rows)
                     uses.append((g.id, ci, "rows", name, rows))

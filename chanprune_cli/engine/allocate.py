@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
-from .layer_rules import PRODUCER_KINDS
+from .layer_rules import PRODUCER_KINDS, WIDTH_KINDS
 from .scores import group_weights
 
 DEFAULT_MIN_KEEP = 0.1
@@ -158,7 +158,7 @@ def _module_sizes(group: ChannelGroup) -> dict[tuple[str, str], int]:
     sizes: dict[tuple[str, str], int] = {}
     for slots in group.classes:
         for module, kind, _ in slots:
-            if kind in ("out", "dw", "in"):
+            if kind in WIDTH_KINDS:
                 sizes[(module, kind)] = sizes.get((module, kind), 0) + 1
     return sizes
 
@@ -181,7 +181,7 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
             break
         hits: dict[tuple[str, str], int] = {}
         for module, kind, _ in group.classes[i]:
-            if kind in ("out", "dw", "in"):
+            if kind in WIDTH_KINDS:
                 hits[(module, kind)] = hits.get((module, kind), 0) + 1
         if all(left[key] - n >= module_floor(sizes[key]) for key, n in hits.items()):
             for key, n in hits.items():
@@ -220,6 +220,8 @@ class MacsEstimator:
             gone = removed.get(name, {})
             if cost.kind == "depthwise":
                 total += (cost.ins - gone.get("dw", 0)) * cost.per_unit
+            elif cost.kind == "groupwise":
+                total += (cost.groups - gone.get("grp", 0)) * cost.outs * cost.ins * cost.per_unit
             else:
                 outs = cost.outs - gone.get("out", 0)
                 ins = cost.ins - gone.get("in", 0)

@@ -336,6 +336,14 @@ class ConvRule(_WeightedRule):
                 ids.extend([sid] * mult)
             out = torch.tensor(ids, dtype=torch.long)
             call.add_cost(ModuleCost("depthwise", spatial * mult, g, cin, cin))
+        elif call.name in call.options.whole_conv_groups:
+            # conv group k reads inputs [k*cpg, (k+1)*cpg) only: they go with its outputs
+            cpg, opg = cin // g, cout // g
+            slots = call.new_slots("grp", g)
+            for j, i in enumerate(vec.tolist()):
+                call.link(int(slots[j // cpg]), i)
+            out = slots.repeat_interleave(opg)
+            call.add_cost(ModuleCost("groupwise", spatial, g, cpg, opg))
         else:
             cpg, opg = cin // g, cout // g
             for j, i in enumerate(vec.tolist()):
@@ -345,8 +353,19 @@ class ConvRule(_WeightedRule):
         call.set_output(call.broadcast(out, 1))
         return True
 
+    def can_prune_whole_groups(self, module: nn.Module) -> bool:
+        return 1 < module.groups < module.in_channels
+
     def prune(self, module: nn.Module, drop: Drop) -> None:
         m = module
+        if drop.get("grp"):
+            keep = keep_indices(m.groups, drop["grp"])
+            opg, cpg = m.out_channels // m.groups, m.in_channels // m.groups
+            keep_out = [grp * opg + k for grp in keep for k in range(opg)]
+            select(m, "weight", 0, keep_out)  # dim 1 is the local input index, unchanged
+            select(m, "bias", 0, keep_out)
+            m.in_channels, m.out_channels, m.groups = len(keep) * cpg, len(keep_out), len(keep)
+            return
         if drop.get("dw"):
             keep_in = keep_indices(m.in_channels, drop["dw"])
             mult = m.out_channels // m.in_channels
@@ -368,6 +387,8 @@ class ConvRule(_WeightedRule):
     def producer_width(self, module: nn.Module, kind: str) -> int | None:
         if kind == "dw":
             return int(module.in_channels)
+        if kind == "grp":
+            return int(module.groups)
         return module.out_channels // module.groups  # local output index, shared by every conv group
 
     def _producer_rows(self, module: nn.Module, drop: Drop) -> list[int]:
@@ -376,6 +397,8 @@ class ConvRule(_WeightedRule):
             mult = m.out_channels // m.in_channels
             return [j * mult + t for j in drop["dw"] for t in range(mult)]
         opg = m.out_channels // m.groups
+        if drop.get("grp"):
+            return [grp * opg + k for grp in sorted(drop["grp"]) for k in range(opg)]
         return [grp * opg + k for grp in range(m.groups) for k in drop.get("out", set())]
 
     def output_channels(self, module: nn.Module, kind: str, index: int) -> list[int]:
@@ -383,6 +406,8 @@ class ConvRule(_WeightedRule):
             mult = module.out_channels // module.in_channels
             return list(range(index * mult, (index + 1) * mult))
         opg = module.out_channels // module.groups
+        if kind == "grp":
+            return list(range(index * opg, (index + 1) * opg))
         return [g * opg + index for g in range(module.groups)]
 
     def producer_rows(self, module: nn.Module, kind: str, index: int) -> torch.Tensor | None:

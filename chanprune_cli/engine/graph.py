@@ -20,7 +20,7 @@ import copy
 import fnmatch
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -339,7 +339,7 @@ class _Propagator:
 
         return fx.node.map_arg(arg, convert)
 
-    def _tensor_inputs(self, node: fx.Node) -> list[torch.Tensor]:
+    def _tensor_inputs(self, node: fx.Node, skip_first: bool = False) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
 
         def collect(a: fx.Node) -> None:
@@ -349,7 +349,7 @@ class _Propagator:
             elif (t := self._label(a)) is not None:
                 out.append(t)
 
-        fx.node.map_arg((node.args, node.kwargs), collect)
+        fx.node.map_arg((node.args[1:] if skip_first else node.args, node.kwargs), collect)
         return out
 
     def _pin_inputs(self, node: fx.Node, reason: str) -> None:
@@ -746,6 +746,10 @@ class _Call:
     def pin_inputs(self, reason: str) -> None:
         self._p._pin_inputs(self.node, reason)
 
+    def pin_other_inputs(self, reason: str) -> None:
+        for t in self._p._tensor_inputs(self.node, skip_first=True):
+            self._p.uf.pin(t, reason)
+
     def approximate(self, ids: torch.Tensor | Sequence[int], reason: str) -> None:
         self._p.uf.approximate(ids.tolist() if isinstance(ids, torch.Tensor) else ids, reason)
 
@@ -812,15 +816,28 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[s
     `through_layernorm`: see `layer_rules.TraceOptions` (removals behind a LayerNorm are approximate).
     Raises UserError when the model cannot be traced or run on `input_shape`.
     """
-    uf = _UnionFind()
-    costs: dict[str, ModuleCost] = {}
-    unfollowed: list[str] = []
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((2, *input_shape), generator=generator).to(device=device, dtype=dtype)
     options = TraceOptions(through_layernorm=through_layernorm)
+    graph = _build(model, example, input_shape, ignore, train_mode, options)
+    collapsed = _collapsed_grouped_convs(model, graph)
+    if collapsed:
+        # A grouped conv ties local input j of every conv group together; a norm over groups of
+        # channels (GroupNorm, EvoNorm) ties the channels of each group: together they leave one
+        # class. Removing whole conv groups instead is what such a layer allows.
+        options = replace(options, whole_conv_groups=frozenset(collapsed))
+        graph = _build(model, example, input_shape, ignore, train_mode, options)
+    return graph
+
+
+def _build(model: nn.Module, example: torch.Tensor, input_shape: Sequence[int], ignore: Sequence[str],
+           train_mode: bool, options: TraceOptions) -> ChannelGraph:
+    uf = _UnionFind()
+    costs: dict[str, ModuleCost] = {}
+    unfollowed: list[str] = []
     tracings = []
     for train in ((False, True) if train_mode else (False,)):
         try:
@@ -834,6 +851,23 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Sequence[s
     graph = _collect_groups(model, uf, costs, input_shape, ignore, unfollowed)
     graph.tracing = "recorded" if "recorded" in tracings else "fx"
     return graph
+
+
+def _collapsed_grouped_convs(model: nn.Module, graph: ChannelGraph) -> set[str]:
+    """Grouped convs whose inputs all ended in groups of a single channel class."""
+    modules = dict(model.named_modules())
+    inputs_free: dict[str, bool] = {}
+    for g in graph.groups:
+        for slots in g.classes:
+            for name, kind, _ in slots:
+                if kind == "in":
+                    inputs_free[name] = inputs_free.get(name, False) or g.channels >= 2
+    collapsed = set()
+    for name, free in inputs_free.items():
+        rule = rule_for(modules[name]) if name in modules else None
+        if not free and rule is not None and rule.can_prune_whole_groups(modules[name]):
+            collapsed.add(name)
+    return collapsed
 
 
 def _collect_groups(model: nn.Module, uf: _UnionFind, costs: dict[str, ModuleCost],

@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 
 Slot = tuple[str, str, int]  # (module qualified name, kind, index)
 Drop = Mapping[str, set[int]]  # slot kind -> indices to remove from one module
-PRODUCER_KINDS = ("out", "dw")
+# "grp": a whole conv group of a grouped conv (its inputs and outputs stand or fall together)
+PRODUCER_KINDS = ("out", "dw", "grp")
+#: slot kinds a layer's width is counted in (the allocator's per-layer floor)
+WIDTH_KINDS = (*PRODUCER_KINDS, "in")
 UNTRACKED = -1
 
 
@@ -49,7 +52,7 @@ UNTRACKED = -1
 class ModuleCost:
     """What a conv/linear costs per unit of its channel counts (MACs = counts × `per_unit`)."""
 
-    kind: str  # "conv" | "depthwise" | "linear"
+    kind: str  # "conv" | "depthwise" | "groupwise" (whole conv groups) | "linear"
     per_unit: int  # kernel elements × output positions (× tokens for linear)
     groups: int
     ins: int  # input channels per group (depthwise: channels)
@@ -77,6 +80,9 @@ class TraceOptions:
     *approximate*: measured and reported, not proven."""
 
     through_layernorm: bool = False
+    #: grouped convs traced as whole conv groups instead of the same local index in every group
+    #: (`graph.build_graph` picks them when the local-index coupling leaves nothing to remove)
+    whole_conv_groups: frozenset[str] = frozenset()
 
 
 class ModuleCall(Protocol):
@@ -99,6 +105,7 @@ class ModuleCall(Protocol):
     def link(self, slot_id: int, label: int) -> None: ...
     def pin(self, ids: torch.Tensor | Sequence[int], reason: str) -> None: ...
     def pin_inputs(self, reason: str) -> None: ...
+    def pin_other_inputs(self, reason: str) -> None: ...  # every tensor input but the first
     def approximate(self, ids: torch.Tensor | Sequence[int], reason: str) -> None: ...
     def varying_axes(self, label: torch.Tensor) -> list[int]: ...
     def broadcast(self, vec: torch.Tensor, axis: int) -> torch.Tensor: ...
@@ -151,6 +158,10 @@ class LayerRule:
     def trace(self, call: ModuleCall) -> bool:
         """Label the output of `call` (and union/pin ids). False: this call cannot be followed;
         the engine pins its inputs as an unsupported module."""
+        return False
+
+    def can_prune_whole_groups(self, module: nn.Module) -> bool:
+        """Whether `trace` can couple whole conv groups (`TraceOptions.whole_conv_groups`)."""
         return False
 
     # -- surgery -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
-from .layer_rules import LayerRule, rule_for
+from .layer_rules import PRODUCER_KINDS, WIDTH_KINDS, LayerRule, rule_for
 
 
 
@@ -126,19 +126,19 @@ def build_points(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
     groups = graph.prunable_groups() if groups is None else groups
     modules = dict(model.named_modules())
     registration = {name: i for i, name in enumerate(modules)}
-    producers = {m for g in groups for slots in g.classes for m, k, _ in slots if k in ("out", "dw")}
+    producers = {m for g in groups for slots in g.classes for m, k, _ in slots if k in PRODUCER_KINDS}
     pairs, executed = probe(model, graph, producers)
     order = {name: (executed.get(name, len(executed)), registration[name]) for name in modules}
     points: dict[int, list[HookPoint]] = {}
     for g in groups:
         # modules whose per-channel entries (norm, gnorm, ...) hold classes of the group
         norms_in_group = {m for slots in g.classes for m, k, _ in slots
-                          if k not in ("out", "dw", "in") and _gates_channels(modules[m])}
+                          if k not in WIDTH_KINDS and _gates_channels(modules[m])}
         per_module: dict[str, dict[int, int]] = {}  # module -> {output channel: class}
         for ci, slots in enumerate(g.classes):
             for name, kind, index in slots:
                 m = modules[name]
-                if kind in ("out", "dw"):
+                if kind in PRODUCER_KINDS:
                     if pairs.get(name) in norms_in_group:
                         continue  # gated at the BatchNorm's output instead
                     for ch in producer_channels(m, kind, index):

@@ -15,8 +15,8 @@ as leaves with a rule they are followed exactly:
 LayerNorm, RmsNorm and SimpleNorm (channels-last or channels-first) follow nn.LayerNorm's rule:
 pinned where they normalise over channels, unless the trace opts in to approximate removals.
 Layers that mix the channels of one position are pinned with their reason: GroupNorm with one
-group, ECA (a 1-D conv that slides along the channel axis), GlobalResponseNorm (divides by the
-mean over channels).
+group, ECA (a 1-D conv that slides along the channel axis). GlobalResponseNorm divides by the
+mean over channels, which a rescale of its weight and eps keeps exact (its rule says how).
 """
 
 from __future__ import annotations
@@ -164,6 +164,37 @@ class ChannelMixingRule(LayerRule):
             call.pin_inputs(f"{type(call.module).__name__} {call.name} {self.why}")
         call.set_output(x)
         return True
+
+
+class GlobalResponseNormRule(ChannelwiseRule):
+    """GlobalResponseNorm (ConvNeXt-V2): y = x + bias + weight * x * |x| / (mean over channels of
+    |x| + eps), |x| a channel's L2 norm over positions. A removed channel is zero at its input, so
+    it adds nothing to the mean's sum, only to its count: the pruned layer divides by the mean over
+    C' instead of C channels. Multiplying weight and eps by C / C' undoes that exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(None, ("weight", "bias"))
+        self.shape_attrs = ("eps",)  # scaled with the weight (a float, restored on reload)
+
+    def trace(self, call: ModuleCall) -> bool:
+        if call.x is None:
+            call.set_output(None)
+            return True
+        vec = call.channel_vector(call.x, int(call.module.channel_dim))
+        for c, i in enumerate(vec.tolist()):
+            call.link(call.new_slot("norm", c), i)
+        call.set_output(call.x)
+        return True
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        before = self.width(module)
+        super().prune(module, drop)
+        factor = before / self.width(module)
+        module.weight.data *= factor
+        module.eps = module.eps * factor
+
+    def output_axis(self, module: nn.Module) -> int:
+        return int(module.channel_dim)
 
 
 class StdConvRule(ConvRule):
@@ -458,6 +489,81 @@ class SelectiveKernelRule(LayerRule):
                           tuple(conv.stride), conv.groups)
 
 
+class CondConvRule(ConvRule):
+    """CondConv2d: a conv whose filters are a per-sample mix of `num_experts` expert filters, mixed
+    by routing weights given as its second input. Channels are those of a conv in every expert:
+    its weight [experts, out * in/groups * k] is sliced as [experts, out, in/groups, *k]. The
+    routing weights (one per expert) are kept."""
+
+    shape_attrs = (*ConvRule.shape_attrs, "weight_shape", "bias_shape")
+
+    def trace(self, call: ModuleCall) -> bool:
+        if not super().trace(call):
+            return False
+        call.pin_other_inputs(f"{type(call.module).__name__} {call.name} mixes its experts by these weights")
+        return True
+
+    def can_prune_whole_groups(self, module: nn.Module) -> bool:
+        return False
+
+    @staticmethod
+    def _experts(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """A weight-like tensor as [experts, out, in/groups, *k]."""
+        return t.view(module.num_experts, module.out_channels, module.in_channels // module.groups,
+                      *module.kernel_size)
+
+    def prune(self, module: nn.Module, drop: Drop) -> None:
+        m = module
+        keep_out = keep_indices(m.out_channels, set(self._producer_rows(m, drop)))
+        keep_in = keep_indices(m.in_channels // m.groups, drop.get("in", set()))
+        weight = self._experts(m, m.weight.detach())[:, keep_out][:, :, keep_in]
+        bias = None if m.bias is None else m.bias.detach()[:, keep_out]
+        if drop.get("dw"):
+            m.in_channels, m.groups = m.in_channels - len(drop["dw"]), m.groups - len(drop["dw"])
+        else:
+            m.in_channels = m.groups * len(keep_in)
+        m.out_channels = len(keep_out)
+        m.weight_shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+        m.bias_shape = (m.out_channels,)
+        m.weight = nn.Parameter(weight.reshape(m.num_experts, -1).contiguous(), requires_grad=m.weight.requires_grad)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.contiguous(), requires_grad=m.bias.requires_grad)
+
+    def zero_producers(self, module: nn.Module, drop: Drop) -> None:
+        rows = self._producer_rows(module, drop)
+        if rows:
+            self._experts(module, module.weight.data)[:, rows] = 0
+            if module.bias is not None:
+                module.bias.data[:, rows] = 0
+
+    def mask(self, module: nn.Module, drop: Drop) -> None:
+        self.zero_producers(module, drop)
+        cols = sorted(drop.get("in", set()))
+        if cols:
+            self._experts(module, module.weight.data)[:, :, cols] = 0
+
+    def producer_rows(self, module: nn.Module, kind: str, index: int) -> torch.Tensor | None:
+        rows = self.output_channels(module, kind, index)
+        return self._experts(module, module.weight.detach())[:, rows].reshape(-1)
+
+    def consumer_columns(self, module: nn.Module, index: int) -> torch.Tensor | None:
+        return self._experts(module, module.weight.detach())[:, :, index].reshape(-1)
+
+    def weight_rows(self, module: nn.Module, weight_like: torch.Tensor, channels: list[int]) -> torch.Tensor:
+        return self._experts(module, weight_like)[:, channels].transpose(0, 1)
+
+    def scale_outputs(self, module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
+        view = self._experts(module, module.weight.data)
+        view[:, channels.to(view.device)] *= factors.to(view.device, view.dtype).view(1, -1, *[1] * (view.dim() - 2))
+        if module.bias is not None:
+            module.bias.data[:, channels.to(module.bias.device)] *= factors.to(module.bias.device, module.bias.dtype)
+
+    def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        m = module
+        return {"weight": (m.num_experts, m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)),
+                "bias": (m.num_experts, m.out_channels)}
+
+
 def _classes(names: str) -> list[type[nn.Module]]:
     """timm's layer classes named `module.Class` (under timm.layers); those an older timm lacks are
     skipped."""
@@ -489,8 +595,7 @@ def register_timm_rules() -> None:
     _register("norm.LayerNorm2d norm.LayerNorm2dFp32 norm.LayerNormExp2d norm.RmsNorm2d norm.RmsNorm2dFp32 "
               "norm.SimpleNorm2d norm.SimpleNorm2dFp32 norm_act.LayerNormAct2d norm_act.LayerNormAct2dFp32 "
               "norm_act.RmsNormAct2d norm_act.RmsNormAct2dFp32", LayerNormRule(channels_first=True))
-    _register("grn.GlobalResponseNorm",
-              ChannelMixingRule("divides each channel by the mean response over channels", "channel_dim"))
+    _register("grn.GlobalResponseNorm", GlobalResponseNormRule())
     _register("eca.EcaModule eca.CecaModule",
               ChannelMixingRule("gates each channel by a 1-D conv sliding along the channels (removing one shifts its neighbours)"))
     _register("evo_norm.EvoNorm2dB0 evo_norm.EvoNorm2dB1 evo_norm.EvoNorm2dB2",
@@ -508,6 +613,7 @@ def register_timm_rules() -> None:
     _register("pool2d_same.AvgPool2dSame pool2d_same.MaxPool2dSame", PerChannelSpatialRule())
     _register("blur_pool.BlurPool2d", BlurPoolRule())
     _register("mixed_conv2d.MixedConv2d", MixedConvRule())
+    _register("cond_conv2d.CondConv2d", CondConvRule())
     _register("selective_kernel.SelectiveKernel", SelectiveKernelRule())
     _register("linear.Linear", LinearRule())  # its forward calls F.linear
     _register("activations.PReLU", PReLURule())

@@ -23,7 +23,7 @@ def shape_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
     record: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         attrs = {a: _json_value(getattr(module, a)) for a in shape_attr_names(module)
-                 if isinstance(getattr(module, a, None), (int, tuple))}
+                 if isinstance(getattr(module, a, None), (int, float, tuple))}
         if attrs:
             record[name] = attrs
     return record

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ChanpruneError, UserError
 from .graph import ChannelGraph, Slot
-from .layer_rules import LayerRule, keep_indices, rule_for, select
+from .layer_rules import PRODUCER_KINDS, LayerRule, keep_indices, rule_for, select
 
 Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
 
@@ -86,7 +86,7 @@ def prune_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
     # A plan may keep channels in a group yet empty one of its layers (the option-A stage chain can
     # rank all 16 stage-1 classes lowest): refuse before touching the model.
     for name, drop in drops.items():
-        for kind in ("out", "dw"):
+        for kind in PRODUCER_KINDS:
             width = _rule(name, modules[name]).producer_width(modules[name], kind) if drop.get(kind) else None
             if width is not None and len(drop[kind]) >= width:
                 raise UserError(f"the plan removes all {width} output channels of {name}; keep at least one "
