@@ -630,7 +630,8 @@ def summarize(results: dict[str, dict[str, Any]], skipped: dict[str, str], args:
         median = (fr[mid] if len(fr) % 2 else (fr[mid - 1] + fr[mid]) / 2) if fr else None
         return {"measured": len(fr), "at_least_20pct": sum(f >= 0.2 for f in fr), "median": median}
 
-    return {"ratio": args.ratio, "zoo": args.zoo, "models": len(results), "skipped": skipped, "chanprune": ours_counts,
+    return {"ratio": args.ratio, "zoo": args.zoo, "models": len(results), "skipped": skipped,
+            "tp_rows_from": str(args.tp_from) if args.tp_from else None, "chanprune": ours_counts,
             "torch_pruning": tp_counts, "timing": timing,
             "macs_removed": {"chanprune": macs("ours", "pruned+verified"), "torch_pruning": macs("tp", "ok")},
             "mean_param_fraction_kept": {"chanprune": kept("ours", "pruned+verified"), "torch_pruning": kept("tp", "ok")},
@@ -708,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,
                     help="address-space cap per worker, GB (0: none); a model/tool that needs more fails alone")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --json and run the rest")
+    ap.add_argument("--tp-from", type=Path, default=None,
+                    help="take Torch-Pruning's rows from an earlier sweep's JSON (same zoo, ratio and size) "
+                         "instead of running it again: its results do not depend on chanprune's code")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per worker (default 1: stable timings on a shared machine)")
     ap.add_argument("--timing-repeats", type=int, default=3,
@@ -749,6 +753,14 @@ def main(argv: list[str] | None = None) -> int:
         results.update({k: v for k, v in previous.get("results", {}).items() if k in names})
         skipped.update({k: v for k, v in previous.get("summary", {}).get("skipped", {}).items() if k in names})
         print(f"resuming: {len(results)} done, {len(skipped)} skipped before", flush=True)
+    tp_rows: dict[str, dict[str, Any]] = {}
+    if args.tp_from:
+        earlier = json.loads(args.tp_from.read_text())
+        if (earlier["summary"].get("zoo"), earlier["summary"].get("ratio")) != (args.zoo, args.ratio):
+            ap.error(f"--tp-from {args.tp_from} was a sweep of another zoo or ratio")
+        tp_rows = {k: v["tp"] for k, v in earlier["results"].items()
+                   if v.get("tp") and (args.size is None or v["tp"].get("size") in (args.size, None))}
+        print(f"Torch-Pruning rows of {len(tp_rows)} models from {args.tp_from}", flush=True)
     for name in names:
         if name in results or name in skipped:
             continue
@@ -763,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} skipped: {skipped[name]}", flush=True)
             continue
         if not args.no_tp:
-            r["tp"] = run_worker("tp", name, args)
+            r["tp"] = tp_rows[name] if name in tp_rows else run_worker("tp", name, args)
         results[name] = r
         o, t = r["ours"], r.get("tp")
         print(f"{name:24s} ours: {o['status']:16s} {o.get('reason', '')[:90]:90s} "
