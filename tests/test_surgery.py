@@ -20,6 +20,7 @@ from torch import nn
 
 from chanprune_cli.engine.allocate import MacsEstimator
 from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph
+from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
 from chanprune_cli.engine.surgery import mask_model, prune_model, removals, verify
 
 Pick = Callable[[ChannelGroup], list[int]]
@@ -252,6 +253,66 @@ def test_split_with_literal_size_is_pinned() -> None:
     g = group_of(graph, "stem")
     assert not g.prunable and "split into fixed sizes" in g.reason
     assert p.stem.out_channels == 8
+
+
+class SplitBySizeAttributes(nn.Module):
+    """Literal split sizes that are attributes of the module running the split: a tuple (timm's
+    MambaOut block), one int for equal pieces (Res2Net), one int per piece (FasterNet), or an int
+    that two attributes hold (ambiguous)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 12, 1)
+        if how == "tuple":
+            self.split_indices, sizes = (4, 3, 5), [4, 3, 5]
+        elif how == "int":
+            self.width, sizes = 4, [4, 4, 4]
+        elif how == "ints":
+            self.dim_conv, self.dim_untouched, sizes = 5, 7, [5, 7]
+        else:
+            self.width, self.height, sizes = 4, 4, [4, 4, 4]
+        self.convs = nn.ModuleList(nn.Conv2d(n, 2, 3, padding=1) for n in sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        if self.how == "tuple":
+            pieces = torch.split(x, self.split_indices, dim=1)
+        elif self.how == "ints":
+            pieces = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        else:
+            pieces = x.split(self.width, 1)
+        return torch.cat([conv(pieces[k]) for k, conv in enumerate(self.convs)], 1)
+
+
+@pytest.mark.parametrize("how,classes,after,pieces", [
+    ("tuple", 12, {"split_indices": (2, 2, 2)}, [2, 2, 2]),  # the odd channels go: 1, 3 | 5 | 7, 9, 11
+    ("int", 4, {"width": 2}, [2, 2, 2]),  # position j of every piece falls together
+    ("ints", 12, {"dim_conv": 3, "dim_untouched": 3}, [3, 3]),
+])
+def test_split_sizes_held_by_module_attributes_shrink_with_the_pieces(how: str, classes: int, after: dict[str, object],
+                                                                        pieces: list[int]) -> None:
+    model = SplitBySizeAttributes(how)
+    graph, _, p = prune_and_check(model, (3, 4, 4))
+    g = group_of(graph, "stem")
+    assert g.prunable and g.channels == classes
+    assert {attr: getattr(p, attr) for attr in after} == after
+    assert [c.in_channels for c in p.convs] == [c.weight.shape[1] for c in p.convs] == pieces
+    record = shape_attrs(p)
+    fresh = SplitBySizeAttributes(how)
+    tensors = p.state_dict()
+    apply_shape_attrs(fresh, record, {k: tuple(v.shape) for k, v in tensors.items()})
+    fresh.load_state_dict(tensors)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fresh.eval()(x), p.eval()(x))
+    assert shape_attrs(fresh) == record  # a rebuilt model records its split sizes again
+
+
+def test_split_size_two_attributes_hold_is_pinned() -> None:
+    graph, _, p = prune_and_check(SplitBySizeAttributes("ambiguous"), (3, 4, 4), expect_removal=False)
+    g = group_of(graph, "stem")
+    assert not g.prunable and "split into fixed sizes" in g.reason
+    assert p.width == 4 and p.stem.out_channels == 12
 
 
 class Slicing(nn.Module):

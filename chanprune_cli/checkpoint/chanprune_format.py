@@ -115,11 +115,12 @@ def with_task_output(meta: dict[str, Any], output: str | None) -> dict[str, Any]
 def _confirmed_factory(spec: ArchSpec, arch: str | ArchSpec | None, trust_code: bool) -> bool:
     """Whether building `spec` may run code the user did not name.
 
-    Built-ins and `torchvision:NAME` only construct known models. A `package.module:factory` record
+    Built-ins, `torchvision:NAME` and `timm:NAME` only construct known models (weights off, loading
+    kwargs refused). A `package.module:factory` record
     imports and calls whatever the file names (e.g. `subprocess:run`), so a downloaded chanprune
     file may only do that when the user names the same factory with --arch or trusts the file.
     """
-    if spec.name in builtin_archs() or spec.name.startswith("torchvision:") or ":" not in spec.name:
+    if spec.name in builtin_archs() or spec.name.startswith(("torchvision:", "timm:")) or ":" not in spec.name:
         return True
     named = arch.name if isinstance(arch, ArchSpec) else arch
     return trust_code or (isinstance(named, str) and named.strip() == spec.name)

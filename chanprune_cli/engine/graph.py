@@ -304,8 +304,10 @@ class _Propagator:
     """Walks one traced graph, replaying channel-mixing ops on label tensors."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any], uf: _UnionFind,
-                 costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions) -> None:
+                 costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions,
+                 module_stacks: bool = False) -> None:
         self.options = options
+        self.module_stacks = module_stacks  # fx: a node without nn_module_stack runs in the root module
         self.graph = graph
         self.modules = modules
         self.values = values
@@ -656,6 +658,8 @@ class _Propagator:
         size_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections", node.kwargs.get("chunks"))
         sizes = {p.shape[dim] for p in pieces}
         literal_split = node.target in ("split", torch.split) and not isinstance(size_arg, fx.Node)
+        if literal_split and self._sized_by_attributes(node, dim, size_arg, pieces):
+            return
         if len(sizes) != 1 or literal_split:
             reason = f"split into fixed sizes at {node.name}"
             self.unfollowed.append(reason)
@@ -663,6 +667,49 @@ class _Propagator:
             return
         for p in pieces[1:]:
             self.uf.union_pairs(pieces[0], p)
+
+    def _sized_by_attributes(self, node: fx.Node, dim: int, size_arg: Any, pieces: list[torch.Tensor]) -> bool:
+        """A split whose literal sizes are attributes of the module that runs it
+        (`torch.split(x, self.split_indices)`, `x.split(self.width, 1)`, `[self.a, self.b]`): its
+        pieces may lose channels when surgery rewrites those attributes. One slot per channel
+        position on that module, kind "split:ATTR" (an int) or "split:ATTR:P" (element P of a
+        tuple). Equal pieces of one int size lose the same positions. False when the sizes are not
+        unambiguously such attributes (fx traces only: the module is the node's innermost one)."""
+        if not self.module_stacks:
+            return False
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        module = self.modules.get(path) if isinstance(path, str) else None
+        if module is None:
+            return False
+        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+        def int_attr(value: int) -> str | None:
+            names = [k for k, v in attrs.items() if type(v) is int and v == value]
+            return names[0] if len(names) == 1 else None
+
+        if isinstance(size_arg, int):
+            name = int_attr(size_arg)
+            if name is None or any(p.shape[dim] != size_arg for p in pieces):
+                return False
+            for p in pieces[1:]:
+                self.uf.union_pairs(pieces[0], p)
+            kinds = [f"split:{name}"]
+        elif isinstance(size_arg, (tuple, list)) and all(type(v) is int for v in size_arg):
+            whole = [k for k, v in attrs.items() if isinstance(v, (tuple, list)) and list(v) == list(size_arg)]
+            if len(whole) == 1:
+                kinds = [f"split:{whole[0]}:{p}" for p in range(len(pieces))]
+            else:
+                names = [int_attr(v) for v in size_arg]
+                if None in names or len(set(names)) != len(names):
+                    return False
+                kinds = [f"split:{n}" for n in names]
+        else:
+            return False
+        for piece, kind in zip(pieces, kinds):
+            for j, i in enumerate(self._channel_vector(piece, dim, node, node.name).tolist()):
+                self._link(self.uf.new((path, kind, j)), i)
+        return True
 
     def _resolve_split_axes(self, node: fx.Node, result: torch.Tensor, literal_sizes: bool) -> torch.Tensor:
         """A reshape that splits the channel axis into several (channel shuffle, heads): the axes
@@ -802,7 +849,8 @@ def _run_mode(model: nn.Module, example: Any, train: bool, uf: _UnionFind,
         interpreter = _ShapeInterpreter(gm)
         with torch.no_grad():
             interpreter.run(example)
-        _Propagator(gm.graph, dict(subject.named_modules()), interpreter.values, uf, costs, unfollowed, options).run()
+        _Propagator(gm.graph, dict(subject.named_modules()), interpreter.values, uf, costs, unfollowed, options,
+                    module_stacks=True).run()
         return "fx"
     finally:
         subject.train(was_training)

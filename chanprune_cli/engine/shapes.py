@@ -17,13 +17,27 @@ def _json_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+_SIZE_ATTRS = "_chanprune_size_attrs"
+
+
+def mark_size_attrs(module: nn.Module, names: list[str]) -> None:
+    """Record attributes other than its rule's that surgery changed on `module` (split sizes)."""
+    setattr(module, _SIZE_ATTRS, tuple(dict.fromkeys([*getattr(module, _SIZE_ATTRS, ()), *names])))
+
+
+def _recorded(module: nn.Module) -> dict[str, Any]:
+    values = {a: getattr(module, a, None) for a in shape_attr_names(module)}
+    found = {a: v for a, v in values.items() if isinstance(v, (int, float, tuple))}
+    found.update({a: getattr(module, a) for a in getattr(module, _SIZE_ATTRS, ())})  # ints, tuples, lists
+    return found
+
+
 def shape_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Channel-shape attributes (those the layer rules declare) of every module that has any, keyed
-    by qualified module name."""
+    """Channel-shape attributes (those the layer rules declare, and split sizes surgery changed) of
+    every module that has any, keyed by qualified module name."""
     record: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        attrs = {a: _json_value(getattr(module, a)) for a in shape_attr_names(module)
-                 if isinstance(getattr(module, a, None), (int, float, tuple))}
+        attrs = {a: _json_value(v) for a, v in _recorded(module).items()}
         if attrs:
             record[name] = attrs
     return record
@@ -42,6 +56,9 @@ def apply_shape_attrs(model: nn.Module, record: dict[str, dict[str, Any]], tenso
         for attr, value in attrs.items():
             if hasattr(module, attr):
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        extra = [a for a in attrs if a not in shape_attr_names(module) and hasattr(module, a)]
+        if extra:
+            mark_size_attrs(module, extra)  # recorded again when this model is pruned and saved
     for module_name, module in modules.items():
         prefix = f"{module_name}." if module_name else ""
         for pname, param in list(module.named_parameters(recurse=False)):

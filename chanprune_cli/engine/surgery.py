@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ChanpruneError, UserError
 from .graph import ChannelGraph, Slot
 from .layer_rules import PRODUCER_KINDS, LayerRule, keep_indices, rule_for, select
+from .shapes import mark_size_attrs
 
 Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
 
@@ -61,15 +62,36 @@ def removals(graph: ChannelGraph, plan: Plan) -> dict[str, dict[str, set[int]]]:
 
 def _split_tensor_slots(drop: Mapping[str, set[int]]) -> tuple[dict[tuple[str, int], set[int]], dict[str, set[int]]]:
     """Slots on a module's own parameters/buffers ("tensor:ATTR:DIM", see the graph's per-channel
-    tensors) apart from the slots its layer rule handles."""
+    tensors) apart from the slots its layer rule handles (split sizes, "split:...", have no tensor
+    and are left out of both)."""
     tensors, rest = {}, {}
     for kind, indices in drop.items():
         if kind.startswith("tensor:"):
             _, attr, dim = kind.split(":")
             tensors[(attr, int(dim))] = indices
-        else:
+        elif not kind.startswith("split:"):
             rest[kind] = indices
     return tensors, rest
+
+
+def _shrink_split_sizes(module: nn.Module, drop: Mapping[str, set[int]]) -> None:
+    """Rewrite the split-size attributes ("split:ATTR" or "split:ATTR:P", see the graph's literal
+    splits) by the channels each piece lost, and name them for the checkpoint record."""
+    changed = []
+    for kind, indices in drop.items():
+        if not kind.startswith("split:"):
+            continue
+        _, attr, *piece = kind.split(":")
+        value = getattr(module, attr)
+        if piece:
+            sizes = list(value)
+            sizes[int(piece[0])] -= len(indices)
+            setattr(module, attr, type(value)(sizes))
+        else:
+            setattr(module, attr, value - len(indices))
+        changed.append(attr)
+    if changed:
+        mark_size_attrs(module, changed)
 
 
 def _rule(name: str, module: nn.Module) -> LayerRule:
@@ -93,6 +115,7 @@ def prune_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
                                 "(the allocator's per-layer floor, --min-keep, does this)")
     for name, drop in drops.items():
         tensors, rest = _split_tensor_slots(drop)
+        _shrink_split_sizes(modules[name], drop)
         for (attr, dim), indices in tensors.items():
             select(modules[name], attr, dim, keep_indices(getattr(modules[name], attr).shape[dim], indices))
         if rest:
