@@ -308,6 +308,49 @@ def test_split_sizes_held_by_module_attributes_shrink_with_the_pieces(how: str, 
     assert shape_attrs(fresh) == record  # a rebuilt model records its split sizes again
 
 
+class SlicedByAttributes(nn.Module):
+    """Channel slices bounded by an int attribute: DPN's two paths (`x[:, :n]`, `x[:, n:]`) and
+    RexNet's partial residual (`cat([y[:, 0:n] + shortcut, y[:, n:]])`)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        if how == "dpn":
+            self.num_1x1_c = 4
+            self.stem = nn.Conv2d(3, 10, 1)
+            self.conv_a, self.conv_b = nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(6, 2, 3, padding=1)
+        else:
+            self.in_channels = 4
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.conv = nn.Conv2d(4, 10, 3, padding=1)
+            self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        if self.how == "dpn":
+            return torch.cat([self.conv_a(x[:, :self.num_1x1_c]), self.conv_b(x[:, self.num_1x1_c:])], 1)
+        y = self.conv(x)
+        return self.head(torch.cat([y[:, 0:self.in_channels] + x, y[:, self.in_channels:]], 1))
+
+
+@pytest.mark.parametrize("how,attr,kept", [("dpn", "num_1x1_c", 2), ("rexnet", "in_channels", 2)])
+def test_channel_slices_bounded_by_module_attributes_shrink_with_the_channels(how: str, attr: str, kept: int) -> None:
+    graph, _, p = prune_and_check(SlicedByAttributes(how), (3, 4, 4))
+    g = group_of(graph, "stem")
+    assert g.prunable and not g.pinned
+    assert getattr(p, attr) == kept  # the odd channels of the first 4 went
+    if how == "dpn":
+        assert (p.stem.out_channels, p.conv_a.in_channels, p.conv_b.in_channels) == (5, 2, 3)
+    else:  # the residual couples conv's first 4 outputs to the stem; the other 6 are free
+        assert group_of(graph, "conv") is g and p.conv.out_channels == 5 and p.head.in_channels == 5
+    fresh = SlicedByAttributes(how)
+    tensors = p.state_dict()
+    apply_shape_attrs(fresh, shape_attrs(p), {k: tuple(v.shape) for k, v in tensors.items()})
+    fresh.load_state_dict(tensors)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fresh.eval()(x), p.eval()(x))
+
+
 def test_split_size_two_attributes_hold_is_pinned() -> None:
     graph, _, p = prune_and_check(SplitBySizeAttributes("ambiguous"), (3, 4, 4), expect_removal=False)
     g = group_of(graph, "stem")

@@ -602,7 +602,8 @@ class _Propagator:
             # `s.expand_as(x)` look like a channel selection (SE blocks written that way).
             inputs = [t for t in (self._label(node.args[0]),) if t is not None]
         if isinstance(result, torch.Tensor):
-            self._check_selection(node, inputs, [result])
+            if not (target is operator.getitem and self._sliced_by_attributes(node)):
+                self._check_selection(node, inputs, [result])
             if target == "expand":
                 self._check_fixed_expand(node, result)
             if target in _RESHAPES or literal_sizes:
@@ -668,6 +669,57 @@ class _Propagator:
         for p in pieces[1:]:
             self.uf.union_pairs(pieces[0], p)
 
+    def _running_module(self, node: fx.Node) -> tuple[str, dict[str, Any]] | None:
+        """The module whose forward runs `node` (fx's nn_module_stack; none in recorded traces) and
+        its plain attributes."""
+        if not self.module_stacks:
+            return None
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        module = self.modules.get(path) if isinstance(path, str) else None
+        if module is None:
+            return None
+        return path, {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+    @staticmethod
+    def _int_attr(attrs: dict[str, Any], value: int) -> str | None:
+        """The one int attribute holding `value` (None when none or several do)."""
+        names = [k for k, v in attrs.items() if type(v) is int and v == value]
+        return names[0] if len(names) == 1 else None
+
+    def _sliced_by_attributes(self, node: fx.Node) -> bool:
+        """`x[:, :self.a]`, `x[:, self.a:]`, `x[:, 0:self.a]` along the channel axis (DPN's and
+        RexNet's partial paths): a slice whose bounds are 0, open or int attributes of the running
+        module stays right after pruning when each bound attribute shrinks by the channels removed
+        before it. Positions j < a become slots "split:a" of that module (as for split sizes: two
+        tensors sliced by one attribute lose the same positions). False: not such a slice."""
+        x, index = self._label(node.args[0]), node.args[1] if len(node.args) > 1 else None
+        running = self._running_module(node)
+        if x is None or running is None or not isinstance(index, tuple) or len(index) > x.dim():
+            return False
+        cut = [k for k, i in enumerate(index) if i != slice(None)]
+        if len(cut) != 1 or not isinstance(index[cut[0]], slice) or cut[0] not in _varying_axes(x):
+            return False
+        axis, sl = cut[0], index[cut[0]]
+        path, attrs = running
+        if sl.step not in (None, 1):
+            return False
+        bounds = []
+        for value, may_be_zero in ((sl.start, True), (sl.stop, False)):
+            if value is None or (may_be_zero and value == 0):
+                continue
+            name = self._int_attr(attrs, value) if type(value) is int and value > 0 else None
+            if name is None:
+                return False
+            bounds.append((name, value))
+        if not bounds:
+            return False
+        vec = self._channel_vector(x, axis, node, node.name).tolist()
+        for name, value in bounds:
+            for j in range(min(value, len(vec))):
+                self._link(self.uf.new((path, f"split:{name}", j)), vec[j])
+        return True
+
     def _sized_by_attributes(self, node: fx.Node, dim: int, size_arg: Any, pieces: list[torch.Tensor]) -> bool:
         """A split whose literal sizes are attributes of the module that runs it
         (`torch.split(x, self.split_indices)`, `x.split(self.width, 1)`, `[self.a, self.b]`): its
@@ -675,18 +727,13 @@ class _Propagator:
         position on that module, kind "split:ATTR" (an int) or "split:ATTR:P" (element P of a
         tuple). Equal pieces of one int size lose the same positions. False when the sizes are not
         unambiguously such attributes (fx traces only: the module is the node's innermost one)."""
-        if not self.module_stacks:
+        running = self._running_module(node)
+        if running is None:
             return False
-        stack = node.meta.get("nn_module_stack")
-        path = list(stack.values())[-1][0] if stack else ""
-        module = self.modules.get(path) if isinstance(path, str) else None
-        if module is None:
-            return False
-        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        path, attrs = running
 
         def int_attr(value: int) -> str | None:
-            names = [k for k, v in attrs.items() if type(v) is int and v == value]
-            return names[0] if len(names) == 1 else None
+            return self._int_attr(attrs, value)
 
         if isinstance(size_arg, int):
             name = int_attr(size_arg)
