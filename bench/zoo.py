@@ -182,14 +182,21 @@ def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_l
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| model | chanprune | MACs removed | s | Torch-Pruning | MACs removed | s |", "|---|---|---|---|---|---|---|"]
+    """chanprune's MACs on the original's workload and as counted (a detector's box head runs on as
+    many proposals as its weights let through); Torch-Pruning's as counted."""
+    lines = ["| model | chanprune | MACs removed (same workload) | as counted | s | Torch-Pruning | MACs removed (as counted) | s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["chanprune"], r["torch_pruning"]
         why_a = a.get("error") or (f"exit {a['exit']}" if "exit" in a else "")
         why_b = b.get("error", "")
         lines.append(f"| {r['model']} | {a['outcome']}{' (' + why_a[:80] + ')' if why_a else ''} | {a.get('macs_removed', '–')} | "
-                     f"{a.get('seconds', '–')} | {b['outcome']}{' (' + why_b[:80] + ')' if why_b else ''} | "
-                     f"{b.get('macs_removed', '–')} | {b.get('seconds', '–')} |")
+                     f"{a.get('macs_removed_as_counted', a.get('macs_removed', '–'))} | {a.get('seconds', '–')} | "
+                     f"{b['outcome']}{' (' + why_b[:80] + ')' if why_b else ''} | {b.get('macs_removed', '–')} | {b.get('seconds', '–')} |")
+    ok = sum(r["chanprune"]["outcome"] == "pruned+verified+reloaded" for r in rows)
+    tp_ok = sum(r["torch_pruning"]["outcome"] == "ok" for r in rows)
+    source = f" (Torch-Pruning's rows from {args.tp_from})" if args.tp_from else ""
+    lines.append(f"\nchanprune: {ok} of {len(rows)} pruned+verified+reloaded; Torch-Pruning ok: {tp_ok}{source}")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +208,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap per model and tool (0: none)")
     parser.add_argument("--no-tp", action="store_true")
+    parser.add_argument("--tp-from", help="take Torch-Pruning's rows from an earlier run's JSON (same size and ratio) "
+                                          "instead of running it again: its results do not depend on chanprune's code")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--one", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
@@ -212,14 +221,21 @@ def main() -> int:
         print("RESULT " + json.dumps(result))
         return 0
     names = all_models() if args.models == "all" else args.models.split(",")
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.tp_from:
+        doc = json.loads(Path(args.tp_from).read_text())
+        if (doc["settings"]["size"], doc["settings"]["ratio"]) != (args.size, args.ratio):
+            parser.error(f"--tp-from {args.tp_from} ran at another size or ratio")
+        earlier = {r["model"]: r["torch_pruning"] for r in doc["rows"] if r["torch_pruning"]["outcome"] != "skipped"}
     rows = []
     for name in names:
         row = {"model": name, "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout, args.mem_limit_gb),
-               "torch_pruning": {"outcome": "skipped"} if args.no_tp else
+               "torch_pruning": {"outcome": "skipped"} if args.no_tp else earlier.get(name) or
                run_one("tp", name, args.size, args.ratio, args.timeout, args.mem_limit_gb)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout, "mem_limit_gb": args.mem_limit_gb}
+    settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout, "mem_limit_gb": args.mem_limit_gb,
+                "tp_rows_from": args.tp_from}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
