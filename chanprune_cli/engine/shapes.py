@@ -25,8 +25,13 @@ def mark_size_attrs(module: nn.Module, names: list[str]) -> None:
     setattr(module, _SIZE_ATTRS, tuple(dict.fromkeys([*getattr(module, _SIZE_ATTRS, ()), *names])))
 
 
+def _derived(module: nn.Module, attr: str) -> bool:
+    """A property (timm's ConvNormAct.in_channels reads its conv's): follows the children."""
+    return isinstance(getattr(type(module), attr, None), property)
+
+
 def _recorded(module: nn.Module) -> dict[str, Any]:
-    values = {a: getattr(module, a, None) for a in shape_attr_names(module)}
+    values = {a: getattr(module, a, None) for a in shape_attr_names(module) if not _derived(module, a)}
     found = {a: v for a, v in values.items() if isinstance(v, (int, float, tuple))}
     found.update({a: getattr(module, a) for a in getattr(module, _SIZE_ATTRS, ())})  # ints, tuples, lists
     return found
@@ -54,7 +59,7 @@ def apply_shape_attrs(model: nn.Module, record: dict[str, dict[str, Any]], tenso
             raise KeyError(name)
         module = modules[name]
         for attr, value in attrs.items():
-            if hasattr(module, attr):
+            if hasattr(module, attr) and not _derived(module, attr):  # files before 2026-11-27 recorded properties
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         extra = [a for a in attrs if a not in shape_attr_names(module) and hasattr(module, a)]
         if extra:
