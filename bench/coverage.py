@@ -6,7 +6,9 @@ the convolutional families of `timm.list_models()`, see `timm_models`, random in
 
 * chanprune: `build_graph`, remove 30 % (``--ratio``) of the channels of every prunable group
   (lowest L1 norm of the producers' filters), `prune_model` on a copy, `verify` against the
-  masked original (float64), one eval forward and one training step (train mode, SGD, batch 2).
+  masked original (float64), one eval forward, a rebuild as a checkpoint is loaded (a fresh model,
+  the recorded shape attributes, the tensors: outputs within 1e-5) and one training step (train
+  mode, SGD, batch 2).
   Outcome: ``pruned+verified`` / ``blocked`` (no prunable group; reason) / ``failed`` (error).
   MACs (fvcore, one input of the sweep's size) are counted before and after, for both tools.
 * Torch-Pruning 1.6.1: ``tp.pruner.MagnitudePruner`` with ``MagnitudeImportance(p=1)``,
@@ -293,6 +295,22 @@ def _plan_from_scores(graph: Any, scores: Any, ratio: float) -> dict[int, list[i
 # ------------------------------------------------------------------------------------------------
 
 
+def reload_difference(name: str, pruned: Any, example: Any) -> float:
+    """Rebuild `pruned` as a chanprune checkpoint is loaded (fresh model, recorded shape
+    attributes, tensors) and return the largest output difference on `example`."""
+    import torch
+
+    from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
+
+    fresh = load_model(name)[0]
+    tensors = pruned.state_dict()
+    apply_shape_attrs(fresh, shape_attrs(pruned), {k: tuple(v.shape) for k, v in tensors.items()})
+    fresh.load_state_dict(tensors)
+    with torch.no_grad():
+        a, b = flat_outputs(pruned.eval()(example)), flat_outputs(fresh.eval()(example))
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
 def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float = float("inf")) -> dict[str, Any]:
     import torch
 
@@ -343,8 +361,14 @@ def worker_ours(name: str, ratio: float, size_req: int | None, max_params: float
             res.update(status="failed", reason=f"verify: max |diff| {v.max_abs_diff:.3g} > {v.tolerance:.3g}")
             return res
         stage = "forward"
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            pruned.eval()(torch.randn(2, *shape))
+            pruned.eval()(example)
+        stage = "reload"  # what a checkpoint does: a fresh build + the recorded shapes + the tensors
+        res["reload_max_abs_diff"] = reload_difference(name, pruned, example)
+        if res["reload_max_abs_diff"] > 1e-5:
+            res.update(status="failed", reason=f"reload: outputs differ by {res['reload_max_abs_diff']:.3g}")
+            return res
         stage = "MACs"
         res["macs"], res["macs_after"] = count_macs(model, size), count_macs(pruned, size)
         stage = "train step"
