@@ -731,12 +731,8 @@ class _Propagator:
         if running is None:
             return False
         path, attrs = running
-
-        def int_attr(value: int) -> str | None:
-            return self._int_attr(attrs, value)
-
         if isinstance(size_arg, int):
-            name = int_attr(size_arg)
+            name = self._int_attr(attrs, size_arg)
             if name is None or any(p.shape[dim] != size_arg for p in pieces):
                 return False
             for p in pieces[1:]:
@@ -747,7 +743,7 @@ class _Propagator:
             if len(whole) == 1:
                 kinds = [f"split:{whole[0]}:{p}" for p in range(len(pieces))]
             else:
-                names = [int_attr(v) for v in size_arg]
+                names = [self._int_attr(attrs, v) for v in size_arg]
                 if None in names or len(set(names)) != len(names):
                     return False
                 kinds = [f"split:{n}" for n in names]
