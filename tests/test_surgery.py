@@ -270,6 +270,8 @@ class SplitBySizeAttributes(nn.Module):
             self.width, sizes = 4, [4, 4, 4]
         elif how == "ints":
             self.dim_conv, self.dim_untouched, sizes = 5, 7, [5, 7]
+        elif how == "pair":
+            self.c, sizes = 6, [6, 6]
         else:
             self.width, self.height, sizes = 4, 4, [4, 4, 4]
         self.convs = nn.ModuleList(nn.Conv2d(n, 2, 3, padding=1) for n in sizes)
@@ -280,6 +282,8 @@ class SplitBySizeAttributes(nn.Module):
             pieces = torch.split(x, self.split_indices, dim=1)
         elif self.how == "ints":
             pieces = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        elif self.how == "pair":  # ultralytics' C2PSA
+            pieces = x.split((self.c, self.c), dim=1)
         else:
             pieces = x.split(self.width, 1)
         return torch.cat([conv(pieces[k]) for k, conv in enumerate(self.convs)], 1)
@@ -289,6 +293,7 @@ class SplitBySizeAttributes(nn.Module):
     ("tuple", 12, {"split_indices": (2, 2, 2)}, [2, 2, 2]),  # the odd channels go: 1, 3 | 5 | 7, 9, 11
     ("int", 4, {"width": 2}, [2, 2, 2]),  # position j of every piece falls together
     ("ints", 12, {"dim_conv": 3, "dim_untouched": 3}, [3, 3]),
+    ("pair", 6, {"c": 3}, [3, 3]),  # one attribute for both pieces: they lose the same positions
 ])
 def test_split_sizes_held_by_module_attributes_shrink_with_the_pieces(how: str, classes: int, after: dict[str, object],
                                                                         pieces: list[int]) -> None:
@@ -349,6 +354,24 @@ def test_channel_slices_bounded_by_module_attributes_shrink_with_the_channels(ho
     fresh.load_state_dict(tensors)
     x = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(fresh.eval()(x), p.eval()(x))
+
+
+class SplitBySizeAttributesRecorded(SplitBySizeAttributes):
+    """The same, written so torch.fx cannot trace it (a loop over the pieces): recorded instead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        pieces = torch.split(x, self.split_indices, dim=1)
+        return torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)
+
+
+def test_split_sizes_stay_pinned_in_a_recorded_trace() -> None:
+    # A recording sees only values: a literal size may have been read from another tensor's shape
+    # (YOLO11's attention views v to its input's channel count), so it is not matched to attributes.
+    graph, _, p = prune_and_check(SplitBySizeAttributesRecorded("tuple"), (3, 4, 4), expect_removal=False)
+    assert graph.tracing == "recorded"
+    g = group_of(graph, "stem")
+    assert not g.prunable and "split into fixed sizes" in g.reason and p.split_indices == (4, 3, 5)
 
 
 def test_split_size_two_attributes_hold_is_pinned() -> None:

@@ -307,7 +307,9 @@ class _Propagator:
                  costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions,
                  module_stacks: bool = False) -> None:
         self.options = options
-        self.module_stacks = module_stacks  # fx: a node without nn_module_stack runs in the root module
+        # fx records which module runs each node (none: the root). A recording does not, and its
+        # literal sizes may have been read from another tensor's shape: no attribute matching there.
+        self.module_stacks = module_stacks
         self.graph = graph
         self.modules = modules
         self.values = values
@@ -670,7 +672,7 @@ class _Propagator:
             self.uf.union_pairs(pieces[0], p)
 
     def _running_module(self, node: fx.Node) -> tuple[str, dict[str, Any]] | None:
-        """The module whose forward runs `node` (fx's nn_module_stack; none in recorded traces) and
+        """The module whose forward runs `node` (fx's nn_module_stack; None in recorded traces) and
         its plain attributes."""
         if not self.module_stacks:
             return None
@@ -722,7 +724,8 @@ class _Propagator:
 
     def _sized_by_attributes(self, node: fx.Node, dim: int, size_arg: Any, pieces: list[torch.Tensor]) -> bool:
         """A split whose literal sizes are attributes of the module that runs it
-        (`torch.split(x, self.split_indices)`, `x.split(self.width, 1)`, `[self.a, self.b]`): its
+        (`torch.split(x, self.split_indices)`, `x.split(self.width, 1)`, `[self.a, self.b]`,
+        `(self.c, self.c)`): its
         pieces may lose channels when surgery rewrites those attributes. One slot per channel
         position on that module, kind "split:ATTR" (an int) or "split:ATTR:P" (element P of a
         tuple). Equal pieces of one int size lose the same positions. False when the sizes are not
@@ -744,9 +747,15 @@ class _Propagator:
                 kinds = [f"split:{whole[0]}:{p}" for p in range(len(pieces))]
             else:
                 names = [self._int_attr(attrs, v) for v in size_arg]
-                if None in names or len(set(names)) != len(names):
+                if None in names:
                     return False
-                kinds = [f"split:{n}" for n in names]
+                if len(set(names)) == 1 and len(names) > 1:  # (self.c, self.c): equal pieces, one size
+                    for p in pieces[1:]:
+                        self.uf.union_pairs(pieces[0], p)
+                    pieces = pieces[:1]
+                elif len(set(names)) != len(names):
+                    return False
+                kinds = [f"split:{n}" for n in dict.fromkeys(names)]
         else:
             return False
         for piece, kind in zip(pieces, kinds):
