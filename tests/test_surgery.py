@@ -381,6 +381,44 @@ def test_split_size_two_attributes_hold_is_pinned() -> None:
     assert p.width == 4 and p.stem.out_channels == 12
 
 
+class BorrowedSize(nn.Module):
+    """A tensor reshaped to a channel count read from another tensor's shape (attention blocks
+    view their output to the block input's C)."""
+
+    def __init__(self, pinned: bool) -> None:
+        super().__init__()
+        self.pinned = pinned
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.v = nn.Conv2d(8, 16 if pinned else 8, 1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        b, c, h, w = x.shape
+        v = self.v(x)
+        if self.pinned:  # two heads of 8 channels, the second kept: a fixed count
+            v = v.view(b, 2, 8, h * w)[:, 1]
+        return self.head(torch.cat([x, v.flatten(2).reshape(b, c, h, w)], 1))
+
+
+def test_reshape_to_a_size_read_from_another_tensor_couples_their_channels() -> None:
+    model = BorrowedSize(pinned=False)
+    randomize(model)
+    graph = build_graph(model, (3, 4, 4))
+    g = group_of(graph, "stem")
+    assert g is group_of(graph, "v") and g.channels == 8  # stem channel j and v channel j fall together
+    plan = {g.id: [1, 2, 5]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert verify(model, graph, plan, pruned, (3, 4, 4)).passed
+    assert pruned.stem.out_channels == pruned.v.out_channels == 5 and pruned.head.in_channels == 10
+
+
+def test_reshape_to_a_size_read_from_another_tensor_with_a_fixed_count_pins_it() -> None:
+    graph, _, p = prune_and_check(BorrowedSize(pinned=True), (3, 4, 4), expect_removal=False)
+    assert not group_of(graph, "stem").prunable and p.stem.out_channels == 8
+
+
 class Slicing(nn.Module):
     def __init__(self) -> None:
         super().__init__()

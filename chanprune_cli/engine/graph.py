@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -85,6 +86,8 @@ _STRUCTURAL_METHODS = {
     "view_as", "reshape_as",
 }
 _RESHAPES = {"view", "reshape", torch.reshape, "unflatten", torch.unflatten, "view_as", "reshape_as"}
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, int, math.prod}
 # Structural methods whose second tensor only lends its shape.
 _SHAPE_FROM_OTHER = {"expand_as", "view_as", "reshape_as"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
@@ -215,6 +218,11 @@ class _UnionFind:
         for i in values:
             if i >= 0:
                 self.pin_reason.setdefault(i, reason)
+
+
+def _axis_vector(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """The ids along `axis` (taken at index 0 of every other axis)."""
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)[:, 0] if t.numel() else t.new_full((t.shape[axis],), UNTRACKED)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -610,6 +618,8 @@ class _Propagator:
                 self._check_fixed_expand(node, result)
             if target in _RESHAPES or literal_sizes:
                 result = self._resolve_split_axes(node, result, literal_sizes)
+            if target in ("view", "reshape", torch.reshape):
+                self._borrowed_sizes(node, result)
             self.labels[node] = result
         elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
             if target in ("chunk", torch.chunk, "split", torch.split):
@@ -619,6 +629,61 @@ class _Propagator:
             self.labels[node] = tuple(result)
         else:
             self.labels[node] = None
+
+    def _size_sources(self, arg: Any, depth: int = 0) -> list[tuple[fx.Node, int, bool]]:
+        """Where a size argument was read from: (tensor node, axis, direct) for `x.shape[k]`,
+        `x.size(k)`, `x.size()[k]` (direct), or such reads combined by arithmetic (not direct)."""
+        if not isinstance(arg, fx.Node) or depth > 8:
+            return []
+        if arg.op == "call_method" and arg.target == "size" and len(arg.args) > 1 and isinstance(arg.args[1], int):
+            return [(arg.args[0], arg.args[1], True)] if isinstance(arg.args[0], fx.Node) else []
+        if arg.target is operator.getitem and isinstance(arg.args[0], fx.Node) and isinstance(arg.args[1], int):
+            base = arg.args[0]
+            read = ((base.op == "call_method" and base.target == "size" and len(base.args) == 1)
+                    or (base.target is getattr and base.args[1:] == ("shape",)))
+            if read and isinstance(base.args[0], fx.Node):
+                return [(base.args[0], arg.args[1], True)]
+        if arg.op == "call_function" and arg.target in _SIZE_ARITHMETIC:
+            found = [src for a in arg.args for src in self._size_sources(a, depth + 1)]
+            return [(n, k, False) for n, k, _ in found]
+        return []
+
+    def _borrowed_sizes(self, node: fx.Node, result: torch.Tensor) -> None:
+        """A view/reshape to a size read from another tensor's channel axis (`v.reshape(B, C, H, W)`,
+        `C` from the block input's shape) stays valid only while both keep the same channel count.
+        Read as it is, onto an axis that alone carries the result's channels, the two are unioned
+        position by position (a fixed count on one side pins the other); otherwise both are pinned.
+        A size read from the very channels being reshaped (channel shuffle) is left as it was."""
+        shape_args = list(node.args[1:])
+        if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+            shape_args = list(shape_args[0])
+        result_ids: set[int] | None = None
+        for axis, arg in enumerate(shape_args):
+            for src_node, src_axis, direct in self._size_sources(arg):
+                src = self._label(src_node)
+                if src is None or axis >= result.dim():
+                    continue
+                src_axis %= src.dim()
+                if _varying_axes(src) != [src_axis]:
+                    continue  # a batch or spatial size (or channels spread over axes: left as it was)
+                src_vec = _axis_vector(src, src_axis)
+                if result_ids is None:
+                    result_ids = set(_unique_ids(result).tolist()) - {UNTRACKED}
+                if result_ids and result_ids <= set(src_vec.tolist()):
+                    continue
+                if direct and set(_varying_axes(result)) <= {axis} and len(src_vec) == result.shape[axis]:
+                    res_vec = _axis_vector(result, axis)
+                    for a, b in zip(src_vec.tolist(), res_vec.tolist()):
+                        if a >= 0 and b >= 0:
+                            self.uf.union(a, b)
+                    fixed = (src_vec < 0) != (res_vec < 0)
+                    if bool(fixed.any()):  # a fixed count on one side: the other keeps its count
+                        self.uf.pin(torch.cat([src_vec[fixed], res_vec[fixed]]),
+                                    f"reshape to a size read from another tensor at {node.name}")
+                else:
+                    reason = f"reshape to a size computed from another tensor's channels at {node.name}"
+                    self.unfollowed.append(reason)
+                    self.uf.pin(torch.cat([src_vec, result.reshape(-1)]), reason)
 
     def _check_fixed_expand(self, node: fx.Node, result: torch.Tensor) -> None:
         """`x.expand(-1, 64, h, w)` keeps a literal channel count that goes stale when a channel
