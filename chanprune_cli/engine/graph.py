@@ -658,15 +658,20 @@ class _Propagator:
         if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
             shape_args = list(shape_args[0])
         result_ids: set[int] | None = None
+        varying: dict[fx.Node, list[int]] = {}
         for axis, arg in enumerate(shape_args):
             for src_node, src_axis, direct in self._size_sources(arg):
                 src = self._label(src_node)
-                if src is None or axis >= result.dim():
-                    continue
+                if src is None or axis >= result.dim() or src_node is node.args[0]:
+                    continue  # (perf) a size of the tensor being reshaped: as before
                 src_axis %= src.dim()
-                if _varying_axes(src) != [src_axis]:
-                    continue  # a batch or spatial size (or channels spread over axes: left as it was)
                 src_vec = _axis_vector(src, src_axis)
+                if src_vec.numel() < 2 or bool((src_vec == src_vec[0]).all()):
+                    continue  # (perf, before the full check) a batch or spatial size: one id along it
+                if src_node not in varying:
+                    varying[src_node] = _varying_axes(src)
+                if varying[src_node] != [src_axis]:
+                    continue  # channels spread over several axes: left as it was
                 if result_ids is None:
                     result_ids = set(_unique_ids(result).tolist()) - {UNTRACKED}
                 if result_ids and result_ids <= set(src_vec.tolist()):
