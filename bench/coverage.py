@@ -782,8 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.tp_from.read_text())
         if (earlier["summary"].get("zoo"), earlier["summary"].get("ratio")) != (args.zoo, args.ratio):
             ap.error(f"--tp-from {args.tp_from} was a sweep of another zoo or ratio")
-        tp_rows = {k: v["tp"] for k, v in earlier["results"].items()
-                   if v.get("tp") and (args.size is None or v["tp"].get("size") in (args.size, None))}
+        tp_rows = {k: v["tp"] for k, v in earlier["results"].items() if v.get("tp")}
         print(f"Torch-Pruning rows of {len(tp_rows)} models from {args.tp_from}", flush=True)
     for name in names:
         if name in results or name in skipped:
@@ -799,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} skipped: {skipped[name]}", flush=True)
             continue
         if not args.no_tp:
-            r["tp"] = tp_rows[name] if name in tp_rows else run_worker("tp", name, args)
+            earlier_tp = tp_rows.get(name)
+            same_input = earlier_tp is not None and earlier_tp.get("size") == r["ours"].get("size")
+            r["tp"] = earlier_tp if same_input else run_worker("tp", name, args)
         results[name] = r
         o, t = r["ours"], r.get("tp")
         print(f"{name:24s} ours: {o['status']:16s} {o.get('reason', '')[:90]:90s} "
