@@ -221,8 +221,10 @@ class _UnionFind:
 
 
 def _axis_vector(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """The ids along `axis` (taken at index 0 of every other axis)."""
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)[:, 0] if t.numel() else t.new_full((t.shape[axis],), UNTRACKED)
+    """The ids along `axis` (taken at index 0 of every other axis; a view, no copy)."""
+    if not t.numel():
+        return t.new_full((t.shape[axis],), UNTRACKED)
+    return t[(0,) * axis + (slice(None),) + (0,) * (t.dim() - axis - 1)]
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -612,14 +614,15 @@ class _Propagator:
             # `s.expand_as(x)` look like a channel selection (SE blocks written that way).
             inputs = [t for t in (self._label(node.args[0]),) if t is not None]
         if isinstance(result, torch.Tensor):
+            result_ids = None
             if not (target is operator.getitem and self._sliced_by_attributes(node)):
-                self._check_selection(node, inputs, [result])
+                result_ids = self._check_selection(node, inputs, [result])
             if target == "expand":
                 self._check_fixed_expand(node, result)
             if target in _RESHAPES or literal_sizes:
                 result = self._resolve_split_axes(node, result, literal_sizes)
             if target in ("view", "reshape", torch.reshape):
-                self._borrowed_sizes(node, result)
+                self._borrowed_sizes(node, result, result_ids)
             self.labels[node] = result
         elif isinstance(result, (tuple, list)) and all(isinstance(r, torch.Tensor) for r in result):
             if target in ("chunk", torch.chunk, "split", torch.split):
@@ -648,7 +651,7 @@ class _Propagator:
             return [(n, k, False) for n, k, _ in found]
         return []
 
-    def _borrowed_sizes(self, node: fx.Node, result: torch.Tensor) -> None:
+    def _borrowed_sizes(self, node: fx.Node, result: torch.Tensor, ids: torch.Tensor | None) -> None:
         """A view/reshape to a size read from another tensor's channel axis (`v.reshape(B, C, H, W)`,
         `C` from the block input's shape) stays valid only while both keep the same channel count.
         Read as it is, onto an axis that alone carries the result's channels, the two are unioned
@@ -657,7 +660,7 @@ class _Propagator:
         shape_args = list(node.args[1:])
         if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
             shape_args = list(shape_args[0])
-        result_ids: set[int] | None = None
+        result_ids = None if ids is None else set(ids.tolist())  # the result's ids (`_check_selection` has them)
         varying: dict[fx.Node, list[int]] = {}
         for axis, arg in enumerate(shape_args):
             for src_node, src_axis, direct in self._size_sources(arg):
@@ -703,8 +706,9 @@ class _Propagator:
             self.unfollowed.append(reason)
             self.uf.pin(result[result >= 0], reason)
 
-    def _check_selection(self, node: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """A structural op that drops channel ids (slicing, indexing) pins the channels involved."""
+    def _check_selection(self, node: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> torch.Tensor:
+        """A structural op that drops channel ids (slicing, indexing) pins the channels involved.
+        Returns the outputs' ids."""
         # Perf: fast id sets on compacted labels (was cat + Tensor.unique on materialised maps).
         before = _unique_ids(torch.cat([_compact(t).reshape(-1) for t in inputs])) if inputs else torch.empty(0, dtype=torch.long)
         after = _unique_ids(torch.cat([_compact(t).reshape(-1) for t in outputs]))
@@ -712,6 +716,7 @@ class _Propagator:
             reason = f"channel selection at {node.name}"
             self.unfollowed.append(reason)
             self.uf.pin(before, reason)
+        return after
 
     def _unbind(self, node: fx.Node, inputs: list[torch.Tensor]) -> None:
         """Unbinding the channel axis makes every channel a tensor of its own: pin them."""
