@@ -324,6 +324,7 @@ class ConvRule(_WeightedRule):
         vec = call.channel_vector(x, 1)
         cin, cout, g = m.in_channels, m.out_channels, m.groups
         spatial = math.prod(m.kernel_size) * math.prod(shape[2:])
+        cpg, opg = cin // g, cout // g
         if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
             mult = cout // cin
             ids = []
@@ -338,14 +339,12 @@ class ConvRule(_WeightedRule):
             call.add_cost(ModuleCost("depthwise", spatial * mult, g, cin, cin))
         elif call.name in call.options.whole_conv_groups:
             # conv group k reads inputs [k*cpg, (k+1)*cpg) only: they go with its outputs
-            cpg, opg = cin // g, cout // g
             slots = call.new_slots("grp", g)
             for j, i in enumerate(vec.tolist()):
                 call.link(int(slots[j // cpg]), i)
             out = slots.repeat_interleave(opg)
             call.add_cost(ModuleCost("groupwise", spatial, g, cpg, opg))
         else:
-            cpg, opg = cin // g, cout // g
             for j, i in enumerate(vec.tolist()):
                 call.link(call.new_slot("in", j % cpg), i)
             out = call.new_slots("out", opg).repeat(g)

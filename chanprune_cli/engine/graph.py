@@ -220,11 +220,14 @@ class _UnionFind:
                 self.pin_reason.setdefault(i, reason)
 
 
-def _axis_vector(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """The ids along `axis` (taken at index 0 of every other axis; a view, no copy)."""
-    if not t.numel():
-        return t.new_full((t.shape[axis],), UNTRACKED)
+def _along(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """`t` along `axis`, at index 0 of every other axis (a view, no copy)."""
     return t[(0,) * axis + (slice(None),) + (0,) * (t.dim() - axis - 1)]
+
+
+def _axis_vector(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """The ids along `axis` (UNTRACKED for an empty tensor)."""
+    return _along(t, axis) if t.numel() else t.new_full((t.shape[axis],), UNTRACKED)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -383,9 +386,7 @@ class _Propagator:
             # An empty view (no rows in the example: a detector's stage with no boxes) still holds
             # its channels in its storage; a storage that does not fails here, and the op is pinned.
             return torch.as_strided(lab, (lab.shape[axis],), (lab.stride(axis),), lab.storage_offset())
-        index: list[Any] = [0] * lab.dim()
-        index[axis] = slice(None)
-        vec = lab[tuple(index)]
+        vec = _along(lab, axis)
         if any(a != axis for a in _varying_axes(lab)):
             reason = f"channels mixed with other axes before {what} ({node.name})"
             self.unfollowed.append(reason)
@@ -771,16 +772,16 @@ class _Propagator:
         before it. Positions j < a become slots "split:a" of that module (as for split sizes: two
         tensors sliced by one attribute lose the same positions). False: not such a slice."""
         x, index = self._label(node.args[0]), node.args[1] if len(node.args) > 1 else None
-        running = self._running_module(node)
-        if x is None or running is None or not isinstance(index, tuple) or len(index) > x.dim():
+        if x is None or not isinstance(index, tuple) or len(index) > x.dim():
             return False
         cut = [k for k, i in enumerate(index) if i != slice(None)]
-        if len(cut) != 1 or not isinstance(index[cut[0]], slice) or cut[0] not in _varying_axes(x):
+        if len(cut) != 1 or not isinstance(index[cut[0]], slice) or index[cut[0]].step not in (None, 1):
             return False
         axis, sl = cut[0], index[cut[0]]
-        path, attrs = running
-        if sl.step not in (None, 1):
+        running = self._running_module(node)  # (perf) after the cheap checks: this runs for every getitem
+        if running is None or axis not in _varying_axes(x):
             return False
+        path, attrs = running
         bounds = []
         for value, may_be_zero in ((sl.start, True), (sl.stop, False)):
             if value is None or (may_be_zero and value == 0):
@@ -810,30 +811,24 @@ class _Propagator:
             return False
         path, attrs = running
         if isinstance(size_arg, int):
-            name = self._int_attr(attrs, size_arg)
-            if name is None or any(p.shape[dim] != size_arg for p in pieces):
-                return False
-            for p in pieces[1:]:
-                self.uf.union_pairs(pieces[0], p)
-            kinds = [f"split:{name}"]
+            if any(p.shape[dim] != size_arg for p in pieces):
+                return False  # a shorter last piece
+            names = [self._int_attr(attrs, size_arg)] * len(pieces)
         elif isinstance(size_arg, (tuple, list)) and all(type(v) is int for v in size_arg):
             whole = [k for k, v in attrs.items() if isinstance(v, (tuple, list)) and list(v) == list(size_arg)]
-            if len(whole) == 1:
-                kinds = [f"split:{whole[0]}:{p}" for p in range(len(pieces))]
-            else:
-                names = [self._int_attr(attrs, v) for v in size_arg]
-                if None in names:
-                    return False
-                if len(set(names)) == 1 and len(names) > 1:  # (self.c, self.c): equal pieces, one size
-                    for p in pieces[1:]:
-                        self.uf.union_pairs(pieces[0], p)
-                    pieces = pieces[:1]
-                elif len(set(names)) != len(names):
-                    return False
-                kinds = [f"split:{n}" for n in dict.fromkeys(names)]
+            names = [f"{whole[0]}:{p}" for p in range(len(pieces))] if len(whole) == 1 else \
+                [self._int_attr(attrs, v) for v in size_arg]
         else:
             return False
-        for piece, kind in zip(pieces, kinds):
+        if None in names:
+            return False
+        if len(set(names)) == 1:  # one size for every piece (`self.width`, `(self.c, self.c)`): same positions
+            for p in pieces[1:]:
+                self.uf.union_pairs(pieces[0], p)
+            pieces = pieces[:1]
+        elif len(set(names)) != len(names):
+            return False
+        for piece, kind in zip(pieces, [f"split:{n}" for n in dict.fromkeys(names)]):
             for j, i in enumerate(self._channel_vector(piece, dim, node, node.name).tolist()):
                 self._link(self.uf.new((path, kind, j)), i)
         return True

@@ -61,7 +61,8 @@ def apply_shape_attrs(model: nn.Module, record: dict[str, dict[str, Any]], tenso
         for attr, value in attrs.items():
             if hasattr(module, attr) and not _derived(module, attr):  # files before 2026-11-27 recorded properties
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-        extra = [a for a in attrs if a not in shape_attr_names(module) and hasattr(module, a)]
+        declared = shape_attr_names(module)
+        extra = [a for a in attrs if a not in declared and hasattr(module, a)]
         if extra:
             mark_size_attrs(module, extra)  # recorded again when this model is pruned and saved
     for module_name, module in modules.items():
