@@ -334,6 +334,43 @@ def test_compile_trains_on_the_cpu(digits_train: Any, trained_state: Any) -> Non
     assert result.steps == 2 and all(torch.isfinite(p).all() for p in result.model.parameters())
 
 
+def test_amp_on_the_cpu_is_float32_by_default_and_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chanprune_cli.train import precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve_amp("auto", cpu) is None and precision.resolve_amp("off", cpu) is None
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        precision.resolve_amp("fp16", cpu)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(UserError, match="no native bf16 arithmetic"):
+        precision.resolve_amp("bf16", cpu)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_amp("bf16", cpu) is torch.bfloat16
+
+
+def test_bf16_on_the_cpu_trains_in_bf16_channels_last_and_is_seeded(monkeypatch: pytest.MonkeyPatch, digits_train: Any,
+                                                                    digits_test: Any, trained_state: Any) -> None:
+    from chanprune_cli.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: slower, same result
+    conv_dtypes: set[torch.dtype] = set()
+
+    def run() -> tuple[Trainer, dict[str, torch.Tensor]]:
+        model = fresh_model(trained_state)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
+        trainer = make_trainer(model, digits_train, None, val=digits_test, max_steps=6, amp="bf16")
+        result = trainer.fit()
+        return trainer, weights(result.model)
+
+    trainer, first = run()
+    assert trainer.amp_dtype is torch.bfloat16 and trainer.channels_last
+    assert conv_dtypes == {torch.bfloat16}  # training steps and validation alike
+    assert all(v.dtype == torch.float32 for v in first.values() if v.is_floating_point())  # weights stay float32
+    assert trainer.evals and trainer.evals[-1]["top1"] > 50.0  # percent; the trained start is about 90
+    assert_same(first, run()[1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_tensor_path_feeds_the_loader_paths_batches(trained_state: Any, jpeg_folder: Path) -> None:
     train = open_dataset(str(jpeg_folder), input_shape=SHAPE, mean=(0.5,), std=(0.5,), train=True)

@@ -36,6 +36,7 @@ from torch import nn
 from .. import measure
 from ..engine.layer_rules import layer_shape
 from ..errors import UserError
+from ..support.device import cpu_has_native_bf16
 
 if TYPE_CHECKING:
     from ..checkpoint import LoadedCheckpoint
@@ -188,8 +189,7 @@ def precision_warning(dtype: str, device: torch.device) -> str | None:
         if dtype == "fp16":
             return ("--dtype fp16 on the CPU: half precision is for GPUs; CPU kernels run it slower than fp32, "
                     "so this latency says little about deployment (time fp16 on a GPU, or use bf16/fp32 here)")
-        mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        if dtype == "bf16" and not (mkldnn_bf16 is not None and mkldnn_bf16()):
+        if dtype == "bf16" and not cpu_has_native_bf16():
             return "--dtype bf16: this CPU has no native bf16 arithmetic; it is emulated and slower than fp32"
     elif device.type == "cuda" and dtype == "bf16" and not torch.cuda.is_bf16_supported():
         return "--dtype bf16: this GPU has no native bf16 arithmetic (before Ampere); use fp16"

@@ -32,3 +32,10 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda", index)
         return torch.device("cuda")
     raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it,
+    slower than float32."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported is not None and supported())

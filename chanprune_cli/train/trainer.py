@@ -103,7 +103,9 @@ class Trainer:
         self.log = log or (lambda s: None)
         self.on_eval = on_eval
         self.amp_dtype = resolve_amp(cfg.amp, device)
-        self.channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+        # oneDNN's bf16 kernels want channels-last as much as cuDNN's do.
+        self.channels_last = (cfg.channels_last if cfg.channels_last is not None
+                              else device.type == "cuda" or self.amp_dtype is not None)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.local_batch = D.local_batch(cfg.batch_size, self.env)
         n = len(train_set)  # type: ignore[arg-type]
