@@ -95,7 +95,7 @@ def test_json_fields_and_comparison_with_the_reference(ckpts: dict[str, Path], t
     assert timing == {"dtype": "fp32", "channels_last": False, "cudnn_benchmark": False, "compile": False,
                       "cudnn_allow_tf32": None}
     assert doc["data"]["source"] == "digits:test" and doc["data"]["images"] == 359
-    assert doc["gates"] == [] and doc["passed"] is True
+    assert doc["gates"] == [] and doc["passed"] is True and isinstance(doc["warnings"], list)
 
     ref, pruned = doc["models"]
     assert [m["path"] for m in doc["models"]] == [str(ckpts["good"]), str(ckpts["pruned"])]
@@ -309,6 +309,48 @@ def test_cuda_deployed_latency(dtype: str) -> None:
     assert next(model.parameters()).device.type == "cpu"
     described = settings.to_json(torch.device("cuda"))
     assert described["device_name"] == torch.cuda.get_device_name(0) and described["cudnn_benchmark"] is True
+
+
+def test_a_pruned_model_slower_than_its_reference_is_said(ckpts: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = benchmark.time_model
+    full = sum(p.numel() for p in build_model(parse_arch("digits_cnn")).parameters())
+
+    def pruned_made_slow(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = real(model, *args, **kwargs)
+        if sum(p.numel() for p in model.parameters()) < full:  # the pruned one: 1000x its real time
+            result = {k: v * 1000 if k.endswith("_ms") else v / 1000 if k == "images_per_second" else v
+                      for k, v in result.items()}
+        return result
+
+    monkeypatch.setattr(benchmark, "time_model", pruned_made_slow)
+    out = tmp_path / "bench.json"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--json", out)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(out.read_text())
+    macs_ratio = doc["models"][1]["vs_reference"]["macs_ratio"]
+    [line] = doc["warnings"]
+    assert line.startswith(f"{ckpts['pruned']} does {macs_ratio:.2f}x fewer MACs than the reference but runs slower (batch 1: ")
+    assert "batch 4: " in line and "per-operation overhead" in line  # the CPU's cause
+    assert f"warning: {line}" in " ".join(result.stderr.split())  # also said on stderr (maybe wrapped)
+
+
+def test_slowdown_cause_on_a_gpu_counts_unaligned_widths() -> None:
+    def result(widths: dict[str, int]) -> benchmark.ModelResult:
+        return benchmark.ModelResult("p.pt", "chanprune", None, (3, 8, 8), 10, 10, 1, 0.1, widths)
+
+    same = benchmark.Comparison(1.0, 1.0, {1: 1.0}, None, None)
+    slower = benchmark.Comparison(2.0, 2.0, {1: 0.6, 64: 1.3}, None, None)
+    cuda = torch.device("cuda")
+    [line] = benchmark.slowdowns([result({}), result({"a": 12, "b": 16, "c": 10})], [same, slower], cuda)
+    assert line == ("p.pt does 2.00x fewer MACs than the reference but runs slower (batch 1: 0.60x as fast); 2 of its 3 "
+                    "layers have widths that are not multiples of 8 and miss the GPU's tensor-core kernels: prune with "
+                    "--round-to 8")
+    [line] = benchmark.slowdowns([result({}), result({"a": 16})], [same, slower], cuda)
+    assert line.endswith("its widths are multiples of 8, so cuDNN's kernel choice for the new shapes is the likely cause")
+    faster = benchmark.Comparison(2.0, 2.0, {1: 1.1, 64: 1.3}, None, None)
+    bigger = benchmark.Comparison(0.5, 0.5, {1: 0.5}, None, None)  # more work: slower is expected
+    assert benchmark.slowdowns([result({}), result({}), result({})], [same, faster, bigger], cuda) == []
 
 
 def test_gate_descriptions() -> None:

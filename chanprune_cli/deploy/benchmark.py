@@ -304,6 +304,31 @@ class Comparison:
         }
 
 
+def slowdowns(results: Sequence[ModelResult], comparisons: Sequence[Comparison], device: torch.device) -> list[str]:
+    """One line for each model that does less work than the reference yet runs slower at some batch
+    size, with the likely cause: fewer MACs promise the opposite, so the user hears it."""
+    lines = []
+    for result, comp in zip(results[1:], comparisons[1:]):
+        slower = [b for b, s in sorted(comp.speedup.items()) if s < 1.0]
+        if comp.macs_ratio <= 1.0 or not slower:
+            continue
+        at = ", ".join(f"batch {b}: {comp.speedup[b]:.2f}x as fast" for b in slower)
+        lines.append(f"{result.path} does {comp.macs_ratio:.2f}x fewer MACs than the reference but runs slower "
+                     f"({at}); {_slowdown_cause(result, device)}")
+    return lines
+
+
+def _slowdown_cause(result: ModelResult, device: torch.device) -> str:
+    if device.type == "cuda":
+        unaligned = sum(1 for w in result.widths.values() if w % 8)
+        if unaligned:
+            return (f"{unaligned} of its {len(result.widths)} layers have widths that are not multiples of 8 and miss "
+                    "the GPU's tensor-core kernels: prune with --round-to 8")
+        return "its widths are multiples of 8, so cuDNN's kernel choice for the new shapes is the likely cause"
+    return ("at small batches a thin model's time follows per-operation overhead and memory traffic rather than "
+            "MACs; compare at larger --batch-sizes")
+
+
 def _ratio(reference: float, value: float) -> float:
     return reference / value if value else math.inf
 

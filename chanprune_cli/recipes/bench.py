@@ -170,11 +170,14 @@ def bench_checkpoints(
     comparisons = [benchmark.compare(results[0], r) for r in results]
     gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
                                      gate_batch=gate_at)
+    slower = benchmark.slowdowns(results, comparisons, dev)
+    for line in slower:
+        warn(line)
     return BenchReport(
         models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads_used,
         batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time,
                                          **deployment.to_json(dev)},
-        gate_batch=gate_at, data=data_info, seed=seed, plot=plot)
+        gate_batch=gate_at, data=data_info, seed=seed, plot=plot, warnings=slower)
 
 
 def _recorded_normalization(checkpoints: Sequence[str], loaded: Sequence[Any], mean: tuple[float, ...] | None,

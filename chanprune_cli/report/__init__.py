@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -431,6 +431,7 @@ class BenchReport:
     data: dict[str, Any] | None = None  # source, max_batches
     seed: int | None = None
     plot: str | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. benchmark.slowdowns()
 
 
 def bench_document(report: BenchReport) -> dict[str, Any]:
@@ -447,6 +448,7 @@ def bench_document(report: BenchReport) -> dict[str, Any]:
         "gates": [g.to_json() for g in report.gates],
         "passed": all(g.passed for g in report.gates),
         "plot": report.plot,
+        "warnings": list(report.warnings),
     }
     return json_document("bench", body, seed=report.seed)
 
