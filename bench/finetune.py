@@ -22,6 +22,7 @@ Usage (the recorded CPU run, see BENCHMARKS.md):
     python bench/finetune.py --steps 200 --threads 1 --out bench/out/finetune
 Throughput only (the input paths; prunes the model it needs first):
     python bench/finetune.py --throughput-only --threads 2 --throughput-steps 30 --throughput-rounds 3 --out bench/out/ft-speed
+    (add --amp bf16 for bf16 autocast + channels-last, on a GPU or a CPU with native bf16)
 Quick smoke run:
     python bench/finetune.py --steps 3 --eval-images 256 --throughput-steps 2 --out /tmp/ftb
 """
@@ -51,6 +52,7 @@ from chanprune_cli.cli import main as chanprune  # noqa: E402
 from chanprune_cli.data import make_loader, open_dataset  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params  # noqa: E402
 from chanprune_cli.train import TrainConfig, Trainer, validate  # noqa: E402
+from chanprune_cli.train.precision import autocast, resolve_amp  # noqa: E402
 
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 SHAPE = (3, 32, 32)
@@ -88,14 +90,19 @@ def throughput(model_path: Path, train: str, args: argparse.Namespace, device: t
     def ours(tensor: bool) -> tuple[float, float]:
         model = copy.deepcopy(base)
         cfg = TrainConfig(max_steps=steps, batch_size=bs, lr=0.01, progress=False, save_every=None, seed=args.seed,
-                          workers=args.workers, tensor_cache=tensor, compile=args.compile)
+                          workers=args.workers, tensor_cache=tensor, compile=args.compile, amp=args.amp)
         trainer = Trainer(model, dataset, cfg, device=device)
         cpu = time.process_time()
         result = trainer.fit()
         return result.images_per_second, result.train_images / max(time.process_time() - cpu, 1e-9)
 
+    amp_dtype = resolve_amp(args.amp, device)
+    channels_last = device.type == "cuda" or amp_dtype is not None  # as the Trainer decides by default
+
     def plain() -> tuple[float, float]:
         model = copy.deepcopy(base).to(device).train()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         loader = make_loader(dataset, batch_size=bs, seed=args.seed, shuffle=True, workers=args.workers or 0,
                              max_batches=steps, drop_last=True)
@@ -103,7 +110,10 @@ def throughput(model_path: Path, train: str, args: argparse.Namespace, device: t
         start, cpu = time.perf_counter(), time.process_time()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -122,7 +132,7 @@ def throughput(model_path: Path, train: str, args: argparse.Namespace, device: t
             cpu_rounds[name].append(cpu)
     best = {k: max(v) for k, v in rounds.items()}
     best_cpu = {k: max(v) for k, v in cpu_rounds.items()}
-    return {"steps": steps, "batch_size": bs, "workers": args.workers, "compile": args.compile,
+    return {"steps": steps, "batch_size": bs, "workers": args.workers, "compile": args.compile, "amp": args.amp,
             "tensor_prepare_s": prepare_s, "rounds": rounds, "cpu_rounds": cpu_rounds, "best": best,
             "best_per_cpu_second": best_cpu, "ours": best["tensor"], "plain": best["plain"],
             "ratio": best["tensor"] / best["plain"] if best["plain"] else None,
@@ -151,6 +161,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: finetune's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the throughput runs")
+    parser.add_argument("--amp", default="auto", help="finetune --amp for every run (bf16: also on CPUs with native bf16)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the throughput comparison (prunes the model it needs first)")
     parser.add_argument("--device", default="auto")
@@ -173,6 +184,8 @@ def main() -> int:
               "--seed", str(args.seed), "--device", args.device, "--save-every", str(max(args.steps, 1)), "--force"]
     if args.workers is not None:
         common += ["--workers", str(args.workers)]
+    if args.amp != "auto":
+        common += ["--amp", args.amp]
     if args.threads is not None:
         common += ["--threads", str(args.threads)]
     if args.eval_images < 10000:
@@ -286,7 +299,8 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"Training throughput on the one-shot pruned model ({t['steps']} steps of batch {t['batch_size']}, "
                   f"data loading included, best of {len(t['rounds']['tensor'])} interleaved rounds, workers "
                   f"{t['workers'] if t['workers'] is not None else 'default'}"
-                  f"{', torch.compile' if t['compile'] else ''}; the tensor path's one-time decode or cache read "
+                  f"{', torch.compile' if t['compile'] else ''}{', --amp ' + t['amp'] if t.get('amp', 'auto') != 'auto' else ''}"
+                  f"; the tensor path's one-time decode or cache read "
                   f"took {t['tensor_prepare_s']:.1f} s):", "",
                   "| loop | img/s (wall) | img per CPU-second (main process) |", "|---|---|---|"]
         labels = {"tensor": "ours, tensor path (images on the device)", "loader": "ours, loader path (decode per step)",

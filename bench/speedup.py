@@ -15,6 +15,11 @@ else running, the same thread count for every model. The recorded run:
     nice -n 0 .venv/bin/python bench/speedup.py --threads 2 --repeats 30 --max-time 30 \\
         --json bench/out/speedup.json | tee bench/out/speedup.md
 
+As deployed on a CPU with native bf16 (AVX512-BF16/AMX), converted like `chanprune bench --dtype bf16
+--channels-last`:
+
+    .venv/bin/python bench/speedup.py --dtype bf16 --channels-last --threads 2 --json bench/out/speedup-bf16.json
+
 A quick check that the script works (seconds to a minute, numbers meaningless):
 
     .venv/bin/python bench/speedup.py --models r56 --round-to 1,8 --warmup 1 --repeats 2 --max-time 1
@@ -38,7 +43,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from chanprune_cli.prune import pruning
-from chanprune_cli.deploy.benchmark import time_model
+from chanprune_cli.deploy.benchmark import Deployment, deployed, time_model
 from chanprune_cli.checkpoint import load_checkpoint
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.measure import count_macs, count_params
@@ -60,8 +65,10 @@ def load(name: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int
 
 
 def timings(model: nn.Module, shape: tuple[int, int, int], args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    settings = Deployment(dtype=args.dtype, channels_last=args.channels_last)
+    model = deployed(model, settings, torch.device("cpu"), shape)  # a converted copy, as `chanprune bench` times it
     return {b: time_model(model, shape, b, "cpu", warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                          max_time=args.max_time) for b in args.batch_sizes}
+                          max_time=args.max_time, settings=settings) for b in args.batch_sizes}
 
 
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -124,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-flops", type=float, default=0.5, help="fraction of the MACs to remove (default 0.5)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op CPU threads, fixed for every run (default 2)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="as `chanprune bench --dtype`")
+    parser.add_argument("--channels-last", action="store_true", help="as `chanprune bench --channels-last`")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs (median reported; default 30)")
     parser.add_argument("--max-time", type=float, default=30.0,
                         help="seconds of timed runs per model and batch size, at least 5 runs (default 30; 0: no bound)")
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_model(name, args)
     table = markdown(rows, args.batch_sizes)
     print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+          f"{args.dtype}{' channels-last' if args.channels_last else ''}, "
           f"target {args.target_flops:g} of the MACs removed (l1), median of ≤{args.repeats} runs "
           f"(≤{args.max_time:g} s per model and batch), {args.warmup} warm-up\n")
     print(table)
