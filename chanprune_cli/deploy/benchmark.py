@@ -325,8 +325,8 @@ def _slowdown_cause(result: ModelResult, device: torch.device) -> str:
             return (f"{unaligned} of its {len(result.widths)} layers have widths that are not multiples of 8 and miss "
                     "the GPU's tensor-core kernels: prune with --round-to 8")
         return "its widths are multiples of 8, so cuDNN's kernel choice for the new shapes is the likely cause"
-    return ("at small batches a thin model's time follows per-operation overhead and memory traffic rather than "
-            "MACs; compare at larger --batch-sizes")
+    return ("on the CPU a thin model's time can follow per-operation overhead and memory traffic rather than MACs "
+            "(most at small batches)")
 
 
 def _ratio(reference: float, value: float) -> float:
