@@ -44,7 +44,8 @@ def stages_ran(directory: Path) -> set[str]:
 
 def test_every_sample_config_is_covered() -> None:
     assert {p.name for p in SAMPLES.glob("*.toml")} == {
-        "resnet56_l1.toml", "resnet56_sensitivity_global.toml", "resnet18_imagefolder.toml", "ci_gates.toml"}
+        "resnet56_l1.toml", "resnet56_sensitivity_global.toml", "resnet56_lossless.toml", "resnet18_imagefolder.toml",
+        "ci_gates.toml"}
 
 
 @pytest.fixture
@@ -75,6 +76,23 @@ def test_resnet56_sensitivity_global(workdir: Path) -> None:
     assert prune["criterion"] == "sensitivity" and prune["requested"]["target_flops"] == 0.5
     assert 1 - prune["after"]["macs"] / prune["before"]["macs"] == pytest.approx(0.5, abs=0.05)
     assert json.loads((workdir / "out" / "export.json").read_text())["passed"]
+
+
+def test_resnet56_lossless(workdir: Path) -> None:
+    ckpt = save_random("cifar_resnet56", workdir / "r56.pt")
+    result = run(SAMPLES / "resnet56_lossless.toml", "--set", f"checkpoint={ckpt}", "--set", f"data={SYNTHETIC}",
+                 "--set", "score.calib_batches=2", "--set", "score.batch_size=8", "--set", "finetune.epochs=1",
+                 "--set", "finetune.batch_size=8", "--set", f"finetune.teacher={ckpt}", "--set", f"finetune.val_data={SYNTHETIC}",
+                 "--set", f"bench.data={SYNTHETIC}", "--set", "bench.batch_sizes=1,8", *FAST)
+    assert stages_ran(workdir / "out") == {"score", "prune", "finetune", "bench"}
+    prune = json.loads((workdir / "out" / "prune.json").read_text())
+    assert prune["criterion"] == "sensitivity" and prune["requested"]["target_flops"] == 0.5 and prune["verify"]["passed"]
+    finetune = json.loads((workdir / "out" / "finetune.json").read_text())
+    assert finetune["epochs"] == 1 and finetune["teacher"]
+    [gate] = json.loads((workdir / "out" / "bench.json").read_text())["gates"]
+    assert gate["name"] == "max-acc-drop" and gate["limit"] == 0.0
+    # Random weights decide pass or fail; the exit code must agree with the gate.
+    assert result.exit_code == (0 if gate["passed"] else 3), result.output
 
 
 def test_resnet18_imagefolder(workdir: Path) -> None:
