@@ -364,11 +364,25 @@ def test_bf16_on_the_cpu_trains_in_bf16_channels_last_and_is_seeded(monkeypatch:
         return trainer, weights(result.model)
 
     trainer, first = run()
-    assert trainer.amp_dtype is torch.bfloat16 and trainer.channels_last
+    assert trainer.amp_dtype is torch.bfloat16 and not trainer.channels_last  # CPU: contiguous unless asked
     assert conv_dtypes == {torch.bfloat16}  # training steps and validation alike
     assert all(v.dtype == torch.float32 for v in first.values() if v.is_floating_point())  # weights stay float32
     assert trainer.evals and trainer.evals[-1]["top1"] > 50.0  # percent; the trained start is about 90
     assert_same(first, run()[1])
+
+
+def test_on_the_cpu_the_teacher_runs_channels_last_and_the_student_contiguous(digits_train: Any,
+                                                                             trained_state: Any) -> None:
+    student, teacher = fresh_model(trained_state), fresh_model(trained_state)
+    trainer = Trainer(student, digits_train, TrainConfig(max_steps=2, batch_size=32, progress=False, save_every=None),
+                      device=torch.device("cpu"), teacher=teacher)
+    conv = "conv2.weight"  # 16 -> 32 channels (conv1 reads 1 channel: both layouts are the same there)
+    assert teacher.state_dict()[conv].is_contiguous(memory_format=torch.channels_last)
+    assert not student.state_dict()[conv].is_contiguous(memory_format=torch.channels_last) and not trainer.channels_last
+    assert trainer.fit().steps == 2
+    forced = Trainer(fresh_model(trained_state), digits_train, TrainConfig(max_steps=1, batch_size=32, progress=False,
+                     save_every=None, channels_last=True), device=torch.device("cpu"))
+    assert forced.channels_last and forced.model.state_dict()[conv].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
