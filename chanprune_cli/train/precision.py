@@ -3,7 +3,7 @@ the training step and validation run their forward passes in.
 
 On CUDA `auto` picks bf16 where the GPU has it (fp16 with a gradient scaler before Ampere). On the
 CPU `auto` stays float32, the portable, bit-reproducible default; `--amp bf16` asks for bf16
-autocast, which CPUs with AVX512-BF16 or AMX run natively (a distilled ResNet-56 fine-tune: 1.5×
+autocast, which CPUs with AVX512-BF16 or AMX run natively (a distilled ResNet-56 fine-tune: 1.5–1.8×
 faster there, BENCHMARKS.md) and which is refused where it would only be emulated."""
 
 from __future__ import annotations
