@@ -22,7 +22,7 @@ Usage (the recorded CPU run, see BENCHMARKS.md):
     python bench/finetune.py --steps 200 --threads 1 --out bench/out/finetune
 Throughput only (the input paths; prunes the model it needs first):
     python bench/finetune.py --throughput-only --threads 2 --throughput-steps 30 --throughput-rounds 3 --out bench/out/ft-speed
-    (add --amp bf16 for bf16 autocast + channels-last, on a GPU or a CPU with native bf16)
+    (add --amp bf16 for bf16 autocast, on a GPU or a CPU with native bf16)
 Quick smoke run:
     python bench/finetune.py --steps 3 --eval-images 256 --throughput-steps 2 --out /tmp/ftb
 """
@@ -97,7 +97,7 @@ def throughput(model_path: Path, train: str, args: argparse.Namespace, device: t
         return result.images_per_second, result.train_images / max(time.process_time() - cpu, 1e-9)
 
     amp_dtype = resolve_amp(args.amp, device)
-    channels_last = device.type == "cuda" or amp_dtype is not None  # as the Trainer decides by default
+    channels_last = device.type == "cuda"  # as the Trainer decides for the trained model by default
 
     def plain() -> tuple[float, float]:
         model = copy.deepcopy(base).to(device).train()
