@@ -661,7 +661,7 @@ class _Propagator:
         shape_args = list(node.args[1:])
         if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
             shape_args = list(shape_args[0])
-        result_ids = None if ids is None else set(ids.tolist())  # the result's ids (`_check_selection` has them)
+        result_ids: set[int] | None = None  # built only when a size is borrowed (this runs for every reshape)
         varying: dict[fx.Node, list[int]] = {}
         for axis, arg in enumerate(shape_args):
             for src_node, src_axis, direct in self._size_sources(arg):
@@ -676,8 +676,8 @@ class _Propagator:
                     varying[src_node] = _varying_axes(src)
                 if varying[src_node] != [src_axis]:
                     continue  # channels spread over several axes: left as it was
-                if result_ids is None:
-                    result_ids = set(_unique_ids(result).tolist()) - {UNTRACKED}
+                if result_ids is None:  # `_check_selection` computed them, when it ran
+                    result_ids = set((_unique_ids(result) if ids is None else ids).tolist())
                 if result_ids and result_ids <= set(src_vec.tolist()):
                     continue
                 if direct and set(_varying_axes(result)) <= {axis} and len(src_vec) == result.shape[axis]:
