@@ -18,6 +18,9 @@ runs out of time is recorded as such and the next one runs):
               removed with and without `--round-to 8`: fp32 without autotuning (as measured
               before) vs bf16 channels-last with cuDNN autotuning, batch 1/64/256
   scoring     `bench/criteria_speed.py` on CUDA: each criterion's cost relative to forward+backward
+  decode      large JPEG images (ImageNet-sized, made here), a ResNet-50 fine-tuned at 224 px: the
+              loader path (decode and augment in workers) vs `--device-decode` (nvJPEG), input
+              pipeline alone and whole training steps
   suite       the whole test suite (pytest-xdist) in the time that is left: the failures with a GPU
 
 Everything is written to OUT (`$OUT`, else ./gpu_check_out): `gpu_check.md` (the summary, rewritten
@@ -59,6 +62,7 @@ class Budget:
     export: int = 25
     latency: int = 100
     scoring: int = 45
+    decode: int = 45
     total: int = 480
     epochs: int = 10
     batch: int = 256
@@ -70,13 +74,17 @@ class Budget:
     criteria_batches: int = 16
     criteria_arch: str = "cifar_resnet56"
     eval_batches: int | None = None  # accuracy in `latency` on all test images
+    decode_images: int = 640
+    decode_size: int = 224
+    decode_batch: int = 128
+    decode_steps: int = 15
 
 
 QUICK = Budget(tests=120, prune=300, throughput=300, finetune=300, export=120, latency=420, scoring=300,
                total=3000, epochs=1, batch=16, calib_batches=2, throughput_steps=3, r50_shape="3,64,64",
                batch_sizes="1,4", latency_time=0.2, criteria_batches=2, criteria_arch="cifar_resnet20",
-               eval_batches=2)
-PHASES = ("env", "tests", "prune", "throughput", "finetune", "export", "latency", "scoring", "suite")
+               eval_batches=2, decode=300, decode_images=40, decode_size=96, decode_batch=8, decode_steps=3)
+PHASES = ("env", "tests", "prune", "throughput", "finetune", "export", "latency", "scoring", "decode", "suite")
 
 
 @dataclass
@@ -302,6 +310,16 @@ def phase_suite(check: Check) -> None:
     check.facts["suite"] = _pytest_outcome(result["output"])
 
 
+def phase_decode(check: Check, work: Path) -> None:
+    b, out = check.budget, work / "decode.json"
+    check.run("decode", helper("decode", "--device", check.device, "--steps", str(b.decode_steps), "--batch",
+                               str(b.decode_batch), "--images", str(b.decode_images), "--size", str(b.decode_size),
+                               "--work", str(work), "--result", str(out)), b.decode)
+    result = json_of(out)
+    if result is not None:
+        check.facts["decode"] = result
+
+
 # --------------------------------------------------------------------------------------------
 # the throughput helper (its own process: run by phase_throughput)
 
@@ -370,6 +388,73 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the decode helper (its own process: run by phase_decode)
+
+
+def _jpeg_folder(root: Path, images: int, size: int) -> Path:
+    """`images` JPEGs in 10 class folders, about ImageNet's 500x375 at 224 px (scaled with `size`):
+    smooth gradients under noise, so that they compress like photographs, not like flat colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        folder = root / f"c{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = (int(v * size / 224) for v in (rng.integers(400, 520), rng.integers(300, 400)))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + 60 * (i % 3)], -1)
+        Image.fromarray((base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)).save(
+            folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def decode(args: argparse.Namespace) -> None:
+    import torch
+    import torchvision
+
+    from chanprune_cli.data import open_dataset
+    from chanprune_cli.support import distributed as D
+    from chanprune_cli.train import TrainConfig, Trainer
+    from chanprune_cli.train.inputs import TrainInputs, default_workers
+
+    device = torch.device(args.device)
+    folder = _jpeg_folder(Path(args.work) / f"jpegs-{args.images}-{args.size}", args.images, args.size)
+    dataset = open_dataset(str(folder), input_shape=(3, args.size, args.size), train=True)
+    workers = default_workers(device)
+    steps_per_epoch = len(dataset) // args.batch
+
+    def pipeline(device_decode: bool) -> float:
+        """Batches per second of the input path alone, on the device (no model)."""
+        inputs = TrainInputs(dataset, batch_size=args.batch, steps_per_epoch=steps_per_epoch, seed=0, workers=workers,
+                             device=device, env=D.DistEnv(), tensor=False, device_decode=device_decode)
+        batches = inputs.batches(0, args.steps + 2)
+        for _ in range(2):  # workers started, first batches in flight
+            next(batches)
+        start = time.perf_counter()
+        for x, _ in batches:
+            x.sum().item()
+        return args.steps * args.batch / (time.perf_counter() - start)
+
+    def trainer(device_decode: bool, steps: int) -> float:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(num_classes=10)
+        cfg = TrainConfig(max_steps=steps, batch_size=args.batch, lr=0.01, progress=False, save_every=None,
+                          workers=workers, device_decode=device_decode)
+        return Trainer(model, dataset, cfg, device=device).fit().images_per_second
+
+    trainer(True, 2)  # warm-up: CUDA context, nvJPEG, kernels chosen
+    rates = {"input only, loader path": pipeline(False), "input only, device decode": pipeline(True),
+             "ResNet-50 training, loader path": trainer(False, args.steps),
+             "ResNet-50 training, device decode": trainer(True, args.steps)}
+    sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
+    result = {"images": len(dataset), "size": args.size, "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+              "batch": args.batch, "steps": args.steps, "workers": workers, "rates": rates}
+    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
 # the summary
 
 
@@ -390,6 +475,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["", f"## Fine-tuning throughput (pruned ResNet-56, batch {t['batch']}, {t['steps']} steps, "
                   f"{t['workers']} loader workers)", "", "| loop | img/s |", "|---|---|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in t["rates"].items()]
+    d = doc.get("decode")
+    if d:
+        lines += ["", f"## Large JPEGs: loader vs --device-decode ({d['images']} images of ~{d['mean_jpeg_kb']} KB at "
+                  f"{d['size']} px, batch {d['batch']}, {d['steps']} steps, {d['workers']} loader workers)", "",
+                  "| loop | img/s |", "|---|---|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in d["rates"].items()]
     f = doc.get("finetune")
     if f:
         final = f.get("final") or {}
@@ -431,9 +522,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.phase == "throughput":
-        throughput(args)
+    if args.phase in ("throughput", "decode"):
+        (throughput if args.phase == "throughput" else decode)(args)
         return 0
     needed = ["cifar10-jpeg-train.tar.gz", "cifar10-jpeg-test.tar.gz", "resnet56-cifar10jpeg.pt"]
     missing = [n for n in needed if not (args.data / n).is_file()]
@@ -481,6 +575,9 @@ def main() -> int:
         check.write()
     if "scoring" in chosen:
         phase_scoring(check)
+        check.write()
+    if "decode" in chosen:
+        phase_decode(check, work)
         check.write()
     if "suite" in chosen:
         phase_suite(check)

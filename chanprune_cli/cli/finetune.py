@@ -95,6 +95,7 @@ def finetune(
     amp: Annotated[str, typer.Option("--amp", metavar="auto|off|bf16|fp16", help="Mixed precision. CUDA: auto is bf16 where supported, else fp16. CPU: auto is float32; bf16 runs natively on CPUs with AVX512-BF16 or AMX (a distilled ResNet-56 fine-tune: 1.5-1.8x faster there), refused elsewhere.", rich_help_panel=RUN_PANEL)] = "auto",
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last memory format for the trained model (default: on CUDA; on the CPU only the teacher runs channels-last).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     tensor_cache: Annotated[Optional[bool], typer.Option("--tensor-cache/--no-tensor-cache", help="Hold small images (up to 64 px) as one tensor on the device, decoded once (image folders: cached in the cache folder), and crop, flip and normalise each batch there: same batches as decoding every step, without the decoding (default: whenever the data allows it).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    device_decode: Annotated[bool, typer.Option("--device-decode", help="Large JPEG training images: decode, crop, resize and flip each batch on the device (nvJPEG on a GPU) instead of in loader workers, which then only read the files. Same crops and flips as the default path; pixels within rounding of it. For GPU runs whose loader cannot keep up (measure with bench/gpu_check.py).", rich_help_panel=RUN_PANEL)] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward passes (the first step compiles; pays off on GPUs for long runs). Not with --schedule.", rich_help_panel=RUN_PANEL)] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", min=1, help="CPU threads for torch (tiny models train faster with 1).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", min=1, help="Validate every STEPS steps instead of every epoch.", rich_help_panel=RUN_PANEL, show_default=False)] = None,
@@ -138,7 +139,7 @@ def finetune(
                       nesterov=nesterov, weight_decay=weight_decay, decay_norm_and_bias=decay_norm_bias,
                       warmup=warmup, min_lr=min_lr, label_smoothing=label_smoothing, kd_alpha=kd_alpha,
                       kd_temperature=kd_temperature, amp=amp, channels_last=channels_last, grad_clip=grad_clip,
-                      seed=seed, augment=augment, workers=workers, tensor_cache=tensor_cache,
+                      seed=seed, augment=augment, workers=workers, tensor_cache=tensor_cache, device_decode=device_decode,
                       compile=compile_model, eval_every=eval_every,
                       eval_batch_size=eval_batch_size, val_images=val_images, save_every=save_every,
                       log_every=log_every)

@@ -137,13 +137,13 @@ class ImageFolderDataset(ChanpruneDataset):
             exts = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
             raise UserError(f"no images found in {display} (looked for {exts} files in its class folders)")
         self.paths: list[str] = []
-        sizes: set[tuple[int, int]] = set()
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of every image, from its header
         for f, label in candidates:
             size = _probe_image(f)
             if size is None:
                 self.skipped_files.append(f)
                 continue
-            sizes.add(size)
+            self.sizes.append(size)
             self.paths.append(f)
             self.targets.append(label)
         self.skipped = len(self.skipped_files)
@@ -162,6 +162,7 @@ class ImageFolderDataset(ChanpruneDataset):
                 stacklevel=3,
             )
         if input_shape is None:
+            sizes = set(self.sizes)
             if len(sizes) > 1:
                 a, b = sorted(sizes)[:2]
                 raise UserError(
@@ -186,17 +187,18 @@ class ImageFolderDataset(ChanpruneDataset):
         self._set_stats(*resolve_stats(mean, std, input_shape[0], default))
         self._small = max(input_shape[1:]) <= SMALL_IMAGE_MAX
 
-    def _decode(self, index: int, *, random_crop: bool) -> Tensor:
-        """Image `index` as uint8 C×H×W at the input size; `random_crop`: a RandomResizedCrop of it."""
+    def _decode(self, index: int, box: tuple[int, int, int, int] | None = None) -> Tensor:
+        """Image `index` as uint8 C×H×W at the input size; `box` (left, top, width, height): the
+        part of the image resized to it (a RandomResizedCrop), else the whole image."""
         from PIL import Image
 
         _, h, w = self.input_shape
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                if random_crop:
+                if box is not None:
                     im = im.convert(self._mode) if im.mode != self._mode else im
-                    left, top, cw, ch = self._rrc_box(im.width, im.height)
+                    left, top, cw, ch = box
                     im = im.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
                 else:
                     if im.format == "JPEG" and im.width >= 2 * w and im.height >= 2 * h:
@@ -211,14 +213,23 @@ class ImageFolderDataset(ChanpruneDataset):
         x = torch.from_numpy(array)
         return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
+    def resized_crop_draws(self, index: int) -> tuple[tuple[int, int, int, int], bool]:
+        """A large training image's RandomResizedCrop box (left, top, width, height) and flip, drawn
+        from this data set's generator: what `__getitem__` applies, for the paths that decode
+        elsewhere (`data.devicejpeg`)."""
+        box = self._rrc_box(*self.sizes[index])
+        return box, self._uniform(0.0, 1.0) < 0.5
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x = self._decode(index, random_crop=self.train and not self._small)
-        if self.train:  # on uint8: zero padding is black either way, and it is cheaper
-            if self._small:
+        if self.train and not self._small:
+            box, flipped = self.resized_crop_draws(index)
+            x = self._decode(index, box)
+            x = x.flip(-1) if flipped else x
+        else:
+            x = self._decode(index)
+            if self.train:  # on uint8: zero padding is black either way, and it is cheaper
                 pad = pad_for(*self.input_shape[1:])
                 x = crop_flip(x, pad, *self.crop_flip_draws(pad, True))
-            else:
-                x = self._flip(x)
         # (x/255 - mean)/std folded into one subtraction and one division.
         return x.float().sub_(self._mean255).div_(self._std255), self.targets[index]
 
@@ -229,7 +240,7 @@ class ImageFolderDataset(ChanpruneDataset):
                           offset=self._mean255.flatten(), divisor=self._std255.flatten())
 
     def raw_item(self, index: int) -> Tensor:
-        return self._decode(index, random_crop=False)
+        return self._decode(index)
 
     def cache_key(self) -> str | None:
         from .tensorcache import files_key

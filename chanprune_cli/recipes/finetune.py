@@ -257,8 +257,9 @@ def _run(checkpoint: str, o: FinetuneOptions, ratio: float | None, shape: Shape 
                   f"{trainer.steps_per_epoch}), global batch {cfg.batch_size}, lr {cfg.lr:g} (warm-up + cosine), "
                   f"schedule {o.schedule}" + (f", teacher {o.teacher}" if o.teacher else "")
                   + (f"; resuming at step {trainer.step}" if state is not None else ""))
-        inputs = ("images held as one tensor on the device, cropped and flipped there"
-                  if trainer.inputs.kind == "tensor" else "decoded and augmented per step")
+        inputs = {"tensor": "images held as one tensor on the device, cropped and flipped there",
+                  "device-decode": "JPEG files decoded, cropped, resized and flipped on the device per step",
+                  }.get(trainer.inputs.kind, "decoded and augmented per step")
         show_main(f"  input: {inputs}; {trainer.workers} loader worker(s)" + (", torch.compile" if cfg.compile else ""))
 
         result = trainer.fit()

@@ -39,6 +39,7 @@ class TrainConfig:
     augment: bool = True               # random crop + flip (small images) / random-resized crop + flip
     workers: int | None = None         # loader processes (None: inputs.default_workers for the device)
     tensor_cache: bool | None = None   # small images as one tensor on the device (None: when possible)
+    device_decode: bool = False        # large JPEG images decoded on the device (data.devicejpeg)
     compile: bool = False              # torch.compile the forward passes
     eval_every: int | None = None      # steps between validations (None: every epoch)
     eval_batch_size: int | None = None

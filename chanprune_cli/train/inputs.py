@@ -7,6 +7,9 @@
   model); nothing is decoded per step.
 * loader path (large images, or `--no-tensor-cache`): items decoded and augmented in loader
   workers, pinned memory, prefetching.
+* device-decode path (`--device-decode`, large JPEG image folders, `data.devicejpeg`): workers
+  read the files' bytes and draw the loader path's crops and flips; each batch is decoded,
+  cropped, resized and flipped on the device.
 
 Both serve the whole run from one loader (`sampling.RunBatches`): workers start once and prefetch
 across epoch ends. `--workers` defaults to `default_workers`.
@@ -21,11 +24,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.devicejpeg import DeviceJpegDecoder, device_jpeg_problem
 from ..data.loaders import ignore_stop_signals, iterate_with_workers
 from ..data.tensorcache import TensorImages, tensor_images, tensor_path_problem
 from ..errors import UserError
 from ..support import distributed as D
-from .sampling import KeyedDataset, KeyedDraws, RunBatches, collate_draws, collate_labels
+from .sampling import KeyedDataset, KeyedDraws, KeyedEncoded, RunBatches, collate_draws, collate_encoded, collate_labels
 
 __all__ = ["TrainInputs", "default_workers", "tensor_images_for", "usable_cpus"]
 
@@ -70,15 +74,25 @@ class TrainInputs:
     global steps start..stop-1 (this rank's share of each global batch)."""
 
     def __init__(self, dataset: Any, *, batch_size: int, steps_per_epoch: int, seed: int, workers: int,
-                 device: torch.device, env: D.DistEnv, tensor: bool | None) -> None:
+                 device: torch.device, env: D.DistEnv, tensor: bool | None, device_decode: bool = False) -> None:
         self.dataset = dataset
         self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
         self.workers, self.device, self.env = workers, device, env
+        self.decoder: DeviceJpegDecoder | None = None
+        if device_decode:
+            if tensor:
+                raise UserError("--device-decode and --tensor-cache are two input paths; give one")
+            problem = device_jpeg_problem(dataset)
+            if problem is not None:
+                raise UserError(f"--device-decode: the training data cannot be decoded on the device: {problem}; "
+                                "drop --device-decode")
+            self.decoder = DeviceJpegDecoder(dataset, device)
+            tensor = False
         self.images = tensor_images_for(dataset, device=device, workers=workers, wanted=tensor, role="training")
 
     @property
     def kind(self) -> str:
-        return "tensor" if self.images is not None else "loader"
+        return "tensor" if self.images is not None else "device-decode" if self.decoder is not None else "loader"
 
     def _sampler(self, start: int, stop: int) -> RunBatches:
         return RunBatches(len(self.dataset), self.batch_size, self.steps_per_epoch, seed=self.seed, start=start,
@@ -94,6 +108,11 @@ class TrainInputs:
     def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = self._sampler(start, stop)
         images = self.images
+        if self.decoder is not None:
+            for indices, encoded, boxes, flips, labels in self._loader(KeyedEncoded(self.dataset), sampler,
+                                                                       collate_encoded, self.workers):
+                yield self.decoder.batch(indices, encoded, boxes, flips), labels.to(self.device, non_blocking=True)
+            return
         if images is None:
             for x, y in self._loader(KeyedDataset(self.dataset), sampler, collate_labels, self.workers):
                 yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -86,6 +86,24 @@ class KeyedDraws(Dataset[Any]):
         return (index, *self.base.crop_flip_draws(self.pad, self.flip))
 
 
+class KeyedEncoded(Dataset[Any]):
+    """The device-decode path's items: `(key, i)` is (i, file bytes, crop box, flip, label), the box
+    and flip that `KeyedDataset` gives sample i (its generator seeded by (key, i)), undecoded."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor, tuple[int, int, int, int], bool, int]:
+        from ..data.devicejpeg import encoded_item
+
+        key, index = item
+        self.base.reseed(mix_seed(key, index))
+        return (index, *encoded_item(self.base, index), self.base.targets[index])
+
+
 class RunBatches(Sampler[list[tuple[int, int]]]):
     """`EpochBatches` of every epoch from global step `start` to `stop`: one loader serves the whole
     run, so its workers start once and prefetch across epoch ends."""
@@ -119,3 +137,10 @@ def collate_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(images stacked, labels as int64) from a list of (image, label, ...) samples."""
     xs, ys = zip(*[(b[0], b[1]) for b in batch])
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+
+
+def collate_encoded(batch: Any) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [B], file bytes, boxes [B, 4], flips [B], labels [B]) from `KeyedEncoded` items."""
+    indices, encoded, boxes, flips, labels = zip(*batch)
+    return (torch.as_tensor(indices, dtype=torch.long), list(encoded), torch.as_tensor(boxes, dtype=torch.long),
+            torch.as_tensor(flips, dtype=torch.bool), torch.as_tensor(labels, dtype=torch.long))

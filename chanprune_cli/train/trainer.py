@@ -75,7 +75,7 @@ class TrainResult:
     resumed_from: int | None
     hook_summaries: dict[str, Any]
     plans: list[dict[str, Any]]
-    input_path: str = "loader"  # "tensor" (images on the device) or "loader" (decoded per step)
+    input_path: str = "loader"  # "tensor" (images on the device), "loader" (decoded per step) or "device-decode"
     workers: int = 0
 
     @property
@@ -128,7 +128,7 @@ class Trainer:
         self.workers = cfg.workers if cfg.workers is not None else default_workers(device)
         self.inputs = TrainInputs(train_set, batch_size=cfg.batch_size, steps_per_epoch=self.steps_per_epoch,
                                   seed=cfg.seed, workers=self.workers, device=device, env=self.env,
-                                  tensor=cfg.tensor_cache)
+                                  tensor=cfg.tensor_cache, device_decode=cfg.device_decode)
         # --tensor-cache insists for the training data only; validation data uses it when it can.
         self.val_images = None if val_set is None else tensor_images_for(
             val_set, device=device, workers=self.workers, wanted=None if cfg.tensor_cache else cfg.tensor_cache,
