@@ -225,3 +225,41 @@ def test_layer_ratio_in_rounds_keeps_earlier_choices(resnet_graph) -> None:  # t
         nan[gid][removed] = float("nan")  # masked channels may score NaN in the next round
     second = allocate(resnet_graph, nan, target_flops=0.4, removed=first, layer_ratio=ratios).plan
     assert all(set(first[g]) <= set(second.get(g, [])) for g in first)
+
+
+class EveryNorm(torch.nn.Module):
+    """Each norm fvcore counts, in its variants (affine or not, running or batch statistics)."""
+
+    def __init__(self) -> None:
+        from torch import nn
+        from torchvision.models.convnext import LayerNorm2d
+
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+            nn.Conv2d(8, 6, 1), nn.InstanceNorm2d(6, affine=True), nn.ReLU(),
+            nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.BatchNorm2d(6, affine=False, track_running_stats=False),
+            nn.Conv2d(6, 8, 1), LayerNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_estimated_macs_are_fvcores_before_and_after_pruning() -> None:
+    # The allocator's MACs include the norms, as `count_macs` (fvcore) does, so a --target-flops
+    # is met in the figure the reports show; the LayerNorm's channels are pinned and cost a fixed amount.
+    import copy
+
+    from chanprune_cli.engine.surgery import prune_model
+    from chanprune_cli.measure import count_macs
+
+    model, shape = EveryNorm().eval(), (3, 6, 6)
+    graph = build_graph(model, shape)
+    estimator = MacsEstimator(graph)
+    assert estimator.macs({}) == count_macs(model, shape)
+    alloc = allocate(graph, _scores(graph), target_flops=0.3)
+    assert alloc.plan
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, alloc.plan)
+    assert alloc.estimated_macs_after == count_macs(pruned, shape) < count_macs(model, shape)

@@ -202,7 +202,8 @@ def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], alive
 
 
 class MacsEstimator:
-    """Conv/linear MACs as a function of the kept channels (the cost fvcore reports, bar norms)."""
+    """MACs as a function of the kept channels: conv/linear layers and norms, as fvcore counts them
+    (`measure.count_macs`; its pooling and upsampling, under 1 % on torchvision's models, are not)."""
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph
@@ -218,7 +219,9 @@ class MacsEstimator:
         total = 0
         for name, cost in self.graph.costs.items():
             gone = removed.get(name, {})
-            if cost.kind == "depthwise":
+            if cost.kind in ("norm", "gnorm"):
+                total += (cost.ins - gone.get(cost.kind, 0)) * cost.per_unit
+            elif cost.kind == "depthwise":
                 total += (cost.ins - gone.get("dw", 0)) * cost.per_unit
             elif cost.kind == "groupwise":
                 total += (cost.groups - gone.get("grp", 0)) * cost.outs * cost.ins * cost.per_unit

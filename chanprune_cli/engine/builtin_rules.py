@@ -94,6 +94,7 @@ class LayerNormRule(LayerRule):
         if x is None:
             return False
         axis = self._axis(x)
+        add_norm_cost(call, x, "norm", x.shape[axis])  # its "norm" slots exist only where it is followed
         normalized = [axis] if self.channels_first else range(x.dim() - len(m.normalized_shape), x.dim())
         varying = call.varying_axes(x)
         if not any(a in normalized for a in varying):
@@ -134,6 +135,28 @@ class LayerNormRule(LayerRule):
         return {"weight": tuple(module.normalized_shape), "bias": tuple(module.normalized_shape)}
 
 
+def norm_macs_per_element(module: nn.Module) -> int:
+    """What fvcore counts per element of a norm layer's input in eval mode (so the allocator's MACs
+    are the ones `measure.count_macs` reports): batch_norm on running statistics 1 (+1 affine);
+    batch_norm on batch statistics, group, instance and layer norms 4 (+1 affine); 0 for the rest
+    (frozen BatchNorms' x * scale + shift, RMS norms: ops fvcore does not count)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (1 if module.track_running_stats else 4) + int(module.affine)
+    if isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return 4 + int(module.affine)
+    if isinstance(module, nn.LayerNorm):
+        return 4 + int(module.elementwise_affine)
+    return 0
+
+
+def add_norm_cost(call: ModuleCall, x: torch.Tensor, kind: str, slots: int) -> None:
+    """Record a norm's MACs as `slots` equal shares of its input, one per slot of `kind` ("norm":
+    a channel, "gnorm": a group), so removing a slot removes its share."""
+    per_element = norm_macs_per_element(call.module)
+    if per_element and slots:
+        call.add_cost(ModuleCost(kind, x[0].numel() // slots * per_element, 1, slots, slots))
+
+
 class ChannelwiseRule(LayerRule):
     """A layer with one entry per channel along axis 1 and no mixing between channels (a norm
     over each channel, a per-channel scale). Its entries are "norm" slots of the channel's class.
@@ -162,6 +185,7 @@ class ChannelwiseRule(LayerRule):
         vec = call.channel_vector(call.x, 1)
         for c, i in enumerate(vec.tolist()):
             call.link(call.new_slot("norm", c), i)
+        add_norm_cost(call, call.x, "norm", len(vec))
         call.set_output(call.x)
         return True
 
@@ -217,6 +241,7 @@ def link_channel_groups(call: ModuleCall, x: torch.Tensor, groups: int, fixed_re
     its channels (a fixed channel pins its group with `fixed_reason`); the output passes `x` on."""
     vec = call.channel_vector(x, 1)
     per = vec.numel() // groups
+    add_norm_cost(call, x, "gnorm", groups)
     for grp in range(groups):
         sid = call.new_slot("gnorm", grp)
         for i in vec[grp * per:(grp + 1) * per].tolist():
@@ -323,7 +348,9 @@ class ConvRule(_WeightedRule):
             return False
         vec = call.channel_vector(x, 1)
         cin, cout, g = m.in_channels, m.out_channels, m.groups
-        spatial = math.prod(m.kernel_size) * math.prod(shape[2:])
+        # per weight element: its multiply-adds over the output positions, plus what the layer
+        # computes on the weight itself (weight standardisation)
+        spatial = math.prod(m.kernel_size) * (math.prod(shape[2:]) + self.macs_per_weight(m))
         cpg, opg = cin // g, cout // g
         if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
             mult = cout // cin
@@ -351,6 +378,10 @@ class ConvRule(_WeightedRule):
             call.add_cost(ModuleCost("conv", spatial, g, cpg, opg))
         call.set_output(call.broadcast(out, 1))
         return True
+
+    def macs_per_weight(self, module: nn.Module) -> int:
+        """MACs fvcore counts per weight element for computing the weight used (0: used as it is)."""
+        return 0
 
     def can_prune_whole_groups(self, module: nn.Module) -> bool:
         return 1 < module.groups < module.in_channels

@@ -50,10 +50,12 @@ UNTRACKED = -1
 
 @dataclass
 class ModuleCost:
-    """What a conv/linear costs per unit of its channel counts (MACs = counts × `per_unit`)."""
+    """What a layer costs per unit of its channel counts (MACs = counts × `per_unit`)."""
 
-    kind: str  # "conv" | "depthwise" | "groupwise" (whole conv groups) | "linear"
-    per_unit: int  # kernel elements × output positions (× tokens for linear)
+    # "conv" | "depthwise" | "groupwise" (whole conv groups) | "linear"; "norm" | "gnorm": a norm,
+    # `ins` equal shares, one per slot of that kind (channel, group)
+    kind: str
+    per_unit: int  # kernel elements × output positions (× tokens for linear); a norm: its MACs per slot
     groups: int
     ins: int  # input channels per group (depthwise: channels)
     outs: int  # output channels per group (depthwise: channels)

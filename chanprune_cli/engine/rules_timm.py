@@ -39,6 +39,7 @@ from .builtin_rules import (
     PassThroughRule,
     PerChannelSpatialRule,
     PReLURule,
+    add_norm_cost,
     link_channel_groups,
 )
 from .layer_rules import (
@@ -137,6 +138,7 @@ class GroupNormActRule(GroupNormRule):
 
     def trace(self, call: ModuleCall) -> bool:
         if call.module.num_groups == 1 and call.x is not None:
+            add_norm_cost(call, call.x, "gnorm", 1)
             call.pin_inputs(f"{type(call.module).__name__} {call.name} normalises over all channels (one group)")
             call.set_output(call.x)
             return True
@@ -212,6 +214,10 @@ class StdConvRule(ConvRule):
             call.pin_inputs(f"{type(m).__name__} {call.name} standardises each filter over its input channels "
                             "(removing one changes every filter)")
         return True
+
+    def macs_per_weight(self, module: nn.Module) -> int:
+        # the standardisation is a training-mode batch_norm over the weight: 4 per element, 5 with a gain
+        return 5 if getattr(module, "gain", None) is not None else 4
 
     def prune(self, module: nn.Module, drop: Drop) -> None:
         keep = keep_indices(module.out_channels, set(self._producer_rows(module, drop)))
