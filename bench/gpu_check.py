@@ -391,50 +391,24 @@ def throughput(args: argparse.Namespace) -> None:
 # the decode helper (its own process: run by phase_decode)
 
 
-def _jpeg_folder(root: Path, images: int, size: int) -> Path:
-    """`images` JPEGs in 10 class folders, about ImageNet's 500x375 at 224 px (scaled with `size`):
-    smooth gradients under noise, so that they compress like photographs, not like flat colour."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(images):
-        folder = root / f"c{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        w, h = (int(v * size / 224) for v in (rng.integers(400, 520), rng.integers(300, 400)))
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + 60 * (i % 3)], -1)
-        Image.fromarray((base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)).save(
-            folder / f"{i}.jpg", quality=90)
-    return root
-
-
 def decode(args: argparse.Namespace) -> None:
     import torch
     import torchvision
 
+    from input_pipeline import jpeg_folder, pipeline_rate  # bench/, this script's folder
+
     from chanprune_cli.data import open_dataset
-    from chanprune_cli.support import distributed as D
     from chanprune_cli.train import TrainConfig, Trainer
-    from chanprune_cli.train.inputs import TrainInputs, default_workers
+    from chanprune_cli.train.inputs import default_workers
 
     device = torch.device(args.device)
-    folder = _jpeg_folder(Path(args.work) / f"jpegs-{args.images}-{args.size}", args.images, args.size)
+    folder = jpeg_folder(Path(args.work) / f"jpegs-{args.images}-{args.size}", args.images, args.size)
     dataset = open_dataset(str(folder), input_shape=(3, args.size, args.size), train=True)
     workers = default_workers(device)
-    steps_per_epoch = len(dataset) // args.batch
 
     def pipeline(device_decode: bool) -> float:
-        """Batches per second of the input path alone, on the device (no model)."""
-        inputs = TrainInputs(dataset, batch_size=args.batch, steps_per_epoch=steps_per_epoch, seed=0, workers=workers,
-                             device=device, env=D.DistEnv(), tensor=False, device_decode=device_decode)
-        batches = inputs.batches(0, args.steps + 2)
-        for _ in range(2):  # workers started, first batches in flight
-            next(batches)
-        start = time.perf_counter()
-        for x, _ in batches:
-            x.sum().item()
-        return args.steps * args.batch / (time.perf_counter() - start)
+        return pipeline_rate(dataset, device=device, batch=args.batch, steps=args.steps, workers=workers,
+                             device_decode=device_decode)
 
     def trainer(device_decode: bool, steps: int) -> float:
         torch.manual_seed(0)

@@ -7,7 +7,9 @@ path applies, seeded per item); the batch is decoded on the device by torchvisio
 (one call per batch: nvJPEG's batched decoder on CUDA) and each image is cropped, resized
 (bilinear with antialiasing, rounded to whole pixel values as PIL's resize is) and flipped there.
 The pixels differ from PIL's resampling by rounding (about one grey level); the crops and flips
-are the loader path's, and a seed gives the same batches run after run.
+are the loader path's, and a seed gives the same batches run after run. On CUDA each decode waits
+for the work queued before it (see `DeviceJpegDecoder._decoded`), so decoding does not overlap the
+previous step's kernels.
 
 Opt-in (`finetune --device-decode`): whether it beats the loader path depends on the GPU, the
 CPUs and the image sizes (`bench/gpu_check.py` measures both). torchvision deprecated its image
@@ -85,12 +87,23 @@ class DeviceJpegDecoder:
         self._decode = _decode_jpeg()
 
     def _decoded(self, indices: Sequence[int], encoded: list[Tensor]) -> list[Tensor]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # The CUDA decoder writes its outputs from a stream of its own without waiting for ours,
+            # into memory the allocator may have recycled from tensors that queued kernels still
+            # read (reported upstream): nothing of ours may be in flight while it runs, and its
+            # outputs must be complete before our stream reads them.
+            torch.cuda.current_stream(self.device).synchronize()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call
             try:
-                return list(self._decode(encoded, mode=self.mode, device=self.device))
+                images = list(self._decode(encoded, mode=self.mode, device=self.device))
             except RuntimeError:
-                pass
+                images = None
+            if images is not None:
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                return images
             # the batch call does not say which image failed: find it, on the CPU
             for i, data in zip(indices, encoded):
                 try:
