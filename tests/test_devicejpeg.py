@@ -143,3 +143,17 @@ def test_finetune_device_decode_end_to_end(tmp_path: Path, rgb_folder: Path) -> 
     refused = runner.invoke(app, [*args, "--device-decode", "--input-shape", "3,32,32", "--force"])
     assert refused.exit_code != 0 and "Traceback" not in refused.output
     assert "--device-decode: the training data cannot be decoded on the device" in refused.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decoded_batches_are_the_cpu_decoded_batches_within_rounding(rgb_folder: Path) -> None:
+    # nvJPEG's inverse DCT, chroma upsampling and colour conversion round differently from
+    # libjpeg-turbo's (a few grey levels, more at sharp colour edges); the draws, so the crops, match.
+    ds = open_dataset(str(rgb_folder), input_shape=(3, 72, 72), train=True)
+    items = [(7, i) for i in range(len(ds))]
+    indices, encoded, boxes, flips, _ = collate_encoded([KeyedEncoded(ds)[item] for item in items])
+    on_cpu = DeviceJpegDecoder(ds, torch.device("cpu")).batch(indices, encoded, boxes, flips)
+    on_cuda = DeviceJpegDecoder(ds, torch.device("cuda")).batch(indices, encoded, boxes, flips)
+    assert on_cuda.device.type == "cuda"
+    grey_levels = ((on_cuda.cpu() - on_cpu) * ds._std_t * 255).abs()
+    assert grey_levels.mean() < 1.0 and grey_levels.flatten().quantile(0.99) <= 3
