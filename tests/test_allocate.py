@@ -263,3 +263,20 @@ def test_estimated_macs_are_fvcores_before_and_after_pruning() -> None:
     pruned = copy.deepcopy(model)
     prune_model(pruned, graph, alloc.plan)
     assert alloc.estimated_macs_after == count_macs(pruned, shape) < count_macs(model, shape)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_target_flops_gives_back_what_the_last_threshold_step_overshoots(seed: int) -> None:
+    # ResNet-20's residual streams are one group each, several percent of the MACs per channel: the
+    # threshold's last step overshoots, and channels the target does not need come back. What is
+    # left removed is minimal: giving back any group's most important removed channel misses the target.
+    graph = build_graph(build_model(parse_arch("cifar_resnet20")).eval(), (3, 32, 32))
+    estimator = MacsEstimator(graph)
+    before = estimator.macs({})
+    alloc = allocate(graph, _scores(graph, seed), target_flops=0.5)
+    assert 0.5 <= 1 - alloc.estimated_macs_after / before < 0.503
+    scores = _scores(graph, seed)
+    for gid, removed in alloc.plan.items():
+        most_important = max(removed, key=lambda i: float(scores[gid][i]))
+        fewer = {**alloc.plan, gid: [i for i in removed if i != most_important]}
+        assert 1 - estimator.macs(fewer) / before < 0.5

@@ -190,6 +190,36 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
     return sorted(chosen)
 
 
+def _give_back(plan: dict[int, list[int]], ranked: Sequence[ChannelGroup], normalised: Mapping[int, torch.Tensor],
+               gone: Mapping[int, set[int]], round_to: int, min_keep: float,
+               meets_target: Callable[[Mapping[int, list[int]]], bool]) -> dict[int, list[int]]:
+    """`plan` with removed channels given back, the most important first, while it still meets the
+    target. The threshold's last step can overshoot: a channel shared by many layers (a residual
+    stream's) is several percent of the MACs at once. Giving back only ever removes less, so the
+    plan keeps more importance for the same target. Channels of earlier rounds stay removed."""
+    plan = dict(plan)
+    by_id = {g.id: g for g in ranked}
+
+    def best_removed(gid: int) -> float:
+        return max((float(normalised[gid][i]) for i in plan[gid] if i not in gone.get(gid, ())), default=-math.inf)
+
+    candidates = {g.id for g in ranked if best_removed(g.id) > -math.inf}
+    while candidates:
+        gid = max(candidates, key=lambda k: (best_removed(k), -k))
+        g = by_id[gid]
+        kept = g.channels - len(plan[gid])
+        kept = min(g.channels, (kept // round_to + 1) * round_to)
+        fewer = _removal(g, normalised[gid], kept, lambda width: _width_floor(width, min_keep))
+        trial = {**plan, gid: fewer}
+        if len(fewer) < len(plan[gid]) and gone.get(gid, set()) <= set(fewer) and meets_target(trial):
+            plan = trial
+            if best_removed(gid) == -math.inf:
+                candidates.discard(gid)
+        else:  # later give-backs only leave less room: this group cannot give back any more
+            candidates.discard(gid)
+    return plan
+
+
 def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], alive: Mapping[int, list[int]]) -> None:
     for g in graph.prunable_groups():
         s = scores.get(g.id)
@@ -345,5 +375,6 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
                 lo = mid + 1
         threshold = values[lo] if lo < len(values) else math.inf
         plan = plan_at(math.nextafter(threshold, math.inf))
+        plan = _give_back(plan, ranked, normalised, gone, round_to, min_keep, lambda p: reduction(p) >= target_flops)
     return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan),
                       floors, fixed_ratio)
