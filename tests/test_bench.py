@@ -80,7 +80,9 @@ def _error_line(stderr: str) -> str:
 
 def test_json_fields_and_comparison_with_the_reference(ckpts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *DATA, *FAST, "--seed", "2", "--json", out)
+    # the JSON asserted below is the CPU's (device, autotuning and TF32 fields)
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *DATA, *FAST, "--seed", "2", "--device", "cpu",
+                 "--json", out)
     assert result.exit_code == 0, result.stderr
     for text in ("speed-up", "MACs ratio", "top-1", "(ref)", "median ms", "p90 ms"):
         assert text in result.stdout, text
@@ -325,7 +327,7 @@ def test_a_pruned_model_slower_than_its_reference_is_said(ckpts: dict[str, Path]
 
     monkeypatch.setattr(benchmark, "time_model", pruned_made_slow)
     out = tmp_path / "bench.json"
-    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--json", out)
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--device", "cpu", "--json", out)  # the CPU's cause
     assert result.exit_code == 0, result.stderr
     doc = json.loads(out.read_text())
     macs_ratio = doc["models"][1]["vs_reference"]["macs_ratio"]

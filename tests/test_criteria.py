@@ -545,13 +545,16 @@ def test_cuda_matches_cpu(name: str, mixed: tuple) -> None:
     data = make_data()
     cpu = get_criterion(name).score(model, graph, data, CPU, seed=0)
     before = _state(model)
-    gpu = get_criterion(name).score(model, graph, data, torch.device("cuda"), seed=0)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 convs differ ~1e-3 relative
+        gpu = get_criterion(name).score(model, graph, data, torch.device("cuda"), seed=0)
     assert all(p.device.type == "cpu" for p in model.parameters())  # the caller's model stays put
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for g in graph.prunable_groups():
         s = gpu[g.id]
         assert s.device.type == "cpu" and s.shape == (g.channels,) and torch.isfinite(s).all()
-        if name not in ("cac", "whitebox"):  # random draws differ between CPU and CUDA generators
+        if name == "hrank":  # mean integer ranks of 48 maps: cuSOLVER and LAPACK may split a near-tie differently
+            assert (s - cpu[g.id]).abs().max() <= 3 / 48 + 1e-9, (name, g.name)
+        elif name not in ("cac", "whitebox"):  # random draws differ between CPU and CUDA generators
             assert torch.allclose(s, cpu[g.id], rtol=1e-3, atol=1e-4 * float(cpu[g.id].abs().max())), (name, g.name)
 
 

@@ -54,12 +54,13 @@ sys.exit(max(codes))
 '''
 
 SCORE_ARGS = ["--arch", "ddp_tinynet:make", "--input-shape", "1,8,8", "--criterion", "taylor", "--data", "digits:train",
-              "--mean", "0.5", "--std", "0.5", "--batch-size", "32", "--calib-batches", "4", "--force"]
+              "--mean", "0.5", "--std", "0.5", "--batch-size", "32", "--calib-batches", "4", "--force",
+              "--device", "cpu"]  # gloo CPU processes: with one GPU, auto would put rank 1 on a missing cuda:1
 
 ARGS = ["--arch", "ddp_tinynet:make", "--input-shape", "1,8,8", "--data", "digits:train", "--val-data", "digits:test",
         "--mean", "0.5", "--std", "0.5", "--batch-size", "32", "--max-steps", "8", "--lr", "0.1", "--warmup", "2",
         "--schedule", "sfp", "--ratio", "0.25", "--prune-every", "3", "--prune-until", "0.75", "--seed", "3",
-        "--threads", "1", "--eval-every", "4", "--force"]
+        "--threads", "1", "--eval-every", "4", "--force", "--device", "cpu"]
 
 
 def test_two_gloo_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
