@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -191,29 +192,33 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
 
 
 def _give_back(plan: dict[int, list[int]], ranked: Sequence[ChannelGroup], normalised: Mapping[int, torch.Tensor],
-               gone: Mapping[int, set[int]], round_to: int, min_keep: float,
-               meets_target: Callable[[Mapping[int, list[int]]], bool]) -> dict[int, list[int]]:
-    """`plan` with removed channels given back, the most important first, while it still meets the
-    target. The threshold's last step can overshoot: a channel shared by many layers (a residual
+               gone: Mapping[int, set[int]], round_to: int, min_keep: float, estimator: MacsEstimator,
+               meets_target: Callable[[int], bool]) -> dict[int, list[int]]:
+    """`plan` with removed channels given back, the most important first, while its MACs still meet
+    the target. The threshold's last step can overshoot: a channel shared by many layers (a residual
     stream's) is several percent of the MACs at once. Giving back only ever removes less, so the
     plan keeps more importance for the same target. Channels of earlier rounds stay removed."""
     plan = dict(plan)
     by_id = {g.id: g for g in ranked}
+    removed = estimator.removed(plan)
 
     def best_removed(gid: int) -> float:
-        return max((float(normalised[gid][i]) for i in plan[gid] if i not in gone.get(gid, ())), default=-math.inf)
+        back = [i for i in plan[gid] if i not in gone.get(gid, ())]
+        return float(normalised[gid][back].max()) if back else -math.inf
 
-    candidates = {g.id for g in ranked if best_removed(g.id) > -math.inf}
+    best = {g.id: best_removed(g.id) for g in ranked}
+    candidates = {gid for gid, value in best.items() if value > -math.inf}
     while candidates:
-        gid = max(candidates, key=lambda k: (best_removed(k), -k))
+        gid = max(candidates, key=lambda k: (best[k], -k))
         g = by_id[gid]
-        kept = g.channels - len(plan[gid])
-        kept = min(g.channels, (kept // round_to + 1) * round_to)
+        kept = min(g.channels, ((g.channels - len(plan[gid])) // round_to + 1) * round_to)
         fewer = _removal(g, normalised[gid], kept, lambda width: _width_floor(width, min_keep))
-        trial = {**plan, gid: fewer}
-        if len(fewer) < len(plan[gid]) and gone.get(gid, set()) <= set(fewer) and meets_target(trial):
-            plan = trial
-            if best_removed(gid) == -math.inf:
+        back = sorted(set(plan[gid]) - set(fewer))
+        trial = removed - estimator.removed({gid: back})
+        if back and not gone.get(gid, set()) & set(back) and meets_target(estimator.macs_without(trial)):
+            plan[gid], removed = fewer, trial
+            best[gid] = best_removed(gid)
+            if best[gid] == -math.inf:
                 candidates.discard(gid)
         else:  # later give-backs only leave less room: this group cannot give back any more
             candidates.discard(gid)
@@ -237,27 +242,34 @@ class MacsEstimator:
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph
+        self._by_id = {g.id: g for g in graph.groups}
 
-    def macs(self, plan: Mapping[int, list[int]]) -> int:
-        removed: dict[str, dict[str, int]] = {}
-        by_id = {g.id: g for g in self.graph.groups}
+    def removed(self, plan: Mapping[int, Sequence[int]]) -> Counter[tuple[str, str]]:
+        """Slots `plan` removes, by (module, slot kind)."""
+        counts: Counter[tuple[str, str]] = Counter()
         for gid, indices in plan.items():
+            classes = self._by_id[gid].classes
             for ci in indices:
-                for module, kind, _ in by_id[gid].classes[ci]:
-                    counts = removed.setdefault(module, {})
-                    counts[kind] = counts.get(kind, 0) + 1
+                for module, kind, _ in classes[ci]:
+                    counts[(module, kind)] += 1
+        return counts
+
+    def macs(self, plan: Mapping[int, Sequence[int]]) -> int:
+        return self.macs_without(self.removed(plan))
+
+    def macs_without(self, removed: Mapping[tuple[str, str], int]) -> int:
+        """MACs with the slots `removed` (see `removed`) gone."""
         total = 0
         for name, cost in self.graph.costs.items():
-            gone = removed.get(name, {})
             if cost.kind in ("norm", "gnorm"):
-                total += (cost.ins - gone.get(cost.kind, 0)) * cost.per_unit
+                total += (cost.ins - removed.get((name, cost.kind), 0)) * cost.per_unit
             elif cost.kind == "depthwise":
-                total += (cost.ins - gone.get("dw", 0)) * cost.per_unit
+                total += (cost.ins - removed.get((name, "dw"), 0)) * cost.per_unit
             elif cost.kind == "groupwise":
-                total += (cost.groups - gone.get("grp", 0)) * cost.outs * cost.ins * cost.per_unit
+                total += (cost.groups - removed.get((name, "grp"), 0)) * cost.outs * cost.ins * cost.per_unit
             else:
-                outs = cost.outs - gone.get("out", 0)
-                ins = cost.ins - gone.get("in", 0)
+                outs = cost.outs - removed.get((name, "out"), 0)
+                ins = cost.ins - removed.get((name, "in"), 0)
                 total += cost.groups * outs * ins * cost.per_unit
         return total
 
@@ -375,6 +387,7 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
                 lo = mid + 1
         threshold = values[lo] if lo < len(values) else math.inf
         plan = plan_at(math.nextafter(threshold, math.inf))
-        plan = _give_back(plan, ranked, normalised, gone, round_to, min_keep, lambda p: reduction(p) >= target_flops)
+        plan = _give_back(plan, ranked, normalised, gone, round_to, min_keep, estimator,
+                          lambda after: 1 - after / before >= target_flops)
     return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan),
                       floors, fixed_ratio)
