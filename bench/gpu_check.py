@@ -395,7 +395,7 @@ def decode(args: argparse.Namespace) -> None:
     import torch
     import torchvision
 
-    from input_pipeline import jpeg_folder, pipeline_rate  # bench/, this script's folder
+    from input_pipeline import jpeg_folder, mean_kb, pipeline_rate  # bench/, this script's folder
 
     from chanprune_cli.data import open_dataset
     from chanprune_cli.train import TrainConfig, Trainer
@@ -421,8 +421,7 @@ def decode(args: argparse.Namespace) -> None:
     rates = {"input only, loader path": pipeline(False), "input only, device decode": pipeline(True),
              "ResNet-50 training, loader path": trainer(False, args.steps),
              "ResNet-50 training, device decode": trainer(True, args.steps)}
-    sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
-    result = {"images": len(dataset), "size": args.size, "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+    result = {"images": len(dataset), "size": args.size, "mean_jpeg_kb": round(mean_kb(folder), 1),
               "batch": args.batch, "steps": args.steps, "workers": workers, "rates": rates}
     Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result), flush=True)

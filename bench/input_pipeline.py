@@ -43,6 +43,12 @@ def jpeg_folder(root: Path, images: int, size: int) -> Path:
     return root
 
 
+def mean_kb(folder: Path) -> float:
+    """Mean size of the JPEGs under `folder`, in KB."""
+    sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
+    return sum(sizes) / len(sizes) / 1024
+
+
 def pipeline_rate(dataset: Any, *, device: torch.device, batch: int, steps: int, workers: int,
                   device_decode: bool) -> float:
     """Images per second of one input path alone: `steps` batches after two warm-up batches."""
@@ -78,7 +84,6 @@ def main() -> None:
     device = torch.device(args.device)
     folder = jpeg_folder(args.work / f"jpegs-{args.images}-{args.size}", args.images, args.size)
     dataset = open_dataset(str(folder), input_shape=(3, args.size, args.size), train=True)
-    sizes = [f.stat().st_size for f in folder.rglob("*.jpg")]
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):
         best = {"loader": 0.0, "device-decode": 0.0}
@@ -88,7 +93,7 @@ def main() -> None:
                                      device_decode=path == "device-decode")
                 best[path] = max(best[path], rate)
         rows.append({"workers": workers, **best})
-    print(f"{len(dataset)} JPEGs of {sum(sizes) / len(sizes) / 1024:.1f} KB on average -> {args.size} px, batch "
+    print(f"{len(dataset)} JPEGs of {mean_kb(folder):.1f} KB on average -> {args.size} px, batch "
           f"{args.batch}, {args.steps} steps, {device}, {torch.get_num_threads()} threads, best of {args.rounds}\n")
     print("| workers | loader img/s | device decode img/s | device / loader |\n|---|---|---|---|")
     for r in rows:

@@ -110,7 +110,7 @@ class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
     def crop_flip_draws(self, pad: int, flip: bool) -> tuple[int, int, bool]:
         """One item's pad-and-crop offsets (top, left) and flip, from this data set's generator."""
         top, left = self._randint(2 * pad + 1), self._randint(2 * pad + 1)
-        return top, left, flip and self._uniform(0.0, 1.0) < 0.5
+        return top, left, flip and self._flip_draw()
 
     # The tensor input path; data sets whose items are not a crop and flip of a stored image keep
     # these defaults and are always read item by item.
@@ -127,8 +127,12 @@ class ChanpruneDataset(Dataset[tuple[Tensor, int]]):
         """A key of the raw images' content for the on-disk tensor cache (None: not cached on disk)."""
         return None
 
+    def _flip_draw(self) -> bool:
+        """Whether to mirror an item: one draw from this data set's generator."""
+        return self._uniform(0.0, 1.0) < 0.5
+
     def _flip(self, x: Tensor) -> Tensor:
-        return x.flip(-1) if self._uniform(0.0, 1.0) < 0.5 else x
+        return x.flip(-1) if self._flip_draw() else x
 
     def _rrc_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """RandomResizedCrop box (left, top, w, h): scale 0.08–1, aspect 3/4–4/3, as torchvision."""

@@ -82,8 +82,8 @@ class DeviceJpegDecoder:
         self.size = (height, width)
         self.mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         # (x - 255·mean) / (255·std), as the data set normalises its items
-        self.offset = (dataset._mean_t * 255.0).view(1, channels, 1, 1).to(device)
-        self.divisor = (dataset._std_t * 255.0).view(1, channels, 1, 1).to(device)
+        self.offset = dataset._mean255.view(1, channels, 1, 1).to(device)
+        self.divisor = dataset._std255.view(1, channels, 1, 1).to(device)
         self._decode = _decode_jpeg()
 
     def _decoded(self, indices: Sequence[int], encoded: list[Tensor]) -> list[Tensor]:

@@ -218,7 +218,7 @@ class ImageFolderDataset(ChanpruneDataset):
         from this data set's generator: what `__getitem__` applies, for the paths that decode
         elsewhere (`data.devicejpeg`)."""
         box = self._rrc_box(*self.sizes[index])
-        return box, self._uniform(0.0, 1.0) < 0.5
+        return box, self._flip_draw()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if self.train and not self._small:

@@ -363,8 +363,11 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
             plan[g.id] = _removal(g, normalised[g.id], kept, lambda width: _width_floor(width, min_keep))
         return plan
 
+    def reduced(after: int) -> float:
+        return 1 - after / before if before else 0.0
+
     def reduction(plan: Mapping[int, list[int]]) -> float:
-        return 1 - estimator.macs(plan) / before if before else 0.0
+        return reduced(estimator.macs(plan))
 
     values = sorted({float(normalised[g.id][i]) for g in ranked for i in g.prunable_classes})
     most = plan_at(math.inf)
@@ -388,6 +391,6 @@ def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: 
         threshold = values[lo] if lo < len(values) else math.inf
         plan = plan_at(math.nextafter(threshold, math.inf))
         plan = _give_back(plan, ranked, normalised, gone, round_to, min_keep, estimator,
-                          lambda after: 1 - after / before >= target_flops)
+                          lambda after: reduced(after) >= target_flops)
     return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan),
                       floors, fixed_ratio)

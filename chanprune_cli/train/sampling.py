@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..data.devicejpeg import encoded_item
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -97,8 +99,6 @@ class KeyedEncoded(Dataset[Any]):
         return len(self.base)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[int, torch.Tensor, tuple[int, int, int, int], bool, int]:
-        from ..data.devicejpeg import encoded_item
-
         key, index = item
         self.base.reseed(mix_seed(key, index))
         return (index, *encoded_item(self.base, index), self.base.targets[index])
