@@ -1,4 +1,4 @@
-"""The fine-tuning loop (train.py), the pruning schedules (schedules.py) and `chanprune finetune`.
+"""The fine-tuning loop (train.py), the pruning schedules (train/schedules/) and `chanprune finetune`.
 
 Everything runs on the bundled 8×8 digits with `digits_cnn` and one CPU thread: a step takes a few
 milliseconds, so each test trains for real and still finishes in about a second.
@@ -422,7 +422,7 @@ def test_asfp_rate_passes_through_the_three_points(T: float, P: float) -> None:
     assert rate(T / 8) == pytest.approx(0.75 * P, abs=1e-12)
     assert rate(T) == pytest.approx(P, abs=1e-12)
     assert b == pytest.approx(-a) and k > 0
-    # The closed-form approximation in train/schedules.py's docstring and the public function agree.
+    # The closed-form approximation in train/schedules/asfp.py's docstring and the public function agree.
     for t in (T / 16, T / 4, T / 2):
         assert asfp_rate(t, T, P) == pytest.approx(rate(t), abs=1e-15)
         assert asfp_rate(t, T, P) == pytest.approx(P * (1 - 4 ** (-t / (T / 8))), abs=2e-3 * P)
@@ -584,7 +584,7 @@ def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) 
 
 def test_whitebox_rescale_equals_a_constant_gate(trained_state: Any) -> None:
     from chanprune_cli.criteria.gates import ChannelGates
-    from chanprune_cli.train.schedules import _rescale
+    from chanprune_cli.train.schedules.whitebox import _rescale
 
     model = fresh_model(trained_state).eval()
     graph = build_graph(model, SHAPE)

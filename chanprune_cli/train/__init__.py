@@ -2,7 +2,7 @@
 
 The package follows one run: `config` (TrainConfig), `sampling` (seeded batches and
 augmentation), `optim` (losses, SGD groups, warm-up + cosine, momentum through surgery),
-`precision` (AMP), `hooks` (the interface of training-time schedules, schedules.py),
+`precision` (AMP), `hooks` (the interface of training-time schedules, `schedules/`),
 `validation`, `outputs` (file names, checkpoint records), `state` (the resumable state file),
 `process` (stop on SIGINT/SIGTERM, thread count), `trainer` (the loop) and `smoke` (a one-step
 trainability check). This module re-exports the names used elsewhere.

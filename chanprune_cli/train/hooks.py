@@ -1,4 +1,4 @@
-"""The `Hook` interface through which training-time pruning schedules (schedules.py) plug into the
+"""The `Hook` interface through which training-time pruning schedules (`schedules/`) plug into the
 loop: gate channels around the forward, add loss terms and parameter groups, read gradients after
 the backward, zero or physically remove channels after a step, and save / restore their state."""
 

@@ -15,7 +15,7 @@ What one run does, in order:
 * on CUDA: mixed precision (bf16, or fp16 with a gradient scaler) and channels-last memory;
 * under torchrun: DistributedDataParallel (NCCL on GPUs, gloo on CPUs), validation sharded over
   ranks, only rank 0 prints and writes;
-* hooks (`hooks.Hook`) plug training-time pruning schedules into the loop (schedules.py);
+* hooks (`hooks.Hook`) plug training-time pruning schedules into the loop (`schedules/`);
   `Trainer.replace_model` rebuilds the optimizer after surgery, carrying momentum buffers through;
 * outputs (`outputs.OutputPaths`): `--out` gets the final model, `<out>.best` the best validated
   one, `<out>.last` + `<out>.state.pt` the resumable state (weights, optimizer, scheduler,
