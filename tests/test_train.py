@@ -24,8 +24,9 @@ from chanprune_cli.cli import app
 from chanprune_cli.data import open_dataset
 from chanprune_cli.errors import ChanpruneError, UserError
 from chanprune_cli.engine.graph import build_graph
-from chanprune_cli.engine.surgery import zero_producers
+from chanprune_cli.engine.surgery import VerifyResult, zero_producers
 from chanprune_cli.models import build_model, parse_arch, widened_spec
+from chanprune_cli.prune import pruning
 from chanprune_cli.train.schedules import (
     CACSchedule,
     SoftFilterPruning,
@@ -469,6 +470,22 @@ def test_sfp_uses_a_constant_rate(digits_train: Any, trained_state: Any) -> None
     hook = SoftFilterPruning(asymptotic=False, input_shape=SHAPE, ratio=0.25, interval=4)
     make_trainer(fresh_model(trained_state), digits_train, None, hooks=[hook], max_steps=12).fit()
     assert [e["rate"] for e in hook.events] == [0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("schedule", ["sfp", "whitebox"])
+def test_a_removal_that_fails_verification_stops_the_run(monkeypatch: pytest.MonkeyPatch, digits_train: Any,
+                                                         trained_state: Any, schedule: str) -> None:
+    # Every schedule removes through prune.pruning.pruned_copy, which refuses a model that does not
+    # compute the masked original's function (a wrong surgery is simulated by the verification result).
+    monkeypatch.setattr(pruning, "verify", lambda *args, **kw: VerifyResult(0.5, 1e-5, False, 1, 3, "conv2"))
+    hook = make_schedule(schedule, input_shape=SHAPE, ratio=0.25, target_flops=None, interval=None, until=0.5,
+                         min_keep=None, round_to=1, ignore=(), seed=0)
+    trainer = make_trainer(fresh_model(trained_state), digits_train, None, hooks=[hook], max_steps=4)
+    with pytest.raises(ChanpruneError, match=rf"^{schedule}: verification failed: the pruned model differs from the "
+                                             r"masked original by 0\.5 \(tolerance 1e-05\) \(first at layer conv2\)\. "
+                                             "Please report this model"):
+        trainer.fit()
+    assert not hook.done and hook.plans() == []
 
 
 def test_zero_producers_keeps_norms_and_consumers(trained_state: Any) -> None:

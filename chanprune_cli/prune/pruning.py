@@ -17,10 +17,11 @@ from ..engine.graph import ChannelGraph
 from ..engine.layer_rules import layer_shape
 from ..engine.points import rescale_channels
 from ..engine.scores import channel_scales
-from ..engine.surgery import VerifyResult, prune_model, verify
+from ..engine.surgery import Plan, VerifyResult, prune_model, verify
 from ..errors import ChanpruneError
 from ..measure import count_params, per_module_macs
 from .scoring import ResolvedCriterion, recorded_criterion
+
 
 @dataclass
 class PruneOutcome:
@@ -71,6 +72,30 @@ def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> 
     return {"criterion": criterion, "requested": allocation.requested, "groups": groups}
 
 
+def pruned_copy(model: nn.Module, graph: ChannelGraph, plan: Plan, input_shape: Sequence[int], *, check: bool = True,
+                schedule: str | None = None) -> tuple[nn.Module, VerifyResult | None]:
+    """A deep copy of `model` pruned by `plan`, verified against `model` masked by the same plan
+    (`engine.surgery.verify`; `check=False` skips that and returns no result); `model` is left
+    untouched.
+
+    Raises ChanpruneError when the copy does not compute the masked model's function, unless the
+    plan removes approximate classes (`ChannelGraph.approximations`: then the result measures the
+    deviation). `schedule` names the training-time schedule that pruned, in the error; without it
+    the error is `chanprune prune`'s, which then writes nothing.
+    """
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    result = verify(model, graph, plan, pruned, input_shape) if check else None
+    if result is not None and not result.passed and not graph.approximations(plan):
+        where = f" (first at layer {result.worst_layer})" if result.worst_layer else ""
+        who, outcome = (f"{schedule}: ", "") if schedule else ("", "; nothing was written")
+        raise ChanpruneError(
+            f"{who}verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:.3g}){where}{outcome}. Please report this model; --ignore the layers "
+            "involved to work around it")
+    return pruned, result
+
+
 def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | None = None) -> str:
     """`--normalize` for scores made by the criterion named `criterion` with `options` (see
     `ResolvedCriterion.normalize_mode`)."""
@@ -109,16 +134,8 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     if scales:
         source = copy.deepcopy(model)
         rescale_channels(source, graph, scales)
-    pruned = copy.deepcopy(source)
-    prune_model(pruned, graph, allocation.plan)
-    result = verify(source, graph, allocation.plan, pruned, input_shape) if check else None
+    pruned, result = pruned_copy(source, graph, allocation.plan, input_shape, check=check)
     approximations = graph.approximations(allocation.plan)
-    if result is not None and not result.passed and not approximations:
-        where = f" (first at layer {result.worst_layer})" if result.worst_layer else ""
-        raise ChanpruneError(
-            f"verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:.3g}){where}; nothing was written. Please report this model; --ignore the "
-            "layers involved to work around it")
     after, after_layers = snapshot(pruned, input_shape)
     layers = [{"name": n, "type": b["type"], "in_before": b["in"], "out_before": b["out"],
                "in_after": after_layers[n]["in"], "out_after": after_layers[n]["out"],

@@ -7,7 +7,6 @@ every module, so `make_schedule` and `schedule_names` see all of them.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -16,9 +15,8 @@ from torch import nn
 
 from ...engine.allocate import allocate
 from ...engine.graph import build_graph
-from ...engine.surgery import prune_model, verify
-from ...errors import ChanpruneError, UserError
-from ...prune.pruning import plan_record
+from ...errors import UserError
+from ...prune.pruning import plan_record, pruned_copy
 from ..hooks import Hook
 from ..trainer import Trainer
 
@@ -68,19 +66,19 @@ class PruningSchedule(Hook):
         if not self.graph.prunable_groups():
             raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
 
-    def _remove(self, trainer: Trainer, allocation: Any) -> None:
-        """Remove `allocation.plan` physically, verify against the masked model, continue training it."""
-        model = trainer.model
+    def _remove(self, trainer: Trainer, allocation: Any, *, carry_momentum: bool = True) -> None:
+        """Remove `allocation.plan` physically, verified against the masked model, and continue
+        training the smaller model (with the surviving weights' momentum unless `carry_momentum`
+        is False: then the optimizer starts fresh)."""
         plan = allocation.plan
-        pruned = copy.deepcopy(model)
-        prune_model(pruned, self.graph, plan)
-        result = verify(model, self.graph, plan, pruned, self.input_shape)
-        if not result.passed:
-            raise ChanpruneError(f"{self.name}: verification failed: the pruned model differs from the masked one by "
-                                 f"{result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})")
+        pruned, result = pruned_copy(trainer.model, self.graph, plan, self.input_shape, schedule=self.name)
+        assert result is not None
         self.verify_result = {"max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "passed": result.passed}
         self.records.append(plan_record(self.graph, allocation, self.criterion))
-        trainer.replace_model(pruned, graph=self.graph, plan=plan)
+        if carry_momentum:
+            trainer.replace_model(pruned, graph=self.graph, plan=plan)
+        else:
+            trainer.replace_model(pruned)
 
     def plans(self) -> list[dict[str, Any]]:
         return list(self.records)

@@ -13,7 +13,6 @@ warm-up + cosine learning-rate schedule.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -23,9 +22,7 @@ from torch import nn
 from ...criteria.gates import ChannelGates
 from ...criteria.whitebox import class_gates, num_classes
 from ...engine.points import scale_outputs
-from ...engine.surgery import prune_model, verify
-from ...errors import ChanpruneError, UserError
-from ...prune.pruning import plan_record
+from ...errors import UserError
 from ...support import distributed as D
 from ..optim import WarmupCosine
 from ..sampling import mix_seed
@@ -140,23 +137,11 @@ class WhiteboxSchedule(PruningSchedule):
         allocation = self._allocate(scores, self.target)  # type: ignore[arg-type]
         _rescale(trainer.model, points, self.masks, allocation.plan)
         self.masks = {}
-        self._remove_fresh(trainer, allocation)
+        self._remove(trainer, allocation, carry_momentum=False)  # the frozen phase's momentum is meaningless
         # The fine-tuning phase gets its own warm-up and cosine decay.
         trainer.scheduler = WarmupCosine(trainer.total_steps, trainer.cfg.warmup, trainer.cfg.min_lr, start=trainer.step)
         self.events.append({"step": trainer.step, "removed": sum(len(v) for v in allocation.plan.values())})
         self.done = True
-
-    def _remove_fresh(self, trainer: Trainer, allocation: Any) -> None:
-        """`_remove`, but the optimizer starts fresh (the frozen phase's momentum is meaningless)."""
-        model = trainer.model
-        pruned = copy.deepcopy(model)
-        prune_model(pruned, self.graph, allocation.plan)
-        result = verify(model, self.graph, allocation.plan, pruned, self.input_shape)
-        if not result.passed:
-            raise ChanpruneError(f"whitebox: verification failed ({result.max_abs_diff:.3g} > {result.tolerance:.3g})")
-        self.verify_result = {"max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "passed": result.passed}
-        self.records.append(plan_record(self.graph, allocation, self.criterion))
-        trainer.replace_model(pruned)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.gates is not None:
