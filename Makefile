@@ -11,13 +11,17 @@ STAMP  := $(VENV)/.chanprune-installed
 # errors still show.
 PIP_FLAGS := -qq --progress-bar off --disable-pip-version-check
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-slow install clean-venv
 
 demo: $(STAMP)
 	$(VPY) -m chanprune_cli.demo
 
+# Tests marked `slow` are deselected (pyproject.toml's addopts); `make test-slow` runs them.
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow
 
 install: $(STAMP)
 
