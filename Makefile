@@ -11,17 +11,21 @@ STAMP  := $(VENV)/.chanprune-installed
 # errors still show.
 PIP_FLAGS := -qq --progress-bar off --disable-pip-version-check
 
-.PHONY: demo test test-slow install clean-venv
+.PHONY: demo test test-slow lint install clean-venv
 
 demo: $(STAMP)
 	$(VPY) -m chanprune_cli.demo
 
-# Tests marked `slow` are deselected (pyproject.toml's addopts); `make test-slow` runs them.
-test: $(STAMP)
+# The lint first: it takes a second, the tests minutes. Tests marked `slow` are deselected
+# (pyproject.toml's addopts); `make test-slow` runs them.
+test: lint
 	$(VPY) -m pytest -q
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VPY) -m ruff check
 
 install: $(STAMP)
 

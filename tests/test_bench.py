@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from chanprune_cli.deploy import benchmark
 from chanprune_cli.cli import app
+from chanprune_cli.deploy import benchmark
 from chanprune_cli.models import build_model, parse_arch
 
 ARCH = ("--arch", "digits_cnn")
@@ -408,7 +408,8 @@ def test_plot_without_matplotlib_fails_before_measuring(load_spy: list[str], ckp
     assert result.exit_code == 0, result.stderr  # without --plot, matplotlib is not needed
 
 
-def test_plot_existing_file_needs_force(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plot_existing_file_needs_force(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("matplotlib")
     target = tmp_path / "b.png"
     target.write_text("mine")

@@ -124,7 +124,8 @@ def test_num_batches_tracked_missing_or_extra(tmp_path: Path, digits: nn.Module,
 
 def test_numpy_and_namespace_extras_load_safely(tmp_path: Path, digits: nn.Module, x_digits: torch.Tensor) -> None:
     path = tmp_path / "extras.pt"
-    torch.save({"state_dict": digits.state_dict(), "best_prec1": np.float64(91.7), "args": argparse.Namespace(lr=0.1), "hist": np.zeros(3)}, path)
+    torch.save({"state_dict": digits.state_dict(), "best_prec1": np.float64(91.7), "args": argparse.Namespace(lr=0.1),
+                "hist": np.zeros(3)}, path)
     assert same_outputs(load_checkpoint(path, arch="digits_cnn").model, digits, x_digits)
 
 
@@ -187,7 +188,8 @@ def test_mismatched_weights_name_keys(tmp_path: Path) -> None:
 
 
 def test_wrong_builtin_for_resnet(tmp_path: Path) -> None:
-    torch.save({"state_dict": {"module." + k: v for k, v in build_model(ArchSpec("cifar_resnet20")).state_dict().items()}}, tmp_path / "r20.th")
+    state = build_model(ArchSpec("cifar_resnet20")).state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "r20.th")
     with pytest.raises(UserError, match=r"missing key\(s\): layer1\.3\.conv1\.weight"):
         load_checkpoint(tmp_path / "r20.th", arch="cifar_resnet32")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from chanprune_cli.prune import pruning
 from chanprune_cli.engine.graph import build_graph
+from chanprune_cli.prune import pruning
 from chanprune_cli.prune.scoring import compute_scores
 
 # (name, input side): one model per coupling family — residual adds, channel shuffle + split,

@@ -20,8 +20,6 @@ from typer.testing import CliRunner
 
 from chanprune_cli import data
 from chanprune_cli.cli import app
-from chanprune_cli.data import archive as data_archive
-from chanprune_cli.data import digits as data_digits
 from chanprune_cli.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,6 +30,8 @@ from chanprune_cli.data import (
     parse_floats,
     parse_shape,
 )
+from chanprune_cli.data import archive as data_archive
+from chanprune_cli.data import digits as data_digits
 from chanprune_cli.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

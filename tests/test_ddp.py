@@ -67,7 +67,7 @@ def test_two_gloo_processes_match_one(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "ddp_tinynet.py").write_text(TINYNET)
     sys.path.insert(0, str(tmp_path))
     try:
-        import ddp_tinynet  # noqa: PLC0415
+        import ddp_tinynet
 
         torch.manual_seed(0)
         torch.save(ddp_tinynet.make().state_dict(), tmp_path / "tiny.pt")

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from engine_helpers import randomize
 from typer.testing import CliRunner
 
-from chanprune_cli.deploy import export as exporter
-from chanprune_cli.prune import pruning
 from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
+from chanprune_cli.deploy import export as exporter
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
+from chanprune_cli.prune import pruning
+from engine_helpers import randomize
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
@@ -252,7 +252,8 @@ def test_export_failure_is_one_line(pruned: dict[str, Path], tmp_path: Path, mon
     monkeypatch.setattr(torch.onnx, "export", broken)
     result = cli("export", pruned["digits"], "--out", tmp_path / "m.onnx")
     assert result.exit_code == 1
-    assert "cannot export this model to ONNX opset 17 (RuntimeError: Unsupported: ONNX export of operator foo)" in one_error_line(result.stderr)
+    expected = "cannot export this model to ONNX opset 17 (RuntimeError: Unsupported: ONNX export of operator foo)"
+    assert expected in one_error_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -274,7 +275,8 @@ BAD = [
      "records no architecture"),
     ("json-is-spec-file", lambda p, t: ["export", p["digits"], "--out", t / "m.safetensors", "--json", t / "m.safetensors.json"],
      "both name"),
-    ("spec-file-exists", lambda p, t: ["export", p["digits"], "--out", t / "m.safetensors"], "m.safetensors.json already exists; pass --force"),
+    ("spec-file-exists", lambda p, t: ["export", p["digits"], "--out", t / "m.safetensors"],
+     "m.safetensors.json already exists; pass --force"),
     ("spatial-axes-unknown", lambda p, t: ["export", p["digits"], "--out", t / "m.onnx", "--spatial-axes", "sideways"],
      "unknown --spatial-axes 'sideways'; choose auto, dynamic or fixed"),
     ("spatial-axes-dynamic-size-bound", lambda p, t: ["export", p["digits"], "--out", t / "m.onnx", "--spatial-axes", "dynamic"],

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chanprune_cli.support.device import resolve_device
 from chanprune_cli.errors import UserError
 from chanprune_cli.measure import (
     count_macs,
@@ -20,6 +19,7 @@ from chanprune_cli.measure import (
     measure_latency,
     per_module_macs,
 )
+from chanprune_cli.support.device import resolve_device
 
 
 def _small_net() -> nn.Sequential:

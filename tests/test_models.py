@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 import uuid
@@ -57,7 +58,8 @@ def test_cifar_resnet_param_counts(name: str, count: int) -> None:
 def test_cifar_resnet_structure_and_keys() -> None:
     model = build_model(ArchSpec("cifar_resnet20"))
     keys = set(model.state_dict())
-    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.bn2.bias", "layer3.2.conv2.weight", "linear.weight", "linear.bias"} <= keys
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.bn2.bias", "layer3.2.conv2.weight",
+            "linear.weight", "linear.bias"} <= keys
     assert not any("shortcut" in k for k in keys)  # option A: weightless shortcuts
     for stage, planes in ((model.layer2, 32), (model.layer3, 64)):
         sc = stage[0].shortcut
@@ -205,7 +207,7 @@ def test_archspec_json_hash_and_immutability() -> None:
     assert again == spec and hash(again) == hash(spec)
     assert len({spec, again, ArchSpec("cifar_resnet20", {"nested": {"a": [1, 2]}, "num_classes": 10})}) == 1
     assert ArchSpec("x", {"a": 1}) != ArchSpec("x", {"a": 2})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
     with pytest.raises(UserError):
         ArchSpec("x", {"f": object()})

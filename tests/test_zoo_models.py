@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import randomize
 from torch import nn
 from typer.testing import CliRunner
 
 from chanprune_cli.checkpoint import load_checkpoint
 from chanprune_cli.cli import app
 from chanprune_cli.models import build_model, parse_arch
+from engine_helpers import randomize
 
 runner = CliRunner()
 
