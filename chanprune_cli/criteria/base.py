@@ -13,10 +13,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..data import open_dataset
 from ..engine.graph import ChannelGraph, ChannelGroup, Slot
 from ..engine.layer_rules import PRODUCER_KINDS, rule_for
 from ..engine.scores import Scores, WeightedScores, channel_scales, group_weights  # noqa: F401  (criteria use them from here)
+from ..errors import UserError
+from .gates import parse_options
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
@@ -75,8 +77,6 @@ def parse_criterion_opts(criterion: Criterion, options: Mapping[str, Any] | Iter
 
     Unknown keys, malformed pairs and values that do not parse as the default's type (int, float,
     bool, str) are UserErrors naming the valid keys."""
-    from .gates import parse_options
-
     raw: dict[str, Any] = {}
     if isinstance(options, Mapping):
         raw = {str(key).strip(): value for key, value in options.items()}
@@ -142,8 +142,6 @@ def check_requirements(criterion: Criterion, has_data: bool, *, options: dict[st
 
 def data_classes(source: str) -> int | None:
     """How many classes a `--data` source has, or None when that cannot be told cheaply."""
-    from ..data import open_dataset
-
     try:
         dataset = open_dataset(source)
     except Exception:  # noqa: BLE001 -- the real load (with --input-shape etc.) reports problems in context

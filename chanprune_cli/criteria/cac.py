@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.graph import ChannelGraph
+from ..errors import UserError
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
 from .gates import (
     ChannelGates,
@@ -199,10 +200,8 @@ class CAC(Criterion):
             except ValueError:
                 mc_weight = -1.0
             if not 0 <= mc_weight <= 1:
-                from ..errors import UserError
                 raise UserError(f"criterion 'cac': mc_weight must be 'auto' or a number in [0, 1], got {opts['mc_weight']!r}")
         if not 0 < opts["drop_prob"] < 1:
-            from ..errors import UserError
             raise UserError(f"criterion 'cac': drop_prob must be between 0 and 1, got {opts['drop_prob']}")
         assert data is not None
         device = torch.device(device)

@@ -6,6 +6,10 @@ augmentation), `optim` (losses, SGD groups, warm-up + cosine, momentum through s
 `validation`, `outputs` (file names, checkpoint records), `state` (the resumable state file),
 `process` (stop on SIGINT/SIGTERM, thread count), `trainer` (the loop) and `smoke` (a one-step
 trainability check). This module re-exports the names used elsewhere.
+
+The engine and `checkpoint` are imported inside the few functions of this package that use them,
+not at the top: they import torchvision (seconds), and `chanprune run` imports this package for
+`outputs` alone. The schedules (`schedules/`, imported only by the finetune recipe) import at the top.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ class WarmupCosine:
 def carry_momentum(old_model: nn.Module, old_opt: torch.optim.Optimizer, new_model: nn.Module,
                    new_opt: torch.optim.Optimizer, graph: Any, plan: Mapping[int, Sequence[int]]) -> None:
     """Slice the old momentum buffers exactly as surgery sliced the weights, into the new optimizer."""
-    from ..engine.surgery import prune_model
+    from ..engine.surgery import prune_model  # not at the top: see the package docstring
 
     # A copy of the old model whose parameters hold the momentum buffers goes through the same
     # surgery, so the buffers come out sliced exactly like the weights.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ChanpruneError
+from ..measure import logits_of
 from .config import TrainConfig
 from .optim import build_optimizer
 
@@ -19,8 +20,6 @@ def train_step_check(model: nn.Module, input_shape: Sequence[int], *, batch: int
                      device: torch.device | str = "cpu", seed: int = 0) -> float:
     """Run `steps` SGD steps of this loop's optimizer on random data (train mode); return the last
     loss. Raises ChanpruneError when the loss is not finite or a parameter gets no gradient."""
-    from ..measure import logits_of
-
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     model.to(device).train()

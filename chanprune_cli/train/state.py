@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import ArchSpec, build_model
 
 STATE_FORMAT = "chanprune-train-state"
 STATE_VERSION = 1
@@ -65,8 +66,9 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
                         "and removed when the run completes)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"training state {p} is unreadable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001  (a damaged file fails in many ways; each is one line to the user)
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"training state {p} is unreadable ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{p} is not a chanprune training state")
     if int(state.get("version", 0)) > STATE_VERSION:
@@ -77,8 +79,7 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 def model_from_state(state: Mapping[str, Any], model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model saved in a training state (its current, possibly pruned, shapes); `model`:
     restore into it instead (a whole pickled model, which has no architecture to build)."""
-    from ..engine import shapes
-    from ..models import ArchSpec, build_model
+    from ..engine import shapes  # not at the top: see the package docstring
 
     if model is None:
         spec = ArchSpec.from_json(state["arch"])

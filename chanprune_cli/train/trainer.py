@@ -39,9 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
 from ..errors import ChanpruneError, UserError
+from ..measure import logits_of
 from ..support import distributed as D
 from ..support.fsutil import atomic_path
 from ..support.progress import StepProgress
@@ -54,7 +56,6 @@ from .precision import autocast, resolve_amp
 from .process import StopRequest
 from .state import STATE_FORMAT, STATE_VERSION, rng_state, set_rng_state, to_cpu
 from .validation import validate
-
 
 SYNC_EVERY = 50  # steps between sync points on CUDA (at most: log lines and validation add their own)
 _SHOW_EVERY_S = 0.5  # the progress display reads the device's loss at most this often
@@ -177,8 +178,6 @@ class Trainer:
 
     def _wrap(self) -> None:
         if self.env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DDP(self.model, device_ids=ids, output_device=ids[0] if ids else None)
         else:
@@ -211,7 +210,7 @@ class Trainer:
     # ---- state -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        from ..engine import shapes
+        from ..engine import shapes  # not at the top: see the package docstring
 
         if self.ckpt is None:
             raise ChanpruneError("internal: the trainer has no checkpoint info to save a state")
@@ -274,7 +273,7 @@ class Trainer:
         self._pending_rng = rng[self.env.rank] if self.env.rank < len(rng) else None
 
     def _save_model(self, path: Path, *, kind: str, evaluation: dict[str, Any] | None = None) -> None:
-        from ..checkpoint import LoadedCheckpoint, save_model, tool_version
+        from ..checkpoint import LoadedCheckpoint, save_model, tool_version  # not at the top: see the package docstring
 
         assert self.ckpt is not None
         entry = {**self.ckpt.entry, "steps": self.step, "total_steps": self.total_steps, "checkpoint": kind,
@@ -318,8 +317,6 @@ class Trainer:
         return loss
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from ..measure import logits_of
-
         cfg = self.cfg
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.loaders import ignore_stop_signals, iterate_with_workers
 from ..data.tensorcache import TensorImages
 from ..errors import UserError
+from ..measure import logits_of
 from ..support import distributed as D
 from .precision import autocast
 from .sampling import collate_labels
@@ -25,8 +26,6 @@ def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: tor
              workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
              amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
     """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
-    from ..measure import logits_of
-
     env = env or D.current()
     n = len(dataset)  # type: ignore[arg-type]
     chosen = list(range(n))
