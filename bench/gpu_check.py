@@ -259,7 +259,7 @@ def _bench(check: Check, name: str, models: list[str], arch: str, extra: list[st
 
 def phase_latency(check: Check, r56_pair: list[str], work: Path) -> None:
     b = check.budget
-    fast = ["--dtype", "bf16", "--channels-last"]  # the deployment: bf16, channels-last, autotuned
+    fast = ["--dtype", "bf16", "--channels-last"]  # as deployed: bf16, channels-last, autotuned
     plain = ["--dtype", "fp32", "--no-cudnn-benchmark"]
     if r56_pair:
         data = ["--data", str(check.data / "cifar10-jpeg-test.tar.gz"), "--mean", MEAN, "--std", STD]

@@ -1,4 +1,4 @@
-"""Bad inputs through the real CLI (issue 7): every failure is one `error:` line that says what is
+"""Bad inputs through the real CLI: every failure is one `error:` line that says what is
 wrong and what to do, with the documented exit code, no traceback and no output file.
 
 The catalogue is data: each table row is (id, argv builder, expected exit code, message fragment).

@@ -342,7 +342,7 @@ def test_help_shows_every_bracketed_word(name: str) -> None:
     shown = " ".join(result.stdout.split())
     texts = [t.replace("\\[", "[") for t in [command.help, *(getattr(p, "help", None) for p in command.params)] if t]
     bracketed = [m for text in texts for m in re.findall(r"\[[^\]\[]*\]", text)]
-    assert name not in ("run", "init") or bracketed  # the commands of the issue have some
+    assert name not in ("run", "init") or bracketed  # run's and init's help texts have some
     for word in bracketed:
         assert word in shown, f"{name} --help lost {word!r}"
     for markup in ("[b]", "[/b]", "[bold]"):

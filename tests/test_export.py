@@ -332,7 +332,7 @@ def _onnx_dims(path: Path) -> list[str | int]:
 
 
 def test_fully_convolutional_onnx_takes_any_size(tmp_path: Path) -> None:
-    """The issue's case: pruned at 12x12, the ONNX graph must run at 100x100 as PyTorch does."""
+    """Pruned at 12x12, the ONNX graph must run at 100x100 as PyTorch does."""
     import onnxruntime as ort
 
     Path("fcn_net.py").write_text(FCN_SOURCE)  # the working directory is importable (pkg.mod:factory)

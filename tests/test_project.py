@@ -55,7 +55,7 @@ def settings_of(doc: dict, command: str) -> dict[str, tuple[object, str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# the two-line flow of the issue, through the real entry point
+# the two-line flow (score, then a bare prune), through the real entry point
 
 
 def test_score_then_prune_with_no_other_arguments(project: Path) -> None:
