@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from engine_helpers import randomize
 from torch import nn
 
-from chanprune_cli.errors import UserError
 from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph, match_ignored
-from chanprune_cli.models import build_model, parse_arch
 from chanprune_cli.engine.surgery import prune_model, removals, verify
+from chanprune_cli.errors import UserError
+from chanprune_cli.models import build_model, parse_arch
+from engine_helpers import randomize
 
 # Tiny tensors: intra-op threads only add synchronisation (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -413,9 +413,9 @@ def test_cifar_resnet20_random_40_percent_plan() -> None:
 
 
 def test_union_pairs_with_several_partners_per_id() -> None:
-    from chanprune_cli.engine.graph import _UnionFind, _unique_ids
+    from chanprune_cli.engine.labels import UnionFind, unique_ids
 
-    uf = _UnionFind()
+    uf = UnionFind()
     for i in range(10):
         uf.new(("m", "out", i))
     a = torch.tensor([[0, 0, 0, 1], [1, 5, -1, 8]])
@@ -425,13 +425,13 @@ def test_union_pairs_with_several_partners_per_id() -> None:
     assert len({roots[i] for i in (0, 1, 2, 3, 4, 6)}) == 1
     assert len(set(roots)) == 5  # {0,1,2,3,4,6}, {5}, {7}, {8}, {9}
     # broadcast (stride-0) operands: pairs along the broadcast axis are the same pair
-    uf2 = _UnionFind()
+    uf2 = UnionFind()
     for i in range(6):
         uf2.new(("m", "out", i))
     uf2.union_pairs(torch.tensor([0, 1, 2]).view(1, 3).expand(4, 3), torch.tensor([3, 4, 5]).view(1, 3).expand(4, 3))
     assert [uf2.find(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]
-    assert _unique_ids(torch.tensor([[5, -1, 3], [3, 5, 0]])).tolist() == [0, 3, 5]
-    assert _unique_ids(torch.full((3, 2), -1)).numel() == 0
+    assert unique_ids(torch.tensor([[5, -1, 3], [3, 5, 0]])).tolist() == [0, 3, 5]
+    assert unique_ids(torch.full((3, 2), -1)).numel() == 0
 
 
 def test_through_layernorm_makes_normalised_channels_removable_and_approximate() -> None:
