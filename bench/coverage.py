@@ -11,7 +11,7 @@ the convolutional families of `timm.list_models()`, see `timm_models`, random in
   mode, SGD, batch 2).
   Outcome: ``pruned+verified`` / ``blocked`` (no prunable group; reason) / ``failed`` (error).
   MACs (fvcore, one input of the sweep's size) are counted before and after, for both tools.
-* Torch-Pruning 1.6.1: ``tp.pruner.MagnitudePruner`` with ``MagnitudeImportance(p=1)``,
+* Torch-Pruning (the installed version, recorded with the results): ``tp.pruner.MagnitudePruner`` with ``MagnitudeImportance(p=1)``,
   ``pruning_ratio=ratio``, the final classifier(s) ignored, ``global_pruning=False``, the same
   example input. Outcome: ``ok`` / ``failed to prune`` / ``forward fails`` / ``wrong output shape``
   / ``runs but fails to train`` / ``error`` / ``timeout``.
@@ -49,6 +49,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from provenance import describe, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = Path(os.environ.get("CHANPRUNE_CHECKPOINTS", REPO.parent / "shared" / "checkpoints"))
@@ -578,7 +580,8 @@ def run_worker(tool: str, name: str, args: argparse.Namespace) -> dict[str, Any]
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env=env, preexec_fn=cap_memory)  # noqa: PLW1509 (no threads in the driver)
+                            text=True, start_new_session=True, env=env,
+                            preexec_fn=cap_memory)  # safe: the driver runs no threads
     try:
         _, err = proc.communicate(timeout=args.timeout_per_model)
     except subprocess.TimeoutExpired:
@@ -663,8 +666,9 @@ def summarize(results: dict[str, dict[str, Any]], skipped: dict[str, str], args:
                               else f"single sweep run, {args.threads} thread(s)")}
 
 
-def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
-    lines = ["| model | params (M) | input | chanprune | groups (prunable) | params after (M) | MACs removed | ours s (build/prune/verify) | Torch-Pruning | TP params after (M) | TP MACs removed | TP s (graph/prune) |",
+def render(results: dict[str, dict[str, Any]], summary: dict[str, Any], prov: dict[str, Any]) -> str:
+    lines = ["| model | params (M) | input | chanprune | groups (prunable) | params after (M) | MACs removed | ours s (build/prune/verify) "
+             "| Torch-Pruning | TP params after (M) | TP MACs removed | TP s (graph/prune) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         o, t = r.get("ours", {}), r.get("tp")
@@ -682,9 +686,9 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
             _fmt_pct(macs_removed(t)) if t else "-",
             f"{_fmt_s(t.get('graph_s'))}/{_fmt_s(t.get('prune_s'))}" if t else "-",
         ]) + " |")
-    out = [f"# Coverage sweep: {summary.get('zoo', 'torchvision')} (ratio {summary['ratio']})", "",
+    out = [f"# Coverage sweep: {summary.get('zoo', 'torchvision')} (ratio {summary['ratio']})", "", describe(prov), "",
            f"chanprune: {json.dumps(summary['chanprune'])}", "",
-           f"Torch-Pruning 1.6.1: {json.dumps(summary['torch_pruning'])}", "",
+           f"Torch-Pruning: {json.dumps(summary['torch_pruning'])}", "",
            "MACs removed by the successful runs (fvcore): "
            + "; ".join(f"{k} {v['at_least_20pct']} of {v['measured']} at >= 20 %, median {_fmt_pct(v['median'])}"
                        for k, v in summary.get("macs_removed", {}).items()), "",
@@ -697,7 +701,8 @@ def render(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
                 ("ours = build_graph + prune_model + verify (float64 equivalence check); "
                  "TP = MagnitudePruner construction (builds its DependencyGraph) + step; "
                  "TP DG = a standalone DependencyGraph().build_dependency."), "",
-                "| model | ours build | ours prune | ours verify | ours total | TP DG | TP pruner init | TP step | TP total | ours/TP | ours w/o verify / TP |",
+                "| model | ours build | ours prune | ours verify | ours total | TP DG | TP pruner init | TP step | TP total | ours/TP "
+                "| ours w/o verify / TP |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def f2(v: Any) -> str:
@@ -718,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision",
                     help="where the models come from (timm: see timm_models for the list)")
-    ap.add_argument("--models", default="all", help="all, or a comma-separated list (torchvision or timm names, cifar_resnet20, cifar_resnet56)")
+    ap.add_argument("--models", default="all",
+                    help="all, or a comma-separated list (torchvision or timm names, cifar_resnet20, cifar_resnet56)")
     ap.add_argument("--ratio", type=float, default=0.3, help="fraction of each prunable group's channels to remove")
     ap.add_argument("--size", type=int, default=None, help="input side override (used only where the model runs on it)")
     ap.add_argument("--max-params", type=float, default=400e6, help="skip models with more parameters (default 400M)")
@@ -767,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.worker_out).write_text(json.dumps(res, default=str))
         return 0
 
+    prov = provenance(threads=args.threads)  # the workers' thread count
+    print(describe(prov), flush=True)
     names = model_list(args.models)
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -803,9 +811,9 @@ def main(argv: list[str] | None = None) -> int:
             r["tp"] = earlier_tp if same_input else run_worker("tp", name, args)
         results[name] = r
         o, t = r["ours"], r.get("tp")
-        print(f"{name:24s} ours: {o['status']:16s} {o.get('reason', '')[:90]:90s} "
-              f"[{_fmt_s(ours_time(o))} s]  tp: {t['status'] if t else '-'} {(t or {}).get('reason', '')[:60]} [{_fmt_s(tp_time(t or {}))} s]", flush=True)
-        partial = {"summary": summarize(results, skipped, args), "results": results}
+        print(f"{name:24s} ours: {o['status']:16s} {o.get('reason', '')[:90]:90s} [{_fmt_s(ours_time(o))} s]  "
+              f"tp: {t['status'] if t else '-'} {(t or {}).get('reason', '')[:60]} [{_fmt_s(tp_time(t or {}))} s]", flush=True)
+        partial = {"summary": summarize(results, skipped, args), "provenance": prov, "results": results}
         if args.json:
             args.json.write_text(json.dumps(partial, indent=1, default=str))
     results = {n: results[n] for n in names if n in results}  # sweep order, also after --resume
@@ -819,10 +827,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  timing {name} failed: {r.get('status')} {r.get('reason', '')}", flush=True)
     summary = summarize(results, skipped, args, timing_runs)
-    text = render(results, summary)
+    text = render(results, summary, prov)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "results": results}, indent=1, default=str))
+        args.json.write_text(json.dumps({"summary": summary, "provenance": prov, "results": results}, indent=1, default=str))
     if args.markdown:
         args.markdown.write_text(text)
     return 0

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
 import traceback
-from datetime import date
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
@@ -38,16 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from chanprune_cli.prune import pruning  # noqa: E402
 from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
 from chanprune_cli.criteria import available, get_criterion  # noqa: E402
 from chanprune_cli.criteria.base import NEEDS_WEIGHTS  # noqa: E402
 from chanprune_cli.data import make_loader  # noqa: E402
 from chanprune_cli.engine.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
+from chanprune_cli.prune import pruning  # noqa: E402
 from chanprune_cli.prune.recalibration import recalibrate_bn  # noqa: E402
 from chanprune_cli.prune.rounds import score_in_rounds  # noqa: E402
 from chanprune_cli.prune.scoring import compute_scores  # noqa: E402
+from provenance import describe, provenance  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SHAPE = (3, 32, 32)
@@ -159,7 +158,8 @@ def _tp_importance(tp: Any, name: str) -> Any:
             "tp-random": imp.RandomImportance}[name]()
 
 
-def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any, args: argparse.Namespace) -> dict[str, Any]:
+def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, test: Any,
+                  args: argparse.Namespace) -> dict[str, Any]:
     from importlib.metadata import version
 
     import torch_pruning as tp
@@ -199,8 +199,9 @@ def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal:
     return row
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> str:
-    lines = [f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float, prov: dict[str, Any]) -> str:
+    lines = [describe(prov), "",
+             f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
              f"calibration {args.calib_batches}×{args.batch_size} images, BN recalibration {args.recal_batches} batches.", "",
              f"(c) = {args.finetune_steps} fine-tune steps × {args.batch_size}, lr {args.finetune_lr}, "
              f"seed(s) {args.finetune_seeds} (mean ± sd over seeds), identical for every method.", "",
@@ -268,7 +269,7 @@ def main() -> None:
         for fn, name in jobs:
             try:
                 row = fn(name, model, protocol, long_calib if name == "whitebox-long" else calib, recal, test, args)
-            except Exception as exc:  # a failing method is a result, not the end of the run
+            except Exception as exc:  # noqa: BLE001 -- a failing method is a result, not the end of the run
                 row = {"tool": "torch-pruning" if fn is torch_pruning else "chanprune", "criterion": name, "protocol": protocol,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                 traceback.print_exc()
@@ -280,11 +281,12 @@ def main() -> None:
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
-            "torch": torch.__version__, "command": " ".join(sys.argv), "baseline_top1": baseline, **vars(args)}
+    prov = provenance()
+    meta = {"provenance": prov, "baseline_top1": baseline, **vars(args)}
     (out / "criteria.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "criteria.md").write_text(markdown(rows, args, baseline))
-    print(markdown(rows, args, baseline))
+    text = markdown(rows, args, baseline, prov)
+    (out / "criteria.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from chanprune_cli.criteria import get_criterion
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import ArchSpec, build_model
+from provenance import describe, provenance
 
 DEFAULT = ("taylor", "taylor:per_sample=true", "hrank", "sensitivity", "sensitivity:hessian=activation",
            "info", "cac", "whitebox")
@@ -154,7 +155,8 @@ def main() -> None:
     if args.count_ops:
         if len(data) < 4:
             ap.error("--count-ops needs --batches 4 or more")
-        print(f"{args.arch}, batch {args.batch_size}, {device}, torch {torch.__version__}")
+        print(describe(provenance()))
+        print(f"{args.arch}, batch {args.batch_size}, {device}")
         count_ops(model, graph, data, device, specs)
         return
     best: dict[str, tuple[float, float]] = {}
@@ -174,8 +176,9 @@ def main() -> None:
             _sync(device)
             record(spec, _timed(lambda: (criterion.score(model, graph, data, device, seed=0, **options), _sync(device))))  # noqa: B023
     base_wall, base_cpu = best["forward+backward (baseline)"]
+    print(describe(provenance()))
     print(f"{args.arch}, batch {args.batch_size}, {args.batches} batches, {args.threads} threads, {device}, "
-          f"best of {args.repeats}, torch {torch.__version__}")
+          f"best of {args.repeats}")
     print(f"{'method':<34} {'img/s wall':>10} {'vs fwd+bwd':>10} {'img/CPU-s':>10} {'vs fwd+bwd':>10}")
     for name, (wall, cpu) in best.items():
         print(f"{name:<34} {images / wall:>10.1f} {base_wall / wall:>9.2f}x {images / cpu:>10.1f} {base_cpu / cpu:>9.2f}x")

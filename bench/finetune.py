@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,6 +52,7 @@ from chanprune_cli.data import make_loader, open_dataset  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params  # noqa: E402
 from chanprune_cli.train import TrainConfig, Trainer, validate  # noqa: E402
 from chanprune_cli.train.precision import autocast, resolve_amp  # noqa: E402
+from provenance import describe, provenance  # noqa: E402
 
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 SHAPE = (3, 32, 32)
@@ -248,15 +248,11 @@ def main() -> int:
     finished = datetime.now(timezone.utc)
     doc = {
         "benchmark": "finetune",
-        "date": started.strftime("%Y-%m-%d"),
+        "provenance": provenance(),
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
         "checkpoint": str(args.checkpoint),
         "baseline": {"params": base_params, "macs": base_macs},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -272,9 +268,8 @@ def main() -> int:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
-    machine = (f"Device {doc['device']} ({doc['cpu_count']} cores, {doc['threads']} torch threads, load average "
-               f"{', '.join(f'{v:.1f}' for v in doc['load_average'] or [])}), torch {doc['torch']}, {doc['date']}.")
-    lines = [
+    machine = f"Device {doc['device']}, load average {', '.join(f'{v:.1f}' for v in doc['load_average'] or [])}."
+    head = [
         f"ResNet-56 (CIFAR-10 JPEG baseline checkpoint), {100 * s['target_flops']:.0f} % of the MACs removed, "
         f"{s['steps']} steps of batch {s['batch_size']} per method (SGD nesterov, lr {s['lr']}, warm-up + cosine), "
         f"top-1 on {s['eval_images'] if s['eval_images'] < 10000 else 10000} test images. " + machine,
@@ -282,6 +277,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "| method | top-1 % | top-5 % | MACs removed | params | train img/s | wall s |",
         "|---|---|---|---|---|---|---|",
     ] if doc["results"] else [machine]
+    lines = [describe(doc["provenance"]), "", *head]
     labels = {"pruned_no_finetune": f"one-shot `{s['criterion']}`, no fine-tuning",
               "oneshot": f"(i) one-shot `{s['criterion']}` + fine-tune",
               "kd": f"(ii) one-shot `{s['criterion']}` + fine-tune with `--teacher` (α {s['kd_alpha']})",

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provenance import describe, provenance
+
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 TRAIN_IMAGES = 50_000
@@ -95,6 +97,7 @@ class Check:
     budget: Budget
     quick: bool
     started: float = field(default_factory=time.monotonic)
+    provenance: dict[str, Any] = field(default_factory=provenance)
     phases: list[dict[str, Any]] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -135,8 +138,8 @@ class Check:
         print(f"[{phase}] skipped: {why}", flush=True)
 
     def write(self) -> None:
-        doc = {"device": self.device, "quick": self.quick, "elapsed_s": round(time.monotonic() - self.started, 1),
-               "phases": self.phases, **self.facts}
+        doc = {"provenance": self.provenance, "device": self.device, "quick": self.quick,
+               "elapsed_s": round(time.monotonic() - self.started, 1), "phases": self.phases, **self.facts}
         (self.out / "gpu_check.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         (self.out / "gpu_check.md").write_text(markdown(doc), encoding="utf-8")
 
@@ -294,7 +297,8 @@ def phase_scoring(check: Check) -> None:
                                    "128" if not check.quick else "16", "--repeats", "3" if not check.quick else "1",
                                    "--threads", str(os.cpu_count() or 1)], b.scoring)
     rows = [ln for ln in result["output"] if re.match(r"^\S.*\s[\d.]+x\s", ln)]
-    check.facts["scoring"] = {"header": next((ln for ln in result["output"] if "batch" in ln and "threads" in ln), ""),
+    header = f"{b.criteria_arch}, batch"
+    check.facts["scoring"] = {"header": next((ln for ln in result["output"] if ln.startswith(header)), ""),
                               "rows": rows}
 
 
@@ -395,11 +399,10 @@ def decode(args: argparse.Namespace) -> None:
     import torch
     import torchvision
 
-    from input_pipeline import jpeg_folder, mean_kb, pipeline_rate  # bench/, this script's folder
-
     from chanprune_cli.data import open_dataset
     from chanprune_cli.train import TrainConfig, Trainer
     from chanprune_cli.train.inputs import default_workers
+    from input_pipeline import jpeg_folder, mean_kb, pipeline_rate  # bench/, this script's folder
 
     device = torch.device(args.device)
     folder = jpeg_folder(Path(args.work) / f"jpegs-{args.images}-{args.size}", args.images, args.size)
@@ -433,7 +436,7 @@ def decode(args: argparse.Namespace) -> None:
 
 def markdown(doc: dict[str, Any]) -> str:
     env = doc.get("env") or {}
-    lines = [f"# GPU check ({'CPU dry run' if doc['quick'] else doc['device']})", "",
+    lines = [f"# GPU check ({'CPU dry run' if doc['quick'] else doc['device']})", "", describe(doc["provenance"]), "",
              f"{env.get('gpu') or platform.processor() or 'cpu'}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
              f"cuDNN {env.get('cudnn')}, {env.get('cpus')} CPUs; {doc['elapsed_s']} s in all.", "",
              "| phase | status | s |", "|---|---|---|"]

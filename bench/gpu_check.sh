@@ -19,6 +19,11 @@ if ! "$PY" -c "import fvcore, iopath, yacs, termcolor" 2>/dev/null; then
 fi
 export PYTHONPATH=".:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The commit gpu_check_prepare.sh recorded, for a copy without git metadata (bench/provenance.py).
+if [ -z "${CHANPRUNE_COMMIT:-}" ] && [ -f .gpu_check_data/commit ]; then
+    CHANPRUNE_COMMIT=$(cat .gpu_check_data/commit)
+    export CHANPRUNE_COMMIT
+fi
 # The data cache (extracted archives, decoded tensors) outside the repository.
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/chanprune-cache}
 if [ "${GPU_CHECK_QUICK:-0}" = "1" ]; then

@@ -18,5 +18,12 @@ for f in data/cifar10-jpeg-train.tar.gz data/cifar10-jpeg-test.tar.gz checkpoint
     [ -f "$SHARED/$f" ] || { echo "missing $SHARED/$f" >&2; exit 2; }
     cp -p "$SHARED/$f" .gpu_check_data/
 done
+# The commit being checked, for the copy on the lent machine, which has no git metadata
+# (bench/gpu_check.sh passes it to bench/provenance.py): prepare again after committing.
+rm -f .gpu_check_data/commit
+if commit=$(git rev-parse HEAD 2>/dev/null); then
+    git diff --quiet HEAD -- || commit="$commit-dirty"
+    echo "$commit" > .gpu_check_data/commit
+fi
 du -sh .whl .gpu_check_data
 echo "carry: [\".whl\", \".gpu_check_data\"]; run: bash bench/gpu_check.sh"

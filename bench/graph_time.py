@@ -31,8 +31,11 @@ def main() -> int:
     import torchvision
 
     from chanprune_cli.engine.graph import build_graph
+    from provenance import describe, provenance
 
     torch.set_num_threads(1)
+    prov = provenance(args.repo)  # the commit of the tree timed
+    print(describe(prov), flush=True)
     out = {}
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -45,7 +48,7 @@ def main() -> int:
         out[name] = {"s": round(best, 3), "groups": len(graph.groups), "prunable": len(graph.prunable_groups())}
         print(f"{name:22s} {best:7.3f} s  {out[name]['groups']} groups ({out[name]['prunable']} prunable)", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        args.json.write_text(json.dumps({"provenance": prov, "models": out}, indent=1))
     return 0
 
 

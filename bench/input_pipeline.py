@@ -80,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from chanprune_cli.data import open_dataset
+    from provenance import describe, provenance
 
     device = torch.device(args.device)
     folder = jpeg_folder(args.work / f"jpegs-{args.images}-{args.size}", args.images, args.size)
@@ -93,13 +94,15 @@ def main() -> None:
                                      device_decode=path == "device-decode")
                 best[path] = max(best[path], rate)
         rows.append({"workers": workers, **best})
+    prov = provenance()
+    print(describe(prov))
     print(f"{len(dataset)} JPEGs of {mean_kb(folder):.1f} KB on average -> {args.size} px, batch "
           f"{args.batch}, {args.steps} steps, {device}, {torch.get_num_threads()} threads, best of {args.rounds}\n")
     print("| workers | loader img/s | device decode img/s | device / loader |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r['loader']:.1f} | {r['device-decode']:.1f} | {r['device-decode'] / r['loader']:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "size": args.size, "batch": args.batch,
+        args.json.write_text(json.dumps({"provenance": prov, "device": str(device), "size": args.size, "batch": args.batch,
                                          "rows": rows}, indent=2) + "\n", encoding="utf-8")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,13 +41,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from chanprune_cli.prune import pruning
-from chanprune_cli.deploy.benchmark import Deployment, deployed, time_model
-from chanprune_cli.checkpoint import load_checkpoint
-from chanprune_cli.engine.graph import build_graph
-from chanprune_cli.measure import count_macs, count_params
-from chanprune_cli.models import build_model, parse_arch
-from chanprune_cli.prune.scoring import compute_scores
+from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
+from chanprune_cli.deploy.benchmark import Deployment, deployed, time_model  # noqa: E402
+from chanprune_cli.engine.graph import build_graph  # noqa: E402
+from chanprune_cli.measure import count_macs, count_params  # noqa: E402
+from chanprune_cli.models import build_model, parse_arch  # noqa: E402
+from chanprune_cli.prune import pruning  # noqa: E402
+from chanprune_cli.prune.scoring import compute_scores  # noqa: E402
+from provenance import describe, provenance  # noqa: E402
 
 R56_CHECKPOINT = SHARED / "checkpoints" / "resnet56-cifar10jpeg.pt"
 
@@ -146,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += run_model(name, args)
     table = markdown(rows, args.batch_sizes)
-    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.dtype}{' channels-last' if args.channels_last else ''}, "
+    prov = provenance(threads=args.threads)
+    print(describe(prov))
+    print(f"{args.dtype}{' channels-last' if args.channels_last else ''}, "
           f"target {args.target_flops:g} of the MACs removed (l1), median of ≤{args.repeats} runs "
           f"(≤{args.max_time:g} s per model and batch), {args.warmup} warm-up\n")
     print(table)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
-        Path(args.json).write_text(json.dumps({"settings": settings, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"settings": settings, "provenance": prov, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision
@@ -23,6 +24,10 @@ from chanprune_cli.engine.surgery import prune_model
 from chanprune_cli.measure import count_macs
 from chanprune_cli.models import build_model, parse_arch
 from chanprune_cli.prune.scoring import compute_scores
+from provenance import describe, provenance
+
+if TYPE_CHECKING:
+    from chanprune_cli.engine.graph import ChannelGraph
 
 MODELS = {
     "cifar_resnet56": (lambda: build_model(parse_arch("cifar_resnet56", None)), (3, 32, 32)),
@@ -33,6 +38,14 @@ MODELS = {
 }
 
 
+def removed_pct(model: torch.nn.Module, graph: ChannelGraph, shape: tuple[int, int, int], before: int,
+                scores: dict[int, torch.Tensor], target: float) -> str:
+    """Percent of `model`'s MACs (`before`, by fvcore) that pruning to `target` by `scores` removes."""
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, allocate(graph, scores, target_flops=target).plan)
+    return f"{100 * (1 - count_macs(pruned, shape) / before):.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5)
@@ -40,6 +53,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    print(describe(provenance()) + "\n")
     print(f"| model | scores | MACs removed by fvcore (target {args.target:.0%}) |\n|---|---|---|")
     for name in args.models.split(","):
         make, shape = MODELS[name]
@@ -47,20 +61,14 @@ def main() -> None:
         model = make().eval()
         graph = build_graph(model, shape)
         before = count_macs(model, shape)
-
-        def removed(scores: dict[int, torch.Tensor]) -> str:
-            pruned = copy.deepcopy(model)
-            prune_model(pruned, graph, allocate(graph, scores, target_flops=args.target).plan)
-            return f"{100 * (1 - count_macs(pruned, shape) / before):.2f}"
-
         randoms = []
         for seed in range(args.seeds):
             g = torch.Generator().manual_seed(seed)
-            randoms.append(removed({grp.id: torch.rand(grp.channels, generator=g, dtype=torch.float64)
-                                    for grp in graph.prunable_groups()}))
+            scores = {grp.id: torch.rand(grp.channels, generator=g, dtype=torch.float64) for grp in graph.prunable_groups()}
+            randoms.append(removed_pct(model, graph, shape, before, scores, args.target))
         print(f"| {name} {'x'.join(map(str, shape))} | random, seeds 0-{args.seeds - 1} | {', '.join(randoms)} |")
         l1 = compute_scores(model, graph, "l1", None, torch.device("cpu"))
-        print(f"| {name} | l1 | {removed(l1)} |", flush=True)
+        print(f"| {name} | l1 | {removed_pct(model, graph, shape, before, l1, args.target)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ For each model (random init; norms randomised so a wrong slice shows in verify):
   the masked original), then the output file is loaded again (`chanprune analyze`, and plain
   `torch.load` for pickles) and its outputs compared with the pruned model's. Outcome:
   pruned+verified+reloaded with the MACs removed, or the one-line error.
-* Torch-Pruning 1.6.1: `MagnitudePruner(MagnitudeImportance(p=1), pruning_ratio=R)` with the
+* Torch-Pruning (the installed version, recorded with the results): `MagnitudePruner(MagnitudeImportance(p=1), pruning_ratio=R)` with the
   prediction heads ignored (as its detection/YOLO examples do), then one forward. Outcome: ok with
   MACs removed / error.
 
@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from provenance import describe, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 YOLO = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml"}
@@ -171,7 +173,7 @@ def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_l
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO), "CHANPRUNE_NO_PROJECT_CONFIG": "1"},
-                              preexec_fn=cap_memory if mem_limit_gb > 0 else None)  # noqa: PLW1509 (no threads here)
+                              preexec_fn=cap_memory if mem_limit_gb > 0 else None)  # safe: no threads here
     except subprocess.TimeoutExpired:
         return {"outcome": "timeout"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -181,10 +183,11 @@ def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_l
     return {"outcome": "error", "error": (err[-1] if err else f"exit {done.returncode}")[:300]}
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, prov: dict[str, Any]) -> str:
     """chanprune's MACs on the original's workload and as counted (a detector's box head runs on as
     many proposals as its weights let through); Torch-Pruning's as counted."""
-    lines = ["| model | chanprune | MACs removed (same workload) | as counted | s | Torch-Pruning | MACs removed (as counted) | s |",
+    lines = [describe(prov), "",
+             "| model | chanprune | MACs removed (same workload) | as counted | s | Torch-Pruning | MACs removed (as counted) | s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["chanprune"], r["torch_pruning"]
@@ -220,6 +223,8 @@ def main() -> int:
             result = ours(name, args.size, args.ratio, Path(tmp)) if tool == "chanprune" else torch_pruning(name, args.size, args.ratio)
         print("RESULT " + json.dumps(result))
         return 0
+    prov = provenance()
+    print(describe(prov), flush=True)
     names = all_models() if args.models == "all" else args.models.split(",")
     earlier: dict[str, dict[str, Any]] = {}
     if args.tp_from:
@@ -238,10 +243,10 @@ def main() -> int:
                 "tp_rows_from": args.tp_from}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"settings": settings, "provenance": prov, "rows": rows}, indent=2))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(rows, args))
+        Path(args.markdown).write_text(markdown(rows, args, prov))
     return 0
 
 
