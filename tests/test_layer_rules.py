@@ -196,3 +196,38 @@ def test_reports_describe_layers_through_the_table(table: None) -> None:
     assert (rows["fc"].in_channels, rows["fc"].out_channels) == (6, 4)
     assert (rows["scale"].in_channels, rows["scale"].out_channels) == (8, 8)  # a per-channel layer, like a norm
     assert "act" not in rows and "pool" not in rows  # pass-through layers own no channels
+
+
+def _layers_to_rescale() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(id, layer, input shape): layers whose `scale_outputs` scales weight rows, columns or gains."""
+    layers = [("Conv2d", nn.Conv2d(4, 6, 3), (4, 7, 7)), ("Conv2d grouped", nn.Conv2d(4, 6, 3, groups=2), (4, 7, 7)),
+              ("ConvTranspose2d", nn.ConvTranspose2d(4, 6, 3), (4, 5, 5)), ("Linear", nn.Linear(4, 6), (4,)),
+              ("BatchNorm2d", nn.BatchNorm2d(6), (6, 5, 5))]
+    try:
+        from timm.layers import CondConv2d, ScaledStdConv2d
+    except ImportError:
+        return layers
+    return [*layers, ("ScaledStdConv2d", ScaledStdConv2d(4, 6, 3), (4, 7, 7)),
+            ("CondConv2d", CondConv2d(4, 6, 3, num_experts=3), (4, 7, 7))]
+
+
+@pytest.mark.parametrize(("layer", "shape"), [(m, s) for _, m, s in _layers_to_rescale()],
+                         ids=[i for i, _, _ in _layers_to_rescale()])
+def test_scale_outputs_scales_exactly_the_given_output_channels(layer: nn.Module, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer = layer.double().eval()
+    with torch.no_grad():
+        for t in (*layer.parameters(), *layer.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, dtype=t.dtype) + 0.5)  # every bias, gain and statistic non-trivial
+    inputs = (torch.randn(2, *shape, dtype=torch.float64),)
+    if type(layer).__name__ == "CondConv2d":
+        inputs += (torch.rand(2, 3, dtype=torch.float64),)  # routing weights, one per expert
+    before = layer(*inputs)
+    channels, factors = torch.tensor([1, 4]), torch.tensor([2.5, 0.25])
+    rule = rule_for(layer)
+    assert rule is not None
+    rule.scale_outputs(layer, channels, factors)
+    want = before.clone()
+    want[:, channels] *= factors.view([-1] + [1] * (before.dim() - 2)).to(want)
+    torch.testing.assert_close(layer(*inputs), want)

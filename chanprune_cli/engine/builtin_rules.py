@@ -21,10 +21,10 @@ from .layer_rules import (
     keep_indices,
     mark_builtins,
     register_layer_rule,
+    scale_channels,
     select,
     zero_rows,
 )
-
 
 
 class PassThroughRule(LayerRule):
@@ -100,10 +100,7 @@ class LayerNormRule(LayerRule):
         if not any(a in normalized for a in varying):
             call.set_output(x)
         elif call.options.through_layernorm and len(m.normalized_shape) == 1 and varying == [axis]:
-            vec = call.channel_vector(x, axis)
-            ids = [call.new_slot("norm", c) for c in range(len(vec))]
-            for sid, i in zip(ids, vec.tolist()):
-                call.link(sid, i)
+            ids = link_per_channel(call, call.channel_vector(x, axis))
             call.approximate(ids, f"LayerNorm {call.name} normalises over these channels")
             call.set_output(x)
         else:
@@ -133,6 +130,14 @@ class LayerNormRule(LayerRule):
 
     def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
         return {"weight": tuple(module.normalized_shape), "bias": tuple(module.normalized_shape)}
+
+
+def link_per_channel(call: ModuleCall, vec: torch.Tensor) -> list[int]:
+    """One "norm" slot per channel id of `vec` (a per-channel entry of the layer), linked to it."""
+    ids = [call.new_slot("norm", c) for c in range(len(vec))]
+    for sid, i in zip(ids, vec.tolist()):
+        call.link(sid, i)
+    return ids
 
 
 def norm_macs_per_element(module: nn.Module) -> int:
@@ -183,8 +188,7 @@ class ChannelwiseRule(LayerRule):
             call.set_output(None)
             return True
         vec = call.channel_vector(call.x, 1)
-        for c, i in enumerate(vec.tolist()):
-            call.link(call.new_slot("norm", c), i)
+        link_per_channel(call, vec)
         add_norm_cost(call, call.x, "norm", len(vec))
         call.set_output(call.x)
         return True
@@ -337,6 +341,20 @@ class _WeightedRule(LayerRule):
         return None if weight is None else weight.detach()[:, index].reshape(-1)
 
 
+def link_depthwise(call: ModuleCall, vec: Sequence[int], mult: int, start: int = 0) -> list[int]:
+    """A depthwise conv over input channels `vec`: one "dw" slot per channel (index `start` + j),
+    linked to it (a fixed input pins it); returns the output ids, `mult` per input channel."""
+    ids = []
+    for j, i in enumerate(vec):
+        sid = call.new_slot("dw", start + j)
+        if i >= 0:
+            call.link(sid, i)
+        else:
+            call.pin([sid], f"depthwise conv {call.name} reads a fixed input")
+        ids.extend([sid] * mult)
+    return ids
+
+
 class ConvRule(_WeightedRule):
     """Conv1d/2d/3d, grouped and depthwise (channel multiplier out/in)."""
 
@@ -354,15 +372,7 @@ class ConvRule(_WeightedRule):
         cpg, opg = cin // g, cout // g
         if g > 1 and g == cin:  # depthwise (channel multiplier cout // cin)
             mult = cout // cin
-            ids = []
-            for j, i in enumerate(vec.tolist()):
-                sid = call.new_slot("dw", j)
-                if i >= 0:
-                    call.link(sid, i)
-                else:
-                    call.pin([sid], f"depthwise conv {call.name} reads a fixed input")
-                ids.extend([sid] * mult)
-            out = torch.tensor(ids, dtype=torch.long)
+            out = torch.tensor(link_depthwise(call, vec.tolist(), mult), dtype=torch.long)
             call.add_cost(ModuleCost("depthwise", spatial * mult, g, cin, cin))
         elif call.name in call.options.whole_conv_groups:
             # conv group k reads inputs [k*cpg, (k+1)*cpg) only: they go with its outputs
@@ -505,10 +515,8 @@ class ConvTransposeRule(ConvRule):
     def scale_outputs(self, module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
         if module.groups != 1 or module.weight is None:
             return  # grouped transposed convs: the bias alone would be inconsistent, leave as is
-        rows = module.weight.data.transpose(0, 1)
-        rows[channels.to(rows.device)] *= factors.to(rows.device, rows.dtype).view([-1] + [1] * (rows.dim() - 1))
-        if module.bias is not None:
-            module.bias.data[channels.to(module.bias.device)] *= factors.to(module.bias.device, module.bias.dtype)
+        scale_channels(module.weight, 1, channels, factors)  # output channels are the weight's second axis
+        scale_channels(module.bias, 0, channels, factors)
 
     def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
         k = tuple(module.kernel_size)

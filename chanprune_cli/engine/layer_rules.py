@@ -137,6 +137,15 @@ def select(module: nn.Module, name: str, dim: int, index: list[int]) -> None:
         set_tensor(module, name, t.detach().index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device)))
 
 
+def scale_channels(tensor: torch.Tensor | None, dim: int, channels: torch.Tensor, factors: torch.Tensor) -> None:
+    """Multiply entries `channels` along `dim` of a weight, bias or gain by `factors`, in place
+    (None: nothing to do). `scale_outputs` of every rule that owns such tensors uses it."""
+    if tensor is None:
+        return
+    rows = tensor.data.movedim(dim, 0)
+    rows[channels.to(rows.device)] *= factors.to(rows.device, rows.dtype).view([-1] + [1] * (rows.dim() - 1))
+
+
 def zero_rows(module: nn.Module, rows: Sequence[int], names: Sequence[str] = ("weight", "bias")) -> None:
     if rows:
         for name in names:
@@ -209,14 +218,11 @@ class LayerRule:
     def scale_outputs(self, module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
         """Multiply output `channels` by `factors` where they take their value (weight rows and
         bias); a module without weight cannot carry a scale and is left alone."""
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        weight = getattr(module, "weight", None)
         if weight is None:
             return
-        rows = weight.data
-        shape = [-1] + [1] * (rows.dim() - 1)
-        rows[channels.to(rows.device)] *= factors.to(rows.device, rows.dtype).view(shape)
-        if bias is not None:
-            bias.data[channels.to(bias.device)] *= factors.to(bias.device, bias.dtype)
+        scale_channels(weight, 0, channels, factors)
+        scale_channels(getattr(module, "bias", None), 0, channels, factors)
 
     # -- description ---------------------------------------------------------------------------
     def describe(self, module: nn.Module) -> LayerShape | None:

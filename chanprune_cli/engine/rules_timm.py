@@ -41,6 +41,8 @@ from .builtin_rules import (
     PReLURule,
     add_norm_cost,
     link_channel_groups,
+    link_depthwise,
+    link_per_channel,
 )
 from .layer_rules import (
     Drop,
@@ -51,6 +53,7 @@ from .layer_rules import (
     keep_indices,
     register_layer_rule,
     rule_for,
+    scale_channels,
     select,
     zero_rows,
 )
@@ -182,9 +185,7 @@ class GlobalResponseNormRule(ChannelwiseRule):
         if call.x is None:
             call.set_output(None)
             return True
-        vec = call.channel_vector(call.x, int(call.module.channel_dim))
-        for c, i in enumerate(vec.tolist()):
-            call.link(call.new_slot("norm", c), i)
+        link_per_channel(call, call.channel_vector(call.x, int(call.module.channel_dim)))
         call.set_output(call.x)
         return True
 
@@ -229,9 +230,8 @@ class StdConvRule(ConvRule):
         if gain is None or bool((factors < 0).any()):
             # the standardisation undoes any scale of the weight rows
             raise UserError(f"cannot rescale the outputs of {type(module).__name__}: it standardises its filters")
-        gain.data[channels.to(gain.device)] *= factors.to(gain.device, gain.dtype).view(-1, 1, 1, 1)
-        if module.bias is not None:
-            module.bias.data[channels.to(module.bias.device)] *= factors.to(module.bias.device, module.bias.dtype)
+        scale_channels(gain, 0, channels, factors)
+        scale_channels(module.bias, 0, channels, factors)
 
     def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
         shapes = super().expected_shapes(module)
@@ -252,8 +252,7 @@ class BlurPoolRule(ChannelwiseRule):
         if call.x is None or call.shape is None:
             return False
         vec = call.channel_vector(call.x, 1)
-        for c, i in enumerate(vec.tolist()):
-            call.link(call.new_slot("norm", c), i)
+        link_per_channel(call, vec)
         call.set_output(call.broadcast(vec, 1))
         return True
 
@@ -328,14 +327,7 @@ class MixedConvRule(LayerRule):
         for conv, start, out_start in self._pieces(m):
             macs += conv.in_channels // conv.groups * conv.out_channels * math.prod(conv.kernel_size) * spatial
             if depthwise:
-                mult = conv.out_channels // conv.in_channels
-                for j in range(conv.in_channels):
-                    sid = call.new_slot("dw", start + j)
-                    if vec[start + j] >= 0:
-                        call.link(sid, vec[start + j])
-                    else:
-                        call.pin([sid], f"depthwise conv {call.name} reads a fixed input")
-                    out_ids.extend([sid] * mult)
+                out_ids += link_depthwise(call, vec[start:start + conv.in_channels], conv.out_channels // conv.in_channels, start)
                 call.pin([call.new_slot("dw", start)], keep)
                 continue
             for j in range(conv.in_channels):
@@ -559,10 +551,8 @@ class CondConvRule(ConvRule):
         return self._experts(module, weight_like)[:, channels].transpose(0, 1)
 
     def scale_outputs(self, module: nn.Module, channels: torch.Tensor, factors: torch.Tensor) -> None:
-        view = self._experts(module, module.weight.data)
-        view[:, channels.to(view.device)] *= factors.to(view.device, view.dtype).view(1, -1, *[1] * (view.dim() - 2))
-        if module.bias is not None:
-            module.bias.data[:, channels.to(module.bias.device)] *= factors.to(module.bias.device, module.bias.dtype)
+        scale_channels(self._experts(module, module.weight.data), 1, channels, factors)
+        scale_channels(module.bias, 1, channels, factors)  # [experts, out]
 
     def expected_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
         m = module
