@@ -13,7 +13,7 @@ from torch import nn
 
 from chanprune_cli.criteria import available, check_requirements, get_criterion
 from chanprune_cli.criteria.cac import CACEstimator
-from chanprune_cli.criteria.gates import ChannelGates, parse_options
+from chanprune_cli.criteria.gates import ChannelGates, capture_features, class_means, parse_options
 from chanprune_cli.criteria.info import info_components
 from chanprune_cli.criteria.sensitivity import layer_sensitivity
 from chanprune_cli.criteria.whitebox import whitebox_masks
@@ -289,6 +289,34 @@ def test_capture_first_point(mixed: tuple) -> None:
             assert sum(len(f) for f in firsts) == gates.channels[gid]  # ... and only one
     for (gid, p), shape in seen.items():
         assert shape[1] == len(gates.points[gid][p].channels)
+
+
+@pytest.mark.parametrize("mode", ["first", "all"])
+def test_class_means_average_each_class_over_the_points_read(mode: str, mixed: tuple) -> None:
+    # capture_features hands every captured point's features to the update with the positions that
+    # will be read; class_means averages each class over exactly those (point, position) pairs.
+    model, graph = mixed
+    sums: dict = {}
+    read: dict = {}
+
+    def update(gid: int, p: int, feats: torch.Tensor, positions: torch.Tensor | None) -> None:
+        read[(gid, p)] = positions
+        sums[(gid, p)] = sums.get((gid, p), 0) + feats.double().sum(dim=[0, *range(2, feats.dim())])
+
+    gates = capture_features(model, graph, make_data(), CPU, update, mode=mode, description="test")
+    means = class_means(gates, mode, sums)
+    several_points = 0
+    for gid, pts in gates.points.items():
+        for p in range(len(pts)):
+            if (gid, p) in read:
+                assert read[(gid, p)] is None if mode == "all" else torch.equal(read[(gid, p)], gates.primary(gid, p))
+        for c in range(gates.channels[gid]):
+            pairs = [(p, i) for p, pt in enumerate(pts) for i, k in enumerate(pt.classes.tolist())
+                     if k == c and (mode == "all" or i in gates.primary(gid, p).tolist())]
+            several_points += len({p for p, _ in pairs}) > 1
+            expected = sum(float(sums[(gid, p)][i]) for p, i in pairs) / len(pairs)
+            assert float(means[gid][c]) == pytest.approx(expected, rel=1e-12)
+    assert (several_points > 0) == (mode == "all")  # the residual add's classes: at bn1 and at bn3
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ score vector per channel group: higher means more important, so the lowest are r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -177,6 +178,24 @@ def consumer_columns(model: nn.Module, slots: list[Slot]) -> list[tuple[str, tor
         if col is not None:
             cols.append((name, col))
     return cols
+
+
+def producer_filter_means(model: nn.Module, group: ChannelGroup,
+                          statistic: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per class of `group`: a statistic of its filters among their layer's, averaged over the
+    class's producers. `statistic(filters)` gets one producer module's filters of the group
+    ([classes it produces, weights], float64, `producer_rows`) and returns one value per filter."""
+    per_module: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for ci, slots in enumerate(group.classes):
+        for name, row in producer_rows(model, slots):
+            per_module[name].append((ci, row.double()))
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    count = torch.zeros(group.channels, dtype=torch.float64)
+    for entries in per_module.values():
+        idx = torch.tensor([ci for ci, _ in entries])
+        total.index_add_(0, idx, statistic(torch.stack([row for _, row in entries])))
+        count.index_add_(0, idx, torch.ones(len(entries), dtype=torch.float64))
+    return total / count.clamp_min(1)
 
 
 def per_class(group: ChannelGroup, fn: Any) -> torch.Tensor:

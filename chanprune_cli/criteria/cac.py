@@ -56,14 +56,13 @@ from ..errors import UserError
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
 from .gates import (
     ChannelGates,
-    autocast,
     batches,
     choice,
     gradients,
-    logits_of,
     normalise,
     output_classes,
     parse_options,
+    task_logits,
     working_model,
 )
 
@@ -213,13 +212,12 @@ class CAC(Criterion):
                 clean_losses = clean_correct = None
                 if opts["paired"]:
                     gates.gates = {}
-                    with torch.no_grad(), autocast(device, opts["amp"]):
-                        clean = logits_of(net(x), net).float()
+                    with torch.no_grad():
+                        clean = task_logits(net, x, device, opts["amp"])
                     clean_losses, clean_correct = F.cross_entropy(clean, y, reduction="none"), clean.argmax(-1) == y
                 g = est.draw(x.shape[0])
                 gates.gates = dict(g)
-                with autocast(device, opts["amp"]):
-                    logits = logits_of(net(x), net).float()
+                logits = task_logits(net, x, device, opts["amp"])
                 losses = F.cross_entropy(logits, y, reduction="none")
                 grads = gradients(losses.sum(), list(g.values()))
                 est.update(losses, logits.argmax(-1) == y, g, dict(zip(g, grads)),

@@ -18,17 +18,22 @@ gate at 1 is the first-order change of the loss when the whole class is scaled.
   gives each channel's class index. `gates.primary(gid, p)` lists, for mode "first", the positions
   at point p whose class is first seen there (module order).
 
+`capture_features(...)` is the whole capture loop of the criteria that read activations (hrank,
+info): one pass over the calibration data with a function called at every captured point;
+`class_means(...)` then averages each class's per-point values over the points that measured it.
+
 `batches(...)` iterates calibration data on the device once per batch with a transient rich
 progress bar (stderr, only when it is a terminal) showing the throughput; `working_model(...)`
 prepares the model for scoring (eval mode, no weight grads, on `device`) and restores the caller's
-flags afterwards.
+flags afterwards; `forward_pass(...)` runs the data through a model once for its hooks to see, and
+`task_logits(...)` is the float32 task output of one batch, under `autocast`.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -38,10 +43,8 @@ from torch import nn
 from ..engine.graph import ChannelGraph, ChannelGroup
 from ..engine.points import HookPoint, build_points, find_bn_pairs, producer_channels  # noqa: F401  (criteria import them from here)
 from ..errors import UserError
-from ..measure import logits_of  # noqa: F401  (criteria import it from here)
+from ..measure import logits_of
 from ..support.progress import batches_total, progress_bar
-
-
 
 # --------------------------------------------------------------------------------------------
 # Options
@@ -130,6 +133,25 @@ def autocast(device: torch.device | str, enabled: bool) -> Any:
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def forward_pass(net: nn.Module, data: Iterable[Any], device: torch.device | str, *, description: str,
+                 max_images: int | None = None, amp: bool = False) -> int:
+    """Run the calibration data once through `net` (inference mode, `autocast` with `amp`) for its
+    forward hooks to see; returns the number of batches."""
+    steps = 0
+    with torch.inference_mode():
+        for x, _ in batches(data, device, description=description, max_images=max_images):
+            with autocast(device, amp):
+                net(x)
+            steps += 1
+    return steps
+
+
+def task_logits(net: nn.Module, x: torch.Tensor, device: torch.device | str, amp: bool) -> torch.Tensor:
+    """The task output of `net` for `x` (`measure.logits_of`) in float32, under `autocast`."""
+    with autocast(device, amp):
+        return logits_of(net(x), net).float()
 
 
 def gradients(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -258,7 +280,7 @@ class ChannelGates:
         """Positions (into point p's channels) whose class is first seen at point p."""
         return self._primary[(gid, p)]
 
-    def __enter__(self) -> ChannelGates:  # noqa: PYI034
+    def __enter__(self) -> ChannelGates:
         modules = dict(self.model.named_modules())
         by_module: dict[str, list[tuple[int, int]]] = {}
         for gid, pts in self.points.items():
@@ -327,6 +349,57 @@ class ChannelGates:
             shape[0] = output.shape[0]
             shape[pt.axis] = pt.width
         return mult.reshape(shape).to(output.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation capture
+# --------------------------------------------------------------------------------------------
+
+
+def capture_features(model: nn.Module, graph: ChannelGraph, data: Iterable[Any], device: torch.device | str,
+                     update: Callable[[int, int, torch.Tensor, torch.Tensor | None], None], *, mode: str,
+                     description: str, max_images: int | None = None, relu: bool = False,
+                     amp: bool = False) -> ChannelGates:
+    """Run the calibration data once through `model` (`working_model`, inference mode, `autocast`
+    with `amp`) and hand the features of every point captured in `mode` ("first" or "all", see
+    `ChannelGates`) to `update(gid, p, feats, positions)`: `feats` as `ChannelGates.capture` gives
+    them ([B, k, ...]), through ReLU with `relu`; `positions` (on the features' device) are the
+    point's positions whose values will be read: those whose class is first seen there with mode
+    "first", None (every position) with "all". Returns the gates, hooks removed, for `class_means`."""
+    with working_model(model, device) as net, ChannelGates(net, graph, capture_mode=mode) as gates:
+        positions: dict[tuple[int, int], torch.Tensor | None] = {}
+
+        def capture(gid: int, p: int, feats: torch.Tensor) -> None:
+            if relu:
+                feats = feats.clamp_min(0)
+            if (gid, p) not in positions:
+                positions[(gid, p)] = None if mode == "all" else gates.primary(gid, p).to(feats.device)
+            update(gid, p, feats, positions[(gid, p)])
+
+        gates.capture = capture
+        forward_pass(net, data, device, description=description, max_images=max_images, amp=amp)
+        gates.capture = None
+    return gates
+
+
+def class_means(gates: ChannelGates, mode: str, values: Mapping[tuple[int, int], torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per group of `gates`, each class's value averaged over the points that measured it.
+
+    `values[(gid, p)]` holds one value per position of point p (a point left out was not reached);
+    with mode "first" only the positions whose class is first seen at the point count, with "all"
+    every position. A class no point measured gets 0."""
+    means: dict[int, torch.Tensor] = {}
+    for gid, pts in gates.points.items():
+        total = torch.zeros(gates.channels[gid], dtype=torch.float64)
+        n = torch.zeros(gates.channels[gid], dtype=torch.float64)
+        for p, pt in enumerate(pts):
+            if (gid, p) not in values:
+                continue
+            pos = torch.arange(len(pt.classes)) if mode == "all" else gates.primary(gid, p)
+            total.index_add_(0, pt.classes[pos], values[(gid, p)][pos])
+            n.index_add_(0, pt.classes[pos], torch.ones(len(pos), dtype=torch.float64))
+        means[gid] = total / n.clamp_min(1)
+    return means
 
 
 def normalise(values: torch.Tensor, how: str = "minmax") -> torch.Tensor:

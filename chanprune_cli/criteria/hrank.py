@@ -26,7 +26,7 @@ from torch import nn
 
 from ..engine.graph import ChannelGraph
 from .base import NEEDS_DATA, Batch, Criterion, Scores, register
-from .gates import ChannelGates, autocast, batches, choice, parse_options, working_model
+from .gates import capture_features, choice, class_means, parse_options
 
 DEFAULTS: dict[str, Any] = {"max_images": 512, "relu": True, "points": "first", "amp": False}
 
@@ -58,42 +58,23 @@ class HRank(Criterion):
         opts = parse_options(self.name, options, DEFAULTS)
         mode = choice(self.name, "points", opts["points"], ("first", "all"))
         assert data is not None
-        with working_model(model, device) as net, ChannelGates(net, graph, capture_mode=mode) as gates:
-            # Per point: the running sum of ranks of its captured channels.
-            sums = {(gid, p): torch.zeros(len(pt.channels), dtype=torch.float64, device=device)
-                    for gid, pts in gates.points.items() for p, pt in enumerate(pts)}
-            counts = dict.fromkeys(sums, 0)
-            selection = {key: (None if mode == "all" else gates.primary(*key).to(device)) for key in sums}
+        # Per point: the running sum of the ranks of its channels (those read, see capture_features).
+        sums: dict[tuple[int, int], torch.Tensor] = {}
+        counts: dict[tuple[int, int], int] = {}
 
-            def capture(gid: int, p: int, feats: torch.Tensor) -> None:
-                sel = selection[(gid, p)]
-                if sel is not None:
-                    feats = feats.index_select(1, sel)
-                if opts["relu"]:
-                    feats = feats.clamp_min(0)
-                ranks = feature_ranks(feats).sum(0).double()
-                if sel is None:
-                    sums[(gid, p)] += ranks
-                else:
-                    sums[(gid, p)].index_add_(0, sel, ranks)
-                counts[(gid, p)] += feats.shape[0]
+        def update(gid: int, p: int, feats: torch.Tensor, positions: torch.Tensor | None) -> None:
+            if (gid, p) not in sums:
+                sums[(gid, p)] = torch.zeros(feats.shape[1], dtype=torch.float64, device=feats.device)
+                counts[(gid, p)] = 0
+            if positions is not None:
+                feats = feats.index_select(1, positions)
+            ranks = feature_ranks(feats).sum(0).double()
+            if positions is None:
+                sums[(gid, p)] += ranks
+            else:
+                sums[(gid, p)].index_add_(0, positions, ranks)
+            counts[(gid, p)] += feats.shape[0]
 
-            gates.capture = capture
-            with torch.inference_mode():
-                for x, _ in batches(data, device, description="hrank", max_images=opts["max_images"] or None):
-                    with autocast(device, opts["amp"]):
-                        net(x)
-            gates.capture = None
-            scores: Scores = {}
-            for gid, pts in gates.points.items():
-                total = torch.zeros(gates.channels[gid], dtype=torch.float64)
-                n = torch.zeros(gates.channels[gid], dtype=torch.float64)
-                for p, pt in enumerate(pts):
-                    if counts[(gid, p)] == 0:
-                        continue
-                    pos = torch.arange(len(pt.classes)) if mode == "all" else gates.primary(gid, p)
-                    mean = sums[(gid, p)].cpu() / counts[(gid, p)]
-                    total.index_add_(0, pt.classes[pos], mean[pos])
-                    n.index_add_(0, pt.classes[pos], torch.ones(len(pos), dtype=torch.float64))
-                scores[gid] = total / n.clamp_min(1)
-        return scores
+        gates = capture_features(model, graph, data, device, update, mode=mode, description="hrank",
+                                 max_images=opts["max_images"] or None, relu=opts["relu"], amp=opts["amp"])
+        return class_means(gates, mode, {key: sums[key].cpu() / n for key, n in counts.items() if n})

@@ -52,7 +52,6 @@ data given), amp=false.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -60,16 +59,8 @@ import torch
 from torch import nn
 
 from ..engine.graph import ChannelGraph
-from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, producer_rows, register
-from .gates import (
-    ChannelGates,
-    autocast,
-    batches,
-    choice,
-    normalise,
-    parse_options,
-    working_model,
-)
+from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, producer_filter_means, register
+from .gates import capture_features, choice, class_means, normalise, parse_options
 
 DEFAULTS: dict[str, Any] = {"bins": 32, "sigma": 1.0, "norm": "mean", "samples": "position", "hist_range": "layer",
                             "relu": True, "range_margin": 0.0, "points": "first", "max_images": 0, "amp": False}
@@ -139,30 +130,21 @@ class _PointStats:
 
 
 def _data_free(model: nn.Module, graph: ChannelGraph, bins: int) -> tuple[Scores, Scores]:
-    capacity: Scores = {}
-    independence: Scores = {}
-    for g in graph.prunable_groups():
-        per_module: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for ci, slots in enumerate(g.classes):
-            for name, row in producer_rows(model, slots):
-                per_module[name].append((ci, row.double().cpu()))
-        cap = torch.zeros(g.channels, dtype=torch.float64)
-        ind = torch.zeros(g.channels, dtype=torch.float64)
-        cnt = torch.zeros(g.channels, dtype=torch.float64)
-        for entries in per_module.values():
-            idx = torch.tensor([ci for ci, _ in entries])
-            rows = torch.stack([r for _, r in entries])  # [k, weights]
-            lo, hi = rows.min(), rows.max()
-            width = float(hi - lo) or 1.0
-            b = ((rows - lo) / width * bins).floor().clamp(0, bins - 1).long()
-            counts = torch.zeros(rows.shape[0], bins, dtype=torch.float64).scatter_add_(1, b, torch.ones_like(rows))
-            cap.index_add_(0, idx, entropy(counts))
-            n = float(rows.shape[1])
-            ind.index_add_(0, idx, independence_from_moments(n, rows.t().sum(0), rows @ rows.t()))
-            cnt.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
-        capacity[g.id] = cap / cnt.clamp_min(1)
-        independence[g.id] = ind / cnt.clamp_min(1)
-    return capacity, independence
+    def capacity(filters: torch.Tensor) -> torch.Tensor:
+        filters = filters.cpu()
+        lo, hi = filters.min(), filters.max()
+        width = float(hi - lo) or 1.0
+        b = ((filters - lo) / width * bins).floor().clamp(0, bins - 1).long()
+        counts = torch.zeros(filters.shape[0], bins, dtype=torch.float64).scatter_add_(1, b, torch.ones_like(filters))
+        return entropy(counts)
+
+    def independence(filters: torch.Tensor) -> torch.Tensor:
+        filters = filters.cpu()
+        return independence_from_moments(float(filters.shape[1]), filters.t().sum(0), filters @ filters.t())
+
+    groups = graph.prunable_groups()
+    return ({g.id: producer_filter_means(model, g, capacity) for g in groups},
+            {g.id: producer_filter_means(model, g, independence) for g in groups})
 
 
 def info_components(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
@@ -175,42 +157,19 @@ def info_components(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch]
     opts["bins"] = max(opts["bins"], 2)
     if data is None:
         return _data_free(model, graph, opts["bins"])
-    device = torch.device(device)
-    with working_model(model, device) as net, ChannelGates(net, graph, capture_mode=mode) as gates:
-        stats: dict[tuple[int, int], _PointStats] = {}
+    stats: dict[tuple[int, int], _PointStats] = {}
 
-        def capture(gid: int, p: int, feats: torch.Tensor) -> None:
-            if opts["relu"]:
-                feats = feats.clamp_min(0)
-            if (gid, p) not in stats:
-                stats[(gid, p)] = _PointStats(feats.shape[1], opts["bins"], opts["range_margin"], feats.device,
-                                              shared_range=hist_range == "layer")
-            stats[(gid, p)].update(feats, pooled)
+    def update(gid: int, p: int, feats: torch.Tensor, positions: torch.Tensor | None) -> None:
+        # Every channel of the point counts: independence correlates each with all the others.
+        if (gid, p) not in stats:
+            stats[(gid, p)] = _PointStats(feats.shape[1], opts["bins"], opts["range_margin"], feats.device,
+                                          shared_range=hist_range == "layer")
+        stats[(gid, p)].update(feats, pooled)
 
-        gates.capture = capture
-        with torch.inference_mode():
-            for x, _ in batches(data, device, description="info", max_images=opts["max_images"] or None):
-                with autocast(device, opts["amp"]):
-                    net(x)
-        gates.capture = None
-        capacity: Scores = {}
-        independence: Scores = {}
-        for gid, pts in gates.points.items():
-            cap = torch.zeros(gates.channels[gid], dtype=torch.float64)
-            ind = torch.zeros(gates.channels[gid], dtype=torch.float64)
-            n = torch.zeros(gates.channels[gid], dtype=torch.float64)
-            for p, pt in enumerate(pts):
-                st = stats.get((gid, p))
-                if st is None:
-                    continue
-                pos = torch.arange(len(pt.classes)) if mode == "all" else gates.primary(gid, p)
-                cls = pt.classes[pos]
-                cap.index_add_(0, cls, st.capacity()[pos])
-                ind.index_add_(0, cls, st.independence()[pos])
-                n.index_add_(0, cls, torch.ones(len(pos), dtype=torch.float64))
-            capacity[gid] = cap / n.clamp_min(1)
-            independence[gid] = ind / n.clamp_min(1)
-    return capacity, independence
+    gates = capture_features(model, graph, data, torch.device(device), update, mode=mode, description="info",
+                             max_images=opts["max_images"] or None, relu=opts["relu"], amp=opts["amp"])
+    return (class_means(gates, mode, {key: st.capacity() for key, st in stats.items()}),
+            class_means(gates, mode, {key: st.independence() for key, st in stats.items()}))
 
 
 @register

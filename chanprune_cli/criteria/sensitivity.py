@@ -60,15 +60,15 @@ from .base import (
     register,
 )
 from .gates import (
-    autocast,
     batches,
     choice,
     find_bn_pairs,
+    forward_pass,
     gradients,
-    logits_of,
     output_classes,
     parse_options,
     producer_channels,
+    task_logits,
     working_model,
 )
 
@@ -168,8 +168,7 @@ def fisher_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[ChannelGr
     classes = output_classes(net, graph, device, "sensitivity")
     for x, y in batches(data, device, description="sensitivity (fisher)", need_labels=True, classes=classes):
         assert y is not None
-        with autocast(device, amp):
-            logits = logits_of(net(x), net).float()
+        logits = task_logits(net, x, device, amp)
         loss = F.cross_entropy(logits, y)
         grads = gradients(loss, [p for _, p in params])
         got = [(sums[key], grad.float()) for (key, _), grad in zip(params, grads) if grad is not None]
@@ -196,13 +195,8 @@ def activation_diagonals(net: nn.Module, graph: ChannelGraph, groups: list[Chann
 
     for name in names:
         handles.append(modules[name].register_forward_pre_hook(pre_hook(name)))
-    steps = 0
     try:
-        with torch.inference_mode():
-            for x, _ in batches(data, device, description="sensitivity (activation)"):
-                with autocast(device, amp):
-                    net(x)
-                steps += 1
+        steps = forward_pass(net, data, device, description="sensitivity (activation)", amp=amp)
     finally:
         for h in handles:
             h.remove()

@@ -30,13 +30,12 @@ from ..engine.graph import ChannelGraph
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
 from .gates import (
     ChannelGates,
-    autocast,
     batches,
     choice,
     gradients,
-    logits_of,
     output_classes,
     parse_options,
+    task_logits,
     working_model,
 )
 
@@ -67,8 +66,7 @@ class Taylor(Criterion):
                 lead = (x.shape[0],) if opts["per_sample"] else ()
                 g = {gid: torch.ones((*lead, c), device=device, requires_grad=True) for gid, c in gates.channels.items()}
                 gates.gates = dict(g)
-                with autocast(device, opts["amp"]):
-                    logits = logits_of(net(x), net).float()
+                logits = task_logits(net, x, device, opts["amp"])
                 loss = F.cross_entropy(logits, y, reduction="sum" if opts["per_sample"] else "mean")
                 grads = gradients(loss, list(g.values()))
                 for gid, grad in zip(g, grads):

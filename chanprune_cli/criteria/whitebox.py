@@ -49,12 +49,11 @@ from ..engine.graph import ChannelGraph
 from .base import NEEDS_LABELS, Batch, Criterion, Scores, WeightedScores, register
 from .gates import (
     ChannelGates,
-    autocast,
     batches,
     choice,
-    logits_of,
     output_classes,
     parse_options,
+    task_logits,
     working_model,
 )
 
@@ -101,8 +100,7 @@ def whitebox_masks(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch],
             assert y is not None
             u = torch.rand((y.shape[0], k), generator=generator, device=y.device)  # as class_gates draws it
             gates.gates = dict(zip(gates.channels, (u.scatter(1, y[:, None], 1.0) @ masks).split(sizes, 1)))
-            with autocast(device, opts["amp"]):
-                logits = logits_of(net(x), net).float()
+            logits = task_logits(net, x, device, opts["amp"])
             loss = F.cross_entropy(logits, y)
             sums = masks.sum(0)
             if norm == "l2":
