@@ -16,8 +16,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "AnalyzeReport",
-    "BenchReport",
+    "AnalyzeResult",
+    "BenchResult",
     "ExportOutcome",
     "FinetuneOptions",
     "FinetuneResult",

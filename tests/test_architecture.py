@@ -23,9 +23,9 @@ LAYERS = [
     {"prune"},
     {"train"},
     {"deploy"},
-    {"report"},
-    {"project"},
     {"recipes"},
+    {"project"},
+    {"report"},
     {"cli"},
     {"demo", "__main__"},
 ]

@@ -21,7 +21,7 @@ from chanprune_cli.engine import layer_rules
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
 from chanprune_cli.engine.surgery import mask_model, prune_model, verify
-from chanprune_cli.report import layer_rows
+from chanprune_cli.prune.describe import layer_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (3, 12, 12)

@@ -69,37 +69,19 @@ def analyze(
 ) -> None:
     """Show a model's layers, parameters, MACs, size and (with --data) top-1/top-5 accuracy."""
     if list_archs:
-        print_archs()
+        from ..report.analyze import show_archs
+
+        show_archs()
         return
     if ckpt is None:
         raise typer.BadParameter("give a checkpoint path (or --list-archs)", param_hint="'CKPT'")
     from ..recipes.analyze import analyze_checkpoint
-    from ..report import analyze_document, make_console, render_analyze, write_json
+    from ..report import analyze as report
 
-    report = analyze_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
-                                trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
-                                batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                                classes=classes, output=task_output, through_layernorm=through_layernorm, force=force,
-                                json_report=json_out)
-    # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
-    render_analyze(report, make_console(stderr=json_out == "-"))
-    if json_out is not None:
-        write_json(analyze_document(report), json_out)
+    result = analyze_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
+                              trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
+                              batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
+                              classes=classes, output=task_output, through_layernorm=through_layernorm, force=force,
+                              json_report=json_out)
+    report.show(result, json_out)
 
-
-def print_archs() -> None:
-    """The built-in architectures (`analyze --list-archs`)."""
-    from rich.table import Table
-
-    from ..models import builtin_archs
-    from ..report import make_console
-
-    table = Table(title="built-in architectures (--arch NAME)", title_justify="left")
-    table.add_column("name")
-    table.add_column("description")
-    for name, description in builtin_archs().items():
-        table.add_row(name, description)
-    console = make_console()
-    console.print(table)
-    console.print("Also: [b]torchvision:NAME[/b] (any torchvision classification model) and "
-                  "[b]package.module:factory[/b] (your own model, importable from the working directory).")

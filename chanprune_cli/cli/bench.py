@@ -90,9 +90,9 @@ def bench(
     """Compare models: params, MACs, size, latency and throughput per batch size, top-1/top-5; CI gates."""
     from ..deploy.benchmark import gate_failure
     from ..recipes.bench import bench_checkpoints
-    from ..report import bench_document, make_console, render_bench, write_json
+    from ..report import bench as report
 
-    report = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
+    result = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
                                trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
                                batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
                                classes=classes, output=task_output, batch_sizes=batch_sizes, threads=threads,
@@ -101,15 +101,7 @@ def bench(
                                max_acc_drop=max_acc_drop,
                                min_speedup=min_speedup, gate_batch=gate_batch, plot=plot, force=force,
                                json_report=json_out)
-    # With `--json -` stdout carries only the JSON document, so the table goes to stderr.
-    render_bench(report, make_console(stderr=json_out == "-"))
-    # Every output is written before a gate fails the command: CI keeps the artifacts.
-    if json_out is not None:
-        write_json(bench_document(report), json_out)
-    if plot is not None:
-        from ..report.plots import write_bench_plot
-
-        write_bench_plot(report, plot)
-    failure = gate_failure(report.gates)
+    report.show(result, json_out)  # every output is written before a gate fails the command
+    failure = gate_failure(result.gates)
     if failure is not None:
         raise GateFailed(failure)

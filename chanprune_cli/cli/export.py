@@ -66,7 +66,7 @@ def export(
     if out is None:
         raise UserError("give an output file: --out model.onnx (or .pt, .safetensors)")
     from ..recipes.export import export_checkpoint, export_format
-    from ..report import export_document, make_console, render_export, write_json
+    from ..report import export as report
 
     fmt = export_format(out, format_)
     for option, name in (("--opset", "opset"), ("--spatial-axes", "spatial_axes")):
@@ -75,14 +75,4 @@ def export(
     outcome = export_checkpoint(ckpt, out, format=fmt, opset=opset, tolerance=tolerance, arch=arch,
                                 arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
                                 device=device, force=force, json_report=json_out, spatial_axes=spatial_axes)
-    exported = outcome.exported
-    console = make_console(stderr=json_out == "-")
-    render_export(outcome.checkpoint, exported, console)
-    if exported.spatial_axes == "dynamic":
-        sizes = ", ".join(f"{size} {diff:.2e}" for size, diff in exported.per_size.items())
-        console.print(f"spatial    height and width dynamic; also checked at {sizes} (batch 1, max |export − PyTorch|)")
-    if json_out is not None:
-        document = export_document(outcome.checkpoint, exported, arch=outcome.arch)
-        document["spatial_axes"] = exported.spatial_axes
-        document["max_abs_diff_per_size"] = exported.per_size
-        write_json(document, json_out)
+    report.show(outcome, json_out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -31,11 +31,6 @@ from .options import (
     TrustPickleOpt,
     examples,
 )
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from ..recipes.finetune import FinetuneResult
 
 TRAIN_PANEL = "Training"
 KD_PANEL = "Distillation"
@@ -131,7 +126,8 @@ def finetune(
         raise UserError("give training data: --data (an ImageFolder, a .tar.gz of one, digits:train, synthetic:CxHxW:K:N ...)")
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
     from ..recipes.finetune import FinetuneOptions, finetune_checkpoint
-    from ..report import json_document, make_console, write_json
+    from ..report import finetune as report
+    from ..support.console import make_console
     from ..train import TrainConfig
     from ..train.process import Stopped
 
@@ -157,54 +153,5 @@ def finetune(
         raise typer.Exit(stopped.exit_code) from None
     if result is None:  # a torchrun process other than rank 0
         return
-    _render(console, result)
-    if json_out is not None:
-        write_json(json_document("finetune", _document_body(result), seed=result.config.seed), json_out)
+    report.show(result, json_out)
 
-
-def _document_body(result: FinetuneResult) -> dict[str, Any]:
-    run = result.train
-    return {"checkpoint": result.checkpoint, "output": str(result.paths.out),
-            "best_output": str(result.paths.best) if run.best is not None else None,
-            "schedule": result.schedule, "requested": result.requested, "teacher": result.teacher,
-            "config": result.config.result_fields(), "world_size": result.world_size, "device": result.device,
-            "steps": run.steps, "epochs": run.epochs_done, "resumed_from": run.resumed_from,
-            "train": {"images": run.train_images, "seconds": run.train_seconds,
-                      "images_per_second": run.images_per_second, "input": run.input_path, "workers": run.workers,
-                      "compile": result.config.compile},
-            "evals": run.evals, "final": run.final, "best": run.best,
-            "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans}
-
-
-def _render(console: Console, outcome: FinetuneResult) -> None:
-    from rich.table import Table
-
-    from ..report import human_count
-
-    result, before, after, paths = outcome.train, outcome.before, outcome.after, outcome.paths
-    if result.evals:
-        table = Table(title="validation", title_justify="left")
-        for col in ("epoch", "step", "train loss", "top-1 %", "top-5 %", "val loss", ""):
-            table.add_column(col, justify="right" if col else "left")
-        for row in result.evals:
-            table.add_row(f"{row['epoch']:.2f}", str(row["step"]),
-                          f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-",
-                          f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}",
-                          "best" if row.get("best") else "")
-        console.print(table)
-    console.print(f"steps      {result.steps} ({result.epochs_done:.2f} epochs)"
-                  + (f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""))
-    console.print(f"throughput {result.images_per_second:,.0f} images/s (training steps, data loading included)")
-    if before != after:
-        console.print(f"params     {before['params']:,} → {after['params']:,} ({human_count(after['params'])})")
-        console.print(f"MACs       {before['macs']:,} → {after['macs']:,} "
-                      f"(−{100 * (1 - after['macs'] / max(before['macs'], 1)):.1f} %)")
-    for name, summary in result.hook_summaries.items():
-        verify = summary.get("verify")
-        if verify:
-            console.print(f"{name:<10} removed physically; verify max |diff| {verify['max_abs_diff']:.3g} "
-                          f"≤ {verify['tolerance']:.3g}: {'passed' if verify['passed'] else 'FAILED'}")
-    if result.final is not None:
-        console.print(f"final      top-1 {result.final['top1']:.2f} %  top-5 {result.final['top5']:.2f} %")
-    console.print(f"saved      {paths.out}" + (f" (best: {paths.best}, top-1 {result.best['top1']:.2f} % at step {result.best['step']})"
-                                                if result.best is not None and outcome.validated else ""))

@@ -39,7 +39,7 @@ def show_config(
     """Show the resolved settings (flag > --config > chanprune.toml > default) and where each comes from."""
     from ..project.config import resolve
     from ..project.state import read_state, state_path
-    from ..report import json_document, make_console, render_config, write_json
+    from ..report import config as report
 
     group = ctx.find_root().command
     commands = configurable_commands(group)
@@ -57,11 +57,7 @@ def show_config(
                            "source": settings[k].source if k in settings else "default"}
                           for k, p in option_keys(commands[name]).items()]
     last = read_state()
-    console = make_console(stderr=json_out == "-")
-    render_config([f.label for f in files], rows, last, str(state_path()), console)
-    if json_out is not None:
-        write_json(json_document("config", {"files": [str(f.path) for f in files], "commands": rows, "last": last},
-                                 seed=None), json_out)
+    report.show(files, rows, last, str(state_path()), json_out)
 
 
 def _default(param: Any) -> Any:

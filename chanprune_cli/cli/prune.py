@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 
 from ..errors import UserError
 from .app import app
@@ -124,13 +123,7 @@ def prune(
                         "or 'chanprune prune CKPT --criterion l1 --ratio 0.5'")
     from ..project.state import absolute, record
     from ..recipes.prune import prune_checkpoint
-    from ..report import (
-        PruneReport,
-        make_console,
-        prune_document,
-        render_prune,
-        write_json,
-    )
+    from ..report import prune as report
 
     result = prune_checkpoint(ckpt, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
                               ratio=ratio, target_flops=target_flops, ignore=ignore or (),
@@ -144,30 +137,7 @@ def prune(
     if result.output is not None:  # a dry run leaves nothing for a later command to pick up
         record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
                          "criterion": result.criterion.name, "out": absolute(result.output)})
-    report = PruneReport(result.checkpoint, result.output or "(dry run: nothing written)", result.criterion.name,
-                         result.requested, result.before, result.after, result.layers, result.verify, result.blocked,
-                         seed=result.seed, accuracy=result.accuracy)
-    console = make_console(stderr=json_out == "-")
-    render_prune(report, console)
-    if result.layer_ratio is not None:
-        groups = result.layer_ratio["groups"]
-        console.print("by layer   " + ", ".join(f"{escape(glob)} {r:g}" for glob, r in result.layer_ratio["patterns"].items())
-                      + f" ({len(groups)} group(s) matched)")
-    if result.accuracy is not None and "val_images" in result.accuracy:
-        console.print(f"val images {result.accuracy['val_images']:,} of --val-data (--val-images, drawn with --seed)")
-    if result.dry_run:
-        console.print("dry run    nothing written (no --out file, no .chanprune/last.json entry)")
-    if json_out is not None:
-        document = prune_document(report)
-        document["output"] = result.output
-        document["dry_run"] = result.dry_run
-        document["layer_ratio"] = result.layer_ratio
-        document["criterion_options"] = result.criterion.recorded_options
-        document["normalize"] = result.normalize
-        document["rounds"] = result.rounds
-        document["approximations"] = result.approximations
-        document["macs_workload"] = result.macs_workload  # null unless the MACs depend on the input
-        write_json(document, json_out)
+    report.show(result, json_out)
 
 
 def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:

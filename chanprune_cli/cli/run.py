@@ -112,7 +112,8 @@ def _run_stages(ctx: typer.Context, config_path: str, planned: list[Any], direct
 
     from ..errors import GateFailed
     from ..project import pipeline
-    from ..report import json_document, make_console, render_run, write_json
+    from ..report import run as report
+    from ..support.console import make_console
 
     if rerun:
         (directory / pipeline.RUN_STATE).unlink(missing_ok=True)
@@ -145,12 +146,7 @@ def _run_stages(ctx: typer.Context, config_path: str, planned: list[Any], direct
                    + (f" (finished stages are skipped; {stage.name} resumes from {stage.resumable})" if resumable
                       else " (finished stages are skipped)"), err=True)
         raise
-    render_run(results, directory, console)
+    report.show(results, config_path, directory, json_out)
     failed = [r for r in results if r.status == "failed"]
-    if json_out is not None:
-        body = {"config": config_path, "run_dir": str(directory), "passed": not failed,
-                "stages": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "outputs": r.outputs,
-                            **({"error": r.error} if r.error is not None else {})} for r in results]}
-        write_json(json_document("run", body, seed=None), json_out)
     if failed:
         raise GateFailed(failed[0].error or f"the {failed[0].name} stage failed")

@@ -79,13 +79,15 @@ def score(
     --list-criteria shows every criterion with its options and defaults; set them with
     --criterion-opt KEY=VALUE (repeatable)."""
     if list_criteria:
-        print_criteria()
+        from ..report.score import show_criteria
+
+        show_criteria()
         return
     if ckpt is None or criterion is None:
         raise UserError("give a checkpoint and a criterion: chanprune score CKPT --criterion NAME (see --help)")
     from ..project.state import absolute, record
     from ..recipes.score import score_checkpoint
-    from ..report import make_console, render_scores, score_document, write_json
+    from ..report import score as report
 
     result = score_checkpoint(ckpt, criterion, criterion_options=criterion_opt, out=out, ratio=ratio, arch=arch,
                               arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
@@ -98,23 +100,5 @@ def score(
                      "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": result.criterion.options,
                      "scores": absolute(result.output), "data": data, "mean": mean, "std": std, "output": task_output,
                      "through_layernorm": through_layernorm})
-    console = make_console(stderr=json_out == "-")
-    render_scores(result.criterion.name, result.output, result.ratio, result.rows, console)
-    if json_out is not None:
-        write_json(score_document(result.checkpoint, result.output, result.criterion.name, result.ratio, result.rows,
-                                  result.data, result.seed), json_out)
+    report.show(result, json_out)
 
-
-def print_criteria() -> None:
-    """The criteria, what each needs and its options with defaults (`score --list-criteria`)."""
-    from rich.table import Table
-
-    from ..criteria.base import criteria_table
-    from ..report import make_console
-
-    table = Table(title="criteria (set options with --criterion-opt KEY=VALUE)")
-    for column in ("criterion", "needs", "options (defaults)", "what it measures"):
-        table.add_column(column, overflow="fold")
-    for row in criteria_table():
-        table.add_row(*row)
-    make_console().print(table)

@@ -12,17 +12,16 @@ report shows. Failures raise `errors.UserError` (bad input) or `errors.Chanprune
 from __future__ import annotations
 
 from ..prune.scoring import ResolvedCriterion
-from ..report import AnalyzeReport, BenchReport
-from .analyze import analyze_checkpoint
-from .bench import bench_checkpoints
+from .analyze import AnalyzeResult, analyze_checkpoint
+from .bench import BenchResult, bench_checkpoints
 from .export import ExportOutcome, export_checkpoint, export_format
 from .finetune import FinetuneOptions, FinetuneResult, finetune_checkpoint
 from .prune import PruneResult, prune_checkpoint
 from .score import ScoreResult, score_checkpoint
 
 __all__ = [
-    "AnalyzeReport",
-    "BenchReport",
+    "AnalyzeResult",
+    "BenchResult",
     "ExportOutcome",
     "FinetuneOptions",
     "FinetuneResult",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .. import measure
 from ..engine.graph import build_graph
-from ..report import AnalyzeReport, group_rows, layer_rows, model_size_bytes
+from ..measure import model_size_bytes
+from ..prune.describe import LayerRow, group_rows, layer_rows
 from ..support.device import resolve_device
 from ..checkpoint import nonfinite_summary
 from ..checkpoint.chanprune_format import resolve_normalization
@@ -25,6 +27,30 @@ from .steps import (
     select_task_output,
     warn,
 )
+
+if TYPE_CHECKING:
+    from ..models import ArchSpec
+
+
+@dataclass
+class AnalyzeResult:
+    """What `analyze_checkpoint` found: the model's structure, size and (with data) accuracy."""
+
+    checkpoint: str
+    source_format: str
+    arch: ArchSpec | None
+    input_shape: tuple[int, int, int]
+    params: int
+    macs: int
+    size_bytes: int
+    layers: list[LayerRow]
+    seed: int | None = None
+    accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches
+    groups: list[dict[str, Any]] | None = None  # prune.describe.group_rows(graph)
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bytes / float(1 << 20)  # MiB, labelled MB as most tools do (measure.file_size_mb)
 
 
 def analyze_checkpoint(
@@ -47,7 +73,7 @@ def analyze_checkpoint(
     through_layernorm: bool = False,
     force: bool = False,
     json_report: str | None = None,
-) -> AnalyzeReport:
+) -> AnalyzeResult:
     """Describe a checkpoint's model; with `data`, also its top-1/top-5 on (at most `calib_batches`
     random batches of) it, its classes matched to the model's outputs by `classes` (the model's
     class names in output order; see `data.fit_classes`). NaN/Inf weights are reported with a
@@ -93,7 +119,7 @@ def analyze_checkpoint(
             "data": data,
             "max_batches": calib_batches,
         }
-    return AnalyzeReport(
+    return AnalyzeResult(
         checkpoint=checkpoint,
         source_format=loaded.source_format,
         arch=loaded.arch,

@@ -7,6 +7,8 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +18,6 @@ from rich.markup import escape
 from ..data import ClassesArg, make_loader, parse_classes
 from ..deploy import benchmark
 from ..errors import UserError
-from ..report import BenchReport
-from ..report.plots import check_plot_path, require_matplotlib
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..checkpoint import nonfinite_summary
@@ -37,6 +37,38 @@ from .steps import (
     select_task_output,
     warn,
 )
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclass
+class BenchResult:
+    """What `bench_checkpoints` measured (deploy/benchmark.py's results, reference first)."""
+
+    models: list[benchmark.ModelResult]
+    comparisons: list[benchmark.Comparison]  # one per model (the reference's own is 1× / ±0)
+    gates: list[benchmark.Gate]
+    device: str
+    threads: int | None
+    batch_sizes: list[int]
+    timing: dict[str, Any]  # warmup, repeats, max_time_s (as requested; each latency entry says what was done)
+    gate_batch: int | None = None
+    data: dict[str, Any] | None = None  # source, max_batches
+    seed: int | None = None
+    plot: str | None = None  # where the caller draws the figure (report/plots.py)
+    warnings: list[str] = field(default_factory=list)  # e.g. benchmark.slowdowns()
+
+
+def check_plot(path: str | os.PathLike[str]) -> None:
+    """`--plot`: matplotlib is there to draw it, and the file name ends in an image type it writes."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'chanprune[plot]' (or run without --plot)") from None
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"--plot {os.fspath(path)}: unknown image type {suffix or '(no extension)'!r}; "
+                        f"use a file name ending in {', '.join(PLOT_FORMATS)}")
 
 
 def bench_checkpoints(
@@ -71,7 +103,7 @@ def bench_checkpoints(
     plot: str | None = None,
     force: bool = False,
     json_report: str | None = None,
-) -> BenchReport:
+) -> BenchResult:
     """Measure `checkpoints` (the first is the reference) and evaluate the gates: `max_acc_drop`
     (top-1 points lost, needs `data`) and `min_speedup` (at `gate_batch`, default the largest of
     `batch_sizes`). `classes`: the models' class names in output order, which label the classes of
@@ -114,8 +146,7 @@ def bench_checkpoints(
     deployment.check()
     check_json_report(json_report, force)
     if plot is not None:
-        require_matplotlib()
-        check_plot_path(plot)
+        check_plot(plot)
         check_output(plot, force)
     check_distinct_outputs(("--json", json_report), ("--plot", plot))
     _refuse_overwriting_inputs(checkpoints, ("--json", json_report), ("--plot", plot))
@@ -173,7 +204,7 @@ def bench_checkpoints(
     slower = benchmark.slowdowns(results, comparisons, dev)
     for line in slower:
         warn(line)
-    return BenchReport(
+    return BenchResult(
         models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads_used,
         batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time,
                                          **deployment.to_json(dev)},

@@ -26,8 +26,8 @@ from ..engine.allocate import parse_min_keep
 from ..errors import UserError
 from ..measure import count_macs, count_params
 from ..models import build_model, widened_spec
-from ..report import make_console
 from ..support import distributed as D
+from ..support.console import make_console
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..train import (

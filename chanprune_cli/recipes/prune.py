@@ -19,6 +19,7 @@ from ..engine.surgery import VerifyResult
 from ..errors import UserError
 from ..measure import evaluate
 from ..prune import pruning
+from ..prune.describe import group_rows
 from ..prune.recalibration import recalibrate_bn as recalibrate
 from ..prune.rounds import score_in_rounds
 from ..prune.scoring import (
@@ -30,7 +31,6 @@ from ..prune.scoring import (
     recorded_criterion,
     resolve_criterion,
 )
-from ..report import group_rows
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..support.progress import batches_total, progress_bar

@@ -6,8 +6,8 @@ unpruned architecture) and after pruning. With several models, below it: top-1 v
 reference's, scaled by MACs) as a dashed line: the gap to it is what pruning could still gain.
 
 matplotlib is optional (`pip install 'chanprune[plot]'`): imported lazily, drawn with the Agg
-canvas (no display, no pyplot global state). `require_matplotlib` lets the command fail before
-measuring anything when it is missing.
+canvas (no display, no pyplot global state). The bench recipe checks `--plot` before measuring
+anything (`recipes.bench.check_plot`).
 """
 
 from __future__ import annotations
@@ -17,41 +17,23 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ..recipes.bench import check_plot
 
 if TYPE_CHECKING:
-    from . import BenchReport
+    from ..recipes.bench import BenchResult
 
-FORMATS = (".png", ".svg", ".pdf")
 _BEFORE = "#c8c8c8"
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
-def require_matplotlib() -> None:
-    """UserError saying how to enable plots when matplotlib cannot be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("plots need matplotlib: pip install 'chanprune[plot]' (or run without --plot)") from None
-
-
-def check_plot_path(path: str | os.PathLike[str]) -> None:
-    """The image format comes from the file name; refuse names matplotlib would not know what to do with."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise UserError(f"--plot {os.fspath(path)}: unknown image type {suffix or '(no extension)'!r}; "
-                        f"use a file name ending in {', '.join(FORMATS)}")
-
-
-def write_bench_plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
+def write_bench_plot(report: BenchResult, path: str | os.PathLike[str]) -> None:
     """Draw the bench figure and write it atomically to `path` (.png, .svg or .pdf)."""
-    require_matplotlib()
-    check_plot_path(path)
+    check_plot(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from ..support.fsutil import atomic_path
-    from . import model_labels
+    from .bench import model_labels
 
     models = report.models
     labels = model_labels([m.path for m in models])
@@ -75,7 +57,7 @@ def write_bench_plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
         fig.savefig(tmp, format=Path(path).suffix.lower().lstrip("."), dpi=120)
 
 
-def _widths(ax: Any, report: BenchReport, labels: list[str]) -> None:
+def _widths(ax: Any, report: BenchResult, labels: list[str]) -> None:
     models = report.models
     ref = models[0]
     if len(models) > 1:
@@ -118,7 +100,7 @@ def _annotate(ax: Any, x: float, y: float, text: str) -> None:
     ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
 
 
-def _accuracy(ax: Any, report: BenchReport, labels: list[str]) -> None:
+def _accuracy(ax: Any, report: BenchResult, labels: list[str]) -> None:
     for i, (m, label) in enumerate(zip(report.models, labels)):
         if m.accuracy is None:
             continue
@@ -136,7 +118,7 @@ def _accuracy(ax: Any, report: BenchReport, labels: list[str]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _latency(ax: Any, report: BenchReport, labels: list[str]) -> None:
+def _latency(ax: Any, report: BenchResult, labels: list[str]) -> None:
     """Median latency relative to the reference's at the same batch size, against MACs; the dashed
     diagonal is latency proportional to MACs (what the removed work alone would give)."""
     models = report.models

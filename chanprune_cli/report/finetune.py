@@ -1,0 +1,63 @@
+"""`chanprune finetune`'s report: the validations, steps, throughput, the size change of a
+pruning schedule, the final accuracy and the saved files; and its JSON document."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .common import human_count, json_document, publish
+
+if TYPE_CHECKING:
+    from ..recipes.finetune import FinetuneResult
+
+
+def show(result: FinetuneResult, json_report: str | None) -> None:
+    publish(lambda console: render(result, console), lambda: document(result), json_report)
+
+
+def document(result: FinetuneResult) -> dict[str, Any]:
+    run = result.train
+    body = {"checkpoint": result.checkpoint, "output": str(result.paths.out),
+            "best_output": str(result.paths.best) if run.best is not None else None,
+            "schedule": result.schedule, "requested": result.requested, "teacher": result.teacher,
+            "config": result.config.result_fields(), "world_size": result.world_size, "device": result.device,
+            "steps": run.steps, "epochs": run.epochs_done, "resumed_from": run.resumed_from,
+            "train": {"images": run.train_images, "seconds": run.train_seconds,
+                      "images_per_second": run.images_per_second, "input": run.input_path, "workers": run.workers,
+                      "compile": result.config.compile},
+            "evals": run.evals, "final": run.final, "best": run.best,
+            "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans}
+    return json_document("finetune", body, seed=result.config.seed)
+
+
+def render(outcome: FinetuneResult, console: Console) -> None:
+    result, before, after, paths = outcome.train, outcome.before, outcome.after, outcome.paths
+    if result.evals:
+        table = Table(title="validation", title_justify="left")
+        for col in ("epoch", "step", "train loss", "top-1 %", "top-5 %", "val loss", ""):
+            table.add_column(col, justify="right" if col else "left")
+        for row in result.evals:
+            table.add_row(f"{row['epoch']:.2f}", str(row["step"]),
+                          f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-",
+                          f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}",
+                          "best" if row.get("best") else "")
+        console.print(table)
+    console.print(f"steps      {result.steps} ({result.epochs_done:.2f} epochs)"
+                  + (f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""))
+    console.print(f"throughput {result.images_per_second:,.0f} images/s (training steps, data loading included)")
+    if before != after:
+        console.print(f"params     {before['params']:,} → {after['params']:,} ({human_count(after['params'])})")
+        console.print(f"MACs       {before['macs']:,} → {after['macs']:,} "
+                      f"(−{100 * (1 - after['macs'] / max(before['macs'], 1)):.1f} %)")
+    for name, summary in result.hook_summaries.items():
+        verify = summary.get("verify")
+        if verify:
+            console.print(f"{name:<10} removed physically; verify max |diff| {verify['max_abs_diff']:.3g} "
+                          f"≤ {verify['tolerance']:.3g}: {'passed' if verify['passed'] else 'FAILED'}")
+    if result.final is not None:
+        console.print(f"final      top-1 {result.final['top1']:.2f} %  top-5 {result.final['top5']:.2f} %")
+    console.print(f"saved      {paths.out}" + (f" (best: {paths.best}, top-1 {result.best['top1']:.2f} % at step {result.best['step']})"
+                                                if result.best is not None and outcome.validated else ""))
