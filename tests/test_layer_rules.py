@@ -56,7 +56,9 @@ class Net(nn.Module):
 
 @pytest.fixture
 def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Registrations made by a test are undone afterwards."""
+    """Registrations made by a test are undone afterwards. (The rules of layer libraries imported
+    so far are registered first: registered into the test's copy, they would be lost.)"""
+    layer_rules._load_library_rules()
     monkeypatch.setattr(layer_rules, "_RULES", dict(layer_rules._RULES))
     monkeypatch.setattr(layer_rules, "_LEAVES", set(layer_rules._LEAVES))
     yield
