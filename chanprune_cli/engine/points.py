@@ -23,7 +23,6 @@ from .graph import ChannelGraph, ChannelGroup
 from .layer_rules import PRODUCER_KINDS, WIDTH_KINDS, LayerRule, rule_for
 
 
-
 @dataclass
 class HookPoint:
     module: str

@@ -13,6 +13,7 @@ from torch import nn
 
 from .layer_rules import shape_attr_names
 
+
 def _json_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
