@@ -5,22 +5,32 @@ data-driven criterion's defining property on a constructed toy."""
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from typer.testing import CliRunner
 
+from chanprune_cli.cli import app
 from chanprune_cli.criteria import available, check_requirements, get_criterion
+from chanprune_cli.criteria import gates as gates_module
+from chanprune_cli.criteria.base import channel_scales, criteria_table, parse_criterion_opts
 from chanprune_cli.criteria.cac import CACEstimator
 from chanprune_cli.criteria.gates import ChannelGates, capture_features, class_means, parse_options
 from chanprune_cli.criteria.info import info_components
-from chanprune_cli.criteria.sensitivity import layer_sensitivity
+from chanprune_cli.criteria.sensitivity import _input_energy, activation_diagonals, layer_sensitivity
 from chanprune_cli.criteria.whitebox import whitebox_masks
-from chanprune_cli.errors import UserError
 from chanprune_cli.engine.graph import build_graph
-from chanprune_cli.models import ArchSpec, build_model
 from chanprune_cli.engine.surgery import mask_model
+from chanprune_cli.errors import UserError
+from chanprune_cli.models import ArchSpec, build_model, parse_arch
+from chanprune_cli.prune import pruning
 
 CPU = torch.device("cpu")
 DATA_CRITERIA = ("taylor", "hrank", "sensitivity", "info", "cac", "whitebox")
@@ -453,8 +463,6 @@ def test_layer_sensitivity_and_weights(mixed: tuple) -> None:
 
 
 def test_activation_hessian_matches_unfold() -> None:
-    from chanprune_cli.criteria.sensitivity import _input_energy
-
     x = torch.randn(2, 3, 9, 9)
     for stride, padding, dilation in ((2, 1, 1), (1, 2, 2), (3, 0, 1)):
         conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation)
@@ -470,8 +478,6 @@ def test_activation_hessian_matches_unfold() -> None:
 
 
 def test_activation_hessian_averages_batches_like_unfold() -> None:
-    from chanprune_cli.criteria.sensitivity import activation_diagonals
-
     model = PlainNet().eval()
     graph = build_graph(model, (3, 8, 8))
     data = make_data(batches=2, batch=5) + make_data(batches=1, batch=3, seed=1)  # batches of unequal size
@@ -526,10 +532,6 @@ def test_scoring_reads_nothing_back_per_batch(name: str, options: dict, mixed: t
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # On a GPU, every value read back (.item(), float(), a Python bool of a tensor) makes the host
     # wait for the device; scoring reads none per batch (labels are checked before they move).
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from chanprune_cli.criteria import gates as gates_module
-
     model, graph = mixed
 
     class Reads(TorchDispatchMode):
@@ -592,8 +594,6 @@ def test_cuda_matches_cpu(name: str, mixed: tuple) -> None:
 
 
 def test_parse_criterion_opts_types_and_errors() -> None:
-    from chanprune_cli.criteria.base import criteria_table, parse_criterion_opts
-
     info = get_criterion("info")
     assert parse_criterion_opts(info, ["bins=64", "sigma=0.5", "relu=false", "samples=pooled"]) == {
         "bins": 64, "sigma": 0.5, "relu": False, "samples": "pooled"}
@@ -630,8 +630,6 @@ def test_norm_side_both_counts_the_consumers_weights() -> None:
 @pytest.mark.parametrize("source", ["synthetic:3x8x8:1", "folder"])
 def test_unlabelled_data_fails_early_for_label_criteria(source: str, tmp_path) -> None:
     if source == "folder":  # an ImageFolder with a single folder: unlabelled calibration images
-        from PIL import Image
-
         (tmp_path / "all").mkdir()
         for i in range(2):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "all" / f"{i}.png")
@@ -646,12 +644,6 @@ def test_unlabelled_data_fails_early_for_label_criteria(source: str, tmp_path) -
 
 
 def test_cli_criterion_opt_and_unlabelled(tmp_path, monkeypatch) -> None:
-    from safetensors import safe_open
-    from typer.testing import CliRunner
-
-    from chanprune_cli.cli import app
-    from chanprune_cli.models import parse_arch
-
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     torch.save(build_model(parse_arch("digits_cnn", None)).state_dict(), "d.pt")
@@ -662,8 +654,6 @@ def test_cli_criterion_opt_and_unlabelled(tmp_path, monkeypatch) -> None:
     res = runner.invoke(app, [*base, "--criterion", "info", "--criterion-opt", "bins=16", "--criterion-opt", "sigma=0.5",
                               "--out", "s.safetensors"])
     assert res.exit_code == 0, res.output
-    import json
-
     with safe_open("s.safetensors", "pt") as f:
         meta = json.loads(f.metadata()["chanprune_scores"])
     assert meta["options"]["bins"] == 16 and meta["options"]["sigma"] == 0.5 and meta["options"]["relu"] is True
@@ -680,9 +670,6 @@ def test_cli_criterion_opt_and_unlabelled(tmp_path, monkeypatch) -> None:
 
 
 def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None:
-    from chanprune_cli.prune import pruning
-    from chanprune_cli.criteria.base import channel_scales
-
     model, graph = mixed
     model.eval()
     gen = torch.Generator().manual_seed(3)
@@ -711,15 +698,6 @@ def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None
 def test_prune_ranks_loss_unit_scores_unnormalised(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`--normalize auto` on a taylor score file ranks the raw scores (recorded as 'none' in the JSON
     and the history); `--normalize mean` divides by each group's mean, which changes the plan."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from typer.testing import CliRunner
-
-    from chanprune_cli.cli import app
-    from chanprune_cli.models import build_model, parse_arch
-
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     torch.save(build_model(parse_arch("digits_cnn", None)).state_dict(), "d.pt")

@@ -11,30 +11,31 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from typer.testing import CliRunner
 
 from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
+from chanprune_cli.criteria import get_criterion
+from chanprune_cli.criteria.gates import ChannelGates
 from chanprune_cli.data import open_dataset
-from chanprune_cli.errors import ChanpruneError, UserError
+from chanprune_cli.data.tensorcache import tensor_images
+from chanprune_cli.engine.allocate import allocate
 from chanprune_cli.engine.graph import build_graph
-from chanprune_cli.engine.surgery import VerifyResult, zero_producers
+from chanprune_cli.engine.surgery import VerifyResult, prune_model, zero_producers
+from chanprune_cli.errors import ChanpruneError, UserError
+from chanprune_cli.measure import count_macs
 from chanprune_cli.models import build_model, parse_arch, widened_spec
 from chanprune_cli.prune import pruning
-from chanprune_cli.train.schedules import (
-    CACSchedule,
-    SoftFilterPruning,
-    WhiteboxSchedule,
-    asfp_coefficients,
-    asfp_rate,
-    make_schedule,
-)
+from chanprune_cli.prune.pruning import prune
 from chanprune_cli.train import (
     CheckpointInfo,
     Hook,
@@ -43,11 +44,23 @@ from chanprune_cli.train import (
     Trainer,
     WarmupCosine,
     build_optimizer,
+    inputs,
     kd_loss,
     load_train_state,
     model_from_state,
+    precision,
     train_step_check,
+    validate,
 )
+from chanprune_cli.train.schedules import (
+    CACSchedule,
+    SoftFilterPruning,
+    WhiteboxSchedule,
+    asfp_coefficients,
+    asfp_rate,
+    make_schedule,
+)
+from chanprune_cli.train.schedules.whitebox import _rescale
 
 SHAPE = (1, 8, 8)
 SPEC = parse_arch("digits_cnn", None)
@@ -200,10 +213,6 @@ def test_distillation_pulls_the_student_towards_the_teacher(digits_train: Any, t
 
 
 def test_train_step_check_on_a_pruned_resnet() -> None:
-    from chanprune_cli.engine.allocate import allocate
-    from chanprune_cli.criteria import get_criterion
-    from chanprune_cli.engine.surgery import prune_model
-
     model = build_model(parse_arch("cifar_resnet20", None))
     graph = build_graph(model, (3, 32, 32))
     scores = get_criterion("l1").score(model, graph, None, torch.device("cpu"))
@@ -292,9 +301,6 @@ def test_tensor_path_trains_the_same_model_as_the_loader_path(data: str, trained
 
 
 def test_validation_on_the_tensor_path_matches_the_loader(digits_test: Any, trained_state: Any) -> None:
-    from chanprune_cli.data.tensorcache import tensor_images
-    from chanprune_cli.train import validate
-
     model = fresh_model(trained_state)
     held = tensor_images(digits_test)
     for subset in (None, 100):
@@ -310,8 +316,6 @@ def test_tensor_cache_required_but_impossible_is_a_usage_error(trained_state: An
 
 
 def test_default_workers_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from chanprune_cli.train import inputs
-
     monkeypatch.setattr(inputs, "usable_cpus", lambda: 16)
     assert inputs.default_workers(torch.device("cpu")) == 0  # training already uses every core
     assert inputs.default_workers(torch.device("cuda")) == 8
@@ -336,8 +340,6 @@ def test_compile_trains_on_the_cpu(digits_train: Any, trained_state: Any) -> Non
 
 
 def test_amp_on_the_cpu_is_float32_by_default_and_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch) -> None:
-    from chanprune_cli.train import precision
-
     cpu = torch.device("cpu")
     assert precision.resolve_amp("auto", cpu) is None and precision.resolve_amp("off", cpu) is None
     with pytest.raises(UserError, match="needs a CUDA device"):
@@ -351,8 +353,6 @@ def test_amp_on_the_cpu_is_float32_by_default_and_bf16_only_where_native(monkeyp
 
 def test_bf16_on_the_cpu_trains_in_bf16_channels_last_and_is_seeded(monkeypatch: pytest.MonkeyPatch, digits_train: Any,
                                                                     digits_test: Any, trained_state: Any) -> None:
-    from chanprune_cli.train import precision
-
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # emulated elsewhere: slower, same result
     conv_dtypes: set[torch.dtype] = set()
 
@@ -511,16 +511,12 @@ def test_cac_prunes_at_the_scheduled_steps(digits_train: Any, trained_state: Any
     assert changes == [3, 6]
     assert all(e["removed"] > 0 for e in hook.events)
     assert hook.done and hook.gates is None  # gates removed once the target width is reached
-    from chanprune_cli.measure import count_macs
-
     macs = count_macs(result.model, SHAPE)
     full = count_macs(fresh_model(), SHAPE)
     assert 0.45 <= 1 - macs / full <= 0.6
 
 
 def test_replace_model_carries_momentum_through_surgery(digits_train: Any, trained_state: Any) -> None:
-    from chanprune_cli.engine.surgery import prune_model
-
     trainer = make_trainer(fresh_model(trained_state), digits_train, None, max_steps=3)
     trainer.fit()
     old = trainer.optimizer.state[trainer.model.conv2.weight]["momentum_buffer"].clone()
@@ -571,8 +567,6 @@ def test_whitebox_trains_masks_on_frozen_weights_then_prunes(digits_train: Any, 
     assert hook.done and hook.verify_result["passed"] and not hook.masks
     assert seen[7]["conv2.weight"].shape[0] < 32  # pruned at step 6, fine-tuned afterwards
     assert not torch.equal(seen[12]["fc2.weight"], seen[7]["fc2.weight"])
-    from chanprune_cli.measure import count_macs
-
     assert 1 - count_macs(result.model, SHAPE) / count_macs(fresh_model(), SHAPE) >= 0.5
     # Global voting keeps at least 30 % of every layer.
     assert result.model.conv1.out_channels >= 5 and result.model.conv2.out_channels >= 10
@@ -600,9 +594,6 @@ def test_whitebox_masks_through_the_loop(digits_train: Any, trained_state: Any) 
 
 
 def test_whitebox_rescale_equals_a_constant_gate(trained_state: Any) -> None:
-    from chanprune_cli.criteria.gates import ChannelGates
-    from chanprune_cli.train.schedules.whitebox import _rescale
-
     # In float64, so that the two ways of scaling differ by rounding only (in float32 the logits
     # differ by up to ~4e-5 relative).
     model = fresh_model(trained_state).double().eval()
@@ -631,10 +622,6 @@ def cli(*args: str) -> Any:
 @pytest.fixture(scope="module")
 def pruned_ckpt(tmp_path_factory: pytest.TempPathFactory, trained_state: Any) -> Path:
     """The trained digits model, pruned to half its channels (chanprune file)."""
-    from chanprune_cli.engine.allocate import allocate
-    from chanprune_cli.criteria import get_criterion
-    from chanprune_cli.prune.pruning import prune
-
     folder = tmp_path_factory.mktemp("ckpt")
     model = fresh_model(trained_state)
     torch.save({"state_dict": model.state_dict(), "arch": "digits_cnn"}, folder / "digits.pt")
@@ -764,8 +751,6 @@ sys.exit(main(sys.argv[2:]))
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 classes x 8 grayscale 8x8 JPEGs: decoded in loader workers like a real ImageFolder."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("jpegs") / "train"
     g = torch.Generator().manual_seed(0)
     for c in range(10):
@@ -793,9 +778,6 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, pruned_ckpt: Path, j
 @pytest.mark.parametrize("target,code", [("SIGTERM:group", 143), ("SIGINT:group", 130), ("SIGTERM:process", 143)])
 def test_signal_saves_state_and_resume_matches_an_uninterrupted_run(tmp_path: Path, pruned_ckpt: Path, jpeg_folder: Path,
                                                                     uninterrupted: Path, target: str, code: int) -> None:
-    import subprocess
-    import sys
-
     args = _preempt_args(pruned_ckpt, jpeg_folder)
     out = tmp_path / "cut.safetensors"
     env = {k: v for k, v in os.environ.items() if k != "CHANPRUNE_DEBUG"}
