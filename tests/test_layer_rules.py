@@ -16,8 +16,7 @@ from torch import nn
 
 from chanprune_cli.criteria import get_criterion
 from chanprune_cli.criteria.gates import ChannelGates
-from chanprune_cli.engine import ChannelwiseRule, ConvRule, LayerRule, register_layer_rule, rule_for
-from chanprune_cli.engine import layer_rules
+from chanprune_cli.engine import ChannelwiseRule, ConvRule, LayerRule, layer_rules, register_layer_rule, rule_for
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
 from chanprune_cli.engine.surgery import mask_model, prune_model, verify

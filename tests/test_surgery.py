@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_helpers import randomize
 from torch import nn
 
 from chanprune_cli.engine.allocate import MacsEstimator
-from chanprune_cli.measure import count_macs
 from chanprune_cli.engine.graph import ChannelGraph, ChannelGroup, build_graph
 from chanprune_cli.engine.shapes import apply_shape_attrs, shape_attrs
 from chanprune_cli.engine.surgery import mask_model, prune_model, removals, verify
+from chanprune_cli.measure import count_macs
+from engine_helpers import randomize
 
 Pick = Callable[[ChannelGroup], list[int]]
 
