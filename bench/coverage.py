@@ -221,7 +221,7 @@ def l1_plan(model: Any, graph: Any, ratio: float) -> tuple[dict[int, list[int]],
     except ImportError:
         get_criterion = None
     try:
-        from chanprune_cli.engine.allocate import allocate  # type: ignore[import-not-found]
+        from chanprune_cli.engine.allocate import AllocationOptions, allocate  # type: ignore[import-not-found]
     except ImportError:
         allocate = None
     if get_criterion is not None:
@@ -231,7 +231,8 @@ def l1_plan(model: Any, graph: Any, ratio: float) -> tuple[dict[int, list[int]],
         scores = {k: torch.tensor(v) for k, v in _inline_l1(model, graph).items()}
         how = "inline L1 of producer filters"
     if allocate is not None:
-        return {k: list(v) for k, v in allocate(graph, scores, ratio=ratio).plan.items() if v}, how + " + chanprune_cli.engine.allocate"
+        plan = allocate(graph, scores, AllocationOptions(ratio=ratio)).plan
+        return {k: list(v) for k, v in plan.items() if v}, how + " + chanprune_cli.engine.allocate"
     return _plan_from_scores(graph, scores, ratio), how + " + inline allocation"
 
 

@@ -40,6 +40,7 @@ from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
 from chanprune_cli.criteria import available, get_criterion  # noqa: E402
 from chanprune_cli.criteria.base import NEEDS_WEIGHTS  # noqa: E402
 from chanprune_cli.data import make_loader  # noqa: E402
+from chanprune_cli.engine.allocate import AllocationOptions  # noqa: E402
 from chanprune_cli.engine.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params, evaluate  # noqa: E402
 from chanprune_cli.prune import pruning  # noqa: E402
@@ -136,14 +137,14 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     criterion = "whitebox" if criterion == "whitebox-long" else criterion
     normalize = pruning.normalize_mode(args.normalize, criterion, options)
     # as `prune --rounds`: rescore between rounds after BN re-estimation on the recalibration batches
+    allocation = AllocationOptions(target_flops=args.target_flops, cost_exponent=cost_exponent, normalize=normalize,
+                                   rounds=rounds)
     scores, removed = score_in_rounds(
         model, graph, lambda m: compute_scores(m, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options),
-        rounds=rounds, target_flops=args.target_flops,
-        refresh=(lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches))
-        if get_criterion(criterion).requires(options) != NEEDS_WEIGHTS else None,
-        cost_exponent=cost_exponent, normalize=normalize == "mean")
-    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, target_flops=args.target_flops,
-                            cost_exponent=cost_exponent, normalize=normalize, criterion_options=options, removed=removed)
+        allocation, refresh=(lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches))
+        if get_criterion(criterion).requires(options) != NEEDS_WEIGHTS else None)
+    outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, options=allocation, criterion_options=options,
+                            removed=removed)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["verified"] = bool(outcome.verify and outcome.verify.passed)
     finish(model, outcome.model, recal, test, row, args)

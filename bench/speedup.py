@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from chanprune_cli.checkpoint import load_checkpoint  # noqa: E402
 from chanprune_cli.deploy.benchmark import Deployment, deployed, time_model  # noqa: E402
+from chanprune_cli.engine.allocate import AllocationOptions  # noqa: E402
 from chanprune_cli.engine.graph import build_graph  # noqa: E402
 from chanprune_cli.measure import count_macs, count_params  # noqa: E402
 from chanprune_cli.models import build_model, parse_arch  # noqa: E402
@@ -82,8 +83,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     scores = compute_scores(model, graph, "l1", None, torch.device("cpu"), seed=args.seed)
     rows = []
     for round_to in args.round_to:
-        outcome = pruning.prune(model, graph, scores, shape, criterion="l1", target_flops=args.target_flops,
-                                round_to=round_to, check=args.verify)
+        outcome = pruning.prune(model, graph, scores, shape, criterion="l1",
+                                options=AllocationOptions(target_flops=args.target_flops, round_to=round_to), check=args.verify)
         pruned = outcome.model.eval()
         macs = count_macs(pruned, shape)
         started = time.perf_counter()

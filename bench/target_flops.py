@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torchvision
 
-from chanprune_cli.engine.allocate import allocate
+from chanprune_cli.engine.allocate import AllocationOptions, allocate
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.surgery import prune_model
 from chanprune_cli.measure import count_macs
@@ -42,7 +42,7 @@ def removed_pct(model: torch.nn.Module, graph: ChannelGraph, shape: tuple[int, i
                 scores: dict[int, torch.Tensor], target: float) -> str:
     """Percent of `model`'s MACs (`before`, by fvcore) that pruning to `target` by `scores` removes."""
     pruned = copy.deepcopy(model)
-    prune_model(pruned, graph, allocate(graph, scores, target_flops=target).plan)
+    prune_model(pruned, graph, allocate(graph, scores, AllocationOptions(target_flops=target)).plan)
     return f"{100 * (1 - count_macs(pruned, shape) / before):.2f}"
 
 

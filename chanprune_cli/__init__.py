@@ -1,11 +1,13 @@
 """chanprune: structured channel pruning for trained CNNs (checkpoint in, smaller verified checkpoint out).
 
-The recipes behind the commands (`prune_checkpoint`, `score_checkpoint`, ...; see `recipes`) are
-importable from here; they load on first use, so that `chanprune --help` does not import torch.
+The recipes behind the commands (`prune_checkpoint`, `score_checkpoint`, ...) and their options
+objects (`PruneOptions`, `ModelOptions`, ...) are importable from here: every name of
+`recipes.__all__`. They load on first use, so that `chanprune --help` does not import torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -15,34 +17,23 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "AnalyzeResult",
-    "BenchResult",
-    "ExportOutcome",
-    "FinetuneOptions",
-    "FinetuneResult",
-    "PruneResult",
-    "ResolvedCriterion",
-    "ScoreResult",
-    "__version__",
-    "analyze_checkpoint",
-    "bench_checkpoints",
-    "export_checkpoint",
-    "export_format",
-    "finetune_checkpoint",
-    "prune_checkpoint",
-    "score_checkpoint",
-]
-_RECIPES = frozenset(__all__) - {"__version__"}  # loaded from .recipes on first use
-
 
 def __getattr__(name: str) -> Any:
-    if name in _RECIPES:
+    if name == "__all__":
         from . import recipes
 
-        return getattr(recipes, name)
+        return ["__version__", *recipes.__all__]
+    # A submodule (`from chanprune_cli import measure`) or a private name is no recipe: looking it
+    # up must not import the recipes (and torch).
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:
+        from . import recipes
+
+        if name in recipes.__all__:
+            return getattr(recipes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_RECIPES})
+    from . import recipes
+
+    return sorted({*globals(), *recipes.__all__})

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from chanprune_cli.criteria.base import WeightedScores
 from chanprune_cli.engine.allocate import (
+    AllocationOptions,
     MacsEstimator,
     allocate,
     match_layer_ratios,
@@ -13,9 +17,8 @@ from chanprune_cli.engine.allocate import (
     producers,
     unmatched_layer_ratios,
 )
-from chanprune_cli.criteria.base import WeightedScores
-from chanprune_cli.errors import UserError
 from chanprune_cli.engine.graph import build_graph
+from chanprune_cli.errors import UserError
 from chanprune_cli.models import build_model, parse_arch
 
 
@@ -31,7 +34,7 @@ def _scores(graph, seed: int = 0) -> dict[int, torch.Tensor]:  # type: ignore[no
 
 def test_ratio_removes_the_lowest_scores_of_every_group(graph) -> None:  # type: ignore[no-untyped-def]
     scores = _scores(graph)
-    plan = allocate(graph, scores, ratio=0.5).plan
+    plan = allocate(graph, scores, AllocationOptions(ratio=0.5)).plan
     for grp in graph.prunable_groups():
         removed = plan[grp.id]
         assert len(removed) == round(0.5 * grp.channels)
@@ -41,14 +44,14 @@ def test_ratio_removes_the_lowest_scores_of_every_group(graph) -> None:  # type:
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_target_flops_is_reached_with_little_overshoot(graph, target: float) -> None:  # type: ignore[no-untyped-def]
-    alloc = allocate(graph, _scores(graph), target_flops=target)
+    alloc = allocate(graph, _scores(graph), AllocationOptions(target_flops=target))
     achieved = 1 - alloc.estimated_macs_after / alloc.estimated_macs_before
     assert target <= achieved < target + 0.1
     assert alloc.estimated_macs_after == MacsEstimator(graph).macs(alloc.plan)
 
 
 def test_min_keep_and_round_to_shape_every_group(graph) -> None:  # type: ignore[no-untyped-def]
-    plan = allocate(graph, _scores(graph), target_flops=0.6, min_keep=0.25, round_to=4).plan
+    plan = allocate(graph, _scores(graph), AllocationOptions(target_flops=0.6, min_keep=0.25, round_to=4)).plan
     for grp in graph.prunable_groups():
         kept = grp.channels - len(plan.get(grp.id, []))
         assert kept >= 0.25 * grp.channels
@@ -57,7 +60,7 @@ def test_min_keep_and_round_to_shape_every_group(graph) -> None:  # type: ignore
 
 def test_unreachable_target_is_a_user_error(graph) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(UserError, match="unreachable"):
-        allocate(graph, _scores(graph), target_flops=0.95, min_keep=0.9)
+        allocate(graph, _scores(graph), AllocationOptions(target_flops=0.95, min_keep=0.9))
 
 
 def test_group_weights_make_a_group_keep_more(graph) -> None:  # type: ignore[no-untyped-def]
@@ -65,8 +68,8 @@ def test_group_weights_make_a_group_keep_more(graph) -> None:  # type: ignore[no
     heavy = graph.prunable_groups()[1].id
     weighted = WeightedScores(base)
     weighted.group_weights = {heavy: 100.0}
-    plain = allocate(graph, base, target_flops=0.5).plan
-    favoured = allocate(graph, weighted, target_flops=0.5).plan
+    plain = allocate(graph, base, AllocationOptions(target_flops=0.5)).plan
+    favoured = allocate(graph, weighted, AllocationOptions(target_flops=0.5)).plan
     assert len(favoured.get(heavy, [])) < len(plain.get(heavy, []))
 
 
@@ -77,26 +80,28 @@ def test_cost_exponent_spares_cheap_channels(graph) -> None:  # type: ignore[no-
     before = estimator.macs({})
     cost = {grp.id: before - estimator.macs({grp.id: [0]}) for grp in graph.prunable_groups()}
     dearest, cheapest = max(cost, key=cost.get), min(cost, key=cost.get)
-    alloc = allocate(graph, flat, target_flops=0.3, cost_exponent=1.0)
+    alloc = allocate(graph, flat, AllocationOptions(target_flops=0.3, cost_exponent=1.0))
     assert 1 - alloc.estimated_macs_after / before >= 0.3
     by_id = {grp.id: grp for grp in graph.prunable_groups()}
     removed_share = {gid: len(alloc.plan.get(gid, [])) / by_id[gid].channels for gid in cost}
     assert removed_share[dearest] > removed_share[cheapest]
-    assert allocate(graph, flat, ratio=0.5, cost_exponent=1.0).plan == allocate(graph, flat, ratio=0.5).plan  # no effect on --ratio
+    uniform = allocate(graph, flat, AllocationOptions(ratio=0.5)).plan
+    assert allocate(graph, flat, AllocationOptions(ratio=0.5, cost_exponent=1.0)).plan == uniform  # no effect on --ratio
 
 
 def test_unnormalised_ranking_compares_raw_scores_across_groups(graph) -> None:  # type: ignore[no-untyped-def]
     """A group whose scores are all 100x larger is invisible to the mean-normalised ranking, but
-    with normalize=False (scores in loss units) it keeps every channel while the others pay."""
+    with normalize="none" (scores in loss units) it keeps every channel while the others pay."""
     scores = _scores(graph)
     loud = graph.prunable_groups()[0].id
     scores[loud] = scores[loud] * 100 + 1  # above every other score; the same shape after normalising
-    normalised = allocate(graph, scores, target_flops=0.3).plan
-    raw = allocate(graph, scores, target_flops=0.3, normalize=False)
+    normalised = allocate(graph, scores, AllocationOptions(target_flops=0.3)).plan
+    raw = allocate(graph, scores, AllocationOptions(target_flops=0.3, normalize="none"))
     assert normalised.get(loud)  # the mean-normalised ranking prunes it like the rest
     assert not raw.plan.get(loud)
     assert 1 - raw.estimated_macs_after / raw.estimated_macs_before >= 0.3
-    assert allocate(graph, scores, ratio=0.5, normalize=False).plan == allocate(graph, scores, ratio=0.5).plan
+    uniform = allocate(graph, scores, AllocationOptions(ratio=0.5)).plan
+    assert allocate(graph, scores, AllocationOptions(ratio=0.5, normalize="none")).plan == uniform
 
 
 @pytest.mark.parametrize(("choice", "criterion", "options", "expected"), [
@@ -114,28 +119,44 @@ def test_normalize_auto_follows_the_criterion_units(choice: str, criterion: str,
     assert normalize_mode(choice, criterion, options) == expected
 
 
-def test_normalize_rejects_unknown_modes() -> None:
-    from chanprune_cli.prune.pruning import normalize_mode
+@pytest.mark.parametrize(("options", "message"), [
+    ({"normalize": "max"}, "--normalize must be auto, mean or none, got 'max'"),
+    ({"ratio": 0.5, "target_flops": 0.5}, "give exactly one of --ratio"),
+    ({"ratio": None}, "give exactly one of --ratio"),
+    ({"ratio": 1.0}, "--ratio must be between 0 and 1"),
+    ({"target_flops": 0.0, "ratio": None}, "--target-flops must be between 0 and 1"),
+    ({"rounds": 0}, "--rounds must be at least 1"),
+    ({"rounds": 2}, "--rounds needs --target-flops"),
+    ({"min_keep": 1.5}, "--min-keep 1.5: use a fraction below 1 or a whole channel count"),
+    ({"round_to": 0}, "--round-to must be at least 1"),
+    ({"layer_ratio": "conv2=1"}, "the ratio must be a number from 0"),
+])
+def test_options_are_checked_when_made(options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        AllocationOptions(**{"ratio": 0.5, **options})
 
-    with pytest.raises(UserError, match="auto, mean or none"):
-        normalize_mode("max", "l1")
+
+def test_options_travel_parsed() -> None:
+    options = AllocationOptions(target_flops=0.5, layer_ratio=["a.*=0.5", {"b": 0}], ignore=["fc*"], rounds=2)
+    assert options.layer_ratio == {"a.*": 0.5, "b": 0.0} and options.ignore == ("fc*",)
+    assert AllocationOptions(ratio=0.5).layer_ratio == {}
 
 
 def test_removed_channels_stay_removed_and_leave_the_mean(graph) -> None:  # type: ignore[no-untyped-def]
     """A later round keeps what earlier rounds chose, and normalises each group over what is left:
     a group whose weakest channels went ranks its survivors lower than before."""
     scores = _scores(graph)
-    first = allocate(graph, scores, target_flops=0.2).plan
-    second = allocate(graph, scores, target_flops=0.4, removed=first).plan
+    first = allocate(graph, scores, AllocationOptions(target_flops=0.2)).plan
+    second = allocate(graph, scores, AllocationOptions(target_flops=0.4), removed=first).plan
     assert all(set(first[g]) <= set(second.get(g, [])) for g in first)
-    one_shot = allocate(graph, scores, target_flops=0.4).plan
+    one_shot = allocate(graph, scores, AllocationOptions(target_flops=0.4)).plan
     assert second != one_shot  # renormalised over the survivors: a different allocation, same target
     nan = {g: s.clone() for g, s in scores.items()}
     gid = next(iter(first))
     nan[gid][first[gid]] = float("nan")  # a removed channel may score NaN (a constant feature map)
-    assert allocate(graph, nan, target_flops=0.4, removed=first).plan == second
+    assert allocate(graph, nan, AllocationOptions(target_flops=0.4), removed=first).plan == second
     with pytest.raises(UserError, match="--target-flops"):
-        allocate(graph, scores, ratio=0.5, removed=first)
+        allocate(graph, scores, AllocationOptions(ratio=0.5), removed=first)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,8 +204,8 @@ def test_a_glob_selects_groups_whose_producers_it_all_matches(resnet_graph) -> N
 
 def test_layer_ratio_replaces_ratio_for_matched_groups(resnet_graph) -> None:  # type: ignore[no-untyped-def]
     scores = _scores(resnet_graph)
-    alloc = allocate(resnet_graph, scores, ratio=0.5, layer_ratio=["layer3.*=0.75", "layer1.0.conv1=0"])
-    plain = allocate(resnet_graph, scores, ratio=0.5).plan
+    alloc = allocate(resnet_graph, scores, AllocationOptions(ratio=0.5, layer_ratio=["layer3.*=0.75", "layer1.0.conv1=0"]))
+    plain = allocate(resnet_graph, scores, AllocationOptions(ratio=0.5)).plan
     for g in resnet_graph.prunable_groups():
         if g.name.startswith("layer3."):
             assert len(alloc.plan[g.id]) == 48 and alloc.layer_ratios[g.id] == 0.75
@@ -201,29 +222,29 @@ def test_layer_ratio_with_a_target_is_fixed_and_outside_the_ranking(resnet_graph
     scores = _scores(resnet_graph)
     layer3 = [g for g in resnet_graph.prunable_groups() if g.name.startswith("layer3.")]
     for target in (0.3, 0.5):
-        alloc = allocate(resnet_graph, scores, target_flops=target, layer_ratio={"layer3.*": 0.25})
+        alloc = allocate(resnet_graph, scores, AllocationOptions(target_flops=target, layer_ratio={"layer3.*": 0.25}))
         assert all(len(alloc.plan[g.id]) == 16 for g in layer3)  # whatever the target
         achieved = 1 - alloc.estimated_macs_after / alloc.estimated_macs_before
         assert target <= achieved < target + 0.1
     # stronger scores in layer3 change nothing there: it is not ranked
     boosted = {gid: (s * 1000 if gid in {g.id for g in layer3} else s) for gid, s in scores.items()}
-    assert allocate(resnet_graph, boosted, target_flops=0.3, layer_ratio={"layer3.*": 0.25}).plan == \
-        allocate(resnet_graph, scores, target_flops=0.3, layer_ratio={"layer3.*": 0.25}).plan
+    assert allocate(resnet_graph, boosted, AllocationOptions(target_flops=0.3, layer_ratio={"layer3.*": 0.25})).plan == \
+        allocate(resnet_graph, scores, AllocationOptions(target_flops=0.3, layer_ratio={"layer3.*": 0.25})).plan
     # the fixed ratios alone reach the target: the ranking removes nothing more
-    alone = allocate(resnet_graph, scores, target_flops=0.05, layer_ratio={"layer3.*": 0.5})
+    alone = allocate(resnet_graph, scores, AllocationOptions(target_flops=0.05, layer_ratio={"layer3.*": 0.5}))
     assert set(alone.plan) == {g.id for g in layer3}
     with pytest.raises(UserError, match="unreachable.*--layer-ratio"):
-        allocate(resnet_graph, scores, target_flops=0.6, layer_ratio={"*": 0})
+        allocate(resnet_graph, scores, AllocationOptions(target_flops=0.6, layer_ratio={"*": 0}))
 
 
 def test_layer_ratio_in_rounds_keeps_earlier_choices(resnet_graph) -> None:  # type: ignore[no-untyped-def]
     scores = _scores(resnet_graph)
     ratios = {"layer3.*": 0.25}
-    first = allocate(resnet_graph, scores, target_flops=0.2, layer_ratio=ratios).plan
+    first = allocate(resnet_graph, scores, AllocationOptions(target_flops=0.2, layer_ratio=ratios)).plan
     nan = {g: s.clone() for g, s in scores.items()}
     for gid, removed in first.items():
         nan[gid][removed] = float("nan")  # masked channels may score NaN in the next round
-    second = allocate(resnet_graph, nan, target_flops=0.4, removed=first, layer_ratio=ratios).plan
+    second = allocate(resnet_graph, nan, AllocationOptions(target_flops=0.4, layer_ratio=ratios), removed=first).plan
     assert all(set(first[g]) <= set(second.get(g, [])) for g in first)
 
 
@@ -258,7 +279,7 @@ def test_estimated_macs_are_fvcores_before_and_after_pruning() -> None:
     graph = build_graph(model, shape)
     estimator = MacsEstimator(graph)
     assert estimator.macs({}) == count_macs(model, shape)
-    alloc = allocate(graph, _scores(graph), target_flops=0.3)
+    alloc = allocate(graph, _scores(graph), AllocationOptions(target_flops=0.3))
     assert alloc.plan
     pruned = copy.deepcopy(model)
     prune_model(pruned, graph, alloc.plan)
@@ -273,7 +294,7 @@ def test_target_flops_gives_back_what_the_last_threshold_step_overshoots(seed: i
     graph = build_graph(build_model(parse_arch("cifar_resnet20")).eval(), (3, 32, 32))
     estimator = MacsEstimator(graph)
     before = estimator.macs({})
-    alloc = allocate(graph, _scores(graph, seed), target_flops=0.5)
+    alloc = allocate(graph, _scores(graph, seed), AllocationOptions(target_flops=0.5))
     assert 0.5 <= 1 - alloc.estimated_macs_after / before < 0.503
     scores = _scores(graph, seed)
     for gid, removed in alloc.plan.items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from chanprune_cli.engine.allocate import AllocationOptions
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.prune import pruning
 from chanprune_cli.prune.scoring import compute_scores
@@ -34,7 +35,7 @@ def test_prune_verify_and_train(name: str, side: int) -> None:
     graph = build_graph(model, shape)
     assert graph.prunable_groups(), f"{name}: nothing prunable"
     scores = compute_scores(model, graph, "l1", None, torch.device("cpu"))
-    outcome = pruning.prune(model, graph, scores, shape, criterion="l1", ratio=0.3)
+    outcome = pruning.prune(model, graph, scores, shape, criterion="l1", options=AllocationOptions(ratio=0.3))
     assert outcome.verify is not None and outcome.verify.passed
     assert outcome.after["params"] < outcome.before["params"]
     pruned = outcome.model.train()

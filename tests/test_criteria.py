@@ -26,6 +26,7 @@ from chanprune_cli.criteria.gates import ChannelGates, capture_features, class_m
 from chanprune_cli.criteria.info import info_components
 from chanprune_cli.criteria.sensitivity import _input_energy, activation_diagonals, layer_sensitivity
 from chanprune_cli.criteria.whitebox import whitebox_masks
+from chanprune_cli.engine.allocate import AllocationOptions
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.surgery import mask_model
 from chanprune_cli.errors import UserError
@@ -687,10 +688,11 @@ def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None
     factors = channel_scales(scores)
     assert set(factors) == set(scores) and all(torch.allclose(factors[g].abs() * 2, scores[g]) for g in scores)
     before = _state(model)
-    out = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", ratio=0.25)
+    out = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", options=AllocationOptions(ratio=0.25))
     assert out.verify.passed and out.plan_record.get("channel_rescale") is True
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    plain = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", ratio=0.25, rescale=False)
+    plain = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", options=AllocationOptions(ratio=0.25),
+                          rescale=False)
     assert "channel_rescale" not in plain.plan_record
     assert not get_criterion("whitebox").score(model, graph, make_data(2), CPU, rescale=False).__dict__.get("channel_scale")
 

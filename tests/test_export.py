@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from chanprune_cli.checkpoint import load_checkpoint, save_chanprune
 from chanprune_cli.cli import app
 from chanprune_cli.deploy import export as exporter
+from chanprune_cli.engine.allocate import AllocationOptions
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
 from chanprune_cli.prune import pruning
@@ -60,7 +61,7 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         randomize(model)
         graph = build_graph(model, shape)
         scores = {g.id: torch.rand(g.channels) for g in graph.prunable_groups()}
-        outcome = pruning.prune(model, graph, scores, shape, criterion="random", ratio=0.4)
+        outcome = pruning.prune(model, graph, scores, shape, criterion="random", options=AllocationOptions(ratio=0.4))
         assert outcome.verify is not None and outcome.verify.passed
         out[name] = d / f"{name}.pruned.safetensors"
         save_chanprune(out[name], outcome.model, spec, input_shape=shape, history=[], plans=[outcome.plan_record])

@@ -1,6 +1,7 @@
 """The recipes from Python (`from chanprune_cli import prune_checkpoint`, ...): each does what its
 command does, on the bundled 8×8 digits with `digits_cnn`, and `chanprune prune` writes the very
-same bytes as `prune_checkpoint` with the same arguments."""
+same bytes as `prune_checkpoint` with the same options. The options objects check their values
+when they are made."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,7 +16,16 @@ from typer.testing import CliRunner
 
 import chanprune_cli
 from chanprune_cli import (
+    AllocationOptions,
+    AnalyzeOptions,
+    BenchOptions,
+    DataOptions,
+    ExportOptions,
     FinetuneOptions,
+    ModelOptions,
+    PruneOptions,
+    ScheduleOptions,
+    ScoreOptions,
     analyze_checkpoint,
     bench_checkpoints,
     export_checkpoint,
@@ -33,6 +42,7 @@ from chanprune_cli.train import TrainConfig
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DIGITS = ModelOptions(arch="digits_cnn")
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +57,29 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_recipes_load_lazily_from_the_package() -> None:
     from chanprune_cli import recipes
 
-    assert sorted(chanprune_cli._RECIPES) == sorted(recipes.__all__)
+    assert {"prune_checkpoint", "PruneOptions", "ModelOptions", "AllocationOptions"} <= set(recipes.__all__)
+    assert set(recipes.__all__) <= set(dir(chanprune_cli)) and chanprune_cli.__all__ == ["__version__", *recipes.__all__]
     assert chanprune_cli.prune_checkpoint is recipes.prune_checkpoint
-    # the command line's help must not pay for torch
-    code = "import sys, chanprune_cli, chanprune_cli.cli; sys.exit('torch' in sys.modules)"
+    with pytest.raises(AttributeError):
+        chanprune_cli.no_such_recipe  # noqa: B018
+    # the command line's help must not pay for torch, nor `from chanprune_cli import <submodule>`
+    code = ("import sys, chanprune_cli, chanprune_cli.cli; from chanprune_cli import errors; "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
 
 
 def test_prune_checkpoint_is_byte_identical_to_the_command(ckpt: Path, tmp_path: Path) -> None:
-    args: dict[str, Any] = {"arch": "digits_cnn", "criterion": "taylor", "data": "digits:train", "calib_batches": 2,
-                            "batch_size": 32, "target_flops": 0.4, "rounds": 2, "recalibrate_bn": 2,
-                            "val_data": "digits:test", "round_to": 2,
-                            "device": "cpu"}  # bitwise equal on the CPU; taylor's backward on CUDA is not
-    result = prune_checkpoint(str(ckpt), out=str(tmp_path / "python.safetensors"), **args)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
-    run = CliRunner().invoke(app, ["prune", str(ckpt), *flags, "--out", str(tmp_path / "cli.safetensors"),
-                                   "--json", str(tmp_path / "cli.json")], env={"CHANPRUNE_DEBUG": None})
+    flags = {"arch": "digits_cnn", "criterion": "taylor", "data": "digits:train", "calib_batches": 2, "batch_size": 32,
+             "target_flops": 0.4, "rounds": 2, "recalibrate_bn": 2, "val_data": "digits:test", "round_to": 2,
+             "device": "cpu"}  # bitwise equal on the CPU; taylor's backward on CUDA is not
+    options = PruneOptions(AllocationOptions(target_flops=0.4, rounds=2, round_to=2), criterion="taylor",
+                           recalibrate_bn=2, val_data="digits:test", out=str(tmp_path / "python.safetensors"),
+                           model=ModelOptions(arch="digits_cnn", device="cpu"),
+                           data=DataOptions("digits:train", batch_size=32, calib_batches=2))
+    result = prune_checkpoint(str(ckpt), options)
+    run = CliRunner().invoke(app, ["prune", str(ckpt), *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()],
+                                   "--out", str(tmp_path / "cli.safetensors"), "--json", str(tmp_path / "cli.json")],
+                             env={"CHANPRUNE_DEBUG": None})
     assert run.exit_code == 0, run.output
     assert (tmp_path / "python.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
 
@@ -81,33 +98,68 @@ def test_prune_checkpoint_is_byte_identical_to_the_command(ckpt: Path, tmp_path:
 
 
 def test_score_then_prune_with_the_scores(ckpt: Path, tmp_path: Path) -> None:
-    scored = score_checkpoint(str(ckpt), "l1", criterion_options={"side": "both"}, arch="digits_cnn",
-                              out=str(tmp_path / "s.safetensors"))
+    scored = score_checkpoint(str(ckpt), ScoreOptions("l1", criterion_options={"side": "both"}, model=DIGITS,
+                                                      out=str(tmp_path / "s.safetensors")))
     assert scored is not None and Path(scored.output).is_file()
     assert scored.criterion.options == {"side": "both"}
     assert [row["removed_at_ratio"] for row in scored.rows] and all(row["channels"] > 0 for row in scored.rows)
-    pruned = prune_checkpoint(str(ckpt), scores=scored.output, ratio=0.5, arch="digits_cnn",
-                              out=str(tmp_path / "p.safetensors"))
+    pruned = prune_checkpoint(str(ckpt), PruneOptions(AllocationOptions(ratio=0.5), scores=scored.output, model=DIGITS,
+                                                      out=str(tmp_path / "p.safetensors")))
     assert pruned.criterion.name == "l1" and pruned.criterion.recorded_options == {"side": "both"}
     assert pruned.verify is not None and pruned.verify["passed"] and pruned.after["macs"] < pruned.before["macs"]
     with pytest.raises(UserError, match="either --criterion or --scores"):
-        prune_checkpoint(str(ckpt), scores=scored.output, criterion="l1", ratio=0.5)
+        PruneOptions(AllocationOptions(ratio=0.5), scores=scored.output, criterion="l1")
 
 
-def test_options_are_checked_before_the_checkpoint_is_read(tmp_path: Path) -> None:
-    missing = str(tmp_path / "absent.pt")
+def test_options_are_checked_when_made(tmp_path: Path) -> None:
+    """Each options object checks its values once, when made, with the command line's messages;
+    a recipe then checks the world (files, criteria) before it reads the checkpoint."""
     with pytest.raises(UserError, match="exactly one of --ratio"):
-        prune_checkpoint(missing, ratio=0.5, target_flops=0.5)
+        AllocationOptions(ratio=0.5, target_flops=0.5)
+    with pytest.raises(UserError, match="--rounds needs --target-flops"):
+        AllocationOptions(ratio=0.5, rounds=3)
+    with pytest.raises(UserError, match="--normalize must be auto, mean or none"):
+        AllocationOptions(ratio=0.5, normalize="max")
+    with pytest.raises(UserError, match="--min-keep must be positive"):
+        AllocationOptions(ratio=0.5, min_keep=0)
+    with pytest.raises(UserError, match="expected GLOB=R"):
+        AllocationOptions(ratio=0.5, layer_ratio="=0.5")
+    with pytest.raises(UserError, match="C,H,W"):
+        ModelOptions(input_shape="3,32")
+    with pytest.raises(UserError, match="--mean"):
+        ModelOptions(mean="abc")
+    with pytest.raises(UserError, match="give an output index or key"):
+        ModelOptions(output="1..2")
+    with pytest.raises(UserError, match="--batch-size must be at least 1"):
+        DataOptions(batch_size=0)
+    with pytest.raises(UserError, match="--val-images sets how many images of --val-data"):
+        PruneOptions(AllocationOptions(ratio=0.5), val_images=10)
+    with pytest.raises(UserError, match="--ratio must be between 0 and 1"):
+        ScoreOptions("l1", ratio=2)
+    with pytest.raises(UserError, match="cannot tell the export format"):
+        ExportOptions(str(tmp_path / "model.bin"))
+    with pytest.raises(UserError, match="--gate-batch 8 is not one of --batch-sizes 1,32"):
+        BenchOptions(gate_batch=8)
+    with pytest.raises(UserError, match="--dcph belongs to --schedule cac"):
+        ScheduleOptions("sfp", dcph=True)
+    assert ScheduleOptions("cac", dcph=True).ratio == 0.5  # --dcph prunes half unless told otherwise
+    # given as the command line writes them, values are parsed once
+    parsed = ModelOptions(input_shape="3, 32,32", mean="0.5", classes="cat,dog", output=" 1.logits ")
+    assert (parsed.input_shape, parsed.mean, parsed.classes, parsed.output) == ((3, 32, 32), (0.5,), ("cat", "dog"),
+                                                                               "1.logits")
+    assert AllocationOptions(ratio=0.5, layer_ratio=["conv*=0.2", {"fc": 0}]).layer_ratio == {"conv*": 0.2, "fc": 0.0}
+    assert BenchOptions(batch_sizes="32,1,32").batch_sizes == (1, 32)
+
+    missing = str(tmp_path / "absent.pt")  # what depends on the world fails before the checkpoint is read
     with pytest.raises(UserError, match="unknown criterion"):
-        score_checkpoint(missing, "l7")
+        score_checkpoint(missing, ScoreOptions("l7"))
     with pytest.raises(UserError, match="needs calibration data"):
-        prune_checkpoint(missing, criterion="hrank", ratio=0.5)
-    with pytest.raises(UserError, match="--normalize must be"):
-        prune_checkpoint(missing, ratio=0.5, normalize="max")
+        prune_checkpoint(missing, PruneOptions(AllocationOptions(ratio=0.5), criterion="hrank"))
 
 
 def test_analyze_checkpoint(ckpt: Path) -> None:
-    report = analyze_checkpoint(str(ckpt), arch="digits_cnn", data="digits:test", calib_batches=1, batch_size=16)
+    options = AnalyzeOptions(model=DIGITS, data=DataOptions("digits:test", calib_batches=1, batch_size=16))
+    report = analyze_checkpoint(str(ckpt), options)
     assert report.input_shape == (1, 8, 8) and report.params > 0 and report.macs > 0
     assert report.accuracy is not None and report.accuracy["images"] == 16
     assert any(g["prunable"] for g in report.groups or [])
@@ -116,8 +168,9 @@ def test_analyze_checkpoint(ckpt: Path) -> None:
 def test_finetune_checkpoint_records_the_steps(ckpt: Path, tmp_path: Path) -> None:
     shown: list[str] = []
     out = tmp_path / "ft.safetensors"
-    options = FinetuneOptions(data="digits:train", out=str(out), arch="digits_cnn", schedule="sfp", ratio=0.25,
-                              prune_every=2, train=TrainConfig(max_steps=4, batch_size=32, progress=False))
+    options = FinetuneOptions("digits:train", out=str(out), model=DIGITS,
+                              schedule=ScheduleOptions("sfp", ratio=0.25, prune_every=2),
+                              train=TrainConfig(max_steps=4, batch_size=32, progress=False))
     result = finetune_checkpoint(str(ckpt), options, show=shown.append)
     assert result is not None and result.train.steps == 4 and result.paths.out == out
     assert shown[0].startswith("[bold]finetune[/bold]")
@@ -132,8 +185,7 @@ def test_finetune_checkpoint_records_the_steps(ckpt: Path, tmp_path: Path) -> No
 def test_finetune_checkpoint_names_its_output_like_prune(ckpt: Path, tmp_path: Path) -> None:
     own = tmp_path / "digits.pt"
     own.write_bytes(ckpt.read_bytes())
-    options = FinetuneOptions(data="digits:train", out=None, arch="digits_cnn",
-                              train=TrainConfig(max_steps=1, batch_size=16, progress=False))
+    options = FinetuneOptions("digits:train", model=DIGITS, train=TrainConfig(max_steps=1, batch_size=16, progress=False))
     result = finetune_checkpoint(str(own), options, show=lambda text: None)
     assert result is not None and result.paths.out == tmp_path / "digits.finetuned.safetensors"
     assert load_checkpoint(result.paths.out).history[-1]["command"] == "finetune"
@@ -141,14 +193,16 @@ def test_finetune_checkpoint_names_its_output_like_prune(ckpt: Path, tmp_path: P
 
 def test_prune_checkpoint_dry_run_and_layer_ratios(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.safetensors"
-    result = prune_checkpoint(str(ckpt), arch="digits_cnn", ratio=0.5, layer_ratio={"conv2": 0.75, "fc*": 0},
-                              out=str(out), dry_run=True)
+    options = PruneOptions(AllocationOptions(ratio=0.5, layer_ratio={"conv2": 0.75, "fc*": 0}), model=DIGITS,
+                           out=str(out), dry_run=True)
+    result = prune_checkpoint(str(ckpt), options)
     assert result.dry_run and result.output is None and not out.exists()
     assert result.layer_ratio == {"patterns": {"conv2": 0.75, "fc*": 0.0}, "groups": {"conv2": 0.75, "fc1": 0.0}}
     widths = {r["name"]: r["out_after"] for r in result.layers}
     assert widths == {"conv1": 8, "conv2": 8, "conv3": 16, "fc1": 64, "fc2": 10}
     assert result.verify is not None and result.verify["passed"]  # verified in memory
-    written = prune_checkpoint(str(ckpt), arch="digits_cnn", ratio=0.5, layer_ratio=["conv2=0.75", "fc*=0"], out=str(out))
+    written = prune_checkpoint(str(ckpt), PruneOptions(AllocationOptions(ratio=0.5, layer_ratio=["conv2=0.75", "fc*=0"]),
+                                                       model=DIGITS, out=str(out)))
     assert written.output == str(out) and written.layers == result.layers
     assert load_checkpoint(out).history[-1]["layer_ratio"] == result.layer_ratio
 
@@ -158,7 +212,7 @@ def test_export_checkpoint_checks_what_it_writes(ckpt: Path, tmp_path: Path, fmt
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     out = tmp_path / {"torchscript": "m.ts", "safetensors": "m.safetensors", "onnx": "m.onnx"}[fmt]
-    outcome = export_checkpoint(str(ckpt), str(out), arch="digits_cnn")
+    outcome = export_checkpoint(str(ckpt), ExportOptions(str(out), model=DIGITS))
     assert outcome.exported.format == fmt and outcome.exported.passed and out.is_file()
     assert outcome.exported.max_abs_diff <= outcome.exported.tolerance
     assert (outcome.exported.spec_path is not None) == (fmt == "safetensors")
@@ -167,10 +221,11 @@ def test_export_checkpoint_checks_what_it_writes(ckpt: Path, tmp_path: Path, fmt
 
 
 def test_bench_checkpoints_measures_and_evaluates_gates(ckpt: Path, tmp_path: Path) -> None:
-    pruned = prune_checkpoint(str(ckpt), arch="digits_cnn", criterion="l1", ratio=0.5,
-                              out=str(tmp_path / "p.safetensors"))
-    report = bench_checkpoints([str(ckpt), pruned.output], arch="digits_cnn", batch_sizes=[1], warmup=0, repeats=2,
-                               max_time=0, data="digits:test", calib_batches=1, batch_size=16, min_speedup=1000.0)
+    pruned = prune_checkpoint(str(ckpt), PruneOptions(AllocationOptions(ratio=0.5), criterion="l1", model=DIGITS,
+                                                      out=str(tmp_path / "p.safetensors")))
+    options = BenchOptions(batch_sizes=[1], warmup=0, repeats=2, max_time=0, min_speedup=1000.0, model=DIGITS,
+                           data=DataOptions("digits:test", calib_batches=1, batch_size=16))
+    report = bench_checkpoints([str(ckpt), str(pruned.output)], options)
     assert [m.path for m in report.models] == [str(ckpt), pruned.output]
     assert report.models[1].macs < report.models[0].macs
     assert all(m.accuracy is not None and 1 in m.latency for m in report.models)
@@ -180,6 +235,6 @@ def test_bench_checkpoints_measures_and_evaluates_gates(ckpt: Path, tmp_path: Pa
 def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     section = README.read_text().split("## From Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md (From Python)", "exec"), {})  # noqa: S102  (our own README, in a private cwd)
+    exec(compile(code, "README.md (From Python)", "exec"), {})
     assert "verified: True" in capsys.readouterr().out
     assert load_checkpoint("digits-half.safetensors").history[-1]["command"] == "prune"

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chanprune_cli.engine.allocate import allocate
 from chanprune_cli.criteria import get_criterion
-from chanprune_cli.errors import UserError
+from chanprune_cli.engine.allocate import AllocationOptions, allocate
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.models import build_model, parse_arch
 from chanprune_cli.prune.rounds import score_in_rounds
@@ -29,7 +28,7 @@ def model_and_graph():  # type: ignore[no-untyped-def]
 def test_one_round_is_plain_scoring(model_and_graph) -> None:  # type: ignore[no-untyped-def]
     model, graph = model_and_graph
     l1 = get_criterion("l1")
-    scores, removed = score_in_rounds(model, graph, lambda m: l1.score(m, graph, None, CPU), rounds=1, target_flops=0.5)
+    scores, removed = score_in_rounds(model, graph, lambda m: l1.score(m, graph, None, CPU), AllocationOptions(target_flops=0.5))
     assert removed == {}
     assert all(torch.equal(s, l1.score(model, graph, None, CPU)[g]) for g, s in scores.items())
 
@@ -45,16 +44,15 @@ def test_later_rounds_score_the_model_with_earlier_choices_masked(model_and_grap
         return seen[-1]
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scores, removed = score_in_rounds(model, graph, score, rounds=3, target_flops=0.5, refresh=refreshed.append)
+    scores, removed = score_in_rounds(model, graph, score, AllocationOptions(target_flops=0.5, rounds=3),
+                                      refresh=refreshed.append)
     assert len(seen) == 3 and len(refreshed) == 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
-    round2 = allocate(graph, seen[0], target_flops=0.5 / 3).plan
+    round2 = allocate(graph, seen[0], AllocationOptions(target_flops=0.5 / 3)).plan
     assert round2 and all(float(seen[1][g][i]) == 0.0 for g, idx in round2.items() for i in idx)  # masked: L1 zero
     assert all(set(round2[g]) <= set(removed.get(g, [])) for g in round2)
-    achieved = 1 - (a := allocate(graph, scores, target_flops=0.5, removed=removed)).estimated_macs_after / a.estimated_macs_before
-    assert 0.5 <= achieved < 0.6
-    with pytest.raises(UserError, match="--target-flops"):
-        score_in_rounds(model, graph, score, rounds=2, target_flops=None)
+    a = allocate(graph, scores, AllocationOptions(target_flops=0.5), removed=removed)
+    assert 0.5 <= 1 - a.estimated_macs_after / a.estimated_macs_before < 0.6
 
 
 def test_prune_rounds_cli_verifies_and_records(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -28,7 +28,7 @@ from chanprune_cli.criteria import get_criterion
 from chanprune_cli.criteria.gates import ChannelGates
 from chanprune_cli.data import open_dataset
 from chanprune_cli.data.tensorcache import tensor_images
-from chanprune_cli.engine.allocate import allocate
+from chanprune_cli.engine.allocate import AllocationOptions, allocate
 from chanprune_cli.engine.graph import build_graph
 from chanprune_cli.engine.surgery import VerifyResult, prune_model, zero_producers
 from chanprune_cli.errors import ChanpruneError, UserError
@@ -216,7 +216,7 @@ def test_train_step_check_on_a_pruned_resnet() -> None:
     model = build_model(parse_arch("cifar_resnet20", None))
     graph = build_graph(model, (3, 32, 32))
     scores = get_criterion("l1").score(model, graph, None, torch.device("cpu"))
-    prune_model(model, graph, allocate(graph, scores, ratio=0.4).plan)
+    prune_model(model, graph, allocate(graph, scores, AllocationOptions(ratio=0.4)).plan)
     assert math.isfinite(train_step_check(model, (3, 32, 32), steps=2))
 
 
@@ -627,7 +627,7 @@ def pruned_ckpt(tmp_path_factory: pytest.TempPathFactory, trained_state: Any) ->
     torch.save({"state_dict": model.state_dict(), "arch": "digits_cnn"}, folder / "digits.pt")
     graph = build_graph(model, SHAPE)
     scores = get_criterion("l1").score(model, graph, None, torch.device("cpu"))
-    outcome = prune(model, graph, scores, SHAPE, criterion="l1", ratio=0.5)
+    outcome = prune(model, graph, scores, SHAPE, criterion="l1", options=AllocationOptions(ratio=0.5))
     assert allocate  # imported for the side effect of registering nothing; keeps linters quiet
     save_chanprune(folder / "pruned.safetensors", outcome.model, SPEC, input_shape=SHAPE,
                    history=[{"command": "prune"}], plans=[outcome.plan_record])

@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .app import app
 from .options import (
+    DATA,
+    MODEL,
     MODEL_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
-    BatchSizeOpt,
-    CalibBatchesOpt,
+    SHARED,
     CkptArg,
-    ClassesOpt,
     ConfigOpt,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    MeanOpt,
-    SeedOpt,
-    StdOpt,
-    TaskOutputOpt,
     ThroughLayerNormOpt,
-    TrustPickleOpt,
-    WorkersOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
 
 
 @app.command(
@@ -44,22 +38,11 @@ from .options import (
         ("the built-in architectures", "chanprune analyze --list-archs"),
     ),
 )
+@shared_options(model=MODEL, data=DATA)
 def analyze(
     ckpt: CkptArg = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    data: DataOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    calib_batches: CalibBatchesOpt = None,
-    classes: ClassesOpt = None,
-    task_output: TaskOutputOpt = None,
+    model: ModelOptions = SHARED,
+    data: DataOptions = SHARED,
     through_layernorm: ThroughLayerNormOpt = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -75,13 +58,9 @@ def analyze(
         return
     if ckpt is None:
         raise typer.BadParameter("give a checkpoint path (or --list-archs)", param_hint="'CKPT'")
-    from ..recipes.analyze import analyze_checkpoint
+    from ..recipes.analyze import AnalyzeOptions, analyze_checkpoint
     from ..report import analyze as report
 
-    result = analyze_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
-                              trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
-                              batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                              classes=classes, output=task_output, through_layernorm=through_layernorm, force=force,
-                              json_report=json_out)
-    report.show(result, json_out)
-
+    options = AnalyzeOptions(model=model, data=data, through_layernorm=through_layernorm, force=force,
+                             json_report=json_out)
+    report.show(analyze_checkpoint(ckpt, options), json_out)

@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..errors import GateFailed
 from .app import app
 from .options import (
+    DATA,
+    MODEL,
     OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
-    BatchSizeOpt,
-    CalibBatchesOpt,
-    ClassesOpt,
+    SHARED,
     ConfigOpt,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    MeanOpt,
-    SeedOpt,
-    StdOpt,
-    TaskOutputOpt,
-    TrustPickleOpt,
-    WorkersOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
 
 TIMING_PANEL = "Timing"
 GATES_PANEL = "Gates (exit code 3 when one is not met)"
@@ -53,22 +47,11 @@ CheckpointsArg = Annotated[list[str] | None, typer.Argument(
          "chanprune bench r50.pt r50-pruned.safetensors --arch torchvision:resnet50 --device cuda --dtype fp16 --channels-last --batch-sizes 1,64,256"),
     ),
 )
+@shared_options(model=MODEL, data=DATA)
 def bench(
     checkpoints: CheckpointsArg = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    data: DataOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    calib_batches: CalibBatchesOpt = None,
-    classes: ClassesOpt = None,
-    task_output: TaskOutputOpt = None,
+    model: ModelOptions = SHARED,
+    data: DataOptions = SHARED,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="B,B", help="Batch sizes to time, comma-separated.", rich_help_panel=TIMING_PANEL)] = "1,32",
     threads: Annotated[int | None, typer.Option("--threads", metavar="N", min=1, help="CPU threads for timing (default: torch's current count, kept fixed for every model and recorded).", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs before timing (fewer when --max-time is short).", rich_help_panel=TIMING_PANEL)] = 10,
@@ -88,19 +71,16 @@ def bench(
     debug: DebugOpt = False,
 ) -> None:
     """Compare models: params, MACs, size, latency and throughput per batch size, top-1/top-5; CI gates."""
-    from ..deploy.benchmark import gate_failure
-    from ..recipes.bench import bench_checkpoints
+    from ..deploy.benchmark import Deployment, gate_failure
+    from ..recipes.bench import BenchOptions, bench_checkpoints
     from ..report import bench as report
 
-    result = bench_checkpoints(checkpoints or [], arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape,
-                               trust_pickle=trust_pickle, device=device, data=data, mean=mean, std=std,
-                               batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                               classes=classes, output=task_output, batch_sizes=batch_sizes, threads=threads,
-                               warmup=warmup, repeats=repeats, max_time=max_time, dtype=dtype,
-                               channels_last=channels_last, cudnn_benchmark=cudnn_benchmark, compile=compile_model,
-                               max_acc_drop=max_acc_drop,
-                               min_speedup=min_speedup, gate_batch=gate_batch, plot=plot, force=force,
-                               json_report=json_out)
+    deployment = Deployment(dtype=dtype, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
+                            compile=compile_model)
+    options = BenchOptions(batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats, max_time=max_time,
+                           deployment=deployment, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
+                           gate_batch=gate_batch, model=model, data=data, plot=plot, force=force, json_report=json_out)
+    result = bench_checkpoints(checkpoints or [], options)
     report.show(result, json_out)  # every output is written before a gate fails the command
     failure = gate_failure(result.gates)
     if failure is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -10,19 +10,23 @@ from ..errors import UserError
 from .app import app
 from .configfiles import given_as_flag
 from .options import (
+    MODEL,
     OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
+    SHARED,
     CkptArg,
     ConfigOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    TrustPickleOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
+
+# export writes the whole model, every output: no normalisation, classes or task output to choose
+_MODEL = MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", device="cpu")
 
 
 @app.command(
@@ -39,6 +43,7 @@ from .options import (
          "chanprune export r18.pt --arch torchvision:resnet18 --format onnx --spatial-axes dynamic --out r18.onnx"),
     ),
 )
+@shared_options(model=_MODEL)
 def export(
     ctx: typer.Context,
     ckpt: CkptArg = None,
@@ -47,11 +52,7 @@ def export(
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset version (onnx only).")] = 17,
     spatial_axes: Annotated[str, typer.Option("--spatial-axes", metavar="auto|dynamic|fixed", help="ONNX height and width: dynamic for a fully convolutional model, one whose output size follows the input's (auto); dynamic for any model (dynamic, e.g. a classifier with global pooling); or fixed at --input-shape (fixed). Dynamic axes are checked at --input-shape and at twice its height and width (onnx only).")] = "auto",
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="R", help="Relative tolerance of the check: the export fails when max |export − PyTorch| > R × max(1, max |PyTorch output|).")] = 1e-4,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "cpu",
+    model: ModelOptions = SHARED,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -65,14 +66,12 @@ def export(
         raise UserError("give a checkpoint to export: chanprune export CKPT --format onnx --out model.onnx")
     if out is None:
         raise UserError("give an output file: --out model.onnx (or .pt, .safetensors)")
-    from ..recipes.export import export_checkpoint, export_format
+    from ..recipes.export import ExportOptions, export_checkpoint
     from ..report import export as report
 
-    fmt = export_format(out, format_)
+    options = ExportOptions(out, format=format_, opset=opset, tolerance=tolerance, spatial_axes=spatial_axes,
+                            model=model, force=force, json_report=json_out)
     for option, name in (("--opset", "opset"), ("--spatial-axes", "spatial_axes")):
-        if fmt != "onnx" and given_as_flag(ctx, name):  # typed by the user: not the default or a config value
-            typer.echo(f"warning: {option} only applies to --format onnx; ignored for {fmt}", err=True)
-    outcome = export_checkpoint(ckpt, out, format=fmt, opset=opset, tolerance=tolerance, arch=arch,
-                                arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
-                                device=device, force=force, json_report=json_out, spatial_axes=spatial_axes)
-    report.show(outcome, json_out)
+        if options.format != "onnx" and given_as_flag(ctx, name):  # typed by the user: not the default or a config value
+            typer.echo(f"warning: {option} only applies to --format onnx; ignored for {options.format}", err=True)
+    report.show(export_checkpoint(ckpt, options), json_out)

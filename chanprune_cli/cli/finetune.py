@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -11,26 +11,23 @@ from .app import app
 from .configfiles import prefer_flags
 from .options import (
     DATA_PANEL,
+    MODEL,
     OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
+    SHARED,
     BatchSizeOpt,
     CkptArg,
-    ClassesOpt,
     ConfigOpt,
     DataOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    MeanOpt,
     SeedOpt,
-    StdOpt,
-    TaskOutputOpt,
-    TrustPickleOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
 
 TRAIN_PANEL = "Training"
 KD_PANEL = "Distillation"
@@ -54,6 +51,7 @@ RUN_PANEL = "Runtime"
          "torchrun --nproc-per-node 4 -m chanprune_cli finetune p.safetensors --data train/ --batch-size 512 --out ft.safetensors"),
     ),
 )
+@shared_options(model=MODEL)
 def finetune(
     ckpt: CkptArg = None,
     data: DataOpt = None,
@@ -101,15 +99,7 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.state.pt (same options; same result as an uninterrupted run).", rich_help_panel=RUN_PANEL)] = False,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep <out>.last and <out>.state.pt after the run completes.", rich_help_panel=OUTPUT_PANEL)] = False,
     out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    classes: ClassesOpt = None,
-    task_output: TaskOutputOpt = None,
+    model: ModelOptions = SHARED,
     batch_size: BatchSizeOpt = 64,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=0, help="Loader processes for decoding and augmentation (0: in the main process). Default: on CUDA one per spare CPU up to 8, on the CPU 0 (training uses every core). The result does not depend on it.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     seed: SeedOpt = 0,
@@ -125,7 +115,7 @@ def finetune(
     if data is None:
         raise UserError("give training data: --data (an ImageFolder, a .tar.gz of one, digits:train, synthetic:CxHxW:K:N ...)")
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
-    from ..recipes.finetune import FinetuneOptions, finetune_checkpoint
+    from ..recipes.finetune import FinetuneOptions, ScheduleOptions, finetune_checkpoint
     from ..report import finetune as report
     from ..support.console import make_console
     from ..train import TrainConfig
@@ -139,16 +129,15 @@ def finetune(
                       compile=compile_model, eval_every=eval_every,
                       eval_batch_size=eval_batch_size, val_images=val_images, save_every=save_every,
                       log_every=log_every)
-    options = FinetuneOptions(
-        data=data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
-        teacher_arch_kwargs=teacher_arch_kwargs, schedule=schedule, ratio=ratio, target_flops=target_flops,
-        prune_every=prune_every, prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
-        mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or (), arch=arch,
-        arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle, device=device, mean=mean, std=std,
-        classes=classes, output=task_output, threads=threads, resume=resume, keep_state=keep_state, force=force)
+    pruning = ScheduleOptions(schedule, ratio=ratio, target_flops=target_flops, prune_every=prune_every,
+                              prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
+                              mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or ())
+    options = FinetuneOptions(data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
+                              teacher_arch_kwargs=teacher_arch_kwargs, schedule=pruning, model=model, threads=threads,
+                              resume=resume, keep_state=keep_state, force=force, json_report=json_out)
     console = make_console(stderr=json_out == "-")
     try:
-        result = finetune_checkpoint(ckpt, options, show=console.print, json_report=json_out)
+        result = finetune_checkpoint(ckpt, options, show=console.print)
     except Stopped as stopped:  # the state is saved and the resume line printed: exit as the signal asks
         raise typer.Exit(stopped.exit_code) from None
     if result is None:  # a torchrun process other than rank 0

@@ -1,12 +1,21 @@
 """The options several commands share, declared once: the same names, help text and help panel
 everywhere. Options that only one command has (or whose help differs per command) live with it.
 
+The model options and the data options reach a command as one object each (`ModelOptions`,
+`DataOptions`): `@shared_options(model=MODEL, data=DATA)` puts the group's options into the
+command's signature where its `model`/`data` parameter stands and hands the command the object
+built from them.
+
 Also `examples()`, the "Examples" epilog of every command's help.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.markup import escape
@@ -51,3 +60,84 @@ JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT_PANEL)]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="Read option defaults from this TOML file (keys named like the options; a [COMMAND] table for command-specific ones). Flags override it; it overrides a discovered chanprune.toml.", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors (also: CHANPRUNE_DEBUG=1).", callback=debug_callback, is_eager=True, rich_help_panel=OUTPUT_PANEL)]
+
+
+# --------------------------------------------------------------------------------------------
+# groups of shared options, handed to a command as one object
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+SHARED: Any = None  # the default of a command's parameter that `shared_options` fills in
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options a command receives as one object: (parameter name, option type, default) each, and
+    `build`, which makes the object from their values (keyword arguments named like the parameters)."""
+
+    params: tuple[tuple[str, Any, Any], ...]
+    build: Callable[..., Any]
+
+    def only(self, *names: str, **defaults: Any) -> OptionGroup:
+        """This group with only the options `names`, and the given defaults instead of the usual."""
+        kept = tuple((n, kind, defaults.get(n, default)) for n, kind, default in self.params if n in names)
+        return replace(self, params=kept)
+
+
+def _model_options(**values: Any) -> Any:
+    from ..recipes.opening import ModelOptions
+
+    return ModelOptions(output=values.pop("task_output", None), **values)
+
+
+def _data_options(**values: Any) -> Any:
+    from ..recipes.steps import DataOptions
+
+    return DataOptions(**values)
+
+
+MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_kwargs", ArchKwargsOpt, None), ("input_shape", InputShapeOpt, None),
+                     ("trust_pickle", TrustPickleOpt, False), ("device", DeviceOpt, "auto"), ("mean", MeanOpt, None),
+                     ("std", StdOpt, None), ("classes", ClassesOpt, None), ("task_output", TaskOutputOpt, None)),
+                    _model_options)
+DATA = OptionGroup((("data", DataOpt, None), ("batch_size", BatchSizeOpt, 64), ("workers", WorkersOpt, 0),
+                    ("seed", SeedOpt, 0), ("calib_batches", CalibBatchesOpt, None)), _data_options)
+# Where the shared options stand in every command's --help (the model's and the data's interleave).
+_ORDER = ("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", "data", "mean", "std", "batch_size", "workers",
+          "seed", "calib_batches", "classes", "task_output")
+
+
+def shared_options(**groups: OptionGroup) -> Callable[[Command], Command]:
+    """Give a command the options of `groups`: each keyword names the command's parameter that
+    receives the group's object; the groups' options take those (adjacent) parameters' place in
+    the signature Typer reads, in one order for every command."""
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command)
+        names = list(signature.parameters)
+        at = [names.index(name) for name in groups]
+        if sorted(at) != list(range(min(at), min(at) + len(at))):
+            raise TypeError(f"{command.__name__}: the parameters {', '.join(groups)} must stand together")
+        options = sorted((inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
+                                            default=default)
+                          for group in groups.values() for name, kind, default in group.params),
+                         key=lambda p: _ORDER.index(p.name))
+        own = [p.replace(annotation=_evaluated(p.annotation, command)) for p in signature.parameters.values()
+               if p.name not in groups]
+        params = [*own[:min(at)], *options, *own[min(at):]]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            for target, group in groups.items():
+                values[target] = group.build(**{name: values.pop(name) for name, _, _ in group.params})
+            return command(**values)
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+def _evaluated(annotation: Any, command: Callable[..., Any]) -> Any:
+    """A parameter's annotation as an object (Typer reads the signature as given; the modules use
+    postponed annotations, so they are strings)."""
+    return eval(annotation, command.__globals__) if isinstance(annotation, str) else annotation

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+import dataclasses
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -10,32 +11,26 @@ from ..errors import UserError
 from .app import app
 from .configfiles import prefer_flags
 from .options import (
+    DATA,
     DATA_PANEL,
+    MODEL,
     OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
-    BatchSizeOpt,
-    CalibBatchesOpt,
+    SHARED,
     CkptArg,
-    ClassesOpt,
     ConfigOpt,
     CriterionOpt,
     CriterionOptionOpt,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    MeanOpt,
-    SeedOpt,
-    StdOpt,
-    TaskOutputOpt,
     ThroughLayerNormOpt,
-    TrustPickleOpt,
-    WorkersOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
 
 
 def _layer_ratio_value(value: Any) -> Any:
@@ -66,6 +61,7 @@ def _layer_ratio_value(value: Any) -> Any:
          "chanprune prune yolov8n.pt --trust-pickle --input-shape 3,640,640 --target-flops 0.3 --out yolov8n-pruned.pt"),
     ),
 )
+@shared_options(model=MODEL, data=DATA)
 def prune(
     ckpt: CkptArg = None,
     criterion: CriterionOpt = None,
@@ -86,20 +82,8 @@ def prune(
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=DATA_PANEL, show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    data: DataOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    calib_batches: CalibBatchesOpt = None,
-    classes: ClassesOpt = None,
-    task_output: TaskOutputOpt = None,
+    model: ModelOptions = SHARED,
+    data: DataOptions = SHARED,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=OUTPUT_PANEL)] = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -110,30 +94,30 @@ def prune(
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
     criterion, scores_path = prefer_flags(criterion=criterion, scores_path=scores_path).values()
     chained = _from_last_score(ckpt, criterion, scores_path)
-    if chained is not None:
+    if chained is not None:  # the scored checkpoint, loaded as it was scored (flags given here still win)
         ckpt, scores_path = chained["checkpoint"], chained["scores"]
-        arch, arch_kwargs, input_shape = arch or chained.get("arch"), arch_kwargs or chained.get("arch_kwargs"), input_shape or chained.get("input_shape")
-        mean, std = mean or chained.get("mean"), std or chained.get("std")
-        trust_pickle = trust_pickle or bool(chained.get("trust_pickle"))
-        task_output = task_output or chained.get("output")
+        model = dataclasses.replace(
+            model, arch=model.arch or chained.get("arch"), arch_kwargs=model.arch_kwargs or chained.get("arch_kwargs"),
+            input_shape=model.input_shape or chained.get("input_shape"), mean=model.mean or chained.get("mean"),
+            std=model.std or chained.get("std"), trust_pickle=model.trust_pickle or bool(chained.get("trust_pickle")),
+            output=model.output or chained.get("output"))
         through_layernorm = through_layernorm or bool(chained.get("through_layernorm"))
     if ckpt is None:
         raise UserError("no checkpoint given and no earlier 'chanprune score' in this directory; run e.g. "
                         "'chanprune score CKPT --criterion l1' then 'chanprune prune --ratio 0.5', "
                         "or 'chanprune prune CKPT --criterion l1 --ratio 0.5'")
     from ..project.state import absolute, record
-    from ..recipes.prune import prune_checkpoint
+    from ..recipes.prune import AllocationOptions, PruneOptions, prune_checkpoint
     from ..report import prune as report
 
-    result = prune_checkpoint(ckpt, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
-                              ratio=ratio, target_flops=target_flops, ignore=ignore or (),
-                              through_layernorm=through_layernorm, layer_ratio=layer_ratio,
-                              min_keep=min_keep, round_to=round_to, cost_exponent=cost_exponent, normalize=normalize,
-                              rounds=rounds, verify=not no_verify, recalibrate_bn=recalibrate_bn, val_data=val_data,
-                              val_images=val_images, out=out, arch=arch, arch_kwargs=arch_kwargs,
-                              input_shape=input_shape, trust_pickle=trust_pickle, device=device, data=data, mean=mean,
-                              std=std, batch_size=batch_size, workers=workers, seed=seed, calib_batches=calib_batches,
-                              classes=classes, output=task_output, force=force, json_report=json_out, dry_run=dry_run)
+    allocation = AllocationOptions(ratio=ratio, target_flops=target_flops, layer_ratio=layer_ratio, min_keep=min_keep,
+                                   round_to=round_to, cost_exponent=cost_exponent, normalize=normalize, rounds=rounds,
+                                   ignore=ignore or ())
+    options = PruneOptions(allocation, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
+                           through_layernorm=through_layernorm, verify=not no_verify, recalibrate_bn=recalibrate_bn,
+                           val_data=val_data, val_images=val_images, out=out, model=model, data=data, force=force,
+                           json_report=json_out, dry_run=dry_run)
+    result = prune_checkpoint(ckpt, options)
     if result.output is not None:  # a dry run leaves nothing for a later command to pick up
         record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
                          "criterion": result.criterion.name, "out": absolute(result.output)})

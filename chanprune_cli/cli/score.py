@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ..errors import UserError
 from .app import app
 from .options import (
+    DATA,
+    MODEL,
     OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
-    BatchSizeOpt,
-    CalibBatchesOpt,
-    ClassesOpt,
+    SHARED,
     CkptArg,
     ConfigOpt,
     CriterionOpt,
     CriterionOptionOpt,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
     ForceOpt,
-    InputShapeOpt,
     JsonOpt,
-    MeanOpt,
-    SeedOpt,
-    StdOpt,
-    TaskOutputOpt,
     ThroughLayerNormOpt,
-    TrustPickleOpt,
-    WorkersOpt,
     examples,
+    shared_options,
 )
+
+if TYPE_CHECKING:
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
 
 
 @app.command(
@@ -47,6 +42,7 @@ from .options import (
         ("then prune with those scores", "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.sens.safetensors --target-flops 0.5 --out p.safetensors"),
     ),
 )
+@shared_options(model=MODEL, data=DATA)
 def score(
     ckpt: CkptArg = None,
     criterion: CriterionOpt = None,
@@ -54,20 +50,8 @@ def score(
     list_criteria: Annotated[bool, typer.Option("--list-criteria", help="List the criteria with what they need and their options (KEY=default), then exit.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Scores file (default: CKPT-NAME.CRITERION.scores.safetensors in the working directory).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     ratio: Annotated[float, typer.Option("--ratio", metavar="R", help="For the summary: how many channels of each layer this ratio would remove.")] = 0.5,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    data: DataOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 0,
-    seed: SeedOpt = 0,
-    calib_batches: CalibBatchesOpt = None,
-    classes: ClassesOpt = None,
-    task_output: TaskOutputOpt = None,
+    model: ModelOptions = SHARED,
+    data: DataOptions = SHARED,
     through_layernorm: ThroughLayerNormOpt = False,
     json_out: JsonOpt = None,
     force: ForceOpt = False,
@@ -86,19 +70,22 @@ def score(
     if ckpt is None or criterion is None:
         raise UserError("give a checkpoint and a criterion: chanprune score CKPT --criterion NAME (see --help)")
     from ..project.state import absolute, record
-    from ..recipes.score import score_checkpoint
+    from ..recipes.score import ScoreOptions, score_checkpoint
     from ..report import score as report
 
-    result = score_checkpoint(ckpt, criterion, criterion_options=criterion_opt, out=out, ratio=ratio, arch=arch,
-                              arch_kwargs=arch_kwargs, input_shape=input_shape, trust_pickle=trust_pickle,
-                              device=device, data=data, mean=mean, std=std, batch_size=batch_size, workers=workers,
-                              seed=seed, calib_batches=calib_batches, classes=classes, output=task_output,
-                              through_layernorm=through_layernorm, force=force, json_report=json_out)
+    options = ScoreOptions(criterion, criterion_options=criterion_opt, out=out, ratio=ratio, model=model, data=data,
+                           through_layernorm=through_layernorm, force=force, json_report=json_out)
+    result = score_checkpoint(ckpt, options)
     if result is None:  # a torchrun process other than rank 0
         return
-    record("score", {"checkpoint": absolute(ckpt), "arch": arch, "arch_kwargs": arch_kwargs, "input_shape": input_shape,
-                     "trust_pickle": trust_pickle, "criterion": criterion, "criterion_opts": result.criterion.options,
-                     "scores": absolute(result.output), "data": data, "mean": mean, "std": std, "output": task_output,
-                     "through_layernorm": through_layernorm})
+    record("score", {"checkpoint": absolute(ckpt), "arch": model.arch, "arch_kwargs": model.arch_kwargs,
+                     "input_shape": _as_typed(model.input_shape), "trust_pickle": model.trust_pickle,
+                     "criterion": criterion, "criterion_opts": result.criterion.options,
+                     "scores": absolute(result.output), "data": data.data, "mean": _as_typed(model.mean),
+                     "std": _as_typed(model.std), "output": model.output, "through_layernorm": through_layernorm})
     report.show(result, json_out)
 
+
+def _as_typed(values: Sequence[float] | None) -> str | None:
+    """A parsed --input-shape, --mean or --std as the flag takes it (for a later `chanprune prune`)."""
+    return None if values is None else ",".join(str(v) for v in values)

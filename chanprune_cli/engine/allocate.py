@@ -1,4 +1,4 @@
-"""Turn scores into a plan: which channels of each group to remove .
+"""Turn scores into a plan: which channels of each group to remove.
 
 `--ratio r` removes the fraction r of every prunable group's channels (lowest scores first).
 `--target-flops f` removes the fraction f of the model's MACs with one global threshold on
@@ -8,6 +8,9 @@ widths that will really be built.
 `--layer-ratio GLOB=R` gives the groups all of whose producer layers match GLOB their own ratio R:
 with `--ratio` instead of it, with `--target-flops` at that fixed ratio and outside the global
 ranking (the ranking removes what the target still needs from the other groups).
+
+`AllocationOptions` holds all of these, validated once when made; it travels unchanged from the
+recipe through `prune.rounds` and `prune.pruning` to `allocate`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .layer_rules import PRODUCER_KINDS, WIDTH_KINDS
 from .scores import group_weights
 
 DEFAULT_MIN_KEEP = 0.1
+NORMALIZE_MODES = ("auto", "mean", "none")
 
 
 @dataclass
@@ -39,20 +43,60 @@ class Allocation:
     layer_ratios: dict[int, float] = field(default_factory=dict)  # group id -> its --layer-ratio (matched groups)
 
 
-def check_target(ratio: float | None, target_flops: float | None, rounds: int = 1) -> None:
-    """The pruning target, validated in one place: exactly one of a per-group channel `ratio` or a
-    global `target_flops` (fraction of MACs), each in (0, 1); `rounds` > 1 needs `target_flops`."""
-    if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
-    if rounds > 1 and target_flops is None:
-        raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
-                        "use --target-flops instead of --ratio")
-    if (ratio is None) == (target_flops is None):
-        raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
-    for name, value in (("--ratio", ratio), ("--target-flops", target_flops)):
-        if value is not None and not 0 < value < 1:
-            raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+@dataclass(frozen=True)
+class AllocationOptions:
+    """What a plan removes and under which rules; the names are `chanprune prune`'s flags.
 
+    Exactly one target: `ratio`, the fraction of every prunable group's channels, or
+    `target_flops`, the fraction of the model's MACs (one global ranking), each in (0, 1);
+    `rounds` > 1 reaches `target_flops` in that many rescoring rounds (`prune.rounds`).
+    `layer_ratio` ("GLOB=R" strings or {GLOB: R}; parsed to {GLOB: R}, see `parse_layer_ratios`):
+    a group all of whose producer modules match GLOB loses the fraction R of its channels instead
+    of `ratio`; with `target_flops` it loses that fraction whatever the target, takes no part in the
+    global ranking, and its removal counts towards the target.
+    `min_keep`: every layer keeps at least this fraction (< 1) or count of its channels; `round_to`:
+    kept widths are multiples of it (both hold for `layer_ratio` groups too).
+    `cost_exponent` E (`target_flops` only): rank channels by normalised importance / cost^E, the
+    cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
+    the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
+    channels that cost most for what they contribute and cheap ones (late, low-resolution layers)
+    survive; E = 0.5 is in between (measurements: BENCHMARKS.md).
+    `normalize` (`target_flops` only): "mean" divides each group's scores by their mean before
+    ranking, so that criteria whose magnitudes differ from layer to layer (norms, BN scales, ranks)
+    compare; "none" ranks them as they are (scores in loss units); "auto" is the criterion's choice
+    (`prune.scoring.ResolvedCriterion.normalize_mode`), which `allocate`, not knowing the
+    criterion, takes as "mean".
+    `ignore`: globs of modules whose output channels are never removed (they pin their channels
+    when the channel graph is built, `engine.graph.build_graph`)."""
+
+    ratio: float | None = None
+    target_flops: float | None = None
+    layer_ratio: LayerRatioArg | None = None
+    min_keep: float = DEFAULT_MIN_KEEP
+    round_to: int = 1
+    cost_exponent: float = 0.0
+    normalize: str = "auto"
+    rounds: int = 1
+    ignore: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise UserError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.rounds > 1 and self.target_flops is None:
+            raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
+                            "use --target-flops instead of --ratio")
+        if (self.ratio is None) == (self.target_flops is None):
+            raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
+        for name, value in (("--ratio", self.ratio), ("--target-flops", self.target_flops)):
+            if value is not None and not 0 < value < 1:
+                raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+        object.__setattr__(self, "layer_ratio", parse_layer_ratios(self.layer_ratio))
+        parse_min_keep(self.min_keep)
+        if self.round_to < 1:
+            raise UserError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise UserError(f"--normalize must be auto, mean or none, got {self.normalize!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
 
 def parse_min_keep(value: float) -> float:
     if value <= 0:
@@ -274,123 +318,128 @@ class MacsEstimator:
         return total
 
 
-def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float | None = None,
-             target_flops: float | None = None, min_keep: float = DEFAULT_MIN_KEEP,
-             round_to: int = 1, cost_exponent: float = 0.0, normalize: bool = True,
-             removed: Mapping[int, Sequence[int]] | None = None,
-             layer_ratio: LayerRatioArg | None = None) -> Allocation:
-    """A plan for `graph` from `scores`: either a uniform `ratio` or a global `target_flops`.
+def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], options: AllocationOptions, *,
+             removed: Mapping[int, Sequence[int]] | None = None) -> Allocation:
+    """A plan for `graph` from `scores` as `options` ask (see `AllocationOptions`; what depends on
+    the graph and the scores is checked here).
 
-    `cost_exponent` E (global targets only): rank channels by normalised importance / cost^E, the
-    cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
-    the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
-    channels that cost most for what they contribute and cheap ones (late, low-resolution layers)
-    survive; E = 0.5 is in between (the best of the three on ResNet-56, see BENCHMARKS.md).
+    `removed` (`target_flops` only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
+    they stay in the plan, and each group is normalised by the mean of the channels still alive."""
+    planner = _Planner(graph, scores, options, removed or {})
+    if options.ratio is not None:
+        plan, requested = planner.uniform(options.ratio), {"ratio": options.ratio}
+    else:
+        assert options.target_flops is not None
+        plan, requested = planner.global_ranking(options.target_flops), {"target_flops": options.target_flops}
+    return Allocation({k: v for k, v in plan.items() if v}, requested, planner.before, planner.estimator.macs(plan),
+                      planner.floors, planner.fixed_ratio)
 
-    `normalize` (global targets only): divide each group's scores by their mean before ranking, so
-    that criteria whose magnitudes differ from layer to layer (norms, BN scales, ranks) compare.
-    Scores in loss units (`Criterion.in_loss_units`) are ranked as they are instead.
 
-    `removed` (global targets only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
-    they stay in the plan, and each group is normalised by the mean of the channels still alive.
+class _Planner:
+    """One allocation: the prunable groups with their floors, scores and fixed ratios, the channels
+    earlier rounds removed, and the MACs of any plan."""
 
-    `layer_ratio` ("GLOB=R" strings or {GLOB: R}, see `parse_layer_ratios`): a group all of whose
-    producer modules match GLOB loses the fraction R of its channels instead of `ratio`; with
-    `target_flops` it loses that fraction whatever the target, takes no part in the global ranking,
-    and its removal counts towards the target (`--min-keep` and `--round-to` hold for it too)."""
-    check_target(ratio, target_flops)
-    if round_to < 1:
-        raise UserError(f"--round-to must be at least 1, got {round_to}")
-    parse_min_keep(min_keep)
-    ratios = parse_layer_ratios(layer_ratio)
-    groups = graph.prunable_groups()
-    if not groups:
-        raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
-    if max(g.channels for g in groups) < round_to:
-        raise UserError(f"--round-to {round_to} is larger than every prunable layer (widest: {max(g.channels for g in groups)} channels); "
-                        "use a smaller --round-to")
-    removed = removed or {}
-    if ratio is not None and any(removed.values()):
-        raise UserError("pruning in rounds needs --target-flops, not --ratio")
-    # the prunable channels no earlier round removed: the ones checked and normalised
-    gone = {gid: set(indices) for gid, indices in removed.items()}
-    alive = {g.id: [i for i in g.prunable_classes if i not in gone.get(g.id, ())] for g in groups}
-    _check_scores(graph, scores, alive)
-    floors = {g.id: _floor(g, min_keep, round_to) for g in groups}
-    estimator = MacsEstimator(graph)
-    before = estimator.macs({})
-    fixed_ratio = match_layer_ratios(groups, ratios)
+    def __init__(self, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], options: AllocationOptions,
+                 removed: Mapping[int, Sequence[int]]) -> None:
+        groups = graph.prunable_groups()
+        if not groups:
+            raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
+        widest = max(g.channels for g in groups)
+        if widest < options.round_to:
+            raise UserError(f"--round-to {options.round_to} is larger than every prunable layer (widest: {widest} "
+                            "channels); use a smaller --round-to")
+        if options.ratio is not None and any(removed.values()):
+            raise UserError("pruning in rounds needs --target-flops, not --ratio")
+        self.groups, self.scores, self.options, self.removed = groups, scores, options, removed
+        self.gone = {gid: set(indices) for gid, indices in removed.items()}
+        # the prunable channels no earlier round removed: the ones checked and normalised
+        self.alive = {g.id: [i for i in g.prunable_classes if i not in self.gone.get(g.id, ())] for g in groups}
+        _check_scores(graph, scores, self.alive)
+        self.floors = {g.id: _floor(g, options.min_keep, options.round_to) for g in groups}
+        self.estimator = MacsEstimator(graph)
+        self.before = self.estimator.macs({})
+        self.fixed_ratio = match_layer_ratios(groups, options.layer_ratio)  # type: ignore[arg-type]
 
-    def at_ratio(g: ChannelGroup, r: float) -> list[int]:
+    def at_ratio(self, g: ChannelGroup, r: float) -> list[int]:
+        """The fraction `r` of group `g`'s channels, lowest scores first."""
+        min_keep = self.options.min_keep
+
         def ratio_floor(width: int) -> int:  # every layer keeps its share, not only the group
             return max(_width_floor(width, min_keep), width - round(r * width))
 
-        s = scores[g.id]
-        if gone.get(g.id):  # an earlier round's choices go first (their scores may be NaN)
+        s = self.scores[g.id]
+        if self.gone.get(g.id):  # an earlier round's choices go first (their scores may be NaN)
             s = s.double().clone()
-            s[sorted(gone[g.id])] = -math.inf
-        return _removal(g, s, _kept_count(g, round(r * g.channels), floors[g.id], round_to), ratio_floor)
+            s[sorted(self.gone[g.id])] = -math.inf
+        kept = _kept_count(g, round(r * g.channels), self.floors[g.id], self.options.round_to)
+        return _removal(g, s, kept, ratio_floor)
 
-    if ratio is not None:
-        plan = {g.id: at_ratio(g, fixed_ratio.get(g.id, ratio)) for g in groups}
-        return Allocation({k: v for k, v in plan.items() if v}, {"ratio": ratio}, before, estimator.macs(plan), floors,
-                          fixed_ratio)
+    def uniform(self, ratio: float) -> dict[int, list[int]]:
+        return {g.id: self.at_ratio(g, self.fixed_ratio.get(g.id, ratio)) for g in self.groups}
 
-    assert target_flops is not None
-    fixed = {g.id: at_ratio(g, fixed_ratio[g.id]) for g in groups if g.id in fixed_ratio}
-    ranked = [g for g in groups if g.id not in fixed_ratio]
-    weights = group_weights(scores)  # e.g. layer sensitivity: heavier groups keep more
-    normalised = {}
-    for g in ranked:
-        s = scores[g.id].double()
-        mean = s[alive[g.id]].abs().mean() if normalize and alive[g.id] else 1.0
-        normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
-    if cost_exponent and ranked:
-        cost = {g.id: before - estimator.macs({g.id: [g.prunable_classes[0]]}) for g in ranked}
-        mean_cost = sum(cost.values()) / len(cost)
+    def ranking(self, ranked: Sequence[ChannelGroup]) -> dict[int, torch.Tensor]:
+        """The scores of the `ranked` groups on one scale: normalised, weighted, divided by their cost
+        to the power `cost_exponent`; channels of earlier rounds at -inf (first to go, at any threshold)."""
+        weights = group_weights(self.scores)  # e.g. layer sensitivity: heavier groups keep more
+        normalised = {}
         for g in ranked:
-            if cost[g.id] > 0:
-                normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id]) ** cost_exponent
-    for gid, indices in removed.items():
-        if gid in normalised:
-            normalised[gid][list(indices)] = -math.inf  # removed before: first to go, at any threshold
+            s = self.scores[g.id].double()
+            alive = self.alive[g.id]
+            mean = s[alive].abs().mean() if self.options.normalize != "none" and alive else 1.0
+            normalised[g.id] = (s / mean if mean > 0 else s) * weights.get(g.id, 1.0)
+        exponent = self.options.cost_exponent
+        if exponent and ranked:
+            cost = {g.id: self.before - self.estimator.macs({g.id: [g.prunable_classes[0]]}) for g in ranked}
+            mean_cost = sum(cost.values()) / len(cost)
+            for g in ranked:
+                if cost[g.id] > 0:
+                    normalised[g.id] = normalised[g.id] * (mean_cost / cost[g.id]) ** exponent
+        for gid, indices in self.removed.items():
+            if gid in normalised:
+                normalised[gid][list(indices)] = -math.inf
+        return normalised
 
-    def plan_at(threshold: float) -> dict[int, list[int]]:
-        plan = dict(fixed)
-        for g in ranked:
-            below = sum(1 for i in g.prunable_classes if float(normalised[g.id][i]) < threshold)
-            kept = _kept_count(g, below, floors[g.id], round_to)
-            plan[g.id] = _removal(g, normalised[g.id], kept, lambda width: _width_floor(width, min_keep))
-        return plan
+    def reduced(self, after: int) -> float:
+        return 1 - after / self.before if self.before else 0.0
 
-    def reduced(after: int) -> float:
-        return 1 - after / before if before else 0.0
+    def global_ranking(self, target: float) -> dict[int, list[int]]:
+        """The plan of the smallest threshold on the ranked scores that removes `target` of the MACs,
+        with the threshold's overshoot given back (`_give_back`)."""
+        min_keep, round_to = self.options.min_keep, self.options.round_to
+        fixed = {g.id: self.at_ratio(g, self.fixed_ratio[g.id]) for g in self.groups if g.id in self.fixed_ratio}
+        ranked = [g for g in self.groups if g.id not in self.fixed_ratio]
+        normalised = self.ranking(ranked)
 
-    def reduction(plan: Mapping[int, list[int]]) -> float:
-        return reduced(estimator.macs(plan))
+        def plan_at(threshold: float) -> dict[int, list[int]]:
+            plan = dict(fixed)
+            for g in ranked:
+                below = sum(1 for i in g.prunable_classes if float(normalised[g.id][i]) < threshold)
+                kept = _kept_count(g, below, self.floors[g.id], round_to)
+                plan[g.id] = _removal(g, normalised[g.id], kept, lambda width: _width_floor(width, min_keep))
+            return plan
 
-    values = sorted({float(normalised[g.id][i]) for g in ranked for i in g.prunable_classes})
-    most = plan_at(math.inf)
-    if reduction(most) < target_flops:
-        fixed_text = f" and --layer-ratio fixing {len(fixed)} group(s)" if fixed else ""
-        fix_text = ", lower --min-keep or raise or drop --layer-ratio" if fixed else " or lower --min-keep"
-        raise UserError(f"--target-flops {target_flops:g} is unreachable: with --min-keep {min_keep:g}{fixed_text} at most "
-                        f"{reduction(most):.1%} of the prunable MACs can be removed; ask for less{fix_text}")
-    if fixed and not any(removed.values()) and reduction(fixed) >= target_flops:
-        plan = plan_at(-math.inf)  # the fixed ratios alone reach the target: the ranking removes nothing more
-    else:
+        def reduction(plan: Mapping[int, list[int]]) -> float:
+            return self.reduced(self.estimator.macs(plan))
+
+        most = plan_at(math.inf)
+        if reduction(most) < target:
+            fixed_text = f" and --layer-ratio fixing {len(fixed)} group(s)" if fixed else ""
+            fix_text = ", lower --min-keep or raise or drop --layer-ratio" if fixed else " or lower --min-keep"
+            raise UserError(f"--target-flops {target:g} is unreachable: with --min-keep {min_keep:g}{fixed_text} at "
+                            f"most {reduction(most):.1%} of the prunable MACs can be removed; ask for less{fix_text}")
+        if fixed and not any(self.removed.values()) and reduction(fixed) >= target:
+            return plan_at(-math.inf)  # the fixed ratios alone reach the target: the ranking removes nothing more
         # Smallest threshold (index into the sorted score values) that reaches the target.
+        values = sorted({float(normalised[g.id][i]) for g in ranked for i in g.prunable_classes})
         lo, hi = 0, len(values)
         while lo < hi:
             mid = (lo + hi) // 2
             threshold = values[mid] if mid < len(values) else math.inf
-            if reduction(plan_at(math.nextafter(threshold, math.inf))) >= target_flops:
+            if reduction(plan_at(math.nextafter(threshold, math.inf))) >= target:
                 hi = mid
             else:
                 lo = mid + 1
         threshold = values[lo] if lo < len(values) else math.inf
         plan = plan_at(math.nextafter(threshold, math.inf))
-        plan = _give_back(plan, ranked, normalised, gone, round_to, min_keep, estimator,
-                          lambda after: reduced(after) >= target_flops)
-    return Allocation({k: v for k, v in plan.items() if v}, {"target_flops": target_flops}, before, estimator.macs(plan),
-                      floors, fixed_ratio)
+        return _give_back(plan, ranked, normalised, self.gone, round_to, min_keep, self.estimator,
+                          lambda after: self.reduced(after) >= target)

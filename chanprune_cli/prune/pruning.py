@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import refuse_nonfinite
-from ..engine.allocate import DEFAULT_MIN_KEEP, Allocation, allocate
+from ..engine.allocate import Allocation, AllocationOptions, allocate
 from ..engine.graph import ChannelGraph
 from ..engine.layer_rules import layer_shape
 from ..engine.points import rescale_channels
@@ -103,11 +104,10 @@ def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | Non
 
 
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
-          criterion: str | ResolvedCriterion, ratio: float | None = None, target_flops: float | None = None,
-          min_keep: float = DEFAULT_MIN_KEEP, round_to: int = 1, cost_exponent: float = 0.0, normalize: str = "auto",
+          criterion: str | ResolvedCriterion, options: AllocationOptions,
           criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
-          check: bool = True, rescale: bool = True, layer_ratio: Mapping[str, float] | None = None) -> PruneOutcome:
-    """Prune a copy of `model` by `scores`; the original is left untouched.
+          check: bool = True, rescale: bool = True) -> PruneOutcome:
+    """Prune a copy of `model` by `scores`, allocated as `options` say; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
     have them multiplied onto every channel first (`rescale=False` skips that); the pruned model is
@@ -117,17 +117,14 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     pruned model does not compute the same function as the masked original.
 
     `criterion` made the scores: resolved, or a name with the `criterion_options` the scores were
-    made with. `normalize` ("auto", "mean", "none", see `ResolvedCriterion.normalize_mode`) is how
-    `target_flops` compares groups; `removed` are channels chosen by earlier rounds
-    (`rounds.score_in_rounds`), kept in the plan; `layer_ratio` ({GLOB: R}) are per-layer ratios
-    (`allocate.allocate`).
+    made with; it settles `options.normalize` "auto" (`ResolvedCriterion.normalize_mode`).
+    `removed` are channels chosen by earlier rounds (`rounds.score_in_rounds`), kept in the plan.
     """
     if not isinstance(criterion, ResolvedCriterion):
         criterion = recorded_criterion(criterion, criterion_options)
     refuse_nonfinite(model, "prune")
-    allocation = allocate(graph, scores, ratio=ratio, target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                          cost_exponent=cost_exponent, removed=removed, layer_ratio=layer_ratio,
-                          normalize=criterion.normalize_mode(normalize) == "mean")
+    normalize = criterion.normalize_mode(options.normalize)
+    allocation = allocate(graph, scores, dataclasses.replace(options, normalize=normalize), removed=removed)
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
     source = model

@@ -13,33 +13,33 @@ against the original model, masked.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.allocate import allocate, check_target
+from ..engine.allocate import AllocationOptions, allocate
 from ..engine.graph import ChannelGraph
 from ..engine.surgery import mask_model
 
 Scores = Mapping[int, torch.Tensor]
 
 
-def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.Module], Scores], *, rounds: int,
-                    target_flops: float | None, refresh: Callable[[nn.Module], Any] | None = None,
-                    **allocation_options: Any) -> tuple[Scores, dict[int, list[int]]]:
-    """Rounds 1..N−1 of iterative pruning: the scores for the last round and the channels chosen
-    before it. `score(model)` scores a model with the graph's module names; `allocation_options`
-    are `allocate`'s (min_keep, round_to, cost_exponent, normalize). With one round: `score(model)`, {}."""
-    if rounds != 1:  # one round is plain scoring, for either kind of target
-        check_target(None, target_flops, rounds)
+def score_in_rounds(model: nn.Module, graph: ChannelGraph, score: Callable[[nn.Module], Scores],
+                    options: AllocationOptions, *,
+                    refresh: Callable[[nn.Module], Any] | None = None) -> tuple[Scores, dict[int, list[int]]]:
+    """Rounds 1..N−1 of iterative pruning (N = `options.rounds`): the scores for the last round and
+    the channels chosen before it. `score(model)` scores a model with the graph's module names;
+    round k allocates as `options` say, to k/N of their `target_flops`. With one round:
+    `score(model)`, {}."""
     removed: dict[int, list[int]] = {}
     scores = score(model)
-    for k in range(1, rounds):
-        assert target_flops is not None
-        removed = allocate(graph, scores, target_flops=target_flops * k / rounds, removed=removed,
-                           **allocation_options).plan
+    for k in range(1, options.rounds):
+        assert options.target_flops is not None  # AllocationOptions: rounds need a MACs target
+        step = dataclasses.replace(options, target_flops=options.target_flops * k / options.rounds, rounds=1)
+        removed = allocate(graph, scores, step, removed=removed).plan
         masked = copy.deepcopy(model)
         mask_model(masked, graph, removed)
         if refresh is not None:

@@ -44,8 +44,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-NORMALIZE_MODES = ("auto", "mean", "none")
-
 CriterionOptions = Mapping[str, Any] | Sequence[str]  # {"sigma": 0.5} or ["sigma=0.5"] (`--criterion-opt`)
 
 
@@ -59,10 +57,9 @@ class ResolvedCriterion:
     recorded_options: dict[str, Any]  # as score files, histories and reports record them (defaults filled in)
 
     def normalize_mode(self, choice: str) -> str:
-        """`--normalize`: "mean" or "none" as given; "auto" is "none" for scores in loss units
-        (comparable across layers as they are) and "mean" for the others."""
-        if choice not in NORMALIZE_MODES:
-            raise UserError(f"--normalize must be auto, mean or none, got {choice!r}")
+        """`--normalize` (checked by `engine.allocate.AllocationOptions`): "mean" or "none" as given;
+        "auto" is "none" for scores in loss units (comparable across layers as they are) and "mean"
+        for the others."""
         if choice != "auto":
             return choice
         return "none" if self.criterion is not None and self.criterion.in_loss_units(dict(self.options)) else "mean"

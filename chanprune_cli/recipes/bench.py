@@ -9,36 +9,72 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 
-from ..data import ClassesArg, make_loader, parse_classes
+from ..checkpoint import nonfinite_summary
+from ..data import make_loader
 from ..deploy import benchmark
 from ..errors import UserError
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
-from ..checkpoint import nonfinite_summary
-from ..checkpoint.chanprune_format import resolve_normalization
-from .steps import (
-    FloatsArg,
-    ShapeArg,
-    check_distinct_outputs,
-    check_json_report,
-    eval_loader,
-    load_model,
-    model_labels,
-    parse_inputs,
-    parse_output,
-    resolve_input_shape,
-    seed_everything,
-    select_task_output,
-    warn,
-)
+from .opening import ModelOptions, OpenedModel, open_model
+from .steps import DataOptions, check_distinct_outputs, check_json_report, seed_everything, warn
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+__all__ = ["BenchOptions", "BenchResult", "bench_checkpoints"]
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `bench_checkpoints` does besides the checkpoints; names and defaults as the options of
+    `chanprune bench`. `batch_sizes` ("1,32" or a sequence) are timed, each `repeats` times after
+    `warmup` runs (at most about `max_time` seconds per model and batch size), on `threads` CPU
+    threads (None: torch's current count), as `deployment` says (precision, channels-last, cuDNN
+    autotuning, torch.compile); accuracy (with `data.data`) in float32. Gates: `max_acc_drop`
+    (top-1 points lost, needs data) and `min_speedup` (at `gate_batch`, default the largest batch
+    size). `plot` and `json_report`: where the caller will draw the figure and write the JSON
+    report (report/), checked before the slow steps."""
+
+    batch_sizes: str | Sequence[int] = "1,32"  # parsed: sorted, without duplicates
+    threads: int | None = None
+    warmup: int = 10
+    repeats: int = 50
+    max_time: float = 10.0
+    deployment: benchmark.Deployment = field(default_factory=benchmark.Deployment)
+    max_acc_drop: float | None = None
+    min_speedup: float | None = None
+    gate_batch: int | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    plot: str | None = None
+    force: bool = False
+    json_report: str | None = None
+
+    def __post_init__(self) -> None:
+        text = self.batch_sizes if isinstance(self.batch_sizes, str) else ",".join(str(b) for b in self.batch_sizes)
+        sizes = benchmark.parse_batch_sizes(text)
+        if self.gate_batch is not None and self.gate_batch not in sizes:
+            raise UserError(f"--gate-batch {self.gate_batch} is not one of --batch-sizes {text}; pick one of them")
+        object.__setattr__(self, "batch_sizes", sizes)
+        for name, value in (("--max-acc-drop", self.max_acc_drop), ("--min-speedup", self.min_speedup)):
+            if value is not None and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value}")
+        if self.max_acc_drop is not None:
+            if self.max_acc_drop < 0:
+                raise UserError(f"--max-acc-drop must be 0 or more (percentage points), got {self.max_acc_drop:g}")
+            if self.data.data is None:
+                raise UserError("--max-acc-drop needs accuracy: pass --data")
+        if self.min_speedup is not None and self.min_speedup <= 0:
+            raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {self.min_speedup:g}")
+        self.deployment.check()
 
 
 @dataclass
@@ -47,7 +83,7 @@ class BenchResult:
 
     models: list[benchmark.ModelResult]
     comparisons: list[benchmark.Comparison]  # one per model (the reference's own is 1× / ±0)
-    gates: list[benchmark.Gate]
+    gates: list[benchmark.Gate]  # a gate that is not met is recorded here, not raised
     device: str
     threads: int | None
     batch_sizes: list[int]
@@ -71,173 +107,120 @@ def check_plot(path: str | os.PathLike[str]) -> None:
                         f"use a file name ending in {', '.join(PLOT_FORMATS)}")
 
 
-def bench_checkpoints(
-    checkpoints: Sequence[str],
-    *,
-    arch: str | None = None,
-    arch_kwargs: str | dict[str, Any] | None = None,
-    input_shape: ShapeArg | None = None,
-    trust_pickle: bool = False,
-    device: str = "auto",
-    data: str | None = None,
-    mean: FloatsArg | None = None,
-    std: FloatsArg | None = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    seed: int = 0,
-    calib_batches: int | None = None,
-    classes: ClassesArg | None = None,
-    output: str | None = None,
-    batch_sizes: str | Sequence[int] = "1,32",
-    threads: int | None = None,
-    warmup: int = 10,
-    repeats: int = 50,
-    max_time: float = 10.0,
-    dtype: str = "fp32",
-    channels_last: bool = False,
-    cudnn_benchmark: bool | None = None,
-    compile: bool = False,
-    max_acc_drop: float | None = None,
-    min_speedup: float | None = None,
-    gate_batch: int | None = None,
-    plot: str | None = None,
-    force: bool = False,
-    json_report: str | None = None,
-) -> BenchResult:
-    """Measure `checkpoints` (the first is the reference) and evaluate the gates: `max_acc_drop`
-    (top-1 points lost, needs `data`) and `min_speedup` (at `gate_batch`, default the largest of
-    `batch_sizes`). `classes`: the models' class names in output order, which label the classes of
-    `data`. `output` picks the task output of models with several (else each model's recorded one);
-    without `mean`/`std`, those the checkpoints record are used (they must agree). Latency is timed
-    as deployed (`deploy.benchmark.Deployment`): in `dtype`, `channels_last`, with cuDNN autotuning
-    (`cudnn_benchmark`, None: on CUDA) and `compile`; accuracy in float32. A gate that is
-    not met is recorded in the report's `gates`, not raised (`deploy.benchmark.gate_failure` says
-    what failed).
-
-    `plot` and `json_report` are where the caller will draw the chart and write the JSON report
-    (report/plots.py, report/): checked before the slow steps, not written here."""
-    if not checkpoints:
-        raise UserError("give at least one checkpoint: chanprune bench REFERENCE [MODEL...]")
-    # Validate every option before the slow steps (loading, tracing, evaluating, timing).
-    sizes_text = batch_sizes if isinstance(batch_sizes, str) else ",".join(str(b) for b in batch_sizes)
-    sizes = benchmark.parse_batch_sizes(sizes_text)
-    if gate_batch is not None and gate_batch not in sizes:
-        raise UserError(f"--gate-batch {gate_batch} is not one of --batch-sizes {sizes_text}; pick one of them")
-    gate_at = gate_batch if gate_batch is not None else max(sizes)
-    for name, value in (("--max-acc-drop", max_acc_drop), ("--min-speedup", min_speedup)):
-        if value is None:
-            continue
-        if len(checkpoints) < 2:
-            raise UserError(f"{name} compares models with the first checkpoint (the reference); give at least two checkpoints")
-        if not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, got {value}")
-    if max_acc_drop is not None:
-        if max_acc_drop < 0:
-            raise UserError(f"--max-acc-drop must be 0 or more (percentage points), got {max_acc_drop:g}")
-        if data is None:
-            raise UserError("--max-acc-drop needs accuracy: pass --data")
-    if min_speedup is not None and min_speedup <= 0:
-        raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {min_speedup:g}")
-    shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
-    choice = parse_output(output)
-    names = parse_classes(classes) if classes is not None else None
-    deployment = benchmark.Deployment(dtype=dtype, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
-                                      compile=compile)
-    deployment.check()
-    check_json_report(json_report, force)
-    if plot is not None:
-        check_plot(plot)
-        check_output(plot, force)
-    check_distinct_outputs(("--json", json_report), ("--plot", plot))
-    _refuse_overwriting_inputs(checkpoints, ("--json", json_report), ("--plot", plot))
-    dev = resolve_device(device)
-    precision = benchmark.precision_warning(dtype, dev)
+def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None = None) -> BenchResult:
+    """Measure `checkpoints` (the first is the reference) and evaluate the gates. `model.classes`
+    label the classes of the data; `model.output` picks the task output of models with several
+    (else each model's recorded one); without `mean`/`std`, those the checkpoints record are used
+    (they must agree). A gate that is not met is recorded in the result's `gates`, not raised
+    (`deploy.benchmark.gate_failure` says what failed)."""
+    o = options or BenchOptions()
+    _check_outputs(checkpoints, o)
+    dev = resolve_device(o.model.device)
+    precision = benchmark.precision_warning(o.deployment.dtype, dev)
     if precision is not None:
         warn(precision)
-    seed_everything(seed)
+    seed_everything(o.data.seed)
 
-    loaded = [load_model(c, arch, arch_kwargs, trust_pickle) for c in checkpoints]
-    shapes = [resolve_input_shape(shape, ld, data) for ld in loaded]
-    for path, s in zip(checkpoints[1:], shapes[1:]):
-        if tuple(s) != tuple(shapes[0]):
-            raise UserError(f"{path} takes input {'x'.join(map(str, s))} but the reference {checkpoints[0]} takes "
-                            f"{'x'.join(map(str, shapes[0]))}; bench compares models on one input, pass --input-shape")
-    shape = shapes[0]
-    mean_t, std_t = _recorded_normalization(checkpoints, loaded, mean_t, std_t)
-    for ld in loaded:
-        select_task_output(ld, choice, shape)
-    for path, ld in zip(checkpoints, loaded):
-        bad = nonfinite_summary(ld.model)
-        if bad is not None:  # still timed; its accuracy is meaningless and --max-acc-drop will say so
-            warn(f"{path}: the model has NaN/Inf weights in {bad}; its accuracy is meaningless")
-    # Open --data before the slow steps, so that bad data fails first.
-    first_loader = None if data is None else eval_loader(data, input_shape=shape, mean=mean_t, std=std_t,
-                                                         batch_size=batch_size, workers=workers, seed=seed,
-                                                         max_batches=calib_batches,
-                                                         labels=model_labels(loaded[0], shape, names))
-
-    n = len(loaded)
+    opened = _open_all(checkpoints, o)
+    data, calib_batches = o.data.data, o.data.calib_batches
+    # Open the data before the slow steps, so that bad data fails first.
+    first_loader = None if data is None else opened[0].loader(data, o.data, max_batches=calib_batches,
+                                                              labels=opened[0].labels())
+    n = len(opened)
     results = []
-    for i, (path, ld) in enumerate(zip(checkpoints, loaded)):
+    for i, (path, model) in enumerate(zip(checkpoints, opened)):
         with _status(f"counting MACs of model {i + 1}/{n}: {path}"):
-            results.append(benchmark.describe(ld, path, shape))
+            results.append(benchmark.describe(model.loaded, path, model.input_shape))
     data_info: dict[str, Any] | None = None
     if first_loader is not None:
-        for i, (result, ld) in enumerate(zip(results, loaded)):
+        for i, (result, model) in enumerate(zip(results, opened)):
             with _status(f"evaluating model {i + 1}/{n}: {result.path}"):
-                result.accuracy = benchmark.accuracy(ld.model, _fresh_loader(first_loader, batch_size, workers, seed,
-                                                                             calib_batches), dev, calib_batches)
+                result.accuracy = benchmark.accuracy(model.model, _fresh_loader(first_loader, o.data), dev, calib_batches)
         data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"]}  # type: ignore[index]
-    threads_used = threads if threads is not None else torch.get_num_threads()
-    timed = []
-    for i, (result, ld) in enumerate(zip(results, loaded)):
-        with _status(f"preparing model {i + 1}/{n} for timing ({deployment.dtype}): {result.path}"):
-            timed.append(benchmark.deployed(ld.model, deployment, dev, shape))
-    for b in sizes:
-        for i, (result, model) in enumerate(zip(results, timed)):
-            with _status(f"timing model {i + 1}/{n} at batch {b}: {result.path}"):
-                result.latency[b] = benchmark.time_model(model, shape, b, dev, warmup=warmup, repeats=repeats,
-                                                         threads=threads_used, max_time=max_time, settings=deployment)
+    threads = o.threads if o.threads is not None else torch.get_num_threads()
+    _time(results, [m.model for m in opened], opened[0].input_shape, o, threads, dev)
     comparisons = [benchmark.compare(results[0], r) for r in results]
-    gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
-                                     gate_batch=gate_at)
+    gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=o.max_acc_drop, min_speedup=o.min_speedup,
+                                     gate_batch=_gate_batch(o))
     slower = benchmark.slowdowns(results, comparisons, dev)
     for line in slower:
         warn(line)
     return BenchResult(
-        models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads_used,
-        batch_sizes=list(sizes), timing={"warmup": warmup, "repeats": repeats, "max_time_s": max_time,
-                                         **deployment.to_json(dev)},
-        gate_batch=gate_at, data=data_info, seed=seed, plot=plot, warnings=slower)
+        models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads,
+        batch_sizes=list(o.batch_sizes), timing={"warmup": o.warmup, "repeats": o.repeats, "max_time_s": o.max_time,
+                                                 **o.deployment.to_json(dev)},
+        gate_batch=_gate_batch(o), data=data_info, seed=o.data.seed, plot=o.plot, warnings=slower)
 
 
-def _recorded_normalization(checkpoints: Sequence[str], loaded: Sequence[Any], mean: tuple[float, ...] | None,
-                            std: tuple[float, ...] | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """--mean/--std, else what the checkpoints record: every model sees the same images, so the
-    checkpoints must agree."""
-    found: dict[tuple[Any, Any], str] = {}
-    for path, ld in zip(checkpoints, loaded):
-        values = resolve_normalization(ld.meta, mean, std)
-        if values != (mean, std):
-            found.setdefault(values, path)
-    if len(found) > 1:
-        (a, first), (b, second) = list(found.items())[:2]
-        raise UserError(f"{first} and {second} record different normalisation (mean, std) {a} and {b}; pass --mean "
-                        "and --std for the data all models are compared on")
-    return next(iter(found), (mean, std))
+def _gate_batch(o: BenchOptions) -> int:
+    return o.gate_batch if o.gate_batch is not None else max(o.batch_sizes)  # type: ignore[type-var]
 
 
-def _refuse_overwriting_inputs(checkpoints: Sequence[str], *outputs: tuple[str, str | None]) -> None:
+def _check_outputs(checkpoints: Sequence[str], o: BenchOptions) -> None:
+    """What depends on the checkpoints given, and the outputs: checked before anything is loaded."""
+    if not checkpoints:
+        raise UserError("give at least one checkpoint: chanprune bench REFERENCE [MODEL...]")
+    for name, value in (("--max-acc-drop", o.max_acc_drop), ("--min-speedup", o.min_speedup)):
+        if value is not None and len(checkpoints) < 2:
+            raise UserError(f"{name} compares models with the first checkpoint (the reference); give at least two checkpoints")
+    check_json_report(o.json_report, o.force)
+    if o.plot is not None:
+        check_plot(o.plot)
+        check_output(o.plot, o.force)
+    check_distinct_outputs(("--json", o.json_report), ("--plot", o.plot))
     inputs = {os.path.normcase(os.path.realpath(c)) for c in checkpoints}
-    for option, path in outputs:
+    for option, path in (("--json", o.json_report), ("--plot", o.plot)):
         if path is not None and path != "-" and os.path.normcase(os.path.realpath(path)) in inputs:
             raise UserError(f"{option} {path} is one of the checkpoints to compare; give the output its own file")
 
 
-def _fresh_loader(first: Any, batch_size: int, workers: int, seed: int, max_batches: int | None) -> Any:
+def _open_all(checkpoints: Sequence[str], o: BenchOptions) -> list[OpenedModel]:
+    """Every checkpoint opened; they must take one input shape and, when the normalisation comes
+    from what they record, record the same (every model sees the same images)."""
+    opened = [open_model(c, o.model, data=o.data.data) for c in checkpoints]
+    shape = opened[0].input_shape
+    for path, model in zip(checkpoints[1:], opened[1:]):
+        if tuple(model.input_shape) != tuple(shape):
+            raise UserError(f"{path} takes input {'x'.join(map(str, model.input_shape))} but the reference "
+                            f"{checkpoints[0]} takes {'x'.join(map(str, shape))}; bench compares models on one input, "
+                            "pass --input-shape")
+    given = (o.model.mean, o.model.std)
+    found: dict[tuple[Any, Any], str] = {}
+    for path, model in zip(checkpoints, opened):
+        if (model.mean, model.std) != given:
+            found.setdefault((model.mean, model.std), path)
+    if len(found) > 1:
+        (a, first), (b, second) = list(found.items())[:2]
+        raise UserError(f"{first} and {second} record different normalisation (mean, std) {a} and {b}; pass --mean "
+                        "and --std for the data all models are compared on")
+    mean, std = next(iter(found), given)
+    for path, model in zip(checkpoints, opened):
+        model.mean, model.std = mean, std
+        bad = nonfinite_summary(model.model)
+        if bad is not None:  # still timed; its accuracy is meaningless and --max-acc-drop will say so
+            warn(f"{path}: the model has NaN/Inf weights in {bad}; its accuracy is meaningless")
+    return opened
+
+
+def _time(results: list[benchmark.ModelResult], models: list[Any], shape: tuple[int, int, int], o: BenchOptions,
+          threads: int, device: torch.device) -> None:
+    """Every model timed at every batch size, as deployed (`deploy.benchmark.Deployment`)."""
+    n = len(models)
+    timed = []
+    for i, (result, model) in enumerate(zip(results, models)):
+        with _status(f"preparing model {i + 1}/{n} for timing ({o.deployment.dtype}): {result.path}"):
+            timed.append(benchmark.deployed(model, o.deployment, device, shape))
+    for b in o.batch_sizes:
+        for i, (result, model) in enumerate(zip(results, timed)):
+            with _status(f"timing model {i + 1}/{n} at batch {b}: {result.path}"):
+                result.latency[b] = benchmark.time_model(model, shape, b, device, warmup=o.warmup, repeats=o.repeats,
+                                                         threads=threads, max_time=o.max_time, settings=o.deployment)
+
+
+def _fresh_loader(first: DataLoader, data: DataOptions) -> DataLoader:
     """A loader over the already opened data set that draws the same images for every model."""
-    return make_loader(first.dataset, batch_size=batch_size, workers=workers, seed=seed,
-                       shuffle=max_batches is not None, max_batches=max_batches)
+    return make_loader(first.dataset, batch_size=data.batch_size, workers=data.workers, seed=data.seed,
+                       shuffle=data.calib_batches is not None, max_batches=data.calib_batches)
 
 
 @contextlib.contextmanager

@@ -5,15 +5,16 @@ whose history records how it was made."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import refuse_nonfinite, save_model, tool_version
-from ..checkpoint.chanprune_format import resolve_normalization, with_normalization, with_task_output
-from ..data import ClassesArg, make_loader, parse_classes
-from ..engine.allocate import LayerRatioArg, check_target, parse_layer_ratios, parse_min_keep, unmatched_layer_ratios
-from ..engine.graph import build_graph, match_ignored
+from ..checkpoint import save_model, tool_version
+from ..checkpoint.chanprune_format import with_normalization, with_task_output
+from ..data import make_loader
+from ..engine.allocate import AllocationOptions, unmatched_layer_ratios
+from ..engine.graph import ChannelGraph, build_graph, match_ignored
 from ..engine.scores import Scores
 from ..engine.surgery import VerifyResult
 from ..errors import UserError
@@ -34,24 +35,15 @@ from ..prune.scoring import (
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..support.progress import batches_total, progress_bar
+from .opening import ModelOptions, OpenedModel, model_out_path, open_model
 from .steps import (
-    FloatsArg,
-    ShapeArg,
+    DataOptions,
     Labels,
-    calibration_loader,
     check_distinct_outputs,
     check_json_report,
-    criterion_labels,
-    load_model,
-    model_labels,
-    model_out_path,
     open_labelled,
-    parse_inputs,
-    parse_output,
-    resolve_input_shape,
     say,
     seed_everything,
-    select_task_output,
     warn,
 )
 
@@ -59,6 +51,53 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
+
+__all__ = ["AllocationOptions", "PruneOptions", "PruneResult", "prune_checkpoint"]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What `prune_checkpoint` does besides the checkpoint; names and defaults as the options of
+    `chanprune prune` (see its --help).
+
+    `allocation`: what to remove (a `ratio` or a `target_flops`, per-layer ratios, floors, rounds,
+    ...; see `engine.allocate.AllocationOptions`). Scores come from `criterion` (default l1;
+    `criterion_options` as {"key": value} or ["key=value"]) computed on `data.data`, or from a
+    `scores` file of `score_checkpoint`. With data, BatchNorm statistics are re-estimated on
+    `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured (on a fixed random
+    subset of `val_images` images, drawn with the seed). `out` (None: CHECKPOINT-STEM.pruned.safetensors
+    next to it, .pt for a whole pickled model, written back into its own container).
+    `through_layernorm` makes channels behind a LayerNorm removable: the result is then approximate
+    (measured, reported and warned about, not proven). `dry_run`: everything but writing the output.
+    `json_report`: where the caller will write the JSON report, checked before the slow steps."""
+
+    allocation: AllocationOptions
+    criterion: str | None = None
+    criterion_options: CriterionOptions | None = None
+    scores: str | None = None
+    through_layernorm: bool = False
+    verify: bool = True
+    recalibrate_bn: int = 20
+    val_data: str | None = None
+    val_images: int | None = None
+    out: str | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    force: bool = False
+    json_report: str | None = None
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.criterion is not None and self.scores is not None:
+            raise UserError("give either --criterion or --scores, not both")
+        if self.allocation.rounds > 1 and self.scores is not None:
+            raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
+        if self.val_images is not None and self.val_images < 1:
+            raise UserError(f"--val-images must be at least 1, got {self.val_images}")
+        if self.val_images is not None and self.val_data is None:
+            raise UserError("--val-images sets how many images of --val-data to evaluate on; give --val-data too")
+        if self.scores is not None and self.criterion_options:
+            raise UserError("--criterion-opt sets options of --criterion; scores from --scores were made with their own options")
 
 
 @dataclass
@@ -88,196 +127,154 @@ class PruneResult:
     macs_workload: dict[str, Any] | None = None
 
 
-def prune_checkpoint(
-    checkpoint: str,
-    *,
-    criterion: str | None = None,
-    criterion_options: CriterionOptions | None = None,
-    scores: str | None = None,
-    ratio: float | None = None,
-    target_flops: float | None = None,
-    ignore: Sequence[str] = (),
-    through_layernorm: bool = False,
-    layer_ratio: LayerRatioArg | None = None,
-    min_keep: float = 0.1,
-    round_to: int = 1,
-    cost_exponent: float = 0.0,
-    normalize: str = "auto",
-    rounds: int = 1,
-    verify: bool = True,
-    recalibrate_bn: int = 20,
-    val_data: str | None = None,
-    val_images: int | None = None,
-    out: str | None = None,
-    arch: str | None = None,
-    arch_kwargs: str | dict[str, Any] | None = None,
-    input_shape: ShapeArg | None = None,
-    trust_pickle: bool = False,
-    device: str = "auto",
-    data: str | None = None,
-    mean: FloatsArg | None = None,
-    std: FloatsArg | None = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    seed: int = 0,
-    calib_batches: int | None = None,
-    classes: ClassesArg | None = None,
-    output: str | None = None,
-    force: bool = False,
-    json_report: str | None = None,
-    dry_run: bool = False,
-) -> PruneResult:
-    """Prune `checkpoint` and save the result to `out` (default: CHECKPOINT-STEM.pruned.safetensors
-    next to it, .pt for a whole pickled model, which is written back into its own container); the
-    options mean what `chanprune prune`'s do.
+def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
+    """Prune `checkpoint` as `options` say and save the result (see `PruneOptions`). Without
+    `mean`/`std`/`input_shape`/`output`, those the checkpoint records are used (an input shape also
+    from the data); the output records them. `model.classes` label the classes of `val_data` (and of
+    the data, for a criterion that reads labels)."""
+    o = options
+    check_json_report(o.json_report, o.force)
+    if o.out is not None and not o.dry_run:  # a dry run writes no output, so an existing file is no obstacle
+        check_output(o.out, o.force)
+    check_distinct_outputs(("--out", o.out), ("--json", o.json_report))
+    resolved = _criterion(o)
+    allocation = dataclasses.replace(o.allocation, normalize=resolved.normalize_mode(o.allocation.normalize))
+    seed_everything(o.data.seed)
 
-    Scores come from `criterion` (default l1; `criterion_options` as {"key": value} or
-    ["key=value"]) computed on `data`, or from a `scores` file of `score_checkpoint`. Give exactly
-    one of `ratio` (of every group's channels) and `target_flops` (of the MACs); `rounds` > 1
-    reaches `target_flops` in that many rescoring rounds. `layer_ratio` ("GLOB=R" strings or
-    {GLOB: R}) gives the groups whose producer layers match GLOB their own ratio (with
-    `target_flops`: fixed, outside the global ranking). With `data`, BatchNorm statistics are
-    re-estimated on `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured (on
-    a fixed random subset of `val_images` images, drawn with `seed`). `classes`: the model's class
-    names in output order, which label the classes of `val_data` (and of `data` for a criterion that
-    reads labels). `output` (an index or key, nested with dots) picks the model's task output where
-    it returns several. Without `mean`/`std`/`input_shape`/`output`, those the checkpoint records
-    are used (an input shape also from `data`); the output records them. `through_layernorm` makes
-    channels behind a LayerNorm removable: the result is then approximate (measured, reported and
-    warned about, not proven).
-    `dry_run`: everything but writing the output (the result has the plan; `output` is None).
-    `json_report` is where the caller will write the JSON report: checked before the slow steps."""
-    if criterion is not None and scores is not None:
-        raise UserError("give either --criterion or --scores, not both")
-    if rounds > 1 and scores is not None:
-        raise UserError("--rounds rescores the model between rounds; give --criterion instead of --scores")
-    check_target(ratio, target_flops, rounds)
-    ratios = parse_layer_ratios(layer_ratio)
-    if val_images is not None and val_images < 1:
-        raise UserError(f"--val-images must be at least 1, got {val_images}")
-    if val_images is not None and val_data is None:
-        raise UserError("--val-images sets how many images of --val-data to evaluate on; give --val-data too")
-    shape, mean_t, std_t = parse_inputs(input_shape, mean, std)
-    choice = parse_output(output)
-    names = parse_classes(classes) if classes is not None else None
-    check_json_report(json_report, force)
-    parse_min_keep(min_keep)
-    if out is not None and not dry_run:  # a dry run writes no output, so an existing file is no obstacle
-        check_output(out, force)
-    check_distinct_outputs(("--out", out), ("--json", json_report))
-    if scores is not None:
-        info = read_scores_meta(scores)  # a missing or foreign score file fails before the slow steps
-        if criterion_options:
-            raise UserError("--criterion-opt sets options of --criterion; scores from --scores were made with their own options")
-        _check_scores_layernorm(scores, bool(info.get("through_layernorm")), through_layernorm)
-        resolved = recorded_criterion(str(info.get("criterion")), info.get("options"))
-    else:
-        resolved = resolve_criterion(criterion or "l1", criterion_options, has_data=data is not None, data_source=data)
-    mode = resolved.normalize_mode(normalize)  # a bad value fails before the slow steps
-    seed_everything(seed)
+    data = o.data.data
+    opened = open_model(checkpoint, o.model, data=data or o.val_data, refuse="prune")
+    out = model_out_path(o.out, checkpoint, "pruned", opened.loaded)  # a pickled model's output is a .pt
+    if not o.dry_run:
+        check_output(out, o.force)
+    check_distinct_outputs(("--out", out), ("--json", o.json_report))
+    model, shape = opened.model.eval(), opened.input_shape
+    graph = _channel_graph(model, shape, allocation, o.through_layernorm)
+    dev = resolve_device(o.model.device)
+    # opened before the slow steps: validation labels the model cannot output fail here
+    validation = None if o.val_data is None else _validation_loader(opened, o.val_data, o.val_images, o.data)
 
-    loaded = load_model(checkpoint, arch, arch_kwargs, trust_pickle)
-    out = model_out_path(out, checkpoint, "pruned", loaded)  # a pickled model's output is a .pt
-    if not dry_run:
-        check_output(out, force)
-    check_distinct_outputs(("--out", out), ("--json", json_report))
-    shape = resolve_input_shape(shape, loaded, data or val_data)
-    mean_t, std_t = resolve_normalization(loaded.meta, mean_t, std_t)  # a flag wins over what the checkpoint records
-    choice = select_task_output(loaded, choice, shape)
-    model = loaded.model.eval()
-    refuse_nonfinite(model, "prune")
+    def batches(source: str | None, max_batches: int | None, labels: Labels | None = None) -> DataLoader | None:
+        # a fresh loader draws the same seeded batches every time (every round, the final recalibration)
+        return None if source is None else opened.loader(source, o.data, max_batches=max_batches, labels=labels)
+
+    channel_scores, removed = _scores(o, opened, graph, resolved, allocation, batches, dev)
+    with _busy("removing channels and verifying the result against the masked original" if o.verify
+               else "removing channels"):
+        outcome = pruning.prune(model, graph, channel_scores, shape, criterion=resolved, options=allocation,
+                                removed=removed, check=o.verify)
+    accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, o.recalibrate_bn, dev)
+    if validation is not None and o.val_images is not None:
+        accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
+    checked = None if outcome.verify is None else _verify_record(outcome.verify, outcome.approximations)
+    workload = _warn_about(outcome, checked)
+    by_id = {g.id: g.name for g in graph.groups}
+    layer_ratios = {"patterns": allocation.layer_ratio,
+                    "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
+        if allocation.layer_ratio else None
+    if not o.dry_run:
+        entry = _history_entry(o, resolved, allocation, outcome, checked, accuracy, layer_ratios, workload)
+        meta = with_task_output(with_normalization(opened.loaded.meta, opened.mean, opened.std), opened.task_output)
+        save_model(out, outcome.model, opened.loaded, input_shape=shape, history=[*opened.loaded.history, entry],
+                   plans=[*opened.loaded.plans, outcome.plan_record], meta=meta, force=o.force)
+    blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]}
+               for g in group_rows(graph) if not g["prunable"]]
+    return PruneResult(checkpoint, None if o.dry_run else out, resolved, allocation.normalize, allocation.rounds,
+                       outcome.allocation.requested, layer_ratios, outcome.before, outcome.after, outcome.layers, checked,
+                       blocked, accuracy or None, o.data.seed, outcome.model, o.dry_run, outcome.approximations, workload)
+
+
+def _criterion(o: PruneOptions) -> ResolvedCriterion:
+    """The criterion that scores (--criterion, default l1), or that made the --scores file (read
+    now: a missing or foreign score file fails before the slow steps)."""
+    if o.scores is None:
+        data = o.data.data
+        return resolve_criterion(o.criterion or "l1", o.criterion_options, has_data=data is not None, data_source=data)
+    info = read_scores_meta(o.scores)
+    _check_scores_layernorm(o.scores, bool(info.get("through_layernorm")), o.through_layernorm)
+    return recorded_criterion(str(info.get("criterion")), info.get("options"))
+
+
+def _channel_graph(model: nn.Module, shape: tuple[int, int, int], allocation: AllocationOptions,
+                   through_layernorm: bool) -> ChannelGraph:
+    """The channel graph, with a warning for every option that cannot do what it says on it."""
     with _busy("tracing the channel graph"):
-        graph = build_graph(model, shape, ignore=ignore, through_layernorm=through_layernorm)
-    for pattern in match_ignored((n for n, _ in model.named_modules()), ignore):
+        graph = build_graph(model, shape, ignore=allocation.ignore, through_layernorm=through_layernorm)
+    for pattern in match_ignored((n for n, _ in model.named_modules()), allocation.ignore):
         warn(f"--ignore {pattern!r} matches no module")
-    for pattern, partly in unmatched_layer_ratios(graph.prunable_groups(), ratios).items():
+    for pattern, partly in unmatched_layer_ratios(graph.prunable_groups(), allocation.layer_ratio).items():
         why = (f"only some of the layers of group {partly}, whose channels are coupled (a glob selects a group when "
                "it matches all of its producer layers)") if partly else "no prunable layer group"
         warn(f"--layer-ratio {pattern!r} matches {why}; it has no effect (see `chanprune analyze` for the groups)")
+    round_to = allocation.round_to
     narrow = [g for g in graph.prunable_groups() if round_to > 1 and g.channels <= round_to]
     if narrow and len(narrow) < len(graph.prunable_groups()):
         warn(f"--round-to {round_to} is not below the width of {len(narrow)} layer group(s) "
              f"(e.g. {narrow[0].name}: {narrow[0].channels} channels); they stay unpruned")
-    dev = resolve_device(device)
-    # opened before the slow steps: validation labels the model cannot output fail here
-    validation = None if val_data is None else _validation_loader(
-        val_data, val_images, model_labels(loaded, shape, names), input_shape=shape, mean=mean_t, std=std_t,
-        batch_size=batch_size, workers=workers, seed=seed)
+    return graph
 
-    def batches(source: str | None, max_batches: int | None, labels: Labels | None = None) -> DataLoader | None:
-        # a fresh loader draws the same seeded batches every time (every round, the final recalibration)
-        return calibration_loader(source, input_shape=shape, mean=mean_t, std=std_t, batch_size=batch_size,
-                                  workers=workers, seed=seed, max_batches=max_batches, labels=labels)
 
-    removed: dict[int, list[int]] = {}
-    if scores is not None:
-        channel_scores, _ = load_scores(scores, graph, model)
-    else:
-        calibration = batches(data, calib_batches, criterion_labels(resolved, loaded, shape, names) if data else None)
-        round_numbers = iter(range(1, rounds + 1))
+def _scores(o: PruneOptions, opened: OpenedModel, graph: ChannelGraph, resolved: ResolvedCriterion,
+            allocation: AllocationOptions, batches: Callable[..., DataLoader | None],
+            device: torch.device) -> tuple[Scores, dict[int, list[int]]]:
+    """The scores to prune by (read from --scores, or computed in `allocation.rounds` rounds) and the
+    channels earlier rounds chose."""
+    model = opened.model
+    if o.scores is not None:
+        return load_scores(o.scores, graph, model)[0], {}
+    data, rounds, seed = o.data.data, allocation.rounds, o.data.seed
+    calibration = batches(data, o.data.calib_batches, opened.criterion_labels(resolved) if data else None)
+    round_numbers = iter(range(1, rounds + 1))
 
-        def rescore(m: nn.Module) -> Scores:
-            if rounds > 1:
-                say(f"round {next(round_numbers)}/{rounds}: scoring with {resolved.name}")
-            return compute_scores(m, graph, resolved, calibration, dev, seed=seed)
+    def rescore(m: nn.Module) -> Scores:
+        if rounds > 1:
+            say(f"round {next(round_numbers)}/{rounds}: scoring with {resolved.name}")
+        return compute_scores(m, graph, resolved, calibration, device, seed=seed)
 
-        def refresh(m: nn.Module) -> None:
-            recalibrate(m, batches(data, recalibrate_bn), dev, recalibrate_bn)
+    def refresh(m: nn.Module) -> None:
+        recalibrate(m, batches(data, o.recalibrate_bn), device, o.recalibrate_bn)
 
-        # BN statistics matter only to criteria that read activations
-        refreshing = data is not None and recalibrate_bn > 0 and resolved.reads_activations
-        channel_scores, removed = score_in_rounds(model, graph, rescore, rounds=rounds, target_flops=target_flops,
-                                                  refresh=refresh if refreshing else None, min_keep=min_keep,
-                                                  round_to=round_to, cost_exponent=cost_exponent,
-                                                  normalize=mode == "mean", layer_ratio=ratios)
-    with _busy("removing channels and verifying the result against the masked original" if verify
-               else "removing channels"):
-        outcome = pruning.prune(model, graph, channel_scores, shape, criterion=resolved, ratio=ratio,
-                                target_flops=target_flops, min_keep=min_keep, round_to=round_to,
-                                cost_exponent=cost_exponent, normalize=mode, removed=removed, check=verify,
-                                layer_ratio=ratios)
-    accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, recalibrate_bn, dev)
-    if validation is not None and val_images is not None:
-        accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
-    checked = None if outcome.verify is None else _verify_record(outcome.verify, outcome.approximations)
+    # BN statistics matter only to criteria that read activations
+    refreshing = data is not None and o.recalibrate_bn > 0 and resolved.reads_activations
+    return score_in_rounds(model, graph, rescore, allocation, refresh=refresh if refreshing else None)
+
+
+def _warn_about(outcome: pruning.PruneOutcome, checked: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Warnings about a result that is approximate, or whose MACs count another workload; the
+    latter's record (None: the MACs compare)."""
     if outcome.approximations:
         measured = (f"max relative deviation {checked['relative_diff']:.2g} on random inputs" if checked
                     else "not measured: --no-verify")
         warn(f"the pruned model is approximate: removing channels behind a LayerNorm changed its statistics ({measured}); "
              "re-estimate BatchNorm statistics (--data, --recalibrate-bn) and fine-tune it (chanprune finetune) before use")
-    workload = None
-    if outcome.workload is not None:
-        workload = _workload_record(outcome.workload, outcome.before["macs"])
-        name, factor = outcome.workload.changed[0]
-        warn(f"this model's MACs depend on its input: after pruning {len(outcome.workload.changed)} layer(s) ran on a "
-             f"different number of positions (e.g. {name}: {factor:.2f}x the MACs its kept channels explain; a "
-             "detector's region proposals change with its weights), so 'MACs after' counts another workload. On the "
-             f"original's workload the pruned model has {workload['macs_after']:,} MACs "
-             f"(-{workload['macs_reduction_pct']:.1f} %); parameters compare exactly")
-    by_id = {g.id: g.name for g in graph.groups}
-    layer_ratios = {"patterns": ratios, "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
-        if ratios else None
-    history_entry = {"command": "prune", "criterion": resolved.name, "criterion_options": resolved.recorded_options,
-                     "cost_exponent": cost_exponent, "normalize": mode, "rounds": rounds,
-                     "requested": outcome.allocation.requested, "data": data, "seed": seed, "before": outcome.before,
-                     "after": outcome.after, "verify": checked,
-                     "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0), "tool_version": tool_version()}
+    if outcome.workload is None:
+        return None
+    workload = _workload_record(outcome.workload, outcome.before["macs"])
+    name, factor = outcome.workload.changed[0]
+    warn(f"this model's MACs depend on its input: after pruning {len(outcome.workload.changed)} layer(s) ran on a "
+         f"different number of positions (e.g. {name}: {factor:.2f}x the MACs its kept channels explain; a "
+         "detector's region proposals change with its weights), so 'MACs after' counts another workload. On the "
+         f"original's workload the pruned model has {workload['macs_after']:,} MACs "
+         f"(-{workload['macs_reduction_pct']:.1f} %); parameters compare exactly")
+    return workload
+
+
+def _history_entry(o: PruneOptions, resolved: ResolvedCriterion, allocation: AllocationOptions,
+                   outcome: pruning.PruneOutcome, checked: dict[str, Any] | None, accuracy: dict[str, Any],
+                   layer_ratios: dict[str, Any] | None, workload: dict[str, Any] | None) -> dict[str, Any]:
+    """How the pruned file was made, as its history records it."""
+    entry = {"command": "prune", "criterion": resolved.name, "criterion_options": resolved.recorded_options,
+             "cost_exponent": allocation.cost_exponent, "normalize": allocation.normalize, "rounds": allocation.rounds,
+             "requested": outcome.allocation.requested, "data": o.data.data, "seed": o.data.seed,
+             "before": outcome.before, "after": outcome.after, "verify": checked,
+             "recalibrated_bn_batches": accuracy.get("recalibrated_bn_batches", 0), "tool_version": tool_version()}
     if layer_ratios is not None:
-        history_entry["layer_ratio"] = layer_ratios
+        entry["layer_ratio"] = layer_ratios
     if workload is not None:
-        history_entry["macs_workload"] = workload
-    if through_layernorm:
-        history_entry["through_layernorm"] = True
-        history_entry["approximate"] = outcome.approximations
-    if not dry_run:
-        meta = with_task_output(with_normalization(loaded.meta, mean_t, std_t), choice)
-        save_model(out, outcome.model, loaded, input_shape=shape, history=[*loaded.history, history_entry],
-                   plans=[*loaded.plans, outcome.plan_record], meta=meta, force=force)
-    blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]}
-               for g in group_rows(graph) if not g["prunable"]]
-    return PruneResult(checkpoint, None if dry_run else out, resolved, mode, rounds, outcome.allocation.requested,
-                       layer_ratios, outcome.before, outcome.after, outcome.layers, checked, blocked, accuracy or None,
-                       seed, outcome.model, dry_run, outcome.approximations, workload)
+        entry["macs_workload"] = workload
+    if o.through_layernorm:
+        entry["through_layernorm"] = True
+        entry["approximate"] = outcome.approximations
+    return entry
 
 
 def _workload_record(workload: pruning.Workload, macs_before: int) -> dict[str, Any]:
@@ -302,19 +299,18 @@ def _verify_record(result: VerifyResult, approximations: Sequence[str]) -> dict[
             "approximate": bool(approximations), "relative_diff": result.relative_diff}
 
 
-def _validation_loader(source: str, images: int | None, labels: Labels, *, input_shape: tuple[int, int, int],
-                       mean: tuple[float, ...] | None, std: tuple[float, ...] | None, batch_size: int, workers: int,
-                       seed: int) -> DataLoader:
+def _validation_loader(opened: OpenedModel, source: str, images: int | None, data: DataOptions) -> DataLoader:
     """--val-data opened once for the three top-1 passes; with `images`, a fixed random subset of
-    that many images drawn with `seed` (data sets are often sorted by class, so not the first ones)."""
+    that many images drawn with the seed (data sets are often sorted by class, so not the first ones)."""
     import torch
     from torch.utils.data import Subset
 
-    dataset: Any = open_labelled(source, labels, input_shape=input_shape, mean=mean, std=std)
+    dataset: Any = open_labelled(source, opened.labels(), input_shape=opened.input_shape, mean=opened.mean,
+                                 std=opened.std)
     if images is not None and images < len(dataset):
-        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images]
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(data.seed))[:images]
         dataset = Subset(dataset, sorted(chosen.tolist()))
-    return make_loader(dataset, batch_size=batch_size, workers=workers, seed=seed)
+    return make_loader(dataset, batch_size=data.batch_size, workers=data.workers, seed=data.seed)
 
 
 def _accuracy_and_recalibration(original: nn.Module, pruned: nn.Module,

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...engine.allocate import allocate
+from ...engine.allocate import AllocationOptions, allocate
 from ...engine.graph import build_graph
 from ...errors import UserError
 from ...prune.pruning import plan_record, pruned_copy
@@ -57,9 +57,8 @@ class PruningSchedule(Hook):
         return self.done
 
     def _allocate(self, scores: Mapping[int, torch.Tensor], amount: float) -> Any:
-        if self.ratio is not None:
-            return allocate(self.graph, scores, ratio=amount, min_keep=self.min_keep, round_to=self.round_to)
-        return allocate(self.graph, scores, target_flops=amount, min_keep=self.min_keep, round_to=self.round_to)
+        target = {"ratio": amount} if self.ratio is not None else {"target_flops": amount}
+        return allocate(self.graph, scores, AllocationOptions(**target, min_keep=self.min_keep, round_to=self.round_to))
 
     def _build_graph(self, model: nn.Module) -> None:
         self.graph = build_graph(model, self.input_shape, ignore=self.ignore)
