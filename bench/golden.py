@@ -32,7 +32,9 @@ SHARED = REPO.parent / "shared"
 SYNTH = "synthetic:3x32x32:10:64"
 # JSON keys whose values are timings or depend on them: dropped before comparing.
 TIMING_KEY = re.compile(r"(latency|seconds|elapsed|_ms$|^ms$|per_s|per_second|throughput|speedup|wall|duration"
-                        r"|^time|_time$|img_s|images_s|^rate$|^started|^finished|^date$)", re.I)
+                        r"|^time|_time$|img_s|images_s|^rate$|^started|^finished|^date$"
+                        # derived from timings or from OUT's path: a run's fingerprints, a file's size with timings inside
+                        r"|fingerprint|file_size_mb)", re.I)
 
 
 def commands(r20: str, r20_trained: str | None, test_tar: str | None) -> list[tuple[str, list[str], bool]]:
@@ -149,9 +151,9 @@ def _prepare(work: Path, src: Path, env: dict[str, str]) -> tuple[str, str | Non
 
 def run(out: Path, src: Path, only: list[str] | None) -> None:
     work = out / "work"
-    if work.exists():
+    if work.exists() and not only:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(src), "CHANPRUNE_NO_PROJECT_CONFIG": "1", "COLUMNS": "120",
            "PYTHONHASHSEED": "0"}
     env.pop("CHANPRUNE_DEBUG", None)
@@ -160,6 +162,8 @@ def run(out: Path, src: Path, only: list[str] | None) -> None:
     if not Path(check).resolve().is_relative_to(src.resolve()):
         raise SystemExit(f"chanprune_cli imports from {check}, not from {src}")
     record: dict[str, Any] = {"src": str(src), "commands": {}}
+    if only and (out / "golden.json").exists():  # --only updates an earlier record
+        record = json.loads((out / "golden.json").read_text())
     for name, argv, deterministic in commands(*_prepare(work, src, env)):
         if only and name not in only:
             continue
@@ -179,11 +183,20 @@ def run(out: Path, src: Path, only: list[str] | None) -> None:
         print(f"{name}: exit {proc.returncode}, {len(written)} file(s)", flush=True)
     demo = out / "demo"
     if not only or "demo" in only:
+        shutil.rmtree(demo, ignore_errors=True)
         proc = subprocess.run([sys.executable, "-m", "chanprune_cli.demo", "--out", str(demo)], cwd=work, env=env,
                               capture_output=True, text=True)
         record["commands"]["demo"] = {"exit": proc.returncode, "files": {
             str(p.relative_to(demo)): digest(p, out) for p in sorted(demo.rglob("*")) if p.is_file()}}
         print(f"demo: exit {proc.returncode}", flush=True)
+    (out / "golden.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def redigest(out: Path) -> None:
+    record = json.loads((out / "golden.json").read_text())
+    for name, entry in record["commands"].items():
+        folder = out / "demo" if name == "demo" else out / "work"
+        entry["files"] = {f: digest(folder / f, out) for f in entry["files"] if (folder / f).exists()}
     (out / "golden.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
@@ -202,8 +215,8 @@ def _scrub_text(text: str, out: Path) -> str:
 def _scrub(value: Any, out: Path) -> Any:
     if isinstance(value, dict):
         return {k: _scrub(v, out) for k, v in value.items() if not TIMING_KEY.search(str(k))}
-    if isinstance(value, list):
-        return [_scrub(v, out) for v in value]
+    if isinstance(value, list):  # "runs slower than the reference" warnings depend on the timings
+        return [_scrub(v, out) for v in value if not (isinstance(v, str) and " as fast" in v)]
     if isinstance(value, str):
         return _scrub_text(value, out)
     return value
@@ -230,7 +243,9 @@ def digest(path: Path, out: Path) -> Any:
             return _onnx_digest(path)
         if suffix in (".ts", ".pt") and _is_torchscript(path):
             return _torchscript_digest(path)
-    except Exception as exc:  # a digest that fails is recorded, so the comparison shows it
+        if suffix in (".pt", ".pth", ".th"):
+            return _pickle_digest(path)
+    except Exception as exc:  # noqa: BLE001 -- a digest that fails is recorded, so the comparison shows it
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
     if suffix in (".md", ".toml", ".txt", ".log") or path.name.endswith(".json.tmp"):
         return _scrub_text(path.read_text(errors="replace"), out)
@@ -260,10 +275,43 @@ def _safetensors_digest(path: Path, out: Path) -> Any:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         for key in sorted(f.keys()):
-            t = f.get_tensor(key)
-            tensors[key] = f"{tuple(t.shape)} {t.dtype} {hashlib.sha256(t.contiguous().view(-1).view(dtype=__import__('torch').uint8).numpy().tobytes()).hexdigest()[:16]}"
+            tensors[key] = _tensor_digest(f.get_tensor(key))
     return {"meta": _scrub(_nested_json(meta), out), "tensors": tensors,
             "bytes": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _tensor_digest(t: Any) -> str:
+    import torch
+
+    return (f"{tuple(t.shape)} {t.dtype} "
+            f"{hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]}")
+
+
+def _pickle_digest(path: Path) -> Any:
+    """torch.save files by their tensors (the zip holds a random serialization id); whole pickled
+    models by bytes."""
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- not a weights-only file: compare the bytes
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[key] = _tensor_digest(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
+        else:
+            flat[key] = repr(value)
+
+    walk(obj, "")
+    return flat
 
 
 def _onnx_digest(path: Path) -> Any:
@@ -290,8 +338,7 @@ def _torchscript_digest(path: Path) -> Any:
     import torch
 
     module = torch.jit.load(str(path), map_location="cpu")
-    tensors = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-               for k, v in module.state_dict().items()}
+    tensors = {k: _tensor_digest(v) for k, v in module.state_dict().items()}
     return {"code": hashlib.sha256(module.code.encode()).hexdigest(), "tensors": tensors}
 
 
@@ -338,11 +385,16 @@ def main() -> int:
     r.add_argument("out", type=Path)
     r.add_argument("--src", type=Path, default=REPO, help="the source tree whose chanprune_cli runs (default: this one)")
     r.add_argument("--only", nargs="*", help="run only these command names")
+    g = sub.add_parser("redigest", help="digest the files of an earlier run again (after a change to the digests)")
+    g.add_argument("out", type=Path)
     c = sub.add_parser("compare", help="compare two records; exit 1 on any difference")
     c.add_argument("base", type=Path)
     c.add_argument("new", type=Path)
     c.add_argument("--ignore-bytes", action="store_true", help="compare safetensors by tensors and metadata only")
     args = parser.parse_args()
+    if args.what == "redigest":
+        redigest(args.out.resolve())
+        return 0
     if args.what == "run":
         run(args.out.resolve(), args.src.resolve(), args.only)
         return 0
