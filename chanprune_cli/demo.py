@@ -66,8 +66,8 @@ def train_stage(ctx: DemoContext) -> None:
     import torch
 
     from .data import make_loader
-    from .support.fsutil import atomic_path
     from .models import build_model, default_input_shape, parse_arch
+    from .support.fsutil import atomic_path
 
     torch.manual_seed(ctx.seed)  # same weights, same data order, same result on every run
     spec = parse_arch(ARCH, None)

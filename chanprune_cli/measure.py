@@ -23,7 +23,6 @@ from torch import nn
 from .errors import UserError
 from .support.progress import batches_total, progress_bar
 
-
 # The attribute of a model naming its task output (`--output`). It lives on the module, so it
 # follows the model into every copy (masked, gated, pruned, trained) without a global.
 TASK_OUTPUT_ATTR = "chanprune_task_output"
@@ -216,7 +215,7 @@ def _flop_analysis(model: nn.Module, input_shape: Sequence[int]) -> Any:
         with preserved_mode_and_device(model), torch.no_grad():
             try:
                 analysis.total()  # runs the trace now, while the model is in eval mode
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (fvcore's trace runs the user's model: any error means the shape does not fit)
                 raise UserError(
                     f"cannot count MACs at input shape {'x'.join(map(str, shape))}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "

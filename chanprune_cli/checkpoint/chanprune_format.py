@@ -174,7 +174,8 @@ def load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str, *, arch:
     except (TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
         raise UserError(f"{p}: recorded module shapes cannot be applied to {spec} ({first_line(exc)}){_DAMAGED}") from None
     if problem:
-        raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: {problem}; the file is damaged or was edited, re-create it with chanprune prune")
+        raise UserError(f"weights in {p} do not fit its recorded plan for {spec}: {problem}; the file is damaged or was edited, "
+                        "re-create it with chanprune prune")
     load_into(model, tensors)
     if input_shape is not None:
         # apply_shape_attrs sizes tensors from the file, so a lying file could still leave
@@ -182,7 +183,7 @@ def load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str, *, arch:
         try:
             with torch.no_grad():
                 model.eval()(torch.zeros(1, *input_shape))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a model that does not run with these weights, whatever the error)
             raise UserError(
                 f"weights in {p} do not fit its recorded plan for {spec}: forward pass fails ({first_line(exc)}); "
                 "the file is damaged or was edited, re-create it with chanprune prune"
@@ -230,7 +231,8 @@ def save_chanprune(
     """Write `model` as one chanprune safetensors file (atomic; refuses to overwrite unless force)."""
     out = check_output(path, force)
     if arch is None:
-        raise UserError("cannot save a chanprune checkpoint without an architecture; load the weights with --arch instead of a pickled module")
+        raise UserError("cannot save a chanprune checkpoint without an architecture; "
+                        "load the weights with --arch instead of a pickled module")
     # Independent contiguous CPU copies: safetensors refuses shared or strided storage.
     tensors = {
         k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)

@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import UserError
 from ..support.fsutil import atomic_path, check_output
 
-__all__ = ["PICKLE_METADATA_KEY", "PickledOrigin", "check_pickled_output", "float_model", "origin_of", "pickled_metadata", "read_pickled_metadata",
-           "save_pickled_model"]
+__all__ = ["PICKLE_METADATA_KEY", "PickledOrigin", "check_pickled_output", "float_model", "origin_of", "pickled_metadata",
+           "read_pickled_metadata", "save_pickled_model"]
 
 PICKLE_METADATA_KEY = "chanprune"
 _MODEL_KEYS = ("model", "net", "module")

@@ -102,7 +102,7 @@ def torch_load(p: Path, trust_pickle: bool) -> Any:
             raise UserError(
                 f"{p} is corrupt or not a PyTorch checkpoint (torch.save) or safetensors file; fetch or save it again"
             ) from None
-    except Exception as exc:  # zip/stream errors, EOF, bad magic number: all mean a damaged file
+    except Exception as exc:  # noqa: BLE001  (zip/stream errors, EOF, bad magic number: all mean a damaged file)
         message = str(exc)
         if "TorchScript" in message:
             raise UserError(f"{p} is a TorchScript archive; chanprune needs an eager model's weights: use torch.save(model.state_dict()) "
@@ -115,6 +115,7 @@ def torch_load(p: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=False, pickle_module=moved_classes)
     except (ModuleNotFoundError, AttributeError) as exc:
-        raise UserError(f"{p} refers to code that cannot be imported ({first_line(exc)}); run from the directory that contains it") from None
-    except Exception as exc:
+        raise UserError(f"{p} refers to code that cannot be imported ({first_line(exc)}); "
+                        "run from the directory that contains it") from None
+    except Exception as exc:  # noqa: BLE001  (unpickling runs the file's own code: any error means a bad file)
         raise UserError(f"{p} is corrupt or not a PyTorch checkpoint ({first_line(exc)})") from None

@@ -85,7 +85,7 @@ def _probe_image(path: str) -> tuple[int, int] | None:
             size = im.size
             im.verify()
         return size
-    except Exception:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+    except Exception:  # noqa: BLE001  (PIL raises many types: UnidentifiedImageError, OSError, SyntaxError, ...)
         return None
 
 
@@ -96,7 +96,7 @@ def _image_mode(path: str) -> str | None:
     try:
         with Image.open(path) as im:
             return str(im.mode)
-    except Exception:
+    except Exception:  # noqa: BLE001  (PIL raises many types for a file it cannot read)
         return None
 
 
@@ -208,7 +208,7 @@ class ImageFolderDataset(ChanpruneDataset):
                     if im.size != (w, h):
                         im = im.resize((w, h), Image.BILINEAR)
                 array = np.array(im, dtype=np.uint8)
-        except Exception as exc:  # the header was fine at index time; the pixel data is not
+        except Exception as exc:  # noqa: BLE001  (the header was fine at index time; the pixel data is not)
             raise UserError(f"could not decode image {path}: {exc}") from None
         x = torch.from_numpy(array)
         return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)

@@ -36,7 +36,7 @@ def _reject_weight_download(spec: ArchSpec) -> None:
 
 def build_torchvision(spec: ArchSpec) -> nn.Module:
     """`torchvision:NAME` → that torchvision model, randomly initialised."""
-    import torchvision  # noqa: F401  (import here: slow, and only needed for this form)
+    import torchvision
     from torchvision.models import get_model, list_models
 
     tv_name = spec.name.split(":", 1)[1].strip()
@@ -146,7 +146,7 @@ def build_factory(spec: ArchSpec) -> nn.Module:
         raise UserError(
             f"cannot import {module_name!r} for --arch {spec.name} ({exc}); run chanprune from the directory that contains it"
         ) from None
-    except Exception as exc:  # the user's module failed at import time; report it in one line
+    except Exception as exc:  # noqa: BLE001  (the user's module failed at import time; report it in one line)
         raise UserError(f"importing {module_name!r} for --arch {spec.name} failed: {type(exc).__name__}: {exc}") from None
     obj: Any = module
     for part in attr_path.split("."):
@@ -157,7 +157,7 @@ def build_factory(spec: ArchSpec) -> nn.Module:
         raise UserError(f"{spec.name} is not callable; point --arch at a function or class that returns an nn.Module")
     try:
         model = obj(**spec.kwargs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (the user's factory failed: report it in one line)
         raise UserError(f"calling {spec.name}(**{canonical_json(spec.kwargs)}) failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec.name} returned {type(model).__name__}, not a torch.nn.Module")

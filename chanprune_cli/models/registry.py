@@ -83,7 +83,7 @@ def _unknown_arch(name: str) -> UserError:
 
             if name.lower() in list_models():
                 hint = f" Did you mean torchvision:{name.lower()}?"
-        except Exception:  # torchvision is optional for this hint only
+        except Exception:  # noqa: BLE001  (torchvision is optional for this hint only)
             pass
     if not hint and importlib.util.find_spec("timm") is not None:
         import timm

@@ -36,7 +36,8 @@ class ArchSpec:
             # Deep copy through JSON: checks serialisability and stops callers mutating a frozen spec.
             kwargs = json.loads(json.dumps(self.kwargs, allow_nan=False))
         except (TypeError, ValueError) as exc:
-            raise UserError(f"architecture kwargs for {self.name} are not plain JSON ({exc}); use numbers, strings, lists, objects") from None
+            raise UserError(f"architecture kwargs for {self.name} are not plain JSON ({exc}); "
+                            "use numbers, strings, lists, objects") from None
         object.__setattr__(self, "name", self.name.strip())
         object.__setattr__(self, "kwargs", kwargs)
 

@@ -132,7 +132,7 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
-        except Exception:  # pragma: no cover - best effort at exit
+        except Exception:  # noqa: BLE001  # pragma: no cover  (best effort at exit)
             pass
     _current = _SINGLE
 
