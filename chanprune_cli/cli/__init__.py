@@ -1,4 +1,4 @@
-"""The `chanprune` command line: parse options, call a recipe (recipes/), render its result.
+"""The `chanprune` command line: parse options, call a recipe (recipes/), hand its result to report/.
 
 `app.py` is the Typer app (exit codes in failures.py, config files in configfiles.py), `options.py`
 the shared options; one module per subcommand, whose import registers it on `app` (in help order).

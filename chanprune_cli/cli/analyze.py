@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from . import options as opt
 from .app import app
-from .options import (
-    DATA,
-    MODEL,
-    MODEL_PANEL,
-    SHARED,
-    CkptArg,
-    ConfigOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    ThroughLayerNormOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
-    from ..recipes.steps import DataOptions
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("layers, params, MACs and accuracy of a CIFAR ResNet-56 state dict",
          "chanprune analyze resnet56.th --arch cifar_resnet56 --data cifar10-test.tar.gz --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225"),
         ("a torchvision model with 10 classes, report as JSON",
@@ -38,17 +21,16 @@ if TYPE_CHECKING:
         ("the built-in architectures", "chanprune analyze --list-archs"),
     ),
 )
-@shared_options(model=MODEL, data=DATA)
+@opt.shared_options
 def analyze(
-    ckpt: CkptArg = None,
-    model: ModelOptions = SHARED,
-    data: DataOptions = SHARED,
-    through_layernorm: ThroughLayerNormOpt = False,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    list_archs: Annotated[bool, typer.Option("--list-archs", help="List the built-in architectures and exit.", rich_help_panel=MODEL_PANEL)] = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    ckpt: opt.CkptArg = None,
+    model: opt.ModelOptions = opt.MODEL,
+    data: opt.DataOptions = opt.DATA,
+    through_layernorm: opt.ThroughLayerNormOpt = False,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    list_archs: Annotated[bool, typer.Option("--list-archs", help="List the built-in architectures and exit.", rich_help_panel=opt.MODEL_PANEL)] = False,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Show a model's layers, parameters, MACs, size and (with --data) top-1/top-5 accuracy."""
     if list_archs:
@@ -61,6 +43,6 @@ def analyze(
     from ..recipes.analyze import AnalyzeOptions, analyze_checkpoint
     from ..report import analyze as report
 
-    options = AnalyzeOptions(model=model, data=data, through_layernorm=through_layernorm, force=force,
-                             json_report=json_out)
-    report.show(analyze_checkpoint(ckpt, options), json_out)
+    options = AnalyzeOptions(model=model, data=data, through_layernorm=through_layernorm, force=outputs.force,
+                             json_report=outputs.json_report)
+    report.show(analyze_checkpoint(ckpt, options), outputs.json_report)

@@ -3,11 +3,11 @@ exceptions to exit codes (failures.py) and feeds config-file settings to the sub
 (configfiles.py).
 
 Adding a subcommand: a module in this package that decorates a function with `@app.command`,
-imported by `cli/__init__.py`. It takes the shared option types of options.py, calls one recipe
-(recipes/) and renders its result through report/. Errors are library exceptions (errors.py) that
-the group turns into one stderr line and the documented exit code, so commands never print errors
-themselves. Heavy imports (torch and everything built on it) happen inside the commands so that
-`chanprune --help` stays fast.
+imported by `cli/__init__.py`. It takes the shared options of options.py (a group of them as one
+object, `@shared_options`), calls one recipe (recipes/) and hands its result to its module in
+report/. Errors are library exceptions (errors.py) that the group turns into one stderr line and
+the documented exit code, so commands never print errors themselves. Heavy imports (torch and
+everything built on it) happen inside the commands so that `chanprune --help` stays fast.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class _ChanpruneGroup(TyperGroup):
             raise typer.Exit(130) from None
         except ChanpruneError as exc:
             fail(ctx, f"error: {one_line(str(exc))}", exc.exit_code)
-        except Exception as exc:  # a bug or an unforeseen failure: still one line, exit 1
+        except Exception as exc:  # noqa: BLE001  (a bug or an unforeseen failure: still one line, exit 1)
             fail(ctx, f"error: {type(exc).__name__}: {one_line(str(exc))} (re-run with --debug for the traceback)", 1)
 
 

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from ..errors import GateFailed
+from . import options as opt
 from .app import app
-from .options import (
-    DATA,
-    MODEL,
-    OUTPUT_PANEL,
-    SHARED,
-    ConfigOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
-    from ..recipes.steps import DataOptions
 
 TIMING_PANEL = "Timing"
 GATES_PANEL = "Gates (exit code 3 when one is not met)"
@@ -35,7 +20,7 @@ CheckpointsArg = Annotated[list[str] | None, typer.Argument(
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("a model and its pruned version: speed-up next to the MACs ratio, accuracy change",
          "chanprune bench resnet56.th pruned.safetensors --arch cifar_resnet56 --data cifar10-test.tar.gz"),
         ("CI: fail (exit 3) when the pruned model loses more than 1 point or is less than 1.5x faster at batch 32",
@@ -47,11 +32,11 @@ CheckpointsArg = Annotated[list[str] | None, typer.Argument(
          "chanprune bench r50.pt r50-pruned.safetensors --arch torchvision:resnet50 --device cuda --dtype fp16 --channels-last --batch-sizes 1,64,256"),
     ),
 )
-@shared_options(model=MODEL, data=DATA)
+@opt.shared_options
 def bench(
     checkpoints: CheckpointsArg = None,
-    model: ModelOptions = SHARED,
-    data: DataOptions = SHARED,
+    model: opt.ModelOptions = opt.MODEL,
+    data: opt.DataOptions = opt.DATA,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="B,B", help="Batch sizes to time, comma-separated.", rich_help_panel=TIMING_PANEL)] = "1,32",
     threads: Annotated[int | None, typer.Option("--threads", metavar="N", min=1, help="CPU threads for timing (default: torch's current count, kept fixed for every model and recorded).", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs before timing (fewer when --max-time is short).", rich_help_panel=TIMING_PANEL)] = 10,
@@ -64,11 +49,10 @@ def bench(
     max_acc_drop: Annotated[float | None, typer.Option("--max-acc-drop", metavar="PTS", help="Fail when a model's top-1 is more than PTS percentage points below the reference's (needs --data).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
     min_speedup: Annotated[float | None, typer.Option("--min-speedup", metavar="X", help="Fail when a model is less than X times as fast as the reference (median latency at --gate-batch).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
     gate_batch: Annotated[int | None, typer.Option("--gate-batch", metavar="B", help="Batch size --min-speedup compares at (default: the largest of --batch-sizes).", rich_help_panel=GATES_PANEL, show_default=False)] = None,
-    plot: Annotated[str | None, typer.Option("--plot", metavar="PNG", help="Also draw channel widths before/after and, with several models, accuracy and latency vs MACs (.png, .svg or .pdf; needs matplotlib).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    plot: Annotated[str | None, typer.Option("--plot", metavar="PNG", help="Also draw channel widths before/after and, with several models, accuracy and latency vs MACs (.png, .svg or .pdf; needs matplotlib).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Compare models: params, MACs, size, latency and throughput per batch size, top-1/top-5; CI gates."""
     from ..deploy.benchmark import Deployment, gate_failure
@@ -79,9 +63,10 @@ def bench(
                             compile=compile_model)
     options = BenchOptions(batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats, max_time=max_time,
                            deployment=deployment, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
-                           gate_batch=gate_batch, model=model, data=data, plot=plot, force=force, json_report=json_out)
+                           gate_batch=gate_batch, model=model, data=data, plot=plot, force=outputs.force,
+                           json_report=outputs.json_report)
     result = bench_checkpoints(checkpoints or [], options)
-    report.show(result, json_out)  # every output is written before a gate fails the command
+    report.show(result, outputs.json_report)  # every output is written before a gate fails the command
     failure = gate_failure(result.gates)
     if failure is not None:
         raise GateFailed(failure)

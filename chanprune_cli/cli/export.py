@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
 from .configfiles import given_as_flag
-from .options import (
-    MODEL,
-    OUTPUT_PANEL,
-    SHARED,
-    CkptArg,
-    ConfigOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
 
 # export writes the whole model, every output: no normalisation, classes or task output to choose
-_MODEL = MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", device="cpu")
+_MODEL = opt.MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", device="cpu")
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("ONNX (opset 17, dynamic batch axis), checked with onnxruntime",
          "chanprune export pruned.safetensors --format onnx --out model.onnx"),
         ("TorchScript; the format follows from the suffix (.onnx, .pt/.ts, .safetensors)",
@@ -43,20 +29,19 @@ _MODEL = MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "devic
          "chanprune export r18.pt --arch torchvision:resnet18 --format onnx --spatial-axes dynamic --out r18.onnx"),
     ),
 )
-@shared_options(model=_MODEL)
+@opt.shared_options
 def export(
     ctx: typer.Context,
-    ckpt: CkptArg = None,
+    ckpt: opt.CkptArg = None,
     format_: Annotated[str | None, typer.Option("--format", metavar="FORMAT", help="onnx, torchscript or safetensors (default: from the --out suffix: .onnx, .pt/.ts, .safetensors).", show_default=False)] = None,
-    out: Annotated[str | None, typer.Option("--out", metavar="PATH", help="Output file; a safetensors export also writes PATH.json (the architecture spec).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[str | None, typer.Option("--out", metavar="PATH", help="Output file; a safetensors export also writes PATH.json (the architecture spec).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset version (onnx only).")] = 17,
     spatial_axes: Annotated[str, typer.Option("--spatial-axes", metavar="auto|dynamic|fixed", help="ONNX height and width: dynamic for a fully convolutional model, one whose output size follows the input's (auto); dynamic for any model (dynamic, e.g. a classifier with global pooling); or fixed at --input-shape (fixed). Dynamic axes are checked at --input-shape and at twice its height and width (onnx only).")] = "auto",
     tolerance: Annotated[float, typer.Option("--tolerance", metavar="R", help="Relative tolerance of the check: the export fails when max |export − PyTorch| > R × max(1, max |PyTorch output|).")] = 1e-4,
-    model: ModelOptions = SHARED,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    model: opt.ModelOptions = _MODEL,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Export to ONNX, TorchScript or plain safetensors; every export is checked before it is kept.
 
@@ -70,8 +55,8 @@ def export(
     from ..report import export as report
 
     options = ExportOptions(out, format=format_, opset=opset, tolerance=tolerance, spatial_axes=spatial_axes,
-                            model=model, force=force, json_report=json_out)
+                            model=model, force=outputs.force, json_report=outputs.json_report)
     for option, name in (("--opset", "opset"), ("--spatial-axes", "spatial_axes")):
         if options.format != "onnx" and given_as_flag(ctx, name):  # typed by the user: not the default or a config value
             typer.echo(f"warning: {option} only applies to --format onnx; ignored for {options.format}", err=True)
-    report.show(export_checkpoint(ckpt, options), json_out)
+    report.show(export_checkpoint(ckpt, options), outputs.json_report)

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
 from .configfiles import prefer_flags
-from .options import (
-    DATA_PANEL,
-    MODEL,
-    OUTPUT_PANEL,
-    SHARED,
-    BatchSizeOpt,
-    CkptArg,
-    ConfigOpt,
-    DataOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    SeedOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
 
 TRAIN_PANEL = "Training"
 KD_PANEL = "Distillation"
@@ -36,7 +18,7 @@ RUN_PANEL = "Runtime"
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("fine-tune a pruned CIFAR ResNet for 30 epochs, validating every epoch",
          "chanprune finetune r56-half.safetensors --data cifar10-train.tar.gz --val-data cifar10-test.tar.gz "
          "--epochs 30 --lr 0.05 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out r56-ft.safetensors"),
@@ -51,11 +33,11 @@ RUN_PANEL = "Runtime"
          "torchrun --nproc-per-node 4 -m chanprune_cli finetune p.safetensors --data train/ --batch-size 512 --out ft.safetensors"),
     ),
 )
-@shared_options(model=MODEL)
+@opt.shared_options
 def finetune(
-    ckpt: CkptArg = None,
-    data: DataOpt = None,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Validation data (same forms as --data), evaluated every epoch (or --eval-every steps); the best model is kept as <out>.best.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
+    ckpt: opt.CkptArg = None,
+    data: opt.DataOpt = None,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Validation data (same forms as --data), evaluated every epoch (or --eval-every steps); the best model is kept as <out>.best.", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", metavar="E", min=1, help="Passes over --data (default: 1, or as many as --max-steps needs).", rich_help_panel=TRAIN_PANEL, show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", metavar="N", min=1, help="Stop after N optimizer steps; the lr schedule spans the bounded run (quick jobs, CI).", rich_help_panel=TRAIN_PANEL, show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", metavar="LR", help="Peak learning rate (SGD).", rich_help_panel=TRAIN_PANEL)] = 0.01,
@@ -97,16 +79,15 @@ def finetune(
     save_every: Annotated[int, typer.Option("--save-every", metavar="STEPS", min=1, help="Save the resumable state every STEPS steps (and at every epoch end and on Ctrl-C / SIGTERM).", rich_help_panel=RUN_PANEL)] = 200,
     log_every: Annotated[int, typer.Option("--log-every", metavar="STEPS", min=1, help="Log line interval when stderr is not a terminal.", rich_help_panel=RUN_PANEL)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.state.pt (same options; same result as an uninterrupted run).", rich_help_panel=RUN_PANEL)] = False,
-    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep <out>.last and <out>.state.pt after the run completes.", rich_help_panel=OUTPUT_PANEL)] = False,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors next to the checkpoint).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
-    model: ModelOptions = SHARED,
-    batch_size: BatchSizeOpt = 64,
-    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=0, help="Loader processes for decoding and augmentation (0: in the main process). Default: on CUDA one per spare CPU up to 8, on the CPU 0 (training uses every core). The result does not depend on it.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
-    seed: SeedOpt = 0,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep <out>.last and <out>.state.pt after the run completes.", rich_help_panel=opt.OUTPUT_PANEL)] = False,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors next to the checkpoint).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
+    model: opt.ModelOptions = opt.MODEL,
+    batch_size: opt.BatchSizeOpt = 64,
+    workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=0, help="Loader processes for decoding and augmentation (0: in the main process). Default: on CUDA one per spare CPU up to 8, on the CPU 0 (training uses every core). The result does not depend on it.", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
+    seed: opt.SeedOpt = 0,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Fine-tune a model (SGD + warm-up/cosine, optional distillation), or prune it while training
     (asfp / sfp / cac / whitebox). Resumable, distributed under torchrun. --batch-size is the global batch."""
@@ -134,13 +115,14 @@ def finetune(
                               mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or ())
     options = FinetuneOptions(data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
                               teacher_arch_kwargs=teacher_arch_kwargs, schedule=pruning, model=model, threads=threads,
-                              resume=resume, keep_state=keep_state, force=force, json_report=json_out)
-    console = make_console(stderr=json_out == "-")
+                              resume=resume, keep_state=keep_state, force=outputs.force,
+                              json_report=outputs.json_report)
+    console = make_console(stderr=outputs.json_report == "-")
     try:
         result = finetune_checkpoint(ckpt, options, show=console.print)
     except Stopped as stopped:  # the state is saved and the resume line printed: exit as the signal asks
         raise typer.Exit(stopped.exit_code) from None
     if result is None:  # a torchrun process other than rank 0
         return
-    report.show(result, json_out)
+    report.show(result, outputs.json_report)
 

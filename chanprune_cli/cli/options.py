@@ -1,10 +1,10 @@
 """The options several commands share, declared once: the same names, help text and help panel
 everywhere. Options that only one command has (or whose help differs per command) live with it.
 
-The model options and the data options reach a command as one object each (`ModelOptions`,
-`DataOptions`): `@shared_options(model=MODEL, data=DATA)` puts the group's options into the
-command's signature where its `model`/`data` parameter stands and hands the command the object
-built from them.
+Groups of them reach a command as one object each: a parameter `model: ModelOptions = MODEL` of a
+`@shared_options` command stands for the model options (`MODEL`) in the signature Typer reads, and
+receives the `ModelOptions` built from them; likewise `DATA` (`DataOptions`) and `OUTPUTS`
+(`Outputs`).
 
 Also `examples()`, the "Examples" epilog of every command's help.
 """
@@ -15,12 +15,16 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.markup import escape
 
 from .failures import debug_callback
+
+if TYPE_CHECKING:  # the objects of the groups below, imported when built: they import torch
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
 
 # Help panels group the options of long commands the same way everywhere.
 MODEL_PANEL = "Model"
@@ -55,7 +59,6 @@ CriterionOptionOpt = Annotated[Optional[list[str]], typer.Option(
     "--criterion-opt", metavar="KEY=VALUE",
     help="A criterion option (repeatable), e.g. --criterion-opt sigma=0.5; typed like its default. "
          "chanprune score --list-criteria lists each criterion's options and defaults.", show_default=False)]
-OutOpt = Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Output file (safetensors).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the report as JSON to PATH ('-': stdout, the table then goes to stderr).", rich_help_panel=OUTPUT_PANEL, show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT_PANEL)]
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="Read option defaults from this TOML file (keys named like the options; a [COMMAND] table for command-specific ones). Flags override it; it overrides a discovered chanprune.toml.", rich_help_panel=OUTPUT_PANEL, show_default=False)]
@@ -66,7 +69,6 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback
 # groups of shared options, handed to a command as one object
 
 Command = TypeVar("Command", bound=Callable[..., Any])
-SHARED: Any = None  # the default of a command's parameter that `shared_options` fills in
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,22 @@ class OptionGroup:
         return replace(self, params=kept)
 
 
-def _model_options(**values: Any) -> Any:
+@dataclass(frozen=True)
+class Outputs:
+    """Where a command's JSON report goes (`--json`; "-": stdout, the tables then go to stderr) and
+    whether its outputs may replace existing files (`--force`)."""
+
+    json_report: str | None = None
+    force: bool = False
+
+
+def _model_options(**values: Any) -> ModelOptions:
     from ..recipes.opening import ModelOptions
 
     return ModelOptions(output=values.pop("task_output", None), **values)
 
 
-def _data_options(**values: Any) -> Any:
+def _data_options(**values: Any) -> DataOptions:
     from ..recipes.steps import DataOptions
 
     return DataOptions(**values)
@@ -101,40 +112,42 @@ MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_kwargs", ArchKwargsOpt, Non
                     _model_options)
 DATA = OptionGroup((("data", DataOpt, None), ("batch_size", BatchSizeOpt, 64), ("workers", WorkersOpt, 0),
                     ("seed", SeedOpt, 0), ("calib_batches", CalibBatchesOpt, None)), _data_options)
-# Where the shared options stand in every command's --help (the model's and the data's interleave).
+OUTPUTS = OptionGroup((("json_out", JsonOpt, None), ("force", ForceOpt, False)),
+                      lambda json_out, force: Outputs(json_out, force))
+# The order of the shared options in every command's --help and `chanprune config COMMAND` (the
+# model's and the data's interleave where their placeholders stand together).
 _ORDER = ("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", "data", "mean", "std", "batch_size", "workers",
-          "seed", "calib_batches", "classes", "task_output")
+          "seed", "calib_batches", "classes", "task_output", "json_out", "force")
 
 
-def shared_options(**groups: OptionGroup) -> Callable[[Command], Command]:
-    """Give a command the options of `groups`: each keyword names the command's parameter that
-    receives the group's object; the groups' options take those (adjacent) parameters' place in
-    the signature Typer reads, in one order for every command."""
-    def decorate(command: Command) -> Command:
-        signature = inspect.signature(command)
-        names = list(signature.parameters)
-        at = [names.index(name) for name in groups]
-        if sorted(at) != list(range(min(at), min(at) + len(at))):
-            raise TypeError(f"{command.__name__}: the parameters {', '.join(groups)} must stand together")
-        options = sorted((inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind,
-                                            default=default)
-                          for group in groups.values() for name, kind, default in group.params),
-                         key=lambda p: _ORDER.index(p.name))
-        own = [p.replace(annotation=_evaluated(p.annotation, command)) for p in signature.parameters.values()
-               if p.name not in groups]
-        params = [*own[:min(at)], *options, *own[min(at):]]
+def shared_options(command: Command) -> Command:
+    """Give `command` the options of every group that is a parameter's default (`model:
+    ModelOptions = MODEL`): in the signature Typer reads, the group's options stand where that
+    parameter stands, in `_ORDER` (the options of adjacent groups together), and the parameter
+    receives the object the group builds from their values."""
+    signature = inspect.signature(command)
+    groups = {p.name: p.default for p in signature.parameters.values() if isinstance(p.default, OptionGroup)}
+    params: list[inspect.Parameter] = []
+    block: list[inspect.Parameter] = []  # the options of the groups met in a row
+    for p in signature.parameters.values():
+        if p.name in groups:
+            block += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind, default=default)
+                      for name, kind, default in groups[p.name].params]
+            continue
+        params += sorted(block, key=lambda q: _ORDER.index(q.name))
+        block = []
+        params.append(p.replace(annotation=_evaluated(p.annotation, command)))
+    params += sorted(block, key=lambda q: _ORDER.index(q.name))
 
-        @functools.wraps(command)
-        def run(**values: Any) -> Any:
-            for target, group in groups.items():
-                values[target] = group.build(**{name: values.pop(name) for name, _, _ in group.params})
-            return command(**values)
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        for target, group in groups.items():
+            values[target] = group.build(**{name: values.pop(name) for name, _, _ in group.params})
+        return command(**values)
 
-        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in params}
-        return run  # type: ignore[return-value]
-
-    return decorate
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run  # type: ignore[return-value]
 
 
 def _evaluated(annotation: Any, command: Callable[..., Any]) -> Any:

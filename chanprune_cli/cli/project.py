@@ -7,23 +7,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
 from .configfiles import command_keys, config_files, configurable_commands, option_keys
-from .options import (
-    OUTPUT_PANEL,
-    ArchKwargsOpt,
-    ArchOpt,
-    DebugOpt,
-    ForceOpt,
-    InputShapeOpt,
-    JsonOpt,
-    examples,
-)
 
 
 @app.command(
     name="config",
-    epilog=examples(
+    epilog=opt.examples(
         ("every value the config files set, and where it comes from", "chanprune config"),
         ("all of prune's options as a plain `chanprune prune` here would use them", "chanprune config prune"),
         ("with another file on top, as JSON", "chanprune config prune --config ci.toml --json -"),
@@ -33,8 +24,8 @@ def show_config(
     ctx: typer.Context,
     command: Annotated[Optional[str], typer.Argument(metavar="[COMMAND]", help="Show every option of this command (default: only what the files set, for every command).", show_default=False)] = None,
     config: Annotated[Optional[str], typer.Option("--config", metavar="FILE", help="A config file to apply on top of the discovered one, as the commands' --config does.", show_default=False)] = None,
-    json_out: JsonOpt = None,
-    debug: DebugOpt = False,
+    json_out: opt.JsonOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Show the resolved settings (flag > --config > chanprune.toml > default) and where each comes from."""
     from ..project.config import resolve
@@ -129,7 +120,7 @@ def _line(key: str, value: Any, example: str) -> str:
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("a commented chanprune.toml to fill in", "chanprune init"),
         ("set up a CI job in one line: train on data/train, gate top-1 on the held-out data/val",
          "chanprune init --checkpoint model.pt --arch torchvision:resnet18 --data data/train --val-data data/val "
@@ -138,9 +129,9 @@ def _line(key: str, value: Any, example: str) -> str:
 )
 def init(
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", metavar="CKPT", help="The checkpoint the project prunes.", show_default=False)] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: InputShapeOpt = None,
+    arch: opt.ArchOpt = None,
+    arch_kwargs: opt.ArchKwargsOpt = None,
+    input_shape: opt.InputShapeOpt = None,
     data: Annotated[Optional[str], typer.Option("--data", metavar="TRAIN", help="Training data: [score], [prune] (BatchNorm re-estimation) and [finetune] data.", show_default=False)] = None,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Held-out evaluation data: [analyze] and [bench] data, [prune] and [finetune] val_data (needed by --max-acc-drop).", show_default=False)] = None,
     criterion: Annotated[Optional[str], typer.Option("--criterion", metavar="NAME", help="Criterion for [score].", show_default=False)] = None,
@@ -148,9 +139,9 @@ def init(
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="[prune] target_flops.", show_default=False)] = None,
     max_acc_drop: Annotated[Optional[float], typer.Option("--max-acc-drop", metavar="PTS", help="[bench] gate.", show_default=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", metavar="X", help="[bench] gate.", show_default=False)] = None,
-    out: Annotated[str, typer.Option("--out", metavar="PATH", help="Where to write it.", rich_help_panel=OUTPUT_PANEL)] = "chanprune.toml",
-    force: ForceOpt = False,
-    debug: DebugOpt = False,
+    out: Annotated[str, typer.Option("--out", metavar="PATH", help="Where to write it.", rich_help_panel=opt.OUTPUT_PANEL)] = "chanprune.toml",
+    force: opt.ForceOpt = False,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Write a commented chanprune.toml for this directory (asks nothing; flags fill in the values)."""
     import json

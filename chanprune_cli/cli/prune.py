@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
 from .configfiles import prefer_flags
-from .options import (
-    DATA,
-    DATA_PANEL,
-    MODEL,
-    OUTPUT_PANEL,
-    SHARED,
-    CkptArg,
-    ConfigOpt,
-    CriterionOpt,
-    CriterionOptionOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    ThroughLayerNormOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
-    from ..recipes.steps import DataOptions
 
 
 def _layer_ratio_value(value: Any) -> Any:
@@ -40,7 +20,7 @@ def _layer_ratio_value(value: Any) -> Any:
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("remove half of every layer's channels by L1 norm, verified, as a chanprune file",
          "chanprune prune resnet56.th --arch cifar_resnet56 --criterion l1 --ratio 0.5 --out r56-half.safetensors"),
         ("remove 50 % of the MACs with one global ranking, keeping widths multiples of 8",
@@ -61,16 +41,16 @@ def _layer_ratio_value(value: Any) -> Any:
          "chanprune prune yolov8n.pt --trust-pickle --input-shape 3,640,640 --target-flops 0.3 --out yolov8n-pruned.pt"),
     ),
 )
-@shared_options(model=MODEL, data=DATA)
+@opt.shared_options
 def prune(
-    ckpt: CkptArg = None,
-    criterion: CriterionOpt = None,
-    criterion_opt: CriterionOptionOpt = None,
+    ckpt: opt.CkptArg = None,
+    criterion: opt.CriterionOpt = None,
+    criterion_opt: opt.CriterionOptionOpt = None,
     scores_path: Annotated[Optional[str], typer.Option("--scores", metavar="S", help="Scores from chanprune score (instead of --criterion).", show_default=False)] = None,
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Remove this fraction of the channels of every prunable group (0 < R < 1).", show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Remove this fraction of the MACs by one global ranking (0 < F < 1).", show_default=False)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", metavar="GLOB", help="Never remove channels produced by modules matching GLOB (repeatable).", show_default=False)] = None,
-    through_layernorm: ThroughLayerNormOpt = False,
+    through_layernorm: opt.ThroughLayerNormOpt = False,
     layer_ratio: Annotated[Optional[list[str]], typer.Option("--layer-ratio", metavar="GLOB=R", parser=_layer_ratio_value, help="Remove the fraction R (0 <= R < 1; 0 keeps them whole) of the channels of every layer group all of whose producer layers match GLOB, e.g. 'layer3.*=0.7' (repeatable; the last matching GLOB wins; a residual stream shared by several stages matches only a GLOB covering all of them, e.g. '*'). With --ratio: instead of it. With --target-flops: at that fixed ratio, outside the global ranking, which removes what the target still needs from the other groups. In a config file: a list of GLOB=R strings or a table {GLOB = R} (as a flag, also a JSON object). --min-keep and --round-to still apply.", show_default=False)] = None,
     min_keep: Annotated[float, typer.Option("--min-keep", metavar="X", help="Every layer keeps at least X of its channels: a fraction (<1) or a count.")] = 0.1,
     round_to: Annotated[int, typer.Option("--round-to", metavar="N", min=1, help="Kept widths are multiples of N (fast kernels like multiples of 8).")] = 1,
@@ -79,16 +59,15 @@ def prune(
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", min=1, help="With --target-flops and --criterion: reach the target in N rounds, rescoring between them the model with the channels chosen so far masked (its BatchNorm statistics re-estimated on --data first, see --recalibrate-bn); each layer's scores are normalised over its surviving channels. Surgery and verification happen once. Whether rounds help depends on the criterion (measurements: BENCHMARKS.md).")] = 1,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check of pruned vs masked original.")] = False,
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=DATA_PANEL, show_default=False)] = None,
-    val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=DATA_PANEL, show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
-    model: ModelOptions = SHARED,
-    data: DataOptions = SHARED,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=OUTPUT_PANEL)] = False,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
+    val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
+    model: opt.ModelOptions = opt.MODEL,
+    data: opt.DataOptions = opt.DATA,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=opt.OUTPUT_PANEL)] = False,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Remove channels physically, prove the result equals the masked original, save it."""
     ratio, target_flops = prefer_flags(ratio=ratio, target_flops=target_flops).values()
@@ -115,13 +94,13 @@ def prune(
                                    ignore=ignore or ())
     options = PruneOptions(allocation, criterion=criterion, criterion_options=criterion_opt, scores=scores_path,
                            through_layernorm=through_layernorm, verify=not no_verify, recalibrate_bn=recalibrate_bn,
-                           val_data=val_data, val_images=val_images, out=out, model=model, data=data, force=force,
-                           json_report=json_out, dry_run=dry_run)
+                           val_data=val_data, val_images=val_images, out=out, model=model, data=data, force=outputs.force,
+                           json_report=outputs.json_report, dry_run=dry_run)
     result = prune_checkpoint(ckpt, options)
     if result.output is not None:  # a dry run leaves nothing for a later command to pick up
         record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
                          "criterion": result.criterion.name, "out": absolute(result.output)})
-    report.show(result, json_out)
+    report.show(result, outputs.json_report)
 
 
 def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:

@@ -12,13 +12,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
 from .configfiles import check_settings, command_keys, config_files, invoke_command, option_args
-from .options import OUTPUT_PANEL, DebugOpt, JsonOpt, examples
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("prune the CIFAR ResNet-56 to half its channels by L1 norm, then benchmark (outputs in runs/resnet56_l1/)",
          "chanprune run sample_configs/resnet56_l1.toml"),
         ("the same with one value changed; stages whose inputs did not change are skipped",
@@ -30,12 +30,12 @@ from .options import OUTPUT_PANEL, DebugOpt, JsonOpt, examples
 def run(
     ctx: typer.Context,
     config_path: Annotated[str, typer.Argument(metavar="CONFIG.toml", help="Pipeline config: shared keys plus [score], [prune], [finetune], [export], [bench] and [run] tables (see sample_configs/).", show_default=False)],
-    run_dir: Annotated[Optional[str], typer.Option("--dir", metavar="DIR", help="Run directory for every stage's output (default: [run] dir, else runs/CONFIG-STEM).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Option("--dir", metavar="DIR", help="Run directory for every stage's output (default: [run] dir, else runs/CONFIG-STEM).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", metavar="A,B,..", help="Only these stages, e.g. score,prune (default: [run] stages, else analyze, score, prune, finetune and export when configured, bench).", show_default=False)] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config value, e.g. --set prune.ratio=0.3 or --set data=val/ (repeatable; highest precedence).", show_default=False)] = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run every stage even when its outputs are up to date (an interrupted finetune starts over).")] = False,
-    json_out: JsonOpt = None,
-    debug: DebugOpt = False,
+    json_out: opt.JsonOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Run analyze → score → prune → finetune → export → bench from a config file; re-running resumes."""
     from ..project import pipeline

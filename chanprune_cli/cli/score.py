@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UserError
+from . import options as opt
 from .app import app
-from .options import (
-    DATA,
-    MODEL,
-    OUTPUT_PANEL,
-    SHARED,
-    CkptArg,
-    ConfigOpt,
-    CriterionOpt,
-    CriterionOptionOpt,
-    DebugOpt,
-    ForceOpt,
-    JsonOpt,
-    ThroughLayerNormOpt,
-    examples,
-    shared_options,
-)
-
-if TYPE_CHECKING:
-    from ..recipes.opening import ModelOptions
-    from ..recipes.steps import DataOptions
 
 
 @app.command(
-    epilog=examples(
+    epilog=opt.examples(
         ("second-order sensitivity on 20 calibration batches",
          "chanprune score resnet56.th --arch cifar_resnet56 --criterion sensitivity --data train.tar.gz --calib-batches 20 --out r56.sens.safetensors"),
         ("a weight-only criterion needs no data",
@@ -42,21 +23,20 @@ if TYPE_CHECKING:
         ("then prune with those scores", "chanprune prune resnet56.th --arch cifar_resnet56 --scores r56.sens.safetensors --target-flops 0.5 --out p.safetensors"),
     ),
 )
-@shared_options(model=MODEL, data=DATA)
+@opt.shared_options
 def score(
-    ckpt: CkptArg = None,
-    criterion: CriterionOpt = None,
-    criterion_opt: CriterionOptionOpt = None,
+    ckpt: opt.CkptArg = None,
+    criterion: opt.CriterionOpt = None,
+    criterion_opt: opt.CriterionOptionOpt = None,
     list_criteria: Annotated[bool, typer.Option("--list-criteria", help="List the criteria with what they need and their options (KEY=default), then exit.")] = False,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Scores file (default: CKPT-NAME.CRITERION.scores.safetensors in the working directory).", rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Scores file (default: CKPT-NAME.CRITERION.scores.safetensors in the working directory).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     ratio: Annotated[float, typer.Option("--ratio", metavar="R", help="For the summary: how many channels of each layer this ratio would remove.")] = 0.5,
-    model: ModelOptions = SHARED,
-    data: DataOptions = SHARED,
-    through_layernorm: ThroughLayerNormOpt = False,
-    json_out: JsonOpt = None,
-    force: ForceOpt = False,
-    config: ConfigOpt = None,
-    debug: DebugOpt = False,
+    model: opt.ModelOptions = opt.MODEL,
+    data: opt.DataOptions = opt.DATA,
+    through_layernorm: opt.ThroughLayerNormOpt = False,
+    outputs: opt.Outputs = opt.OUTPUTS,
+    config: opt.ConfigOpt = None,
+    debug: opt.DebugOpt = False,
 ) -> None:
     """Score every prunable channel with a criterion and save the scores for `prune --scores`.
 
@@ -74,7 +54,7 @@ def score(
     from ..report import score as report
 
     options = ScoreOptions(criterion, criterion_options=criterion_opt, out=out, ratio=ratio, model=model, data=data,
-                           through_layernorm=through_layernorm, force=force, json_report=json_out)
+                           through_layernorm=through_layernorm, force=outputs.force, json_report=outputs.json_report)
     result = score_checkpoint(ckpt, options)
     if result is None:  # a torchrun process other than rank 0
         return
@@ -83,7 +63,7 @@ def score(
                      "criterion": criterion, "criterion_opts": result.criterion.options,
                      "scores": absolute(result.output), "data": data.data, "mean": _as_typed(model.mean),
                      "std": _as_typed(model.std), "output": model.output, "through_layernorm": through_layernorm})
-    report.show(result, json_out)
+    report.show(result, outputs.json_report)
 
 
 def _as_typed(values: Sequence[float] | None) -> str | None:

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from .common import human_count, json_document, print_table, publish
+from .common import human_count, json_document, names_and_numbers, print_table, publish
 
 if TYPE_CHECKING:
     from ..recipes.bench import BenchResult
@@ -69,16 +68,8 @@ def render(result: BenchResult, console: Console) -> None:
                if result.threads is not None and result.device == "cpu" else "")
     has_acc = any(m.accuracy is not None for m in result.models)
     labels = [escape(label) for label in model_labels([m.path for m in result.models])]
-    table = Table(title=f"models  ·  input {shape}  ·  first = reference", title_justify="left")
-    table.add_column("model", overflow="fold")
-    table.add_column("params", justify="right")
-    table.add_column("MACs", justify="right")
-    table.add_column("MACs ratio", justify="right")
-    table.add_column("file MB", justify="right")
-    if has_acc:
-        table.add_column("top-1 %", justify="right")
-        table.add_column("Δ top-1", justify="right")
-        table.add_column("top-5 %", justify="right")
+    table = names_and_numbers(f"models  ·  input {shape}  ·  first = reference", "model", "params", "MACs", "MACs ratio",
+                              "file MB", *(("top-1 %", "Δ top-1", "top-5 %") if has_acc else ()))
     for i, (m, c) in enumerate(zip(result.models, result.comparisons)):
         cells = [labels[i] + (" (ref)" if i == 0 else ""), f"{m.params:,}", human_count(m.macs),
                  "1.00×" if i == 0 else _times(c.macs_ratio), f"{m.file_size_mb:.2f}"]
@@ -94,17 +85,9 @@ def render(result: BenchResult, console: Console) -> None:
     settings = [timing.get("dtype", "fp32")] + [label for key, label in (
         ("channels_last", "channels-last"), ("cudnn_benchmark", "cuDNN autotuned"), ("compile", "torch.compile"))
         if timing.get(key)]
-    lat = Table(title=f"latency on {where}{threads}  ·  {', '.join(settings)}  ·  median (p90) of timed runs after warm-up",
-                title_justify="left")
-    lat.add_column("model", overflow="fold")
-    lat.add_column("batch", justify="right")
-    lat.add_column("median ms", justify="right")
-    lat.add_column("p90 ms", justify="right")
-    lat.add_column("images/s", justify="right")
-    lat.add_column("runs", justify="right")
-    lat.add_column("speed-up", justify="right")
-    lat.add_column("MACs ratio", justify="right")
-    lat.add_column("speed-up ÷ MACs ratio", justify="right")
+    lat = names_and_numbers(f"latency on {where}{threads}  ·  {', '.join(settings)}  ·  median (p90) of timed runs after "
+                            "warm-up", "model", "batch", "median ms", "p90 ms", "images/s", "runs", "speed-up", "MACs ratio",
+                            "speed-up ÷ MACs ratio")
     for i, (m, c) in enumerate(zip(result.models, result.comparisons)):
         for b in sorted(m.latency):
             r = m.latency[b]

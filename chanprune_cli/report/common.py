@@ -39,6 +39,15 @@ def print_table(console: Console, table: Table) -> None:
     console.print(table)
 
 
+def names_and_numbers(title: str, first: str, *numbers: str) -> Table:
+    """A table under `title`: a column of names (folded when long), then right-aligned columns of numbers."""
+    table = Table(title=title, title_justify="left")
+    table.add_column(first, overflow="fold")
+    for name in numbers:
+        table.add_column(name, justify="right")
+    return table
+
+
 def json_document(command: str, body: dict[str, Any], *, seed: int | None) -> dict[str, Any]:
     """Wrap a command's report with the fields every chanprune JSON document has."""
     return {

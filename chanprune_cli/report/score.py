@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..support.console import make_console
-from .common import json_document, print_table, publish
+from .common import json_document, names_and_numbers, print_table, publish
 
 if TYPE_CHECKING:
     from ..recipes.score import ScoreResult
@@ -26,13 +26,8 @@ def document(result: ScoreResult) -> dict[str, Any]:
 
 
 def render(result: ScoreResult, console: Console) -> None:
-    table = Table(title=f"{result.criterion.name} scores → {result.output}", title_justify="left")
-    table.add_column("group", overflow="fold")
-    table.add_column("channels", justify="right")
-    table.add_column("min", justify="right")
-    table.add_column("median", justify="right")
-    table.add_column("max", justify="right")
-    table.add_column(f"removed at --ratio {result.ratio:g}", justify="right")
+    table = names_and_numbers(f"{result.criterion.name} scores → {result.output}", "group", "channels", "min", "median",
+                              "max", f"removed at --ratio {result.ratio:g}")
     for r in result.rows:
         table.add_row(r["group"], str(r["channels"]), f"{r['min']:.3g}", f"{r['median']:.3g}", f"{r['max']:.3g}",
                       str(r["removed_at_ratio"]))
