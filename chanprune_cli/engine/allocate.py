@@ -5,9 +5,11 @@
 the scores (each group's divided by their mean unless they are in loss units), found by bisection; floors
 (`--min-keep`) and `--round-to` are applied per group at every threshold, so the search sees the
 widths that will really be built.
+`--target-latency` spends a latency budget, as a `LatencyModel` of the target predicts it, where
+the least importance is lost per millisecond saved (`_Planner.latency_ranking`).
 `--layer-ratio GLOB=R` gives the groups all of whose producer layers match GLOB their own ratio R:
-with `--ratio` instead of it, with `--target-flops` at that fixed ratio and outside the global
-ranking (the ranking removes what the target still needs from the other groups).
+with `--ratio` instead of it, with `--target-flops` or `--target-latency` at that fixed ratio and
+outside the global ranking (the ranking removes what the target still needs from the other groups).
 
 `AllocationOptions` holds all of these, validated once when made; it travels unchanged from the
 recipe through `prune.rounds` and `prune.pruning` to `allocate`.
@@ -18,14 +20,23 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import UserError
 from .graph import ChannelGraph, ChannelGroup
+from .latency import (
+    LatencyBudget,
+    LatencyGoal,
+    LatencyUnreachable,
+    module_macs,
+    parse_latency_goal,
+    removed_slots,
+)
 from .layer_rules import PRODUCER_KINDS, WIDTH_KINDS
 from .scores import group_weights
 
@@ -48,8 +59,10 @@ class AllocationOptions:
     """What a plan removes and under which rules; the names are `chanprune prune`'s flags.
 
     Exactly one target: `ratio`, the fraction of every prunable group's channels, or
-    `target_flops`, the fraction of the model's MACs (one global ranking), each in (0, 1);
-    `rounds` > 1 reaches `target_flops` in that many rescoring rounds (`prune.rounds`).
+    `target_flops`, the fraction of the model's MACs (one global ranking), each in (0, 1), or
+    `target_latency`, a fraction in (0, 1) of the original's latency or a time ("12ms"; parsed to a
+    `LatencyGoal`), which `allocate` meets as the `LatencyBudget` it is given predicts latency;
+    `rounds` > 1 reaches `target_flops` or `target_latency` in that many rescoring rounds (`prune.rounds`).
     `layer_ratio` ("GLOB=R" strings or {GLOB: R}; parsed to {GLOB: R}, see `parse_layer_ratios`):
     a group all of whose producer modules match GLOB loses the fraction R of its channels instead
     of `ratio`; with `target_flops` it loses that fraction whatever the target, takes no part in the
@@ -60,7 +73,8 @@ class AllocationOptions:
     cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
     the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
     channels that cost most for what they contribute and cheap ones (late, low-resolution layers)
-    survive; E = 0.5 is in between (measurements: BENCHMARKS.md).
+    survive; E = 0.5 is in between (measurements: BENCHMARKS.md). Not with `target_latency`, which
+    weighs channels by the milliseconds they cost.
     `normalize` (`target_flops` only): "mean" divides each group's scores by their mean before
     ranking, so that criteria whose magnitudes differ from layer to layer (norms, BN scales, ranks)
     compare; "none" ranks them as they are (scores in loss units); "auto" is the criterion's choice
@@ -78,18 +92,26 @@ class AllocationOptions:
     normalize: str = "auto"
     rounds: int = 1
     ignore: Sequence[str] = ()
+    target_latency: float | str | LatencyGoal | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise UserError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.rounds > 1 and self.target_flops is None:
-            raise UserError("--rounds needs --target-flops (the rounds split one global MACs target); "
-                            "use --target-flops instead of --ratio")
-        if (self.ratio is None) == (self.target_flops is None):
-            raise UserError("give exactly one of --ratio (fraction of channels) or --target-flops (fraction of MACs)")
+        if self.rounds > 1 and self.target_flops is None and self.target_latency is None:
+            raise UserError("--rounds needs --target-flops or --target-latency (the rounds split one global target); "
+                            "use one of them instead of --ratio")
+        given = [v is not None for v in (self.ratio, self.target_flops, self.target_latency)]
+        if sum(given) != 1:
+            raise UserError("give exactly one of --ratio (fraction of channels), --target-flops (fraction of MACs) "
+                            "or --target-latency (fraction of the latency)")
         for name, value in (("--ratio", self.ratio), ("--target-flops", self.target_flops)):
             if value is not None and not 0 < value < 1:
                 raise UserError(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+        if self.target_latency is not None:
+            object.__setattr__(self, "target_latency", parse_latency_goal(self.target_latency))
+            if self.cost_exponent:
+                raise UserError("--cost-exponent weighs channels by their MACs for --target-flops; --target-latency "
+                                "weighs them by the milliseconds they cost: drop --cost-exponent")
         object.__setattr__(self, "layer_ratio", parse_layer_ratios(self.layer_ratio))
         parse_min_keep(self.min_keep)
         if self.round_to < 1:
@@ -218,11 +240,19 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
     n_remove = min(group.channels - kept, len(group.prunable_classes))
     if n_remove <= 0:
         return []
+    return sorted(_removal_order(group, scores, module_floor, n_remove))
+
+
+def _removal_order(group: ChannelGroup, scores: torch.Tensor, module_floor: Callable[[int], int],
+                   limit: int | None = None) -> list[int]:
+    """The prunable classes in the order `_removal` takes them (at most `limit`): the removal that
+    keeps k fewer channels is the first k of them, since a class skipped for a layer's floor stays
+    skipped as more go."""
     sizes = _module_sizes(group)
     left = dict(sizes)
     chosen: list[int] = []
     for i in sorted(group.prunable_classes, key=lambda i: (float(scores[i]), i)):
-        if len(chosen) == n_remove:
+        if len(chosen) == limit:
             break
         hits: dict[tuple[str, str], int] = {}
         for module, kind, _ in group.classes[i]:
@@ -232,7 +262,7 @@ def _removal(group: ChannelGroup, scores: torch.Tensor, kept: int, module_floor:
             for key, n in hits.items():
                 left[key] -= n
             chosen.append(i)
-    return sorted(chosen)
+    return chosen
 
 
 def _give_back(plan: dict[int, list[int]], ranked: Sequence[ChannelGroup], normalised: Mapping[int, torch.Tensor],
@@ -286,48 +316,36 @@ class MacsEstimator:
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph
-        self._by_id = {g.id: g for g in graph.groups}
 
     def removed(self, plan: Mapping[int, Sequence[int]]) -> Counter[tuple[str, str]]:
         """Slots `plan` removes, by (module, slot kind)."""
-        counts: Counter[tuple[str, str]] = Counter()
-        for gid, indices in plan.items():
-            classes = self._by_id[gid].classes
-            for ci in indices:
-                for module, kind, _ in classes[ci]:
-                    counts[(module, kind)] += 1
-        return counts
+        return removed_slots(self.graph, plan)
 
     def macs(self, plan: Mapping[int, Sequence[int]]) -> int:
         return self.macs_without(self.removed(plan))
 
     def macs_without(self, removed: Mapping[tuple[str, str], int]) -> int:
         """MACs with the slots `removed` (see `removed`) gone."""
-        total = 0
-        for name, cost in self.graph.costs.items():
-            if cost.kind in ("norm", "gnorm"):
-                total += (cost.ins - removed.get((name, cost.kind), 0)) * cost.per_unit
-            elif cost.kind == "depthwise":
-                total += (cost.ins - removed.get((name, "dw"), 0)) * cost.per_unit
-            elif cost.kind == "groupwise":
-                total += (cost.groups - removed.get((name, "grp"), 0)) * cost.outs * cost.ins * cost.per_unit
-            else:
-                outs = cost.outs - removed.get((name, "out"), 0)
-                ins = cost.ins - removed.get((name, "in"), 0)
-                total += cost.groups * outs * ins * cost.per_unit
-        return total
+        return sum(int(module_macs(cost, name, removed)) for name, cost in self.graph.costs.items())
 
 
 def allocate(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], options: AllocationOptions, *,
-             removed: Mapping[int, Sequence[int]] | None = None) -> Allocation:
+             removed: Mapping[int, Sequence[int]] | None = None, latency: LatencyBudget | None = None) -> Allocation:
     """A plan for `graph` from `scores` as `options` ask (see `AllocationOptions`; what depends on
     the graph and the scores is checked here).
 
-    `removed` (`target_flops` only): channels chosen by earlier rounds (`rounds.score_in_rounds`);
-    they stay in the plan, and each group is normalised by the mean of the channels still alive."""
+    `removed` (`target_flops`, `target_latency`): channels chosen by earlier rounds
+    (`rounds.score_in_rounds`); they stay in the plan, and each group is normalised by the mean of
+    the channels still alive. `latency` (`target_latency` only): the predicted milliseconds the
+    plan must fit (`chanprune_cli.latency` measures the model and corrects the budget)."""
     planner = _Planner(graph, scores, options, removed or {})
     if options.ratio is not None:
         plan, requested = planner.uniform(options.ratio), {"ratio": options.ratio}
+    elif isinstance(options.target_latency, LatencyGoal):
+        if latency is None:
+            raise UserError("--target-latency needs a latency model of the target: prune through chanprune_cli.latency "
+                            "(chanprune prune builds one), or use --target-flops")
+        plan, requested = planner.latency_ranking(latency), options.target_latency.requested()
     else:
         assert options.target_flops is not None
         plan, requested = planner.global_ranking(options.target_flops), {"target_flops": options.target_flops}
@@ -443,3 +461,146 @@ class _Planner:
         plan = plan_at(math.nextafter(threshold, math.inf))
         return _give_back(plan, ranked, normalised, self.gone, round_to, min_keep, self.estimator,
                           lambda after: self.reduced(after) >= target)
+
+    def latency_ranking(self, budget: LatencyBudget) -> dict[int, list[int]]:
+        """The plan whose predicted latency fits `budget`, losing the least importance per millisecond
+        saved (see `_LatencySearch`)."""
+        fixed = {g.id: self.at_ratio(g, self.fixed_ratio[g.id]) for g in self.groups if g.id in self.fixed_ratio}
+        ranked = [g for g in self.groups if g.id not in self.fixed_ratio]
+        return _LatencySearch(self, ranked, fixed, budget).run()
+
+
+class _LatencySearch:
+    """The latency allocation. Each ranked group removes its channels in one order (lowest normalised
+    score first, layers' floors kept: `_removal_order`); its candidate widths are those --min-keep and
+    --round-to allow. From the widths held, the move of least importance lost per predicted ms saved
+    (the other groups at their widths) is taken, over and over, until the prediction fits the budget.
+    The least slope is the first edge of the lower convex hull of (ms saved, importance lost), so a
+    width slower than a narrower one, or no faster than a wider one, is never where a group stops: the
+    staircase of the tables snaps every group to the fastest width at or below its choice. The last
+    move can overshoot; removals are then given back, most importance regained per ms first, while
+    the prediction still fits."""
+
+    def __init__(self, planner: _Planner, ranked: Sequence[ChannelGroup], fixed: Mapping[int, list[int]],
+                 budget: LatencyBudget) -> None:
+        options = planner.options
+        self.planner, self.ranked, self.fixed = planner, list(ranked), dict(fixed)
+        self.model, self.budget = budget.model, budget.ms
+        normalised = planner.ranking(self.ranked)
+        self.order: dict[int, list[int]] = {}
+        self.lost: dict[int, torch.Tensor] = {}  # group -> importance lost by removing the first k of its order
+        self.counts: dict[int, dict[tuple[str, str], torch.Tensor]] = {}  # group -> slot -> removed by the first k
+        self.choices: dict[int, torch.Tensor] = {}  # group -> removal counts it may stop at (ascending)
+        self.k: dict[int, int] = {}  # group -> removal count held
+        for g in self.ranked:
+            order = _removal_order(g, normalised[g.id], lambda width: _width_floor(width, options.min_keep))
+            values = normalised[g.id][order] if order else torch.zeros(0, dtype=torch.float64)
+            values = torch.where(torch.isneginf(values), torch.zeros_like(values), values)  # earlier rounds' removals
+            self.order[g.id] = order
+            self.lost[g.id] = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(values, 0)])
+            counts: dict[tuple[str, str], torch.Tensor] = {}
+            for step, ci in enumerate(order):
+                for module, kind, _ in g.classes[ci]:
+                    counts.setdefault((module, kind), torch.zeros(len(order) + 1, dtype=torch.long))[step + 1:] += 1
+            self.counts[g.id] = counts
+            start = len(planner.gone.get(g.id, ()))
+            kept = g.channels - torch.arange(len(order) + 1)
+            allowed = (kept >= planner.floors[g.id]) & ((kept % options.round_to == 0) | (kept == g.channels))
+            allowed[:start] = False
+            allowed[start] = True
+            self.choices[g.id] = torch.nonzero(allowed).flatten()
+            self.k[g.id] = start
+        self.removed: Counter[tuple[str, str]] = removed_slots(planner.estimator.graph, self.fixed)
+        for g in self.ranked:
+            for slot, c in self.counts[g.id].items():
+                self.removed[slot] += int(c[self.k[g.id]])
+        self.reading = {g.id: self.model.modules_reading(list(self.counts[g.id])) for g in self.ranked}
+        self.neighbours = {g.id: [h.id for h in self.ranked if set(self.reading[g.id]) & set(self.reading[h.id])]
+                           for g in self.ranked}
+        self.original_ms = self.model.predict({})
+        self.totals: tuple[Any, Any] = (0.0, 0)
+
+    def predict(self) -> float:
+        """The prediction for the widths held (and `totals`, its layers' sum and the rest's MACs, refreshed)."""
+        self.totals = (self.model.layers_ms(self.removed), self.model.rest_macs(self.removed))
+        return float(self.model.combine(*self.totals))
+
+    def evaluate(self, gid: int, ks: torch.Tensor) -> torch.Tensor:
+        """The predicted latency with group `gid` removing each of `ks`, the other groups as they are."""
+        modules = self.reading[gid]
+        trial = {slot: self.removed[slot] - int(c[self.k[gid]]) + c[ks] for slot, c in self.counts[gid].items()}
+        layers_all, rest_all = self.totals
+        layers = layers_all - self.model.layers_ms(self.removed, modules) + self.model.layers_ms(ChainMap(trial, self.removed), modules)
+        rest = rest_all - self.model.rest_macs(self.removed, modules) + self.model.rest_macs(ChainMap(trial, self.removed), modules)
+        return self.model.combine(layers, rest)
+
+    def best_move(self, gid: int) -> tuple[float, int] | None:
+        """(importance lost per ms saved, removal count) of group `gid`'s least-slope move, if any saves time."""
+        held = self.k[gid]
+        ks = self.choices[gid][self.choices[gid] > held]
+        if not len(ks):
+            return None
+        now, times = self.evaluate(gid, torch.tensor([held])), self.evaluate(gid, ks)
+        saved = now - times
+        faster = saved > 1e-9 * max(float(now), 1e-12)
+        if not bool(faster.any()):
+            return None
+        slope = (self.lost[gid][ks] - self.lost[gid][held]) / torch.where(faster, saved, torch.ones_like(saved))
+        slope = torch.where(faster, slope, torch.full_like(slope, math.inf))
+        best = int(torch.argmin(slope))  # the first (widest) of equal slopes
+        return float(slope[best]), int(ks[best])
+
+    def move(self, gid: int, k: int) -> None:
+        for slot, c in self.counts[gid].items():
+            self.removed[slot] += int(c[k]) - int(c[self.k[gid]])
+        self.k[gid] = k
+
+    def run(self) -> dict[int, list[int]]:
+        predicted = self.predict()
+        best = {g.id: self.best_move(g.id) for g in self.ranked}
+        while predicted > self.budget:
+            moves = [(found[0], gid) for gid, found in best.items() if found is not None]
+            if not moves:
+                self.unreachable(predicted)
+            _, gid = min(moves)
+            self.move(gid, best[gid][1])  # type: ignore[index]
+            predicted = self.predict()
+            for h in self.neighbours[gid]:
+                best[h] = self.best_move(h)
+        self.give_back(predicted)
+        plan = dict(self.fixed)
+        plan.update({gid: sorted(self.order[gid][:k]) for gid, k in self.k.items()})
+        return plan
+
+    def give_back(self, predicted: float) -> None:
+        """Widen groups while the prediction fits, the most importance regained per ms added first
+        (a width that is no slower goes back first)."""
+        while True:
+            found: tuple[float, int, int, float] | None = None
+            for g in self.ranked:
+                held = self.k[g.id]
+                ks = self.choices[g.id][self.choices[g.id] < held]
+                if not len(ks):
+                    continue
+                times = self.evaluate(g.id, ks)
+                regained = self.lost[g.id][held] - self.lost[g.id][ks]
+                added = times - predicted
+                value = torch.where(added > 0, regained / torch.clamp(added, min=1e-300), torch.full_like(added, math.inf))
+                value = torch.where((times <= self.budget) & (regained > 0), value, torch.full_like(value, -math.inf))
+                i = int(torch.argmax(value))
+                if value[i] > -math.inf and (found is None or float(value[i]) > found[0]):
+                    found = (float(value[i]), g.id, int(ks[i]), float(times[i]))
+            if found is None:
+                return
+            self.move(found[1], found[2])
+            predicted = self.predict()
+
+    def unreachable(self, predicted: float) -> None:
+        options = self.planner.options
+        fixed = f" and --layer-ratio fixing {len(self.fixed)} group(s)" if self.fixed else ""
+        raise LatencyUnreachable(
+            f"--target-latency {options.target_latency.describe()}: the plan cannot get below {predicted:.3g} ms as "  # type: ignore[union-attr]
+            f"predicted ({predicted / self.original_ms:.0%} of the original's {self.original_ms:.3g} ms; the budget "
+            f"is {self.budget:.3g} ms): every prunable group is at its floor (--min-keep {options.min_keep:g}"
+            f"{f', --round-to {options.round_to}' if options.round_to > 1 else ''}){fixed} or removing more saves no "
+            "time; ask for less or lower --min-keep", predicted, self.original_ms)
