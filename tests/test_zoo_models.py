@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -362,8 +363,12 @@ def test_output_selection_is_required_used_and_recorded(onet: Path, monkeypatch:
         seen.append(tuple(logits.shape[1:]))
         return logits
 
-    for module in ("chanprune_cli.measure", "chanprune_cli.criteria.taylor"):  # the others import it when called
-        monkeypatch.setattr(f"{module}.logits_of", spy)
+    import chanprune_cli.recipes  # loads every module that binds logits_of
+    import chanprune_cli.train.smoke  # noqa: F401
+
+    for name, module in list(sys.modules.items()):  # every module that imported it
+        if name.startswith("chanprune_cli") and getattr(module, "logits_of", None) is real:
+            monkeypatch.setattr(module, "logits_of", spy)
     report = onet.with_name("analyze.json")
     ok(cli("analyze", onet, *arch, "--data", DATA, "--output", "2", "--json", report))
     assert json.loads(report.read_text())["accuracy"]["images"] == 32 and set(seen) == {(2,)}
