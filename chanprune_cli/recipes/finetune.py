@@ -43,7 +43,7 @@ from ..train.schedules import make_schedule
 from .opening import ModelOptions, OpenedModel, Shape, load_model, model_out_path, open_model, select_task_output
 from .steps import check_json_report, say
 
-__all__ = ["FinetuneOptions", "FinetuneResult", "ScheduleOptions", "finetune_checkpoint"]
+__all__ = ["FinetuneOptions", "FinetuneResult", "ScheduleOptions", "TrainConfig", "finetune_checkpoint"]
 
 Show = Callable[[str], None]
 
