@@ -3,11 +3,15 @@
 Every `from ..x import y` / `from .x import y` inside chanprune_cli is resolved to its target
 package; a module may import its own layer or any layer below it, never one above. This keeps the
 engine free of criteria and the CLI, the library free of the CLI, and so on.
+
+Size goals: a library function past 100 lines or 15 parameters, or a module past 700 lines, is
+split.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chanprune_cli"
@@ -23,6 +27,7 @@ LAYERS = [
     {"prune"},
     {"train"},
     {"deploy"},
+    {"latency"},
     {"recipes"},
     {"project"},
     {"report"},
@@ -71,3 +76,62 @@ def test_imports_never_run_upward() -> None:
             if target in LAYER and LAYER[target] > LAYER[unit]:
                 upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} {unit} -> {target}")
     assert not upward, "imports running up the layers:\n" + "\n".join(upward)
+
+
+# A function past these is hard to read whole and to test in parts; a module past the last one
+# holds more than one concern. cli/ is exempt from the function limits: a command function takes
+# one parameter per option, as Typer declares options.
+MAX_FUNCTION_LINES = 100
+MAX_FUNCTION_PARAMETERS = 15
+MAX_MODULE_LINES = 700
+
+
+def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(qualified name, node) of every function, method and nested function in `tree`."""
+
+    def walk(node: ast.AST, prefix: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield prefix + child.name, child
+                yield from walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                yield from walk(child, f"{prefix}{child.name}.")
+            else:
+                yield from walk(child, prefix)
+
+    yield from walk(tree, "")
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Parameters a caller can pass (`*args` and `**kwargs` count one each), `self`/`cls` not counted."""
+    args = node.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args)]
+    count = len(names) + len(args.kwonlyargs) + (args.vararg is not None) + (args.kwarg is not None)
+    return count - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def _lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """From the `def` line (decorators not counted) to the last line, docstring included."""
+    return (node.end_lineno or node.lineno) - node.lineno + 1
+
+
+def test_library_functions_stay_small() -> None:
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "cli":
+            continue
+        for name, node in _functions(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"chanprune_cli/{rel.as_posix()}:{node.lineno} {name}"
+            if _lines(node) > MAX_FUNCTION_LINES:
+                too_big.append(f"{where}: {_lines(node)} lines (at most {MAX_FUNCTION_LINES})")
+            if _parameters(node) > MAX_FUNCTION_PARAMETERS:
+                too_big.append(f"{where}: {_parameters(node)} parameters (at most {MAX_FUNCTION_PARAMETERS})")
+    assert not too_big, "functions outside cli/ to split:\n" + "\n".join(too_big)
+
+
+def test_modules_stay_small() -> None:
+    too_big = [f"chanprune_cli/{path.relative_to(PACKAGE).as_posix()}: {n} lines (at most {MAX_MODULE_LINES})"
+               for path in sorted(PACKAGE.rglob("*.py"))
+               if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert not too_big, "modules to split:\n" + "\n".join(too_big)
