@@ -190,7 +190,9 @@ def layer_axes(graph: ChannelGraph) -> dict[str, tuple[LayerAxis, ...]]:
 class Remainder:
     """The rest of the model (whole measured − layers' sum) as a function of the fraction of the
     rest's MACs a plan keeps: `full_ms` at 1, and, when measured, `thinned_ms` at `thinned_rest`;
-    linear through them (never below zero), constant without a second point."""
+    linear through them (never growing as widths shrink: a thinned model measured slower is noise),
+    constant without a second point. It can be negative: a runtime that fuses norms and activations
+    into the convolutions runs the whole model faster than its layers alone."""
 
     full_ms: float
     thinned_ms: float | None = None
@@ -199,9 +201,9 @@ class Remainder:
     def at(self, rest: torch.Tensor | float) -> torch.Tensor:
         rest = torch.as_tensor(rest, dtype=torch.float64)
         if self.thinned_ms is None or self.thinned_rest is None or not 0 <= self.thinned_rest < 1:
-            return torch.full_like(rest, max(self.full_ms, 0.0))
-        slope = (self.full_ms - self.thinned_ms) / (1 - self.thinned_rest)
-        return torch.clamp(self.full_ms - slope * (1 - rest), min=0.0)
+            return torch.full_like(rest, self.full_ms)
+        slope = max(0.0, (self.full_ms - self.thinned_ms) / (1 - self.thinned_rest))
+        return self.full_ms - slope * (1 - rest)
 
 
 def module_macs(cost: ModuleCost, name: str, removed: Mapping[tuple[str, str], Units]) -> Units:

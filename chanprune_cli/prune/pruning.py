@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint import refuse_nonfinite
 from ..engine.allocate import Allocation, AllocationOptions, allocate
 from ..engine.graph import ChannelGraph
+from ..engine.latency import LatencyBudget
 from ..engine.layer_rules import layer_shape
 from ..engine.points import rescale_channels
 from ..engine.scores import channel_scales
@@ -106,7 +107,7 @@ def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | Non
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str | ResolvedCriterion, options: AllocationOptions,
           criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
-          check: bool = True, rescale: bool = True) -> PruneOutcome:
+          check: bool = True, rescale: bool = True, latency: LatencyBudget | None = None) -> PruneOutcome:
     """Prune a copy of `model` by `scores`, allocated as `options` say; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
@@ -119,12 +120,14 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     `criterion` made the scores: resolved, or a name with the `criterion_options` the scores were
     made with; it settles `options.normalize` "auto" (`ResolvedCriterion.normalize_mode`).
     `removed` are channels chosen by earlier rounds (`rounds.score_in_rounds`), kept in the plan.
+    `latency`: the predicted milliseconds an `options.target_latency` plan must fit (`chanprune_cli.latency`).
     """
     if not isinstance(criterion, ResolvedCriterion):
         criterion = recorded_criterion(criterion, criterion_options)
     refuse_nonfinite(model, "prune")
     normalize = criterion.normalize_mode(options.normalize)
-    allocation = allocate(graph, scores, dataclasses.replace(options, normalize=normalize), removed=removed)
+    allocation = allocate(graph, scores, dataclasses.replace(options, normalize=normalize), removed=removed,
+                          latency=latency)
     before, before_layers = snapshot(model, input_shape)
     scales = channel_scales(scores) if rescale else {}
     source = model

@@ -1,0 +1,294 @@
+"""A model's latency tables on a target, measured (HALP's lookup table) and cached on disk.
+
+Every conv/linear layer of the channel graph is timed in isolation, with random weights, at its
+real input size and the target's batch size, on a grid of kept widths per axis a plan can change
+(`engine.latency.layer_axes`): multiples of the width the runtime favours, about `GRID_POINTS` of
+them from the narrowest to the full width. A point slower than the next wider one is timed again
+(a busy machine only ever adds time, so the faster of the two stands); what is still slower is
+the runtime's staircase and is kept. Layers of the same signature share one table.
+
+The rest of the model (norms, activations, adds, pooling) is the *remainder*: the whole model
+timed at full width and uniformly thinned (half of every prunable group's channels), minus its
+layers' tables there (`engine.latency.Remainder`).
+
+Tables are cached in `$XDG_CACHE_HOME/chanprune/latency/`, one file per target (runtime and
+library versions, device, batch, threads, dtype, memory format; `LatencyTarget.key`), keyed by
+layer signature and grid, so every command and model reuses what was measured once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.archive import cache_root
+from ..deploy.runtimes import LatencyTarget, Timing, median_ms, time_interleaved
+from ..engine.allocate import AllocationOptions, allocate
+from ..engine.graph import ChannelGraph
+from ..engine.latency import LatencyModel, LayerAxis, LayerTable, Remainder, layer_axes, removed_slots
+from ..engine.surgery import prune_model
+from ..errors import UserError
+from ..support.fsutil import write_text_atomic
+
+__all__ = ["GRID_POINTS", "LatencyTables", "LayerSpec", "axis_grid", "build_latency_model", "cache_file", "layer_specs"]
+
+GRID_POINTS = 8  # grid points per axis (and the full width)
+CACHE_VERSION = 1
+LAYER_TIMING = Timing(warmup=2, repeats=7, max_time=None)
+WHOLE_TIMING = Timing(warmup=3, repeats=40, max_time=6.0)
+_SLOWER = 1.1  # a grid point this much slower than the next wider one is timed again
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One conv/linear layer as it is timed alone: its type, full shape and real input size."""
+
+    layer: str  # "conv1d" | "conv2d" | "conv3d" | "linear"
+    cost_kind: str  # "conv" | "depthwise" | "groupwise" | "linear" (engine/layer_rules.py ModuleCost)
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    bias: bool
+    padding_mode: str
+    size: tuple[int, ...]  # the input without batch and channels (spatial size, or tokens)
+
+    def shape_at(self, units: Mapping[str, int]) -> tuple[int, int, int]:
+        """(in channels, out channels, groups) with `units` kept along the axes named (the rest full)."""
+        g, cin, cout = self.groups, self.in_channels, self.out_channels
+        if self.cost_kind == "depthwise":
+            c = units.get("dw", cin)
+            return c, c * (cout // cin), c
+        if self.cost_kind == "groupwise":
+            k = units.get("grp", g)
+            return k * (cin // g), k * (cout // g), k
+        return g * units.get("in", cin // g), g * units.get("out", cout // g), g
+
+    def module(self, units: Mapping[str, int]) -> nn.Module:
+        cin, cout, groups = self.shape_at(units)
+        if self.layer == "linear":
+            return nn.Linear(cin, cout, bias=self.bias)
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.layer]
+        return conv(cin, cout, self.kernel, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=groups, bias=self.bias, padding_mode=self.padding_mode)
+
+    def input_shape(self, units: Mapping[str, int]) -> tuple[int, ...]:
+        cin = self.shape_at(units)[0]
+        return (*self.size, cin) if self.layer == "linear" else (cin, *self.size)
+
+    def align(self, axis: LayerAxis, favoured: int) -> int:
+        """The units along `axis` that make a favoured multiple of real channels."""
+        if axis.kind == "grp":
+            return 1
+        per_unit = self.groups if axis.kind in ("in", "out") else 1
+        return max(1, favoured // math.gcd(favoured, per_unit))
+
+
+_PLAIN_FORWARDS = {nn.Conv1d: nn.Conv1d.forward, nn.Conv2d: nn.Conv2d.forward, nn.Conv3d: nn.Conv3d.forward,
+                   nn.Linear: nn.Linear.forward}
+
+
+def _plain_type(module: nn.Module) -> str | None:
+    """The layer type a module times as (None: its forward is its own, so it stays in the remainder)."""
+    for cls, forward in _PLAIN_FORWARDS.items():
+        if isinstance(module, cls) and type(module).forward is forward:
+            return "linear" if cls is nn.Linear else cls.__name__.lower()
+    return None
+
+
+def layer_specs(model: nn.Module, graph: ChannelGraph, input_shape: Sequence[int]) -> dict[str, LayerSpec]:
+    """The graph's conv/linear layers that time as plain layers, with their real input sizes (one
+    forward at batch 1 records them); a layer called more than once stays in the remainder."""
+    wanted = {name for name, cost in graph.costs.items() if cost.kind in ("conv", "depthwise", "groupwise", "linear")}
+    modules = {name: m for name, m in model.named_modules() if name in wanted and _plain_type(m) is not None}
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    handles = [m.register_forward_hook(lambda _m, args, _out, name=name: seen.setdefault(name, []).append(
+        tuple(args[0].shape)) if args and isinstance(args[0], torch.Tensor) else None)
+        for name, m in modules.items()]
+    param = next(model.parameters(), None)
+    try:
+        with torch.no_grad():
+            x = torch.randn((1, *input_shape), generator=torch.Generator().manual_seed(0))
+            model.eval()(x.to(device=param.device if param is not None else "cpu",
+                              dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32))
+    finally:
+        for handle in handles:
+            handle.remove()
+    specs: dict[str, LayerSpec] = {}
+    for name, m in modules.items():
+        shapes = seen.get(name, [])
+        if len(shapes) != 1:
+            continue
+        shape, cost = shapes[0], graph.costs[name]
+        if isinstance(m, nn.Linear):
+            specs[name] = LayerSpec("linear", cost.kind, m.in_features, m.out_features, 1, (), (), (), (),
+                                    m.bias is not None, "zeros", tuple(shape[1:-1]))
+        else:
+            specs[name] = LayerSpec(_plain_type(m) or "", cost.kind, m.in_channels, m.out_channels, m.groups,
+                                    tuple(m.kernel_size), tuple(m.stride),
+                                    m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                                    tuple(m.dilation), m.bias is not None, m.padding_mode, tuple(shape[2:]))
+    return specs
+
+
+def axis_grid(full: int, align: int, points: int = GRID_POINTS) -> tuple[int, ...]:
+    """About `points` widths from full/points to `full`, each a multiple of `align`, and `full` itself."""
+    widths = {full}
+    for j in range(1, points):
+        widths.add(max(align, round(full * j / points / align) * align))
+    return tuple(sorted(w for w in widths if w <= full))
+
+
+@dataclass
+class LatencyTables:
+    """What `build_latency_model` made and how: the model, the original's measured latency, counts."""
+
+    model: LatencyModel
+    original_ms: float  # the whole unpruned model's median on the target
+    thinned_ms: float  # ... and uniformly thinned (the remainder's second point)
+    layers: int  # layers with a table
+    measured: int  # tables timed now
+    cached: int  # tables read from the cache
+    seconds: float  # building them (timing and cache reads)
+    cache: str | None  # the cache file (None: not cached)
+    rest: list[str] = field(default_factory=list)  # conv/linear layers without a table (in the remainder)
+
+
+def cache_file(target: LatencyTarget) -> Path:
+    key = json.dumps({"version": CACHE_VERSION, **target.key()}, sort_keys=True)
+    return cache_root() / "latency" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("tables", {}) if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+
+
+def _write_cache(path: Path, target: LatencyTarget, tables: Mapping[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"version": CACHE_VERSION, "target": target.key(), "tables": dict(tables)},
+                                           sort_keys=True))
+    except OSError as exc:
+        raise UserError(f"cannot write the latency cache {path}: {exc}; set XDG_CACHE_HOME to a writable folder") from None
+
+
+def _signature(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequence[int]], align: Sequence[int]) -> str:
+    text = json.dumps({"spec": asdict(spec), "axes": [a.kind for a in axes], "grid": [list(g) for g in grid],
+                       "align": list(align)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _time_point(spec: LayerSpec, units: Mapping[str, int], target: LatencyTarget) -> float:
+    layer = spec.module(units)
+    with torch.no_grad():
+        runner = target.layer_runner(layer, spec.input_shape(units))
+    with target.timing():
+        return median_ms(time_interleaved([runner], LAYER_TIMING)[0])
+
+
+def measure_table(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequence[int]], align: Sequence[int],
+                  target: LatencyTarget, time_point: Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float]
+                  = _time_point) -> LayerTable:
+    """`spec` timed at every point of `grid`; a point slower than a wider neighbour is timed again."""
+    points = list(itertools.product(*grid))
+    ms = {p: time_point(spec, dict(zip((a.kind for a in axes), p)), target) for p in points}
+    for p in points:
+        for axis in range(len(grid)):
+            i = grid[axis].index(p[axis])
+            if i + 1 < len(grid[axis]):
+                wider = (*p[:axis], grid[axis][i + 1], *p[axis + 1:])
+                if ms[p] > _SLOWER * ms[wider]:
+                    for q in (p, wider):
+                        ms[q] = min(ms[q], time_point(spec, dict(zip((a.kind for a in axes), q)), target))
+    return LayerTable(tuple(tuple(g) for g in grid), tuple(ms[p] for p in points), tuple(align))
+
+
+def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequence[int], target: LatencyTarget, *,
+                        use_cache: bool = True, progress: Callable[[str], None] | None = None,
+                        time_point: Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float] = _time_point,
+                        time_models: Callable[[Sequence[nn.Module]], list[float]] | None = None) -> LatencyTables:
+    """The latency model of `model` (with its channel `graph`) on `target`: tables measured or read
+    from the cache, and the remainder measured. `time_point` and `time_models` (medians of whole
+    models, timed interleaved) replace the timing, for tests."""
+    started = time.perf_counter()
+    specs = layer_specs(model, graph, input_shape)
+    axes = layer_axes(graph)
+    favoured = target.favoured_multiple()
+    path = cache_file(target) if use_cache else None
+    cached = _read_cache(path) if path is not None else {}
+    tables: dict[str, LayerTable] = {}
+    measured = read = 0
+    for name, spec in specs.items():
+        layer_axes_ = axes[name]
+        align = tuple(spec.align(a, favoured) for a in layer_axes_)
+        grid = tuple(axis_grid(a.full, al) for a, al in zip(layer_axes_, align))
+        key = _signature(spec, layer_axes_, grid, align)
+        entry = cached.get(key)
+        if entry is None:
+            if progress is not None:
+                progress(f"timing layer {len(tables) + 1}/{len(specs)}: {name}")
+            table = measure_table(spec, layer_axes_, grid, align, target, time_point)
+            cached[key] = {"spec": asdict(spec), "table": table.to_json()}
+            measured += 1
+            if path is not None:
+                _write_cache(path, target, cached)  # each table as soon as it is timed: an interrupted build keeps them
+        else:
+            table = LayerTable.from_json(entry["table"])
+            read += 1
+        tables[name] = table
+    if progress is not None:
+        progress("timing the whole model, full and thinned, for the remainder")
+    thinned_plan = _thinned_plan(graph)
+    thinned = pruned(model, graph, thinned_plan)
+    full_ms, thin_ms = (time_models or _model_timer(input_shape, target))([model, thinned])
+    layer_only = LatencyModel(graph, tables, Remainder(0.0))
+    removed = removed_slots(graph, thinned_plan)
+    rest = float(layer_only.rest_macs(removed)) / layer_only.rest_before if layer_only.rest_before else 1.0
+    remainder = Remainder(full_ms - layer_only.predict({}), thin_ms - layer_only.predict(removed), rest)
+    latency = LatencyModel(graph, tables, remainder)
+    rest_layers = sorted(n for n in axes if n not in tables)
+    return LatencyTables(latency, full_ms, thin_ms, len(tables), measured, read, time.perf_counter() - started,
+                         None if path is None else str(path), rest_layers)
+
+
+def _thinned_plan(graph: ChannelGraph) -> dict[int, list[int]]:
+    """Half of every prunable group's channels (the last ones), for the remainder's second point."""
+    groups = graph.prunable_groups()
+    if not groups:
+        return {}
+    scores = {g.id: -torch.arange(g.channels, dtype=torch.float64) for g in groups}
+    return allocate(graph, scores, AllocationOptions(ratio=0.5)).plan
+
+
+def pruned(model: nn.Module, graph: ChannelGraph, plan: Mapping[int, Sequence[int]]) -> nn.Module:
+    """A copy of `model` with `plan` removed, unverified: it is only timed, never written."""
+    copy_ = copy.deepcopy(model)
+    prune_model(copy_, graph, plan)
+    return copy_.eval()
+
+
+def _model_timer(input_shape: Sequence[int], target: LatencyTarget) -> Callable[[Sequence[nn.Module]], list[float]]:
+    def time_models(models: Sequence[nn.Module]) -> list[float]:
+        runners = [target.model_runner(m, input_shape) for m in models]
+        with target.timing():
+            return [median_ms(t) for t in time_interleaved(runners, WHOLE_TIMING)]
+
+    return time_models
