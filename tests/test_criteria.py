@@ -196,6 +196,9 @@ def test_unknown_and_bad_options(mixed: tuple) -> None:
         get_criterion("taylor").score(model, graph, make_data(1), CPU, bogus=1)
     with pytest.raises(UserError, match="variant"):
         get_criterion("taylor").score(model, graph, make_data(1), CPU, variant="cubic")
+    for name in ("bn", "fpgm", "random"):  # every criterion checks its options, those without any too
+        with pytest.raises(UserError, match=f"criterion '{name}' has no option 'side'; it takes no options"):
+            get_criterion(name).score(model, graph, None, CPU, side="both")
     assert parse_options("x", {"a": "false", "b": "3"}, {"a": True, "b": 1.0}) == {"a": False, "b": 3.0}
 
 

@@ -2,6 +2,11 @@
 
 A criterion turns a model and its channel graph (plus calibration data when it needs any) into one
 score vector per channel group: higher means more important, so the lowest are removed first.
+
+A criterion is one file behind one interface: a `Criterion` subclass names itself, says what it
+needs and lists its options with their defaults, and implements `compute(run)`. The public
+`Criterion.score(model, graph, data, device, *, seed, **options)` parses the options against the
+defaults once (unknown keys and bad values are UserErrors) and hands `compute` one `ScoringRun`.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -25,8 +32,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
 
 
+@dataclass(frozen=True)
+class ScoringRun:
+    """One scoring call, as a criterion's `compute` reads it."""
+
+    model: nn.Module
+    graph: ChannelGraph
+    data: Iterable[Batch] | None  # calibration batches; None when the command has no --data
+    device: torch.device
+    seed: int
+    options: Mapping[str, Any]  # every option of the criterion, parsed against its defaults (read-only)
+
+
 class Criterion(ABC):
-    """One way of scoring channels. Subclasses set the class attributes and implement `score`."""
+    """One way of scoring channels. Subclasses set the class attributes and implement `compute`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -45,10 +64,15 @@ class Criterion(ABC):
         the Fisher Hessian)."""
         return self.needs
 
-    @abstractmethod
     def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+              device: torch.device | str, *, seed: int = 0, **options: Any) -> Scores:
         """Scores for every prunable group of `graph` (pinned classes may get any value)."""
+        parsed = parse_options(self.name, options, self.defaults)
+        return self.compute(ScoringRun(model, graph, data, torch.device(device), seed, MappingProxyType(parsed)))
+
+    @abstractmethod
+    def compute(self, run: ScoringRun) -> Scores:
+        """`score`'s work, on options already parsed."""
 
 
 _REGISTRY: dict[str, type[Criterion]] = {}

@@ -6,14 +6,10 @@ by the group's mean so that the two kinds stay comparable within a group.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..engine.graph import ChannelGraph
-from .base import Batch, Criterion, Scores, per_class, producer_rows, register
+from .base import Criterion, Scores, ScoringRun, per_class, producer_rows, register
 
 
 @register
@@ -21,8 +17,8 @@ class BNScale(Criterion):
     name = "bn"
     summary = "|gamma| of the channel's BatchNorm (weights only; L2 of filters where no BN)"
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+    def compute(self, run: ScoringRun) -> Scores:
+        model = run.model
         modules = dict(model.named_modules())
 
         def gamma(slots: list) -> float:
@@ -32,7 +28,7 @@ class BNScale(Criterion):
             return sum(values) / len(values) if values else float("nan")
 
         scores: Scores = {}
-        for g in graph.prunable_groups():
+        for g in run.graph.prunable_groups():
             s = per_class(g, gamma)
             if torch.isnan(s).any():
                 fallback = per_class(g, lambda slots: sum(float(r.norm()) for _, r in producer_rows(model, slots)))

@@ -44,16 +44,13 @@ first_order=abs|signed, paired=true, amp=false. Deterministic given `seed` (the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..engine.graph import ChannelGraph
 from ..errors import UserError
-from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .base import NEEDS_LABELS, Criterion, Scores, ScoringRun, register
 from .gates import (
     ChannelGates,
     batches,
@@ -61,7 +58,6 @@ from .gates import (
     gradients,
     normalise,
     output_classes,
-    parse_options,
     task_logits,
     working_model,
 )
@@ -187,9 +183,8 @@ class CAC(Criterion):
     needs = NEEDS_LABELS
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        opts = parse_options(self.name, options, DEFAULTS)
+    def compute(self, run: ScoringRun) -> Scores:
+        opts, device = run.options, run.device
         metric = choice(self.name, "metric", opts["metric"], ("loss", "accuracy"))
         first_order = choice(self.name, "first_order", opts["first_order"], ("abs", "signed"))
         mc_weight: float | str = opts["mc_weight"]
@@ -202,12 +197,11 @@ class CAC(Criterion):
                 raise UserError(f"criterion 'cac': mc_weight must be 'auto' or a number in [0, 1], got {opts['mc_weight']!r}")
         if not 0 < opts["drop_prob"] < 1:
             raise UserError(f"criterion 'cac': drop_prob must be between 0 and 1, got {opts['drop_prob']}")
-        assert data is not None
-        device = torch.device(device)
-        with working_model(model, device) as net, ChannelGates(net, graph) as gates:
-            est = CACEstimator(gates.channels, device, drop_prob=opts["drop_prob"], seed=seed)
-            classes = output_classes(net, graph, device, self.name)
-            for x, y in batches(data, device, description="cac", need_labels=True, classes=classes):
+        assert run.data is not None
+        with working_model(run.model, device) as net, ChannelGates(net, run.graph) as gates:
+            est = CACEstimator(gates.channels, device, drop_prob=opts["drop_prob"], seed=run.seed)
+            classes = output_classes(net, run.graph, device, self.name)
+            for x, y in batches(run.data, device, description="cac", need_labels=True, classes=classes):
                 assert y is not None
                 clean_losses = clean_correct = None
                 if opts["paired"]:

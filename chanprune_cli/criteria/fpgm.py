@@ -7,14 +7,9 @@ the lowest sums are removed. Multi-producer channels average over their producer
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
-from torch import nn
 
-from ..engine.graph import ChannelGraph
-from .base import Batch, Criterion, Scores, producer_filter_means, register
+from .base import Criterion, Scores, ScoringRun, producer_filter_means, register
 
 
 @register
@@ -22,9 +17,8 @@ class FPGM(Criterion):
     name = "fpgm"
     summary = "distance to the layer's geometric median (weights only)"
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
+    def compute(self, run: ScoringRun) -> Scores:
         def distance_sums(filters: torch.Tensor) -> torch.Tensor:
             return torch.cdist(filters, filters).sum(dim=1)
 
-        return {g.id: producer_filter_means(model, g, distance_sums) for g in graph.prunable_groups()}
+        return {g.id: producer_filter_means(run.model, g, distance_sums) for g in run.graph.prunable_groups()}

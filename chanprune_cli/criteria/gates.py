@@ -56,8 +56,8 @@ def parse_options(criterion: str, options: dict[str, Any], defaults: dict[str, A
     an unknown option or a bad value is a UserError naming the valid ones."""
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise UserError(f"criterion {criterion!r} has no option {', '.join(map(repr, unknown))}; "
-                        f"its options are: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
+        valid = f"its options are: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}" if defaults else "it takes no options"
+        raise UserError(f"criterion {criterion!r} has no option {', '.join(map(repr, unknown))}; {valid}")
     out = dict(defaults)
     for key, value in options.items():
         default = defaults[key]

@@ -18,15 +18,12 @@ points=first|all, amp=false (bf16 autocast on CUDA; ranks are computed in float3
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from ..engine.graph import ChannelGraph
-from .base import NEEDS_DATA, Batch, Criterion, Scores, register
-from .gates import capture_features, choice, class_means, parse_options
+from .base import NEEDS_DATA, Criterion, Scores, ScoringRun, register
+from .gates import capture_features, choice, class_means
 
 DEFAULTS: dict[str, Any] = {"max_images": 512, "relu": True, "points": "first", "amp": False}
 
@@ -53,11 +50,10 @@ class HRank(Criterion):
     needs = NEEDS_DATA
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        opts = parse_options(self.name, options, DEFAULTS)
+    def compute(self, run: ScoringRun) -> Scores:
+        opts = run.options
         mode = choice(self.name, "points", opts["points"], ("first", "all"))
-        assert data is not None
+        assert run.data is not None
         # Per point: the running sum of the ranks of its channels (those read, see capture_features).
         sums: dict[tuple[int, int], torch.Tensor] = {}
         counts: dict[tuple[int, int], int] = {}
@@ -75,6 +71,6 @@ class HRank(Criterion):
                 sums[(gid, p)].index_add_(0, positions, ranks)
             counts[(gid, p)] += feats.shape[0]
 
-        gates = capture_features(model, graph, data, device, update, mode=mode, description="hrank",
+        gates = capture_features(run.model, run.graph, run.data, run.device, update, mode=mode, description="hrank",
                                  max_images=opts["max_images"] or None, relu=opts["relu"], amp=opts["amp"])
         return class_means(gates, mode, {key: sums[key].cpu() / n for key, n in counts.items() if n})

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ..engine.graph import ChannelGraph
-from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, producer_filter_means, register
+from .base import NEEDS_WEIGHTS, Batch, Criterion, Scores, ScoringRun, producer_filter_means, register
 from .gates import capture_features, choice, class_means, normalise, parse_options
 
 DEFAULTS: dict[str, Any] = {"bins": 32, "sigma": 1.0, "norm": "mean", "samples": "position", "hist_range": "layer",
@@ -179,9 +179,8 @@ class Info(Criterion):
     needs = NEEDS_WEIGHTS  # uses calibration data when given
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        opts = parse_options(self.name, options, DEFAULTS)
-        how = choice(self.name, "norm", opts.pop("norm"), ("mean", "minmax"))
-        capacity, independence = info_components(model, graph, data, device, **opts)
-        return {gid: normalise(capacity[gid], how) + opts["sigma"] * normalise(independence[gid], how) for gid in capacity}
+    def compute(self, run: ScoringRun) -> Scores:
+        how = choice(self.name, "norm", run.options["norm"], ("mean", "minmax"))
+        capacity, independence = info_components(run.model, run.graph, run.data, run.device, **run.options)
+        sigma = run.options["sigma"]
+        return {gid: normalise(capacity[gid], how) + sigma * normalise(independence[gid], how) for gid in capacity}

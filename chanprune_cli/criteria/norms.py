@@ -8,32 +8,27 @@ groups with many producers stay comparable with single-producer groups.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
-from ..engine.graph import ChannelGraph
 from .base import (
-    Batch,
     Criterion,
     Scores,
+    ScoringRun,
     consumer_columns,
     per_class,
     producer_rows,
     register,
 )
-from .gates import choice, parse_options
+from .gates import choice
 
 
 class _NormCriterion(Criterion):
     p: int = 1
     defaults: ClassVar[dict[str, Any]] = {"side": "out"}
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        side = choice(self.name, "side", parse_options(self.name, options, self.defaults)["side"], ("out", "both"))
+    def compute(self, run: ScoringRun) -> Scores:
+        model = run.model
+        side = choice(self.name, "side", run.options["side"], ("out", "both"))
 
         def class_score(slots: list) -> float:
             # side=out: the producing filters (Li et al.); side=both also the consumers' input
@@ -41,7 +36,7 @@ class _NormCriterion(Criterion):
             rows = producer_rows(model, slots) + (consumer_columns(model, slots) if side == "both" else [])
             return sum(float(r.norm(p=self.p)) for _, r in rows) / max(len(rows), 1)
 
-        return {g.id: per_class(g, class_score) for g in graph.prunable_groups()}
+        return {g.id: per_class(g, class_score) for g in run.graph.prunable_groups()}
 
 
 @register

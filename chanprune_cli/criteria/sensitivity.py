@@ -56,6 +56,7 @@ from .base import (
     Batch,
     Criterion,
     Scores,
+    ScoringRun,
     WeightedScores,
     register,
 )
@@ -66,7 +67,6 @@ from .gates import (
     forward_pass,
     gradients,
     output_classes,
-    parse_options,
     producer_channels,
     task_logits,
     working_model,
@@ -333,15 +333,13 @@ class Sensitivity(Criterion):
     def requires(self, options: dict[str, Any] | None = None) -> str:
         return NEEDS_DATA if (options or {}).get("hessian", DEFAULTS["hessian"]) == "activation" else NEEDS_LABELS
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        opts = parse_options(self.name, options, DEFAULTS)
+    def compute(self, run: ScoringRun) -> Scores:
+        opts, graph = run.options, run.graph
         hessian = choice(self.name, "hessian", opts["hessian"], ("fisher", "activation"))
-        assert data is not None
-        device = torch.device(device)
+        assert run.data is not None
         groups = graph.prunable_groups()
-        with working_model(model, device) as net:
-            diag = _diagonals(net, graph, groups, data, device, hessian, opts["include_norm"], opts["amp"])
+        with working_model(run.model, run.device) as net:
+            diag = _diagonals(net, graph, groups, run.data, run.device, hessian, opts["include_norm"], opts["amp"])
             scores, weights = _saliencies(net, graph, groups, hessian, diag, opts["include_norm"])
         result = WeightedScores()
         for gid, s in scores.items():

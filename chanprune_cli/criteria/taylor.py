@@ -19,22 +19,18 @@ The model is scored in eval mode (BatchNorm running statistics); it is left unch
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..engine.graph import ChannelGraph
-from .base import NEEDS_LABELS, Batch, Criterion, Scores, register
+from .base import NEEDS_LABELS, Criterion, Scores, ScoringRun, register
 from .gates import (
     ChannelGates,
     batches,
     choice,
     gradients,
     output_classes,
-    parse_options,
     task_logits,
     working_model,
 )
@@ -52,16 +48,15 @@ class Taylor(Criterion):
     def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
         return True  # (dL/dg)^2 or |dL/dg| of one loss, whatever the layer
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        opts = parse_options(self.name, options, DEFAULTS)
+    def compute(self, run: ScoringRun) -> Scores:
+        opts, graph, device = run.options, run.graph, run.device
         variant = choice(self.name, "variant", opts["variant"], ("squared", "abs"))
-        assert data is not None
-        with working_model(model, device) as net, ChannelGates(net, graph) as gates:
+        assert run.data is not None
+        with working_model(run.model, device) as net, ChannelGates(net, graph) as gates:
             total = {gid: torch.zeros(c, dtype=torch.float64, device=device) for gid, c in gates.channels.items()}
             steps = 0
             classes = output_classes(net, graph, device, self.name)  # labels checked on the host, before they move
-            for x, y in batches(data, device, description="taylor", need_labels=True, classes=classes):
+            for x, y in batches(run.data, device, description="taylor", need_labels=True, classes=classes):
                 assert y is not None
                 lead = (x.shape[0],) if opts["per_sample"] else ()
                 g = {gid: torch.ones((*lead, c), device=device, requires_grad=True) for gid, c in gates.channels.items()}

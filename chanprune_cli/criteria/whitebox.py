@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.graph import ChannelGraph
-from .base import NEEDS_LABELS, Batch, Criterion, Scores, WeightedScores, register
+from .base import NEEDS_LABELS, Batch, Criterion, Scores, ScoringRun, WeightedScores, register
 from .gates import (
     ChannelGates,
     batches,
@@ -129,14 +129,12 @@ class WhiteBox(Criterion):
     needs = NEEDS_LABELS
     defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
 
-    def score(self, model: nn.Module, graph: ChannelGraph, data: Iterable[Batch] | None,
-              device: torch.device, *, seed: int = 0, **options: Any) -> Scores:
-        assert data is not None
-        opts = parse_options(self.name, options, DEFAULTS)
-        rescale = opts.pop("rescale")
-        masks = whitebox_masks(model, graph, data, device, seed=seed, **opts)
+    def compute(self, run: ScoringRun) -> Scores:
+        assert run.data is not None
+        training = {key: value for key, value in run.options.items() if key != "rescale"}
+        masks = whitebox_masks(run.model, run.graph, run.data, run.device, seed=run.seed, **training)
         sums = {gid: m.double().sum(0) for gid, m in masks.items()}
         scores = WeightedScores({gid: s.abs() for gid, s in sums.items()})
-        if rescale:  # pruning multiplies the surviving channels by sum_k M[k, c] / 2 (the paper's BN rescale)
+        if run.options["rescale"]:  # pruning multiplies the surviving channels by sum_k M[k, c] / 2 (the paper's BN rescale)
             scores.channel_scale = {gid: s / 2 for gid, s in sums.items()}
         return scores
