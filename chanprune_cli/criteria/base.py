@@ -3,10 +3,11 @@
 A criterion turns a model and its channel graph (plus calibration data when it needs any) into one
 score vector per channel group: higher means more important, so the lowest are removed first.
 
-A criterion is one file behind one interface: a `Criterion` subclass names itself, says what it
-needs and lists its options with their defaults, and implements `compute(run)`. The public
-`Criterion.score(model, graph, data, device, *, seed, **options)` parses the options against the
-defaults once (unknown keys and bad values are UserErrors) and hands `compute` one `ScoringRun`.
+A criterion is one file behind one interface: a `Criterion` subclass that implements
+`compute(run)`, registered with its name, what it needs, its options with their defaults and a
+one-line summary (`@register("taylor", needs=NEEDS_LABELS, defaults=DEFAULTS, summary=...)`). The
+public `Criterion.score(model, graph, data, device, *, seed, **options)` parses the options against
+the defaults once (unknown keys and bad values are UserErrors) and hands `compute` one `ScoringRun`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ class ScoringRun:
 
 
 class Criterion(ABC):
-    """One way of scoring channels. Subclasses set the class attributes and implement `compute`."""
+    """One way of scoring channels. Subclasses implement `compute`; `register` sets the class
+    attributes."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -76,11 +78,21 @@ class Criterion(ABC):
 
 
 _REGISTRY: dict[str, type[Criterion]] = {}
+C = TypeVar("C", bound=Criterion)
 
 
-def register(cls: type[Criterion]) -> type[Criterion]:
-    _REGISTRY[cls.name] = cls
-    return cls
+def register(name: str, *, summary: str, needs: str = NEEDS_WEIGHTS,
+             defaults: dict[str, Any] | None = None) -> Callable[[type[C]], type[C]]:
+    """Class decorator: the criterion `--criterion NAME` picks, what it needs (weights, data or
+    labels), its options with their defaults (`--criterion-opt KEY=VALUE`) and the summary
+    `chanprune criteria` shows."""
+
+    def add(cls: type[C]) -> type[C]:
+        cls.name, cls.summary, cls.needs, cls.defaults = name, summary, needs, defaults if defaults is not None else {}
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
 def available() -> dict[str, type[Criterion]]:

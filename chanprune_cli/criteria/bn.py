@@ -12,11 +12,8 @@ from torch import nn
 from .base import Criterion, Scores, ScoringRun, per_class, producer_rows, register
 
 
-@register
+@register("bn", summary="|gamma| of the channel's BatchNorm (weights only; L2 of filters where no BN)")
 class BNScale(Criterion):
-    name = "bn"
-    summary = "|gamma| of the channel's BatchNorm (weights only; L2 of filters where no BN)"
-
     def compute(self, run: ScoringRun) -> Scores:
         model = run.model
         modules = dict(model.named_modules())

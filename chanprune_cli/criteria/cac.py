@@ -44,7 +44,7 @@ first_order=abs|signed, paired=true, amp=false. Deterministic given `seed` (the 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,13 +176,9 @@ class CACEstimator:
         return out
 
 
-@register
+@register("cac", needs=NEEDS_LABELS, defaults=DEFAULTS,
+          summary="loss change with the channel randomly gated off vs on (Monte-Carlo + first order; reconstructed)")
 class CAC(Criterion):
-    name = "cac"
-    summary = "loss change with the channel randomly gated off vs on (Monte-Carlo + first order; reconstructed)"
-    needs = NEEDS_LABELS
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def compute(self, run: ScoringRun) -> Scores:
         opts, device = run.options, run.device
         metric = choice(self.name, "metric", opts["metric"], ("loss", "accuracy"))

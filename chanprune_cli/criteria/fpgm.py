@@ -12,11 +12,8 @@ import torch
 from .base import Criterion, Scores, ScoringRun, producer_filter_means, register
 
 
-@register
+@register("fpgm", summary="distance to the layer's geometric median (weights only)")
 class FPGM(Criterion):
-    name = "fpgm"
-    summary = "distance to the layer's geometric median (weights only)"
-
     def compute(self, run: ScoringRun) -> Scores:
         def distance_sums(filters: torch.Tensor) -> torch.Tensor:
             return torch.cdist(filters, filters).sum(dim=1)

@@ -18,7 +18,7 @@ points=first|all, amp=false (bf16 autocast on CUDA; ranks are computed in float3
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -43,13 +43,9 @@ def feature_ranks(feats: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_rank(maps).float()
 
 
-@register
+@register("hrank", needs=NEEDS_DATA, defaults=DEFAULTS,
+          summary="mean matrix rank of the channel's feature maps over calibration images (unlabelled)")
 class HRank(Criterion):
-    name = "hrank"
-    summary = "mean matrix rank of the channel's feature maps over calibration images (unlabelled)"
-    needs = NEEDS_DATA
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def compute(self, run: ScoringRun) -> Scores:
         opts = run.options
         mode = choice(self.name, "points", opts["points"], ("first", "all"))

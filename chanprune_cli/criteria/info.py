@@ -53,7 +53,7 @@ data given), amp=false.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,13 +172,9 @@ def info_components(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch]
             class_means(gates, mode, {key: st.independence() for key, st in stats.items()}))
 
 
-@register
+@register("info", needs=NEEDS_WEIGHTS, defaults=DEFAULTS,  # uses calibration data when given
+          summary="information capacity (entropy) + independence (1 - mean |corr|); data-free without --data (reconstructed)")
 class Info(Criterion):
-    name = "info"
-    summary = "information capacity (entropy) + independence (1 - mean |corr|); data-free without --data (reconstructed)"
-    needs = NEEDS_WEIGHTS  # uses calibration data when given
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def compute(self, run: ScoringRun) -> Scores:
         how = choice(self.name, "norm", run.options["norm"], ("mean", "minmax"))
         capacity, independence = info_components(run.model, run.graph, run.data, run.device, **run.options)

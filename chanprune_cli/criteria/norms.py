@@ -8,7 +8,7 @@ groups with many producers stay comparable with single-producer groups.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from .base import (
     Criterion,
@@ -21,10 +21,11 @@ from .base import (
 )
 from .gates import choice
 
+DEFAULTS: dict[str, Any] = {"side": "out"}
+
 
 class _NormCriterion(Criterion):
     p: int = 1
-    defaults: ClassVar[dict[str, Any]] = {"side": "out"}
 
     def compute(self, run: ScoringRun) -> Scores:
         model = run.model
@@ -39,15 +40,11 @@ class _NormCriterion(Criterion):
         return {g.id: per_class(g, class_score) for g in run.graph.prunable_groups()}
 
 
-@register
+@register("l1", defaults=DEFAULTS, summary="L1 norm of the producing filters (weights only)")
 class L1(_NormCriterion):
-    name = "l1"
-    summary = "L1 norm of the producing filters (weights only)"
     p = 1
 
 
-@register
+@register("l2", defaults=DEFAULTS, summary="L2 norm of the producing filters (weights only)")
 class L2(_NormCriterion):
-    name = "l2"
-    summary = "L2 norm of the producing filters (weights only)"
     p = 2

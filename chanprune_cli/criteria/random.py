@@ -7,11 +7,8 @@ import torch
 from .base import Criterion, Scores, ScoringRun, register
 
 
-@register
+@register("random", summary="uniform random scores from --seed (baseline)")
 class Random(Criterion):
-    name = "random"
-    summary = "uniform random scores from --seed (baseline)"
-
     def compute(self, run: ScoringRun) -> Scores:
         generator = torch.Generator().manual_seed(run.seed)
         return {g.id: torch.rand(g.channels, generator=generator, dtype=torch.float64) for g in run.graph.prunable_groups()}

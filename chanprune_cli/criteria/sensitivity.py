@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -319,13 +319,9 @@ def layer_sensitivity(model: nn.Module, graph: ChannelGraph, data: Iterable[Batc
         return _saliencies(net, graph, groups, hessian, diag, False)[1]
 
 
-@register
+@register("sensitivity", needs=NEEDS_LABELS, defaults=DEFAULTS,
+          summary="second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)")
 class Sensitivity(Criterion):
-    name = "sensitivity"
-    summary = "second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)"
-    needs = NEEDS_LABELS
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
         # The Fisher saliency is a loss increase; the activation Hessian is each layer's own output error.
         return str({**self.defaults, **(options or {})}["hessian"]) == "fisher"

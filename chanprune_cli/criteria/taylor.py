@@ -19,7 +19,7 @@ The model is scored in eval mode (BatchNorm running statistics); it is left unch
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +38,9 @@ from .gates import (
 DEFAULTS: dict[str, Any] = {"variant": "squared", "per_sample": False, "amp": False}
 
 
-@register
+@register("taylor", needs=NEEDS_LABELS, defaults=DEFAULTS,
+          summary="first-order Taylor: (dLoss/dgate)^2 of each channel over labelled batches")
 class Taylor(Criterion):
-    name = "taylor"
-    summary = "first-order Taylor: (dLoss/dgate)^2 of each channel over labelled batches"
-    needs = NEEDS_LABELS
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
         return True  # (dL/dg)^2 or |dL/dg| of one loss, whatever the layer
 

@@ -39,7 +39,7 @@ rescale=true, amp=false. Deterministic given `seed` (u is drawn from a seeded ge
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,13 +122,9 @@ def whitebox_masks(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch],
     return {gid: m.clone() for gid, m in zip(gates.channels, masks.detach().cpu().split(sizes, 1))}
 
 
-@register
+@register("whitebox", needs=NEEDS_LABELS, defaults=DEFAULTS,
+          summary="|sum over classes| of class-wise channel masks trained with CE + group penalty (labels, short training)")
 class WhiteBox(Criterion):
-    name = "whitebox"
-    summary = "|sum over classes| of class-wise channel masks trained with CE + group penalty (labels, short training)"
-    needs = NEEDS_LABELS
-    defaults: ClassVar[dict[str, Any]] = DEFAULTS  # option -> default (documented in the module docstring)
-
     def compute(self, run: ScoringRun) -> Scores:
         assert run.data is not None
         training = {key: value for key, value in run.options.items() if key != "rescale"}
