@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,8 +160,15 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+def _hooked_forward(model: nn.Module, x: torch.Tensor, hook_for: Callable[[str], Any]) -> Any:
+    """`model(x)` with `hook_for(name)` as the forward hook of every leaf module (removed after)."""
+    leaves = [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in leaves]
+    try:
+        return model(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _tolerance(reference: torch.Tensor, rtol: float) -> float:
@@ -195,19 +202,8 @@ class _LayerCheck:
         self.worst: tuple[float, str] | None = None  # (diff / tolerance, layer)
 
     def run(self, x: torch.Tensor) -> tuple[Any, Any]:
-        handles = [m.register_forward_hook(self._recorder(name)) for name, m in _leaves(self.reference)]
-        try:
-            ref = self.reference(x)
-        finally:
-            for h in handles:
-                h.remove()
-        handles = [m.register_forward_hook(self._substitute(name)) for name, m in _leaves(self.candidate)]
-        try:
-            got = self.candidate(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return ref, got
+        ref = _hooked_forward(self.reference, x, self._recorder)  # first: the candidate's hooks read what it records
+        return ref, _hooked_forward(self.candidate, x, self._substitute)
 
     def _recorder(self, name: str) -> Any:
         shapes = self.candidate_shapes.get(name, [])
@@ -242,12 +238,7 @@ def _recording_shapes(model: nn.Module, x: torch.Tensor, shapes: dict[str, list[
             shapes.setdefault(name, []).append(output.shape if isinstance(output, torch.Tensor) else None)
         return hook
 
-    handles = [m.register_forward_hook(recorder(name)) for name, m in _leaves(model)]
-    try:
-        return model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    return _hooked_forward(model, x, recorder)
 
 
 @torch.no_grad()
