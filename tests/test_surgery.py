@@ -818,7 +818,7 @@ def test_mask_model_zeroes_planned_channels() -> None:
 
 def test_plan_that_empties_a_layer_is_refused() -> None:
     """In the option-A stage chain a plan can keep most of the group yet remove all 16 stage-1
-    classes: surgery must refuse (it used to build a 0-channel conv), leaving the model intact."""
+    classes: surgery must refuse (rather than build a 0-channel conv), leaving the model intact."""
     from chanprune_cli.errors import UserError
     from chanprune_cli.models import CifarResNet
 
