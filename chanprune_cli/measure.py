@@ -301,7 +301,7 @@ def evaluate(
     }
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100) of an already sorted list."""
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -366,7 +366,7 @@ def measure_latency(
     median = statistics.median(ms)
     return {
         "median_ms": median,
-        "p90_ms": _percentile(ms, 90.0),
+        "p90_ms": percentile(ms, 90.0),
         "mean_ms": statistics.fmean(ms),
         "min_ms": ms[0],
         "std_ms": statistics.stdev(ms) if len(ms) > 1 else 0.0,

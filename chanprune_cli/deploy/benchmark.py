@@ -4,20 +4,25 @@ The first model is the reference: every other model's speed-up, MACs ratio and a
 are relative to it. Measuring is split in steps the command calls in order (describe every model,
 then accuracy, then latency), so that bad data fails before the slow timing starts.
 
-Latency is `measure.measure_latency`: warm-up runs, then the median (and p90) of repeated timed
-forward passes of one random batch, CUDA synchronised, with a fixed intra-op thread count on the
-CPU. Models are timed as deployed (`Deployment`): a copy in the chosen precision (fp32, fp16,
-bf16: weights and input converted, as an exported half-precision model runs), optionally in
-channels-last memory order and through torch.compile, with cuDNN autotuning (on CUDA, by
-default) scoped to the timing: the warm-up runs pick each layer's fastest kernel. Accuracy is
-measured on the float32 model. The median rather than the mean, because a busy machine only ever adds time: one preempted run
-moves the mean but not the median. `max_time` bounds one model at one batch size: after a probe
-run, the number of timed runs is cut so that they take about `max_time` seconds (never fewer than
-`MIN_REPEATS`), so large models at large batches stay affordable on a CPU.
+Latency: warm-up runs, then the median (and p90) of repeated timed forward passes of one random
+batch, CUDA synchronised, with a fixed intra-op thread count on the CPU. `chanprune bench` times
+the models round by round (A, B, A, B, ...: `runtimes.time_interleaved`, summarised by
+`latency_summary`), so that a machine that gets busier slows every model alike, in PyTorch or in
+ONNX Runtime (`runtimes.LatencyTarget`); `time_model` times one model alone
+(`measure.measure_latency`). Models are timed as deployed (`Deployment`): a copy in the chosen
+precision (fp32, fp16, bf16: weights and input converted, as an exported half-precision model
+runs), optionally in channels-last memory order and through torch.compile, with cuDNN autotuning
+(on CUDA, by default) scoped to the timing: the warm-up runs pick each layer's fastest kernel.
+Accuracy is measured on the float32 model. The median rather than the mean, because a busy machine
+only ever adds time: one preempted run moves the mean but not the median. `max_time` bounds one
+model at one batch size: after a probe run, the number of timed runs is cut so that they take
+about `max_time` seconds (never fewer than `MIN_REPEATS`), so large models at large batches stay
+affordable on a CPU.
 
 Gates (for CI): `max-acc-drop` compares each model's top-1 with the reference's (percentage points,
 positive = worse); `min-speedup` compares measured latency, reference median / model median, at one
-batch size. Every non-reference model is gated; the command exits 3 when any gate fails.
+batch size; `max-latency-ratio` the other way round, model median / reference median. Every
+non-reference model is gated; the command exits 3 when any gate fails.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import copy
 import math
 import platform
+import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -268,6 +274,16 @@ def _time_model(model: nn.Module, input_shape: Sequence[int], batch_size: int, d
     return result
 
 
+def latency_summary(ms: Sequence[float], batch_size: int, threads: int, warmup: int) -> dict[str, Any]:
+    """Timed runs (ms) as `measure.measure_latency` reports them, with the warm-up runs done."""
+    ordered = sorted(ms)
+    median = statistics.median(ordered)
+    return {"median_ms": median, "p90_ms": measure.percentile(ordered, 90.0), "mean_ms": statistics.fmean(ordered),
+            "min_ms": ordered[0], "std_ms": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+            "throughput_ips": batch_size / (median / 1000.0) if median > 0 else float("inf"),
+            "batch_size": batch_size, "repeats": len(ordered), "threads": threads, "warmup": warmup}
+
+
 def accuracy(model: nn.Module, loader: Any, device: torch.device, max_batches: int | None) -> dict[str, Any]:
     result = measure.evaluate(model, loader, device, max_batches=max_batches, progress=True)
     return {"top1": float(result["top1"]), "top5": float(result["top5"]), "images": int(result["images"]),
@@ -351,12 +367,14 @@ def compare(reference: ModelResult, model: ModelResult) -> Comparison:
 class Gate:
     """One CI check of one model against the reference."""
 
-    name: str  # "max-acc-drop" | "min-speedup"
+    name: str  # "max-acc-drop" | "min-speedup" | "max-latency-ratio"
     model: str  # the checked model's path
     limit: float
-    value: float  # max-acc-drop: top-1 points lost vs the reference; min-speedup: measured latency ratio
+    # max-acc-drop: top-1 points lost vs the reference; min-speedup: reference latency / model latency;
+    # max-latency-ratio: model latency / reference latency
+    value: float
     passed: bool
-    batch_size: int | None = None  # min-speedup: the batch size compared
+    batch_size: int | None = None  # min-speedup, max-latency-ratio: the batch size compared
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "limit": self.limit, "value": self.value,
@@ -368,12 +386,17 @@ class Gate:
             said = (f"loses {self.value:.2f} pts top-1" if self.value >= 0 else f"gains {-self.value:.2f} pts top-1")
             text = f"--max-acc-drop {self.limit:g}: {self.model} {said} vs the reference"
             return text + ("" if self.passed else f", {self.value - self.limit:.2f} pts over the limit")
+        if self.name == "max-latency-ratio":
+            text = (f"--max-latency-ratio {self.limit:g}: {self.model} takes {self.value:.3f} of the reference's latency "
+                    f"at batch {self.batch_size}")
+            return text + ("" if self.passed else f", {self.value - self.limit:.3f} over the limit")
         text = f"--min-speedup {self.limit:g}: {self.model} is {self.value:.2f}x as fast as the reference at batch {self.batch_size}"
         return text + ("" if self.passed else f", {self.limit - self.value:.2f}x short")
 
 
 def evaluate_gates(results: Sequence[ModelResult], comparisons: Sequence[Comparison], *,
-                   max_acc_drop: float | None, min_speedup: float | None, gate_batch: int | None) -> list[Gate]:
+                   max_acc_drop: float | None, min_speedup: float | None, gate_batch: int | None,
+                   max_latency_ratio: float | None = None) -> list[Gate]:
     """Check every non-reference model (results[1:], comparisons[1:]) against the requested limits."""
     gates: list[Gate] = []
     for result, comp in zip(results[1:], comparisons[1:]):
@@ -384,6 +407,10 @@ def evaluate_gates(results: Sequence[ModelResult], comparisons: Sequence[Compari
             value = comp.speedup[gate_batch]
             gates.append(Gate("min-speedup", result.path, float(min_speedup), value, value >= min_speedup,
                               batch_size=gate_batch))
+        if max_latency_ratio is not None and gate_batch is not None and gate_batch in comp.speedup:
+            value = 1 / comp.speedup[gate_batch] if comp.speedup[gate_batch] else math.inf
+            gates.append(Gate("max-latency-ratio", result.path, float(max_latency_ratio), value,
+                              value <= max_latency_ratio, batch_size=gate_batch))
     return gates
 
 

@@ -21,6 +21,8 @@ alike, and reports the median of each (a busy machine only ever adds time).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import importlib
 import math
 import statistics
@@ -53,15 +55,17 @@ class LatencyTarget:
     batch: int = 1
     threads: int | None = None  # None: torch's current intra-op thread count
     deployment: Deployment = field(default_factory=Deployment)
+    flag: str = "--latency-runtime"  # the option that chose the runtime, as errors name it
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
-            raise UserError(f"--latency-runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+            raise UserError(f"{self.flag} must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.batch < 1:
             raise UserError(f"--latency-batch must be at least 1, got {self.batch}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
-        self.deployment.check()
+        if self.deployment.dtype not in DTYPES:
+            raise UserError(f"--latency-dtype must be one of {', '.join(DTYPES)}, got {self.deployment.dtype!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -76,23 +80,22 @@ class LatencyTarget:
         cuda = self.torch_device.type == "cuda"
         if self.runtime == "onnxruntime":
             if _missing("onnxruntime") or _missing("onnx"):
-                raise UserError("--latency-runtime onnxruntime needs onnx and onnxruntime, which are not installed; "
-                                "install them with: pip install onnx onnxruntime (or use --latency-runtime torch)")
+                raise UserError(f"{self.flag} onnxruntime needs onnx and onnxruntime, which are not installed; "
+                                f"install them with: pip install onnx onnxruntime (or use {self.flag} torch)")
             if cuda:
-                raise UserError("--latency-runtime onnxruntime times ONNX Runtime's CPU provider; use --device cpu")
+                raise UserError(f"{self.flag} onnxruntime times ONNX Runtime's CPU provider; use --device cpu")
             if self.deployment.dtype != "fp32" or self.deployment.compile:
-                raise UserError("--latency-runtime onnxruntime runs the float32 ONNX export; drop --dtype and --compile "
-                                "(they choose how PyTorch runs the model)")
+                raise UserError(f"{self.flag} onnxruntime runs the float32 ONNX export; time it in fp32 without "
+                                "--compile (drop the precision and compile options, which choose how PyTorch runs it)")
         elif self.runtime == "tensorrt":
             if not cuda:
-                raise UserError("--latency-runtime tensorrt needs a CUDA GPU; use --device cuda, or time with "
-                                "--latency-runtime torch or onnxruntime")
+                raise UserError(f"{self.flag} tensorrt needs a CUDA GPU; use --device cuda, or time with "
+                                f"{self.flag} torch or onnxruntime")
             if _missing("torch_tensorrt"):
-                raise UserError("--latency-runtime tensorrt needs torch_tensorrt, which is not installed; install it "
-                                "with: pip install torch-tensorrt (or use --latency-runtime torch)")
+                raise UserError(f"{self.flag} tensorrt needs torch_tensorrt, which is not installed; install it "
+                                f"with: pip install torch-tensorrt (or use {self.flag} torch)")
             if self.deployment.dtype == "bf16":
-                raise UserError("--latency-runtime tensorrt: use --dtype fp16 or fp32 (TensorRT builds half precision "
-                                "engines in fp16)")
+                raise UserError(f"{self.flag} tensorrt builds half-precision engines in fp16: time in fp16 or fp32")
 
     def favoured_multiple(self) -> int:
         """The width multiple the runtime's kernels favour: the CPU's vector width in floats (8 with
@@ -121,7 +124,8 @@ class LatencyTarget:
                 "cudnn_benchmark": d.autotune(self.torch_device), "compile": d.compile}
 
     def to_json(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "device": device_name(self.torch_device), "batch": self.batch,
+        return {"runtime": self.runtime, "device": str(self.torch_device), "device_name": device_name(self.torch_device),
+                "batch": self.batch,
                 "threads": self.thread_count, "dtype": self.deployment.dtype,
                 "channels_last": self.deployment.channels_last}
 
@@ -129,18 +133,24 @@ class LatencyTarget:
 
     def model_runner(self, model: nn.Module, input_shape: Sequence[int]) -> Runner:
         """`model` as it runs on this target, on a fixed random batch (see the module doc)."""
+        return self.prepare(model, input_shape)(self.batch)
+
+    def prepare(self, model: nn.Module, input_shape: Sequence[int]) -> Callable[[int], Runner]:
+        """`model` made ready for this runtime once (deployed, exported), as a runner per batch size."""
         if self.runtime == "onnxruntime":
-            return _onnx_model_runner(model, input_shape, self.batch, self.thread_count)
+            session = _onnx_session(_onnx_export(model, input_shape), self.thread_count)
+            return lambda batch: _onnx_runner(session, input_shape, batch)
         if self.runtime == "tensorrt":
-            return _tensorrt_runner(model, input_shape, self)
+            return lambda batch: _tensorrt_runner(model, input_shape, dataclasses.replace(self, batch=batch))
         timed = deployed(model, self.deployment, self.torch_device, input_shape)
-        return _torch_runner(timed, self._input(input_shape), self.torch_device)
+        return lambda batch: _torch_runner(timed, dataclasses.replace(self, batch=batch)._input(input_shape),
+                                           self.torch_device)
 
     def layer_runner(self, layer: nn.Module, input_shape: Sequence[int]) -> Runner:
         """One conv/linear layer (random weights) as it runs on this target, on `input_shape` inputs."""
         if self.runtime == "onnxruntime":
-            return _onnx_session_runner(_onnx_layer(layer, input_shape, self.batch), input_shape, self.batch,
-                                        self.thread_count)
+            session = _onnx_session(_onnx_layer(layer, input_shape, self.batch), self.thread_count)
+            return _onnx_runner(session, input_shape, self.batch)
         if self.runtime == "tensorrt":
             return _tensorrt_runner(layer, input_shape, self)
         d = self.deployment
@@ -189,16 +199,18 @@ def _torch_runner(model: nn.Module, x: torch.Tensor, device: torch.device) -> Ru
     return run
 
 
-def _onnx_session_runner(path_or_bytes: str | bytes, input_shape: Sequence[int], batch: int, threads: int) -> Runner:
+def _onnx_session(model: bytes, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    feed = {name: _random_input(batch, input_shape).numpy()}
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_runner(session: Any, input_shape: Sequence[int], batch: int) -> Runner:
+    feed = {session.get_inputs()[0].name: _random_input(batch, input_shape).numpy()}
 
     def run() -> None:
         session.run(None, feed)
@@ -206,14 +218,14 @@ def _onnx_session_runner(path_or_bytes: str | bytes, input_shape: Sequence[int],
     return run
 
 
-def _onnx_model_runner(model: nn.Module, input_shape: Sequence[int], batch: int, threads: int) -> Runner:
-    """The model exported to a temporary ONNX file (checked against PyTorch as `export` checks it)."""
+def _onnx_export(model: nn.Module, input_shape: Sequence[int]) -> bytes:
+    """The model exported to ONNX with a dynamic batch axis, checked against PyTorch as `export` checks it."""
     from .export import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="chanprune-latency-") as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(model.cpu().float().eval(), path, input_shape)
-        return _onnx_session_runner(path.read_bytes(), input_shape, batch, threads)
+        export_onnx(copy.deepcopy(model).cpu().float().eval(), path, input_shape)
+        return path.read_bytes()
 
 
 def _onnx_layer(layer: nn.Module, input_shape: Sequence[int], batch: int) -> bytes:
@@ -281,38 +293,52 @@ def _tensorrt_runner(model: nn.Module, input_shape: Sequence[int], target: Laten
 
 @dataclass(frozen=True)
 class Timing:
-    """How many runs a latency takes: `warmup` untimed runs of each runner, then `repeats` timed rounds,
-    cut so that the rounds take about `max_time` seconds (never fewer than `MIN_REPEATS`; None: no cut)."""
+    """How many runs a latency takes: `warmup` untimed runs of each runner, then `repeats` timed rounds.
+    With `max_time` (seconds), one probe round (after `settle` untimed runs: autotuning and compiling
+    happen in the first) says how long a round takes; the rounds are then cut to take about
+    `max_time` (never fewer than `MIN_REPEATS`) and the warm-up to a quarter of it."""
 
     warmup: int = 3
     repeats: int = 30
     max_time: float | None = 5.0
+    settle: int = 0
 
 
 def time_interleaved(runners: Sequence[Runner], timing: Timing = Timing()) -> list[list[float]]:
     """The milliseconds of every timed run of each runner, taken round by round (A, B, A, B, ...).
 
     Call it inside `LatencyTarget.timing()` (threads, autotuning, no autograd)."""
+    return interleaved_runs(runners, timing)[0]
+
+
+def interleaved_runs(runners: Sequence[Runner], timing: Timing) -> tuple[list[list[float]], int]:
+    """`time_interleaved`, and the untimed runs each runner had (the probe included)."""
     if not runners:
-        return []
-    for run in runners:
-        for _ in range(timing.warmup):
-            run()
-    repeats = timing.repeats
-    if timing.max_time is not None and repeats > MIN_REPEATS:
-        probe = []
+        return [], 0
+
+    def round_() -> float:
+        start = time.perf_counter()
         for run in runners:
-            start = time.perf_counter()
             run()
-            probe.append(time.perf_counter() - start)
-        repeats = max(MIN_REPEATS, min(repeats, int(timing.max_time / max(sum(probe), 1e-6))))
+        return time.perf_counter() - start
+
+    warmup, repeats, done = timing.warmup, timing.repeats, 0
+    if timing.max_time is not None and timing.max_time > 0 and (repeats > MIN_REPEATS or warmup > 1):
+        for _ in range(timing.settle):
+            round_()
+        per_round = max(round_(), 1e-6)
+        done = timing.settle + 1
+        warmup = max(0, min(warmup - done, int(0.25 * timing.max_time / per_round)))
+        repeats = max(MIN_REPEATS, min(repeats, int(timing.max_time / per_round)))
+    for _ in range(warmup):
+        round_()
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(repeats):
         for i, run in enumerate(runners):
             start = time.perf_counter()
             run()
             times[i].append((time.perf_counter() - start) * 1000.0)
-    return times
+    return times, done + warmup
 
 
 def median_ms(times: Sequence[float]) -> float:

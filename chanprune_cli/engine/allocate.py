@@ -68,7 +68,9 @@ class AllocationOptions:
     of `ratio`; with `target_flops` it loses that fraction whatever the target, takes no part in the
     global ranking, and its removal counts towards the target.
     `min_keep`: every layer keeps at least this fraction (< 1) or count of its channels; `round_to`:
-    kept widths are multiples of it (both hold for `layer_ratio` groups too).
+    kept widths are multiples of it (both hold for `layer_ratio` groups too); "auto" stands for the
+    multiple the latency target's kernels favour, which the prune recipe puts in its place
+    (`deploy.runtimes.LatencyTarget.favoured_multiple`) before anything is allocated.
     `cost_exponent` E (`target_flops` only): rank channels by normalised importance / cost^E, the
     cost being the MACs one channel of the group costs relative to the mean over groups. E = 0 is
     the plain global ranking; E = 1 ranks importance per MAC, so the target is met by removing the
@@ -87,7 +89,7 @@ class AllocationOptions:
     target_flops: float | None = None
     layer_ratio: LayerRatioArg | None = None
     min_keep: float = DEFAULT_MIN_KEEP
-    round_to: int = 1
+    round_to: int | str = 1
     cost_exponent: float = 0.0
     normalize: str = "auto"
     rounds: int = 1
@@ -114,7 +116,13 @@ class AllocationOptions:
                                 "weighs them by the milliseconds they cost: drop --cost-exponent")
         object.__setattr__(self, "layer_ratio", parse_layer_ratios(self.layer_ratio))
         parse_min_keep(self.min_keep)
-        if self.round_to < 1:
+        if isinstance(self.round_to, str):
+            text = self.round_to.strip().lower()
+            try:
+                object.__setattr__(self, "round_to", text if text == "auto" else int(text))
+            except ValueError:
+                raise UserError(f"--round-to must be a whole number of channels or auto, got {self.round_to!r}") from None
+        if self.round_to != "auto" and self.round_to < 1:  # type: ignore[operator]
             raise UserError(f"--round-to must be at least 1, got {self.round_to}")
         if self.normalize not in NORMALIZE_MODES:
             raise UserError(f"--normalize must be auto, mean or none, got {self.normalize!r}")
@@ -362,6 +370,9 @@ class _Planner:
         groups = graph.prunable_groups()
         if not groups:
             raise UserError("this model has no prunable channel group (see `chanprune analyze` for the reasons)")
+        if not isinstance(options.round_to, int):
+            raise UserError("--round-to auto takes its multiple from a latency target: give the number (e.g. --round-to 8), "
+                            "or prune through chanprune prune, which measures the target")
         widest = max(g.channels for g in groups)
         if widest < options.round_to:
             raise UserError(f"--round-to {options.round_to} is larger than every prunable layer (widest: {widest} "

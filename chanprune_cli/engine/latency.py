@@ -312,3 +312,23 @@ class LatencyUnreachable(UserError):
     def __init__(self, message: str, closest_ms: float, original_ms: float) -> None:
         super().__init__(message)
         self.closest_ms, self.original_ms = closest_ms, original_ms
+
+
+def width_curve(model: LatencyModel, plan: Mapping[int, Sequence[int]], group_id: int) -> tuple[list[int], list[float]]:
+    """The latency of the layers whose widths follow group `group_id`, at each width it can keep (the
+    other groups as `plan` leaves them): the staircase a plan's width sits on. The group loses the
+    channels `plan` removes first, then its other prunable ones in order."""
+    group = next(g for g in model.graph.groups if g.id == group_id)
+    removed = list(plan.get(group_id, ()))
+    order = removed + [i for i in group.prunable_classes if i not in set(removed)]
+    base = removed_slots(model.graph, {gid: v for gid, v in plan.items() if gid != group_id})
+    counts: dict[tuple[str, str], torch.Tensor] = {}
+    for step, ci in enumerate(order):
+        for module, kind, _ in group.classes[ci]:
+            counts.setdefault((module, kind), torch.zeros(len(order) + 1, dtype=torch.long))[step + 1:] += 1
+    trial = {slot: base.get(slot, 0) + c for slot, c in counts.items()}
+    merged: dict[tuple[str, str], Units] = {**base, **trial}
+    ms = model.layers_ms(merged, [m for m in model.modules_reading(list(counts)) if m in model.tables])
+    widths = [group.channels - k for k in range(len(order) + 1)]
+    values = torch.as_tensor(ms, dtype=torch.float64).expand(len(widths)).tolist()
+    return widths, values

@@ -4,7 +4,8 @@ original, correct the budget, until the measured ratio meets the target.
 The first budget is the target ratio of the original's predicted latency. Each attempt allocates
 to the budget (`engine.allocate`, `target_latency`), removes the planned channels from a copy
 (unverified: it is only timed) and times it against the original, interleaved (A, B, A, B, ...),
-so the ratio of their medians holds on a machine whose load changes. A measured ratio off the
+and the ratio is the median of the round-by-round ratios: two runs side by side share the load of
+the moment, so the ratio holds on a machine whose load changes. A measured ratio off the
 target by more than `tolerance` moves the budget: in proportion at first, then by the secant
 through the attempts on either side of the target (removing more when the candidate was too slow,
 giving back when it was faster than asked). At most `max_attempts` attempts; the one closest to
@@ -16,8 +17,10 @@ of is a `UserError` that says how close it got and what stopped it, before anyth
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,7 +34,8 @@ from ..prune import pruning
 from ..prune.scoring import ResolvedCriterion
 from .table import LatencyTables, pruned
 
-__all__ = ["ACCEPT", "TOLERANCE", "Attempt", "LatencyResult", "PairTimer", "prune_to_latency", "slower_warning"]
+__all__ = ["ACCEPT", "TOLERANCE", "Attempt", "LatencyResult", "PairTimer", "PairTiming", "prune_to_latency",
+           "slower_warning"]
 
 TOLERANCE = 0.02  # a measured ratio this close to the target ends the corrections
 ACCEPT = 0.05  # the closest attempt must be at least this close, else the target is not met
@@ -47,26 +51,33 @@ class PairTimer:
         self.input_shape, self.target, self.timing = tuple(input_shape), target, timing
         self.original: Runner = target.model_runner(original, input_shape)
 
-    def __call__(self, candidate: nn.Module) -> tuple[float, float]:
-        """(original, candidate) median milliseconds, timed round by round."""
+    def __call__(self, candidate: nn.Module) -> PairTiming:
+        """The original's and the candidate's medians, timed round by round, and their ratio."""
         runner = self.target.model_runner(candidate, self.input_shape)
         with self.target.timing():
             before, after = time_interleaved([self.original, runner], self.timing)
-        return median_ms(before), median_ms(after)
+        return PairTiming(median_ms(before), median_ms(after), statistics.median(b / a for a, b in zip(before, after)))
+
+
+class PairTiming(NamedTuple):
+    """An original and a candidate timed side by side: medians (ms) and the candidate's latency as a
+    fraction of the original's (the median of the round-by-round ratios; None: after / before)."""
+
+    before_ms: float
+    after_ms: float
+    ratio: float | None = None
 
 
 @dataclass
 class Attempt:
-    """One timed candidate: the budget it was planned to, its prediction and the medians measured."""
+    """One timed candidate: the budget it was planned to, its prediction, the medians measured and
+    the measured ratio (`PairTiming`)."""
 
     budget_ms: float
     predicted_ms: float
     before_ms: float
     after_ms: float
-
-    @property
-    def ratio(self) -> float:
-        return self.after_ms / self.before_ms
+    ratio: float
 
     def to_json(self) -> dict[str, float]:
         return {"budget_ms": self.budget_ms, "predicted_ms": self.predicted_ms, "before_ms": self.before_ms,
@@ -101,23 +112,24 @@ def goal_ratio(goal: LatencyGoal, original_ms: float) -> float:
 
 def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor],
                      input_shape: Sequence[int], *, criterion: ResolvedCriterion, options: AllocationOptions,
-                     tables: LatencyTables, time_candidate: Callable[[nn.Module], tuple[float, float]],
+                     tables: LatencyTables, time_candidate: Callable[[nn.Module], tuple[float, ...]],
                      removed: Mapping[int, Sequence[int]] | None = None, check: bool = True,
                      tolerance: float = TOLERANCE, accept: float = ACCEPT, max_attempts: int = MAX_ATTEMPTS,
                      progress: Callable[[str], None] | None = None) -> LatencyResult:
     """`model` pruned to `options.target_latency` as measured by `time_candidate` (see the module doc).
 
-    `time_candidate(pruned)` returns the (original, pruned) medians timed interleaved (`PairTimer`);
+    `time_candidate(pruned)` returns a `PairTiming` (or its first fields) for the original and `pruned`
+    timed interleaved (`PairTimer`);
     `tables`: the target's latency model of `model`. `criterion`, `removed`, `check`: as `pruning.prune`."""
     goal = options.target_latency
     assert isinstance(goal, LatencyGoal)  # AllocationOptions parses it
     latency = tables.model
     ratio = goal_ratio(goal, tables.original_ms)
     planning = dataclasses.replace(options, normalize=criterion.normalize_mode(options.normalize))
-    budget, step = ratio * latency.predict({}), 0.0
+    budget, step, repeats = ratio * latency.predict({}), 0.0, 0
     attempts: list[Attempt] = []
     plans: list[dict[int, list[int]]] = []
-    stopped = f"{max_attempts} attempts did not come within {tolerance:g} of it (timing noise: a busy machine?)"
+    stopped = f"{max_attempts} corrections did not come within {tolerance:g} of it (timing noise: a busy machine?)"
     for _ in range(max_attempts):
         try:
             plan = allocate(graph, scores, planning, removed=removed, latency=LatencyBudget(latency, budget)).plan
@@ -127,15 +139,22 @@ def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int,
             stopped = str(exc)
             break
         if plan in plans:  # the budget moved within one step of the staircase: move it as far again
+            repeats += 1
+            if repeats > 2 or not step:
+                stopped = "the plan stopped changing as the budget moved (every group at its floor, or the tables " \
+                          "cannot tell the widths apart)"
+                break
             budget += step
             continue
-        before, after = time_candidate(pruned(model, graph, plan))
-        attempt = Attempt(budget, latency.predict_plan(plan), before, after)
+        repeats = 0
+        timed = PairTiming(*time_candidate(pruned(model, graph, plan)))
+        measured = timed.ratio if timed.ratio is not None else timed.after_ms / timed.before_ms
+        attempt = Attempt(budget, latency.predict_plan(plan), timed.before_ms, timed.after_ms, measured)
         attempts.append(attempt)
         plans.append(plan)
         if progress is not None:
-            progress(f"latency attempt {len(attempts)}: {attempt.after_ms:.3g} / {attempt.before_ms:.3g} ms = "
-                     f"{attempt.ratio:.3f} of the original (target {ratio:.3f}; predicted {attempt.predicted_ms:.3g} ms)")
+            progress(f"latency attempt {len(attempts)}: {attempt.after_ms:.3g} ms vs the original's {attempt.before_ms:.3g} "
+                     f"ms: {attempt.ratio:.3f} of it (target {ratio:.3f}; predicted {attempt.predicted_ms:.3g} ms)")
         if abs(attempt.ratio - ratio) <= tolerance:
             break
         following = _next_budget(attempts, ratio, budget)
@@ -173,9 +192,10 @@ def _next_budget(attempts: Sequence[Attempt], ratio: float, budget: float) -> fl
     return budget * ratio / last.ratio
 
 
-def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget) -> str | None:
-    """One line when the pruned model runs slower than the original on `target` (None: it does not)."""
-    if after_ms <= before_ms:
+def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget, ratio: float | None = None) -> str | None:
+    """One line when the pruned model runs slower than the original on `target`: by the measured
+    `ratio` when given, else by the medians (None: it does not)."""
+    if (ratio if ratio is not None else after_ms / before_ms) <= 1:
         return None
     return (f"the pruned model is slower than the original on {target.runtime} ({target.device}, batch {target.batch}): "
             f"{after_ms:.3g} ms vs {before_ms:.3g} ms; prune with --target-latency to plan for this target, or "

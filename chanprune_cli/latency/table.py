@@ -196,6 +196,9 @@ def _signature(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequen
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+PointTimer = Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float]
+
+
 def _time_point(spec: LayerSpec, units: Mapping[str, int], target: LatencyTarget) -> float:
     layer = spec.module(units)
     with torch.no_grad():
@@ -205,9 +208,10 @@ def _time_point(spec: LayerSpec, units: Mapping[str, int], target: LatencyTarget
 
 
 def measure_table(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequence[int]], align: Sequence[int],
-                  target: LatencyTarget, time_point: Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float]
-                  = _time_point) -> LayerTable:
-    """`spec` timed at every point of `grid`; a point slower than a wider neighbour is timed again."""
+                  target: LatencyTarget, time_point: PointTimer | None = None) -> LayerTable:
+    """`spec` timed at every point of `grid` (by `time_point`, default: on `target`); a point slower
+    than a wider neighbour is timed again."""
+    time_point = time_point or _time_point
     points = list(itertools.product(*grid))
     ms = {p: time_point(spec, dict(zip((a.kind for a in axes), p)), target) for p in points}
     for p in points:
@@ -223,7 +227,7 @@ def measure_table(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Seq
 
 def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequence[int], target: LatencyTarget, *,
                         use_cache: bool = True, progress: Callable[[str], None] | None = None,
-                        time_point: Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float] = _time_point,
+                        time_point: PointTimer | None = None,
                         time_models: Callable[[Sequence[nn.Module]], list[float]] | None = None) -> LatencyTables:
     """The latency model of `model` (with its channel `graph`) on `target`: tables measured or read
     from the cache, and the remainder measured. `time_point` and `time_models` (medians of whole
