@@ -366,13 +366,12 @@ class SplitBySizeAttributesRecorded(SplitBySizeAttributes):
         return torch.cat([conv(p) for conv, p in zip(self.convs, pieces)], 1)
 
 
-def test_split_sizes_stay_pinned_in_a_recorded_trace() -> None:
-    # A recording sees only values: a literal size may have been read from another tensor's shape
-    # (YOLO11's attention views v to its input's channel count), so it is not matched to attributes.
-    graph, _, p = prune_and_check(SplitBySizeAttributesRecorded("tuple"), (3, 4, 4), expect_removal=False)
+def test_split_sizes_held_by_module_attributes_shrink_in_a_recorded_trace_too() -> None:
+    # A recording notes the module running each op, and sizes read from tensors are `size` nodes
+    # there (as in fx), so a literal size that matches the running module's attribute is that attribute.
+    graph, _, p = prune_and_check(SplitBySizeAttributesRecorded("tuple"), (3, 4, 4))
     assert graph.tracing == "recorded"
-    g = group_of(graph, "stem")
-    assert not g.prunable and "split into fixed sizes" in g.reason and p.split_indices == (4, 3, 5)
+    assert group_of(graph, "stem").prunable and p.split_indices == (2, 2, 2)
 
 
 def test_split_size_two_attributes_hold_is_pinned() -> None:
@@ -402,10 +401,27 @@ class BorrowedSize(nn.Module):
         return self.head(torch.cat([x, v.flatten(2).reshape(b, c, h, w)], 1))
 
 
-def test_reshape_to_a_size_read_from_another_tensor_couples_their_channels() -> None:
-    model = BorrowedSize(pinned=False)
+class BorrowedSizeRecorded(BorrowedSize):
+    """The same, with control flow on a size: torch.fx cannot trace it, so it is recorded and the
+    sizes are values, remembered as read from `x`'s shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        if x.shape[-1] % 2:
+            x = x.flip(-1)
+        b, c, h, w = x.shape
+        v = self.v(x)
+        if self.pinned:
+            v = v.view(b, 2, 8, h * w)[:, 1]
+        return self.head(torch.cat([x, v.flatten(2).reshape(b, c, h, w)], 1))
+
+
+@pytest.mark.parametrize("cls", [BorrowedSize, BorrowedSizeRecorded])
+def test_reshape_to_a_size_read_from_another_tensor_couples_their_channels(cls: type[BorrowedSize]) -> None:
+    model = cls(pinned=False)
     randomize(model)
     graph = build_graph(model, (3, 4, 4))
+    assert graph.tracing == ("recorded" if cls is BorrowedSizeRecorded else "fx")
     g = group_of(graph, "stem")
     assert g is group_of(graph, "v") and g.channels == 8  # stem channel j and v channel j fall together
     plan = {g.id: [1, 2, 5]}
@@ -415,9 +431,99 @@ def test_reshape_to_a_size_read_from_another_tensor_couples_their_channels() -> 
     assert pruned.stem.out_channels == pruned.v.out_channels == 5 and pruned.head.in_channels == 10
 
 
-def test_reshape_to_a_size_read_from_another_tensor_with_a_fixed_count_pins_it() -> None:
-    graph, _, p = prune_and_check(BorrowedSize(pinned=True), (3, 4, 4), expect_removal=False)
+@pytest.mark.parametrize("cls", [BorrowedSize, BorrowedSizeRecorded])
+def test_reshape_to_a_size_read_from_another_tensor_with_a_fixed_count_pins_it(cls: type[BorrowedSize]) -> None:
+    graph, _, p = prune_and_check(cls(pinned=True), (3, 4, 4), expect_removal=False)
     assert not group_of(graph, "stem").prunable and p.stem.out_channels == 8
+
+
+class ReadsItsInputSize(nn.Module):
+    """Attention as YOLO26's blocks write it: `C` read from the block input's shape views the
+    attention's values, whose count is fixed by the literal head layout (the input must keep it)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.key_dim = self.head_dim // 2
+        self.qkv = nn.Conv2d(dim, dim + 2 * self.key_dim * heads, 1)
+        self.pe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.num_heads, self.key_dim * 2 + self.head_dim, H * W).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        return self.proj((v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W)))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.attn = ReadsItsInputSize()
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2:  # control flow on a size: recorded, as ultralytics' models are
+            x = x.flip(-1)
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + self.attn(x)
+        return self.head(F.relu(self.conv(x)))
+
+
+def test_attention_reading_its_input_size_keeps_that_input_whole_in_a_recording() -> None:
+    graph, plan, pruned = prune_and_check(AttentionNet(), (3, 4, 4))
+    assert graph.tracing == "recorded"
+    stem = group_of(graph, "stem")
+    # coupled to the values, whose literal head layout pins them (and so the block input)
+    assert not stem.prunable and "reshape to a fixed channel count" in stem.reason
+    assert group_of(graph, "conv").prunable and pruned.stem.out_channels == 8 and pruned.conv.out_channels == 3
+
+
+def test_a_pruned_model_that_cannot_run_fails_verification_naming_the_module() -> None:
+    model = randomize(AttentionNet())
+    graph = build_graph(model, (3, 4, 4))
+    plan = {group_of(graph, "conv").id: [1]}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    pruned.attn.num_heads = 3  # as if surgery had left the head layout stale: the view cannot run
+    result = verify(model, graph, plan, pruned, (3, 4, 4))
+    assert not result.passed and result.worst_layer == "attn" and result.failure.startswith("RuntimeError: shape")
+
+    from chanprune_cli.errors import ChanpruneError
+    from chanprune_cli.prune import pruning
+
+    def stale(m: nn.Module, g: ChannelGraph, p: dict[int, list[int]]) -> None:
+        prune_model(m, g, p)
+        m.attn.num_heads = 3
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pruning, "prune_model", stale)
+        with pytest.raises(ChanpruneError, match=r"^verification failed: the pruned model cannot run: RuntimeError: "
+                                                 r"shape .* in attn; nothing was written"):
+            pruning.pruned_copy(model, graph, plan, (3, 4, 4))
+
+
+class Anchors(nn.Module):
+    """Anchors made `like` the features (ultralytics' make_anchors): dtype and device only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = F.relu(self.stem(x))
+        grid = torch.arange(feats.shape[-1]).type_as(feats) + feats.new_full((1,), 0.5)
+        return self.head(feats), grid.to(feats)
+
+
+def test_a_tensor_lending_only_its_dtype_keeps_its_channels_prunable() -> None:
+    graph, _, pruned = prune_and_check(Anchors(), (3, 4, 4))
+    assert group_of(graph, "stem").prunable and pruned.stem.out_channels == 4
 
 
 class Slicing(nn.Module):

@@ -24,7 +24,7 @@ _ELEMENTWISE = (
     torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, operator.neg,
     stochastic_depth,  # scales whole samples: every channel alike
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
-    "contiguous", "float", "double", "half", "bfloat16", "to", "type_as", "detach", "clone",
+    "contiguous", "float", "double", "half", "bfloat16", "detach", "clone",
     "exp", "abs", "neg", "sqrt", "rsqrt", "hardtanh_",
 )
 _BINARY = (
@@ -41,8 +41,11 @@ _PER_CHANNEL_SPATIAL = (
 _REDUCTIONS = ("mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin)
 # Normalise along one axis: channels pass unless that axis is the channel axis.
 _SOFTMAXES = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+# Casts: a tensor argument (`x.type_as(y)`, `x.to(y)`) lends only its dtype and device.
+_CASTS = ("to", "type_as")
 # Ops whose tensor inputs only contribute their shape (or nothing channel-wise).
-_SHAPE_ONLY = ("size", "dim", "numel", getattr, torch.numel, "new_zeros", "new_ones", "new_empty",
+_SHAPE_ONLY = ("size", "dim", "numel", getattr, torch.numel, "new_zeros", "new_ones", "new_empty", "new_full",
+               "new_tensor",
                torch.zeros_like, torch.ones_like, torch.empty_like, torch._assert)
 # What a module's parameter or buffer may go through before it meets the channels.
 _VIEWS_OF_A_TENSOR = {"view", "reshape", "unsqueeze", "expand", "expand_as", "to", "type_as", "contiguous", "float",
@@ -78,6 +81,14 @@ def elementwise(call: OpCall) -> bool:
         call.set_output(first)
     else:
         combine(call, call.shape)
+    return True
+
+
+def cast(call: OpCall) -> bool:
+    """`x.to(...)`, `x.type_as(y)`: x's channels pass (y's carry nothing into the output:
+    `torch.arange(w).type_as(feats)` builds anchors, not features)."""
+    x = call.label(call.node.args[0])
+    call.set_output(x if x is not None and call.shape is not None and tuple(x.shape) == call.shape else None)
     return True
 
 
@@ -238,7 +249,7 @@ def _tensor_origin(call: OpCall, arg: Any) -> tuple[str, str, torch.Tensor] | No
 
 
 def register_builtin_ops() -> None:
-    for ops, rule in ((_SHAPE_ONLY, shape_only), (_ELEMENTWISE, elementwise), (_BINARY, binary),
+    for ops, rule in ((_SHAPE_ONLY, shape_only), (_ELEMENTWISE, elementwise), (_CASTS, cast), (_BINARY, binary),
                       ((*_PER_CHANNEL_SPATIAL, *_roi_ops()), per_channel_spatial), (_REDUCTIONS, reduction),
                       (_SOFTMAXES, softmax)):
         for op in ops:

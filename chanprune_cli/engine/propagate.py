@@ -30,12 +30,8 @@ class Propagator:
     """Walks one traced graph, labelling every node's output (`labels`)."""
 
     def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any], uf: UnionFind,
-                 costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions,
-                 module_stacks: bool = False) -> None:
+                 costs: dict[str, ModuleCost], unfollowed: list[str], options: TraceOptions) -> None:
         self.options = options
-        # fx records which module runs each node (none: the root). A recording does not, and its
-        # literal sizes may have been read from another tensor's shape: no attribute matching there.
-        self.module_stacks = module_stacks
         self.graph = graph
         self.modules = modules
         self.values = values
@@ -154,10 +150,9 @@ class Propagator:
         return meta.shape if isinstance(meta, Shape) else None
 
     def running_module(self, node: fx.Node) -> tuple[str, dict[str, Any]] | None:
-        """The module whose forward runs `node` (fx's nn_module_stack; None in recorded traces) and
-        its plain attributes."""
-        if not self.module_stacks:
-            return None
+        """The module whose forward runs `node` (its nn_module_stack meta) and its plain attributes."""
+        # fx and recordings both note it (none: the root). Sizes read from tensors are nodes in
+        # both, so a literal size that matches an attribute is taken for that attribute.
         stack = node.meta.get("nn_module_stack")
         path = list(stack.values())[-1][0] if stack else ""
         module = self.modules.get(path) if isinstance(path, str) else None

@@ -8,9 +8,14 @@ tracer keeps: torch.nn layers and registered layer types). Together they give an
 what this forward executed, with each value's shape, which the channel propagation of `graph.py`
 walks exactly like a traced one.
 
-What execution cannot know is where a Python number came from: `x.view(b, c, 1, 1)` with
-`c = x.shape[1]` looks like a literal channel count here (traced, `c` is a node), so such reshapes
-pin their channels. That is conservative, never wrong; and every pruned model is verified.
+What execution alone cannot know is where a Python number came from. Sizes read from a tensor
+(`x.shape`, `x.size()`, `x.size(k)`) are therefore handed to the model as `ReadSize` ints that
+remember the tensor and axis; used as an argument of a recorded op, one becomes a `size` node of
+that tensor, exactly as torch.fx records `x.size(k)`. So `v.reshape(B, C, H, W)` with `C` read from
+the block input ties the two tensors' channels (`structural_ops._borrowed_sizes`) as it does in a
+traced graph. A size computed from such reads (`H * W`, `C // 2`) is a plain int again and looks
+literal: reshapes to it pin their channels, conservative, never wrong; and every pruned model is
+verified.
 """
 
 from __future__ import annotations
@@ -41,6 +46,24 @@ _PROPERTY_METHODS = {"data": "detach"}
 def setitem(tensor: torch.Tensor, index: Any, value: Any) -> None:
     """Stands for `tensor[index] = value` in a recorded graph: an unknown op, so the channels
     written and overwritten are pinned (an in-place write into another tensor cannot be sliced)."""
+
+
+class ReadSize(int):
+    """A size read from a recorded tensor: an int that remembers the tensor and axis (arithmetic on
+    it gives plain ints, which is where the trail ends)."""
+
+    source: torch.Tensor
+    axis: int
+
+    def __new__(cls, value: int, source: torch.Tensor, axis: int) -> ReadSize:
+        read = super().__new__(cls, value)
+        read.source, read.axis = source, axis
+        return read
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        # a model may keep a size it read (YOLO's Detect caches its input shape): copies and
+        # pickles of the model hold plain ints
+        return int, (int(self),)
 
 
 @dataclass
@@ -78,14 +101,21 @@ class _Recorder(TorchFunctionMode):
         self.node_of: dict[int, fx.Node] = {}
         self.alive: list[Any] = []  # every bound tensor stays alive, so ids are never reused
         self.calls: list[fx.Node | None] = []  # open leaf-module calls (None: nested in a leaf)
+        self.running: list[tuple[str, type] | None] = []  # every open module call (None: an unnamed module)
         self.constants = 0
+        self.size_nodes: dict[tuple[int, int], fx.Node] = {}  # (id of the tensor, axis) -> its `size` node
 
     # -- values and nodes ------------------------------------------------------------------------
     def _node(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
-        return self.graph.create_node(op, target, self._map(args), self._map(kwargs))
+        node = self.graph.create_node(op, target, self._map(args), self._map(kwargs))
+        node.meta["nn_module_stack"] = self._module_stack()
+        return node
 
     def _map(self, value: Any) -> Any:
-        """Replace every tensor by its node (a constant node for tensors no recorded op made)."""
+        """Replace every tensor by its node (a constant node for tensors no recorded op made), and
+        every size read from one by that tensor's `size` node."""
+        if isinstance(value, ReadSize):
+            return self._size_node(value)
         if isinstance(value, torch.Tensor):
             node = self.node_of.get(id(value))
             if node is None:
@@ -114,6 +144,16 @@ class _Recorder(TorchFunctionMode):
                 if isinstance(item, (torch.Tensor, tuple, list)):
                     self._bind(item, self.graph.call_function(operator.getitem, (node, i)))
 
+    def _size_node(self, read: ReadSize) -> fx.Node:
+        """`x.size(axis)` for the tensor a size was read from, made once, when first used."""
+        key = (id(read.source), read.axis)
+        node = self.size_nodes.get(key)
+        if node is None:
+            node = self.graph.call_method("size", (self._map(read.source), read.axis))
+            self.values[node] = int(read)
+            self.size_nodes[key] = node
+        return node
+
     # -- torch functions and tensor methods ------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
@@ -121,6 +161,8 @@ class _Recorder(TorchFunctionMode):
         if self.calls:  # inside a leaf module: its call stands for all of it
             return out
         name = getattr(func, "__name__", "")
+        if _reads_size(func, name, args):
+            return _remembered(out, args, kwargs)
         if name == "__setitem__":
             self._node("call_function", setitem, args, kwargs)
         elif _has_tensor(out):
@@ -138,21 +180,48 @@ class _Recorder(TorchFunctionMode):
             return "call_method", name
         return "call_function", func
 
-    # -- leaf modules ----------------------------------------------------------------------------
+    # -- module calls --------------------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         name = self.names.get(id(module))
-        if self.calls or name is None or not self.is_leaf(module, name):
-            if self.calls:
-                self.calls.append(None)
-            return
-        self.calls.append(self._node("call_module", name, args, {}))
+        if self.calls:
+            self.calls.append(None)  # nested in a leaf
+        elif name is not None and self.is_leaf(module, name):
+            self.calls.append(self._node("call_module", name, args, {}))
+        self.running.append((name, type(module)) if name is not None else None)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.running:
+            self.running.pop()
         if not self.calls:
             return
         node = self.calls.pop()
         if node is not None:
             self._bind(output, node)
+
+    def _module_stack(self) -> dict[str, tuple[str, type]]:
+        """The innermost named module running now, as fx's `nn_module_stack` meta names it."""
+        inner = next((m for m in reversed(self.running) if m is not None), None)
+        return {inner[0]: inner} if inner is not None else {}
+
+
+def _reads_size(func: Any, name: str, args: tuple[Any, ...]) -> bool:
+    """`x.shape` or `x.size(...)`."""
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None) == "shape"
+    return name == "size" and bool(args)
+
+
+def _remembered(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The sizes `x.shape`/`x.size()`/`x.size(k)` returned, as `ReadSize` ints of `x`."""
+    tensor = args[0]
+    if not isinstance(tensor, torch.Tensor):
+        return out
+    if isinstance(out, torch.Size):
+        return torch.Size([ReadSize(v, tensor, k) for k, v in enumerate(out)])
+    axis = args[1] if len(args) > 1 else kwargs.get("dim")
+    if type(out) is int and type(axis) is int and tensor.dim() > 0:
+        return ReadSize(out, tensor, axis % tensor.dim())
+    return out
 
 
 def _has_tensor(value: Any) -> bool:
@@ -174,5 +243,17 @@ def record(model: nn.Module, example: Any, is_leaf: Callable[[nn.Module, str], b
     finally:
         pre.remove()
         post.remove()
+        _plain_sizes(model)
     recorder.graph.output(recorder._map(output))
     return Recording(recorder.graph, recorder.values)
+
+
+def _plain_sizes(model: nn.Module) -> None:
+    """Sizes a module kept from the recorded run (YOLO's Detect caches its input's shape) become
+    plain ints again, so they hold on to no recorded tensor."""
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, ReadSize):
+                setattr(module, key, int(value))
+            elif type(value) in (tuple, torch.Size) and any(isinstance(v, ReadSize) for v in value):
+                setattr(module, key, type(value)([int(v) if isinstance(v, ReadSize) else v for v in value]))

@@ -34,6 +34,7 @@ class VerifyResult:
     worst_layer: str | None = None  # the layer furthest outside its tolerance, when one is
     by_layers: bool = False  # outputs differ only through discontinuous post-processing (see verify)
     scale: float = 0.0  # max |masked original output|: the tolerance is rtol * max(1, scale)
+    failure: str | None = None  # the pruned model could not run: the error (worst_layer: the module it came from)
 
     @property
     def relative_diff(self) -> float:
@@ -231,6 +232,34 @@ class _LayerCheck:
         return hook
 
 
+class _Running:
+    """The modules whose forward is running, innermost last (pre- and post-hooks on every named
+    module); after a forward that raised, `failed_in` is the innermost one it raised in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+        self.handles = [h for name, m in model.named_modules() if name
+                        for h in (m.register_forward_pre_hook(self._enter(name)), m.register_forward_hook(self._leave))]
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.stack.append(name)
+        return hook
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.stack.pop()
+
+    def __enter__(self) -> _Running:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if exc is not None:
+            self.failed_in = self.stack[-1] if self.stack else "(the model's own forward)"
+        for h in self.handles:
+            h.remove()
+
+
 def _recording_shapes(model: nn.Module, x: torch.Tensor, shapes: dict[str, list[Any]]) -> Any:
     """`model(x)`, noting in `shapes` the output shape of every leaf call (None: not a tensor)."""
     def recorder(name: str) -> Any:
@@ -261,7 +290,15 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     x = torch.randn((batch_size, *input_shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
     ref_out = flatten_outputs(reference(x))
     shapes: dict[str, list[Any]] = {}
-    diff, tolerance, passed, scale = _compare(ref_out, flatten_outputs(_recording_shapes(candidate, x, shapes)), rtol)
+    running = _Running(candidate)
+    try:
+        with running:
+            got = _recording_shapes(candidate, x, shapes)
+    except Exception as exc:  # noqa: BLE001  (a pruned form that cannot run fails verification, naming where)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return VerifyResult(float("inf"), 0.0, False, len(ref_out), worst_layer=running.failed_in,
+                            failure=f"{type(exc).__name__}: {first}")
+    diff, tolerance, passed, scale = _compare(ref_out, flatten_outputs(got), rtol)
     layers = _LayerCheck(reference, candidate, rtol, shapes)
     ref_again, substituted = layers.run(x)
     layers_ok = layers.worst is None

@@ -61,8 +61,7 @@ def propagate_mode(model: nn.Module, example: Any, train: bool, uf: UnionFind,
         interpreter = _ShapeInterpreter(gm)
         with torch.no_grad():
             interpreter.run(example)
-        Propagator(gm.graph, dict(subject.named_modules()), interpreter.values, uf, costs, unfollowed, options,
-                   module_stacks=True).run()
+        Propagator(gm.graph, dict(subject.named_modules()), interpreter.values, uf, costs, unfollowed, options).run()
         return "fx"
     finally:
         subject.train(was_training)

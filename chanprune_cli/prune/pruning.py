@@ -88,13 +88,14 @@ def pruned_copy(model: nn.Module, graph: ChannelGraph, plan: Plan, input_shape: 
     pruned = copy.deepcopy(model)
     prune_model(pruned, graph, plan)
     result = verify(model, graph, plan, pruned, input_shape) if check else None
-    if result is not None and not result.passed and not graph.approximations(plan):
+    if result is not None and not result.passed and (result.failure or not graph.approximations(plan)):
         where = f" (first at layer {result.worst_layer})" if result.worst_layer else ""
         who, outcome = (f"{schedule}: ", "") if schedule else ("", "; nothing was written")
-        raise ChanpruneError(
-            f"{who}verification failed: the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
-            f"(tolerance {result.tolerance:.3g}){where}{outcome}. Please report this model; --ignore the layers "
-            "involved to work around it")
+        what = (f"the pruned model cannot run: {result.failure} in {result.worst_layer}" if result.failure else
+                f"the pruned model differs from the masked original by {result.max_abs_diff:.3g} "
+                f"(tolerance {result.tolerance:.3g}){where}")
+        raise ChanpruneError(f"{who}verification failed: {what}{outcome}. Please report this model; --ignore the "
+                             "layers involved to work around it")
     return pruned, result
 
 
