@@ -184,7 +184,7 @@ def run(out: Path, src: Path, only: list[str] | None) -> None:
     demo = out / "demo"
     if not only or "demo" in only:
         shutil.rmtree(demo, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "chanprune_cli.demo", "--out", str(demo)], cwd=work, env=env,
+        proc = subprocess.run([sys.executable, "-m", "chanprune_cli.demo", "--out", str(demo)], cwd=out, env=env,
                               capture_output=True, text=True)
         record["commands"]["demo"] = {"exit": proc.returncode, "files": {
             str(p.relative_to(demo)): digest(p, out) for p in sorted(demo.rglob("*")) if p.is_file()}}
@@ -385,7 +385,8 @@ def main() -> int:
     r.add_argument("out", type=Path)
     r.add_argument("--src", type=Path, default=REPO, help="the source tree whose chanprune_cli runs (default: this one)")
     r.add_argument("--only", nargs="*", help="run only these command names")
-    g = sub.add_parser("redigest", help="digest the files of an earlier run again (after a change to the digests)")
+    g = sub.add_parser("redigest", help="digest the files of an earlier run again (after a change to the digests; "
+                                        "files several commands rewrite, such as .chanprune/last.json, get their last state)")
     g.add_argument("out", type=Path)
     c = sub.add_parser("compare", help="compare two records; exit 1 on any difference")
     c.add_argument("base", type=Path)
