@@ -77,8 +77,9 @@ def cli(*args: str) -> Any:
 
 
 def error_line(stderr: str, fragment: str) -> str:
-    """The single `error:` line; it names the problem (fragment) and says what to do."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    """The single `error:` line; it names the problem (fragment) and says what to do. (A step that
+    ran for a while before the failure may have logged `progress:` lines.)"""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("progress: ")]
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1, f"expected one stderr line, got:\n{stderr}"
     line = lines[0]

@@ -47,7 +47,7 @@ def run_module(*args: str, cwd: Path | None = None, env: dict[str, str] | None =
 
 
 def assert_one_line_error(stderr: str, *, contains: str = "") -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("progress: ")]
     assert len(lines) == 1, f"expected one stderr line, got:\n{stderr}"
     assert lines[0].startswith("error: "), lines[0]
     assert "Traceback" not in stderr
@@ -387,11 +387,26 @@ def test_prune_labels_every_long_step_and_bounds_val_data(digits_ckpt: Path, mon
     assert {"top1_before", "top1_pruned", "top1_recalibrated"} <= set(accuracy)
     for value in (accuracy["top1_before"], accuracy["top1_pruned"], accuracy["top1_recalibrated"]):
         assert round(value) == value  # whole percents: 100 images
-    # the same seed draws the same images; off a terminal nothing is drawn at all
+    # the same seed draws the same images; off a terminal no bar is drawn (only steps that take a while log lines)
     monkeypatch.undo()
     again = cli(*args, "--out", str(tmp_path / "b.safetensors"), "--json", str(tmp_path / "b.json"))
-    assert again.exit_code == 0 and again.stderr == ""
+    assert again.exit_code == 0 and all(line.startswith("progress: ") for line in again.stderr.splitlines())
     assert json.loads((tmp_path / "b.json").read_text())["accuracy"] == accuracy
+
+
+def test_long_steps_log_progress_lines_off_a_terminal(digits_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a CI log (stderr no terminal) a step that takes a while says what it does and how far it
+    got, a `progress:` line every few seconds (here every 10 ms), and when it is done."""
+    from chanprune_cli.support import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.01)
+    result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--data", "digits:test", "--batch-size", "16")
+    assert result.exit_code == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("progress: ")]
+    assert any(re.fullmatch(r"progress: evaluating · \d+/23 · [\d,]+ img/s · \d+ s", line) for line in said), said
+    assert any(line.startswith("progress: evaluating · 23/23 ·") and line.endswith(" s") and "done in" in line
+               for line in said), said
+    assert "\x1b" not in result.stderr  # plain lines, no terminal codes
 
 
 def test_prune_dry_run_writes_nothing(digits_ckpt: Path, tmp_path: Path) -> None:
