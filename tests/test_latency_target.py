@@ -67,6 +67,10 @@ def _macs_time(spec: LayerSpec, units: Mapping[str, int], target: LatencyTarget)
     return 0.01 + target.batch * positions * kernel * cin * cout / groups * 1e-6
 
 
+def _each(time_point):  # type: ignore[no-untyped-def]
+    return lambda spec, points, target: [time_point(spec, units, target) for units in points]
+
+
 def _fake_models(ms: list[float]):  # type: ignore[no-untyped-def]
     return lambda models: list(ms[:len(models)])
 
@@ -196,7 +200,7 @@ def test_a_point_slower_than_a_wider_one_is_timed_again() -> None:
             return 10.0 if seen[width] == 1 else 3.0
         return float(width)
 
-    table = measure_table(spec, [LayerAxis("out", 8)], [(2, 4, 6, 8)], (2,), LatencyTarget(), flaky)
+    table = measure_table(spec, [LayerAxis("out", 8)], [(2, 4, 6, 8)], (2,), LatencyTarget(), _each(flaky))
     assert seen[4] == 2 and seen[6] == 2  # the slow point and its wider neighbour, again
     assert table.ms == (2.0, 3.0, 6.0, 8.0)
 
@@ -205,7 +209,7 @@ def test_tables_are_cached_per_target_and_reused(net, tmp_path: Path, monkeypatc
     model, graph = net
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     target = LatencyTarget(batch=2, threads=1)
-    first = build_latency_model(model, graph, SHAPE, target, time_point=_macs_time, time_models=_fake_models([5.0, 3.0]))
+    first = build_latency_model(model, graph, SHAPE, target, time_points=_each(_macs_time), time_models=_fake_models([5.0, 3.0]))
     assert (first.measured, first.cached, first.layers) == (5, 0, 5)
     path = cache_file(target)
     assert Path(first.cache or "") == path and path.is_file() and str(path).startswith(str(tmp_path))
@@ -214,19 +218,19 @@ def test_tables_are_cached_per_target_and_reused(net, tmp_path: Path, monkeypatc
     def no_timing(*args: object) -> float:
         raise AssertionError("a cached table was timed again")
 
-    again = build_latency_model(model, graph, SHAPE, target, time_point=no_timing, time_models=_fake_models([5.0, 3.0]))
+    again = build_latency_model(model, graph, SHAPE, target, time_points=no_timing, time_models=_fake_models([5.0, 3.0]))
     assert (again.measured, again.cached) == (0, 5)
     assert again.model.tables == first.model.tables
     other = LatencyTarget(batch=2, threads=2)
     assert cache_file(other) != path  # another thread count is another target
-    fresh = build_latency_model(model, graph, SHAPE, other, time_point=_macs_time, time_models=_fake_models([5.0, 3.0]))
+    fresh = build_latency_model(model, graph, SHAPE, other, time_points=_each(_macs_time), time_models=_fake_models([5.0, 3.0]))
     assert fresh.measured == 5
 
 
 def test_prediction_is_the_measurement_at_full_and_thinned_width(net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     model, graph = net
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = build_latency_model(model, graph, SHAPE, LatencyTarget(threads=1), time_point=_macs_time,
+    built = build_latency_model(model, graph, SHAPE, LatencyTarget(threads=1), time_points=_each(_macs_time),
                                 time_models=_fake_models([5.0, 3.0]))
     assert built.model.predict({}) == pytest.approx(5.0)
     assert built.model.predict_plan(tables_module._thinned_plan(graph)) == pytest.approx(3.0)
@@ -240,7 +244,7 @@ def test_prediction_is_the_measurement_at_full_and_thinned_width(net, tmp_path: 
 def _built(net, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     model, graph = net
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return build_latency_model(model, graph, SHAPE, LatencyTarget(threads=1), time_point=_macs_time,
+    return build_latency_model(model, graph, SHAPE, LatencyTarget(threads=1), time_points=_each(_macs_time),
                                time_models=_fake_models([5.0, 3.0]))
 
 
@@ -308,3 +312,14 @@ def test_slower_models_are_named() -> None:
     assert slower_warning(5.0, 4.0, target) is None
     line = slower_warning(5.0, 5.5, target)
     assert line is not None and "slower than the original on torch (cpu, batch 32): 5.5 ms vs 5 ms" in line
+
+
+def test_grid_points_are_slices_of_one_full_layer_timed_round_by_round() -> None:
+    spec = LayerSpec("conv2d", "conv", 8, 6, 2, (3, 3), (1, 1), (1, 1), (1, 1), True, "zeros", (5, 5))
+    full = spec.module({})
+    torch.nn.init.normal_(full.weight)
+    part = spec.module({"in": 2, "out": 1}, full)
+    assert part.weight.shape == (2, 2, 3, 3) and part.groups == 2
+    assert torch.equal(part.weight, full.weight[:2, :2]) and torch.equal(part.bias, full.bias[:2])
+    times = tables_module._time_points(spec, [{"in": 2, "out": 1}, {}], LatencyTarget(threads=1))
+    assert len(times) == 2 and all(t > 0 for t in times)

@@ -78,13 +78,23 @@ class LayerSpec:
             return k * (cin // g), k * (cout // g), k
         return g * units.get("in", cin // g), g * units.get("out", cout // g), g
 
-    def module(self, units: Mapping[str, int]) -> nn.Module:
+    def module(self, units: Mapping[str, int], weights: nn.Module | None = None) -> nn.Module:
+        """The layer with `units` kept; its weights sliced from `weights` (the full layer), else unset."""
         cin, cout, groups = self.shape_at(units)
-        if self.layer == "linear":
-            return nn.Linear(cin, cout, bias=self.bias)
-        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.layer]
-        return conv(cin, cout, self.kernel, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=groups, bias=self.bias, padding_mode=self.padding_mode)
+        with torch.device("meta"):  # no initialisation: the weights are sliced in or left as they come
+            if self.layer == "linear":
+                layer: nn.Module = nn.Linear(cin, cout, bias=self.bias)
+            else:
+                conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[self.layer]
+                layer = conv(cin, cout, self.kernel, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                             groups=groups, bias=self.bias, padding_mode=self.padding_mode)
+        layer = layer.to_empty(device="cpu")
+        if weights is not None:
+            with torch.no_grad():
+                for name, tensor in layer.named_parameters():
+                    source = getattr(weights, name)
+                    tensor.copy_(source[tuple(slice(0, n) for n in tensor.shape)])
+        return layer
 
     def input_shape(self, units: Mapping[str, int]) -> tuple[int, ...]:
         cin = self.shape_at(units)[0]
@@ -163,7 +173,8 @@ class LatencyTables:
     layers: int  # layers with a table
     measured: int  # tables timed now
     cached: int  # tables read from the cache
-    seconds: float  # building them (timing and cache reads)
+    seconds: float  # building the model: the tables and the remainder
+    table_seconds: float  # the tables alone (finding the layers, timing or reading them)
     cache: str | None  # the cache file (None: not cached)
     rest: list[str] = field(default_factory=list)  # conv/linear layers without a table (in the remainder)
 
@@ -196,41 +207,50 @@ def _signature(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequen
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-PointTimer = Callable[[LayerSpec, Mapping[str, int], LatencyTarget], float]
+PointsTimer = Callable[[LayerSpec, Sequence[Mapping[str, int]], LatencyTarget], list[float]]
 
 
-def _time_point(spec: LayerSpec, units: Mapping[str, int], target: LatencyTarget) -> float:
-    layer = spec.module(units)
+def _time_points(spec: LayerSpec, points: Sequence[Mapping[str, int]], target: LatencyTarget) -> list[float]:
+    """`spec` at each of `points` (kept units by axis kind) timed on `target`, round by round (every
+    point sees the machine as it is during the rounds); weights are slices of one random full layer."""
+    full = spec.module({})
     with torch.no_grad():
-        runner = target.layer_runner(layer, spec.input_shape(units))
+        for tensor in full.parameters():
+            tensor.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+        runners = [target.layer_runner(spec.module(units, full), spec.input_shape(units)) for units in points]
     with target.timing():
-        return median_ms(time_interleaved([runner], LAYER_TIMING)[0])
+        return [median_ms(t) for t in time_interleaved(runners, LAYER_TIMING)]
 
 
 def measure_table(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequence[int]], align: Sequence[int],
-                  target: LatencyTarget, time_point: PointTimer | None = None) -> LayerTable:
-    """`spec` timed at every point of `grid` (by `time_point`, default: on `target`); a point slower
-    than a wider neighbour is timed again."""
-    time_point = time_point or _time_point
+                  target: LatencyTarget, time_points: PointsTimer | None = None) -> LayerTable:
+    """`spec` timed at every point of `grid` (by `time_points`, default: on `target`); points slower
+    than a wider neighbour are timed again, and the faster of the two times stands."""
+    time_points = time_points or _time_points
+    kinds = [a.kind for a in axes]
     points = list(itertools.product(*grid))
-    ms = {p: time_point(spec, dict(zip((a.kind for a in axes), p)), target) for p in points}
+    ms = dict(zip(points, time_points(spec, [dict(zip(kinds, p)) for p in points], target)))
+    again: set[tuple[int, ...]] = set()
     for p in points:
         for axis in range(len(grid)):
             i = grid[axis].index(p[axis])
             if i + 1 < len(grid[axis]):
                 wider = (*p[:axis], grid[axis][i + 1], *p[axis + 1:])
                 if ms[p] > _SLOWER * ms[wider]:
-                    for q in (p, wider):
-                        ms[q] = min(ms[q], time_point(spec, dict(zip((a.kind for a in axes), q)), target))
+                    again.update((p, wider))
+    if again:
+        retimed = sorted(again)
+        for q, value in zip(retimed, time_points(spec, [dict(zip(kinds, q)) for q in retimed], target)):
+            ms[q] = min(ms[q], value)
     return LayerTable(tuple(tuple(g) for g in grid), tuple(ms[p] for p in points), tuple(align))
 
 
 def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequence[int], target: LatencyTarget, *,
                         use_cache: bool = True, progress: Callable[[str], None] | None = None,
-                        time_point: PointTimer | None = None,
+                        time_points: PointsTimer | None = None,
                         time_models: Callable[[Sequence[nn.Module]], list[float]] | None = None) -> LatencyTables:
     """The latency model of `model` (with its channel `graph`) on `target`: tables measured or read
-    from the cache, and the remainder measured. `time_point` and `time_models` (medians of whole
+    from the cache, and the remainder measured. `time_points` and `time_models` (medians of whole
     models, timed interleaved) replace the timing, for tests."""
     started = time.perf_counter()
     specs = layer_specs(model, graph, input_shape)
@@ -249,7 +269,7 @@ def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequ
         if entry is None:
             if progress is not None:
                 progress(f"timing layer {len(tables) + 1}/{len(specs)}: {name}")
-            table = measure_table(spec, layer_axes_, grid, align, target, time_point)
+            table = measure_table(spec, layer_axes_, grid, align, target, time_points)
             cached[key] = {"spec": asdict(spec), "table": table.to_json()}
             measured += 1
             if path is not None:
@@ -258,6 +278,7 @@ def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequ
             table = LayerTable.from_json(entry["table"])
             read += 1
         tables[name] = table
+    table_seconds = time.perf_counter() - started
     if progress is not None:
         progress("timing the whole model, full and thinned, for the remainder")
     thinned_plan = _thinned_plan(graph)
@@ -270,7 +291,7 @@ def build_latency_model(model: nn.Module, graph: ChannelGraph, input_shape: Sequ
     latency = LatencyModel(graph, tables, remainder)
     rest_layers = sorted(n for n in axes if n not in tables)
     return LatencyTables(latency, full_ms, thin_ms, len(tables), measured, read, time.perf_counter() - started,
-                         None if path is None else str(path), rest_layers)
+                         table_seconds, None if path is None else str(path), rest_layers)
 
 
 def _thinned_plan(graph: ChannelGraph) -> dict[int, list[int]]:
