@@ -8,6 +8,7 @@ Small models and inputs throughout; the YOLO case (a real yolov8n at 96 px) is t
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import sys
@@ -105,6 +106,41 @@ def test_yolo_checkpoint_prunes_and_reloads_everywhere(tmp_path: Path, monkeypat
                      "finetune trains classifiers")
     assert "own training code" in line and "2 outputs" in line
     assert not out.with_name("yolov8n.pruned.finetuned.pt").exists()
+
+
+def test_ultralytics_paths_the_trace_does_not_run_see_the_pruned_widths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ultralytics' exporter runs C2f.forward_split (split by `self.c`), its fusing rebuilds
+    RepConv's identity branch from `self.c1`: both are set from the pruned layers."""
+    pytest.importorskip("ultralytics")
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    from ultralytics.nn.modules import C2f, Conv, RepConv
+
+    from chanprune_cli.engine.graph import build_graph
+    from chanprune_cli.engine.surgery import prune_model, verify
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.c2f = Conv(3, 16, 3, 1), C2f(16, 16, n=1, shortcut=True)
+            self.rep, self.head = RepConv(16, 16, 3, 1, bn=True), nn.Conv2d(16, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rep(self.c2f(self.stem(x))))
+
+    model = randomize(Net())
+    graph = build_graph(model, (3, 8, 8))
+    plan = {g.id: g.prunable_classes[1::2] for g in graph.prunable_groups()}
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, graph, plan)
+    assert verify(model, graph, plan, pruned, (3, 8, 8)).passed
+    assert pruned.c2f.c == pruned.c2f.cv1.conv.out_channels // 2 == 4 and pruned.rep.c1 == pruned.rep.c2 == 8
+    with torch.no_grad():
+        x = pruned.stem(torch.randn(2, 3, 8, 8))
+        torch.testing.assert_close(pruned.c2f.forward_split(x), pruned.c2f(x))
+        y = pruned.c2f(x)
+        unfused = pruned.rep(y)
+        pruned.rep.fuse_convs()
+        torch.testing.assert_close(pruned.rep.forward_fuse(y), unfused, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,9 +256,32 @@ def register_layer_rule(module_type: type[nn.Module], rule: LayerRule, *, leaf: 
         _LEAVES.discard(module_type)
 
 
+# Width attributes a module keeps for code paths a trace does not run: set after surgery.
+_WIDTHS: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
+
+
+def register_width_attributes(module_type: type[nn.Module], set_widths: Callable[[nn.Module], None]) -> None:
+    """After surgery, `set_widths(module)` sets, from its pruned layers, the widths a module of this
+    type (or a subclass) keeps as attributes for code the trace did not run: a library's export or
+    fusing code (ultralytics' C2f.forward_split splits by `self.c`)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_width_attributes needs an nn.Module subclass, got {module_type!r}")
+    _WIDTHS[module_type] = set_widths
+
+
+def set_width_attributes(model: nn.Module) -> None:
+    """Run the registered `set_widths` of every module of `model` (see `register_width_attributes`)."""
+    _load_library_rules()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in _WIDTHS:
+                _WIDTHS[cls](module)
+                break
+
+
 # Layer libraries with rules of their own: registered once the process has imported the library
 # (a model built from it), never imported by chanprune for that (timm takes seconds to import).
-_LIBRARY_RULES = {"timm": "chanprune_cli.engine.rules_timm"}
+_LIBRARY_RULES = {"timm": "chanprune_cli.engine.rules_timm", "ultralytics": "chanprune_cli.engine.rules_ultralytics"}
 _LIBRARIES_LOADED: set[str] = set()
 
 

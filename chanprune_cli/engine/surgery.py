@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ChanpruneError, UserError
 from .graph import ChannelGraph, Slot
-from .layer_rules import PRODUCER_KINDS, LayerRule, keep_indices, rule_for, select
+from .layer_rules import PRODUCER_KINDS, LayerRule, keep_indices, rule_for, select, set_width_attributes
 from .shapes import mark_size_attrs
 
 Plan = Mapping[int, Sequence[int]]  # group id -> class indices to remove
@@ -121,6 +121,7 @@ def prune_model(model: nn.Module, graph: ChannelGraph, plan: Plan) -> None:
             select(modules[name], attr, dim, keep_indices(getattr(modules[name], attr).shape[dim], indices))
         if rest:
             _rule(name, modules[name]).prune(modules[name], rest)
+    set_width_attributes(model)
 
 
 @torch.no_grad()
