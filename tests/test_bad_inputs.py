@@ -588,6 +588,9 @@ DATA_WARNINGS: list[tuple[str, Callable[[Ws], str], str]] = [
      "skipped 10 unreadable image file(s)"),
     ("rgb-images-for-gray-model", lambda ws: str(save_images(ws.inp / "rgb", classes=10, per_class=1, mode="RGB")),
      "converting them to grayscale"),
+    ("images-of-another-size", lambda ws: str(_npz(ws.inp / "big.npz", images=np.zeros((20, 10, 10), np.uint8),
+                                                   labels=np.arange(20) % 10)),
+     "are 10x10 but the model takes 8x8; resizing them"),
 ]
 
 

@@ -409,6 +409,40 @@ def test_long_steps_log_progress_lines_off_a_terminal(digits_ckpt: Path, monkeyp
     assert "\x1b" not in result.stderr  # plain lines, no terminal codes
 
 
+MODEL_COMMANDS = ("analyze", "score", "prune", "finetune", "export", "bench")
+
+
+def test_threads_is_one_option_of_every_command_that_runs_a_model() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    helps = {name: next(p.help for p in group.commands[name].params if "--threads" in p.opts) for name in MODEL_COMMANDS}
+    assert len(set(helps.values())) == 1 and "CPU threads torch runs the model on" in helps["analyze"]
+
+
+def test_threads_run_the_model_and_are_recorded_where_it_is_timed(digits_ckpt: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import chanprune_cli.recipes.analyze as analyze_recipe
+
+    seen: list[int] = []
+    real = analyze_recipe.build_graph
+    monkeypatch.setattr(analyze_recipe, "build_graph", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = cli("analyze", str(digits_ckpt), "--arch", "digits_cnn", "--threads", "1")
+        assert result.exit_code == 0, result.stderr
+        assert seen == [1] and torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    result = cli("bench", str(digits_ckpt), "--arch", "digits_cnn", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+                 "--threads", "1", "--json", str(tmp_path / "bench.json"))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "bench.json").read_text())["threads"] == 1
+    assert_one_line_error(cli("score", str(digits_ckpt), "--arch", "digits_cnn", "--criterion", "l1", "--threads", "0").stderr,
+                          contains="--threads")
+
+
 def test_prune_dry_run_writes_nothing(digits_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "never.safetensors"
     result = cli("prune", str(digits_ckpt), "--arch", "digits_cnn", "--target-flops", "0.5", "--out", str(out),

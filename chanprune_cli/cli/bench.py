@@ -38,7 +38,6 @@ def bench(
     model: opt.ModelOptions = opt.MODEL,
     data: opt.DataOptions = opt.DATA,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", metavar="B,B", help="Batch sizes to time, comma-separated.", rich_help_panel=TIMING_PANEL)] = "1,32",
-    threads: Annotated[int | None, typer.Option("--threads", metavar="N", min=1, help="CPU threads for timing (default: torch's current count, kept fixed for every model and recorded).", rich_help_panel=TIMING_PANEL, show_default=False)] = None,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs before timing (fewer when --max-time is short).", rich_help_panel=TIMING_PANEL)] = 10,
     repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help="Timed runs per model and batch size; the median is reported.", rich_help_panel=TIMING_PANEL)] = 50,
     max_time: Annotated[float, typer.Option("--max-time", metavar="SECONDS", min=0.0, help="Stop timing one model at one batch size after about this long (at least 5 timed runs); 0: always --repeats.", rich_help_panel=TIMING_PANEL)] = 10.0,
@@ -61,7 +60,7 @@ def bench(
 
     deployment = Deployment(dtype=dtype, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
                             compile=compile_model)
-    options = BenchOptions(batch_sizes=batch_sizes, threads=threads, warmup=warmup, repeats=repeats, max_time=max_time,
+    options = BenchOptions(batch_sizes=batch_sizes, threads=model.threads, warmup=warmup, repeats=repeats, max_time=max_time,
                            deployment=deployment, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
                            gate_batch=gate_batch, model=model, data=data, plot=plot, force=outputs.force,
                            json_report=outputs.json_report)

@@ -12,7 +12,7 @@ from .app import app
 from .configfiles import given_as_flag
 
 # export writes the whole model, every output: no normalisation, classes or task output to choose
-_MODEL = opt.MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", device="cpu")
+_MODEL = opt.MODEL.only("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", "threads", device="cpu")
 
 
 @app.command(

@@ -72,7 +72,6 @@ def finetune(
     tensor_cache: Annotated[Optional[bool], typer.Option("--tensor-cache/--no-tensor-cache", help="Hold small images (up to 64 px) as one tensor on the device, decoded once (image folders: cached in the cache folder), and crop, flip and normalise each batch there: same batches as decoding every step, without the decoding (default: whenever the data allows it).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     device_decode: Annotated[bool, typer.Option("--device-decode", help="Large JPEG training images: decode, crop, resize and flip each batch on the device (nvJPEG on a GPU) instead of in loader workers, which then only read the files. Same crops and flips as the default path; pixels within rounding of it. For GPU runs whose loader cannot keep up (measure with bench/gpu_check.py).", rich_help_panel=RUN_PANEL)] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the forward passes (the first step compiles; pays off on GPUs for long runs). Not with --schedule.", rich_help_panel=RUN_PANEL)] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", min=1, help="CPU threads for torch (tiny models train faster with 1).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", metavar="STEPS", min=1, help="Validate every STEPS steps instead of every epoch.", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     eval_batch_size: Annotated[Optional[int], typer.Option("--eval-batch-size", metavar="B", min=1, help="Batch size of validation passes (default: max(batch, 128)).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
     val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Validate on a fixed random subset of N images of --val-data (quick checks).", rich_help_panel=RUN_PANEL, show_default=False)] = None,
@@ -114,7 +113,7 @@ def finetune(
                               prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
                               mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or ())
     options = FinetuneOptions(data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
-                              teacher_arch_kwargs=teacher_arch_kwargs, schedule=pruning, model=model, threads=threads,
+                              teacher_arch_kwargs=teacher_arch_kwargs, schedule=pruning, model=model, threads=model.threads,
                               resume=resume, keep_state=keep_state, force=outputs.force,
                               json_report=outputs.json_report)
     console = make_console(stderr=outputs.json_report == "-")

@@ -46,6 +46,7 @@ TaskOutputOpt = Annotated[Optional[str], typer.Option("--output", metavar="INDEX
 ThroughLayerNormOpt = Annotated[bool, typer.Option("--through-layernorm", help="Make channels that a LayerNorm normalises together removable (give it to score, prune and analyze alike: it changes the channel groups). Removing them changes the LayerNorm's statistics, so the pruned model is approximate: its deviation is measured and reported, not proven; fine-tune it afterwards. Default: such channels stay.")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled objects. Pickles run code: only for files you trust.", rich_help_panel=MODEL_PANEL)]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run the model (auto: CUDA when available).", rich_help_panel=MODEL_PANEL)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", metavar="N", min=1, help="CPU threads torch runs the model on (default: torch's count, one per core). On a busy machine or for a small model, fewer threads are often faster. Recorded in the JSON report where it times something.", rich_help_panel=MODEL_PANEL, show_default=False)]
 DataOpt = Annotated[Optional[str], typer.Option("--data", metavar="DATA", help="Dataset: ImageFolder directory, .tar/.tar.gz of one, MNIST IDX directory, synthetic:CxHxW[:K[:N]], or digits:train/digits:test.", rich_help_panel=DATA_PANEL, show_default=False)]
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", metavar="M[,M,M]", help="Per-channel normalisation mean; one value applies to every channel (default: ImageNet statistics for RGB images, the data set's own for digits and MNIST).", rich_help_panel=DATA_PANEL, show_default=False)]
 StdOpt = Annotated[Optional[str], typer.Option("--std", metavar="S[,S,S]", help="Per-channel normalisation std (default: as --mean).", rich_help_panel=DATA_PANEL, show_default=False)]
@@ -107,8 +108,9 @@ def _data_options(**values: Any) -> DataOptions:
 
 
 MODEL = OptionGroup((("arch", ArchOpt, None), ("arch_kwargs", ArchKwargsOpt, None), ("input_shape", InputShapeOpt, None),
-                     ("trust_pickle", TrustPickleOpt, False), ("device", DeviceOpt, "auto"), ("mean", MeanOpt, None),
-                     ("std", StdOpt, None), ("classes", ClassesOpt, None), ("task_output", TaskOutputOpt, None)),
+                     ("trust_pickle", TrustPickleOpt, False), ("device", DeviceOpt, "auto"), ("threads", ThreadsOpt, None),
+                     ("mean", MeanOpt, None), ("std", StdOpt, None), ("classes", ClassesOpt, None),
+                     ("task_output", TaskOutputOpt, None)),
                     _model_options)
 DATA = OptionGroup((("data", DataOpt, None), ("batch_size", BatchSizeOpt, 64), ("workers", WorkersOpt, 0),
                     ("seed", SeedOpt, 0), ("calib_batches", CalibBatchesOpt, None)), _data_options)
@@ -116,7 +118,7 @@ OUTPUTS = OptionGroup((("json_out", JsonOpt, None), ("force", ForceOpt, False)),
                       lambda json_out, force: Outputs(json_out, force))
 # The order of the shared options in every command's --help and `chanprune config COMMAND` (the
 # model's and the data's interleave where their placeholders stand together).
-_ORDER = ("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", "data", "mean", "std", "batch_size", "workers",
+_ORDER = ("arch", "arch_kwargs", "input_shape", "trust_pickle", "device", "threads", "data", "mean", "std", "batch_size", "workers",
           "seed", "calib_batches", "classes", "task_output", "json_out", "force")
 
 

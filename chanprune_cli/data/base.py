@@ -17,14 +17,27 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SMALL_IMAGE_MAX", "ChanpruneDataset", "DataWarning", "TensorForm", "crop_flip", "pad_for"]
+__all__ = ["SMALL_IMAGE_MAX", "ChanpruneDataset", "DataWarning", "TensorForm", "crop_flip", "gray_to_color", "pad_for",
+           "resized"]
 
 SMALL_IMAGE_MAX = 64  # up to this many pixels per side: pad-and-crop augmentation (CIFAR style)
 
 
 class DataWarning(UserWarning):
     """Something about the data deserves a word (files skipped, classes that may not be the model's,
-    random data where real data matters); the run goes on."""
+    images converted to the model's input, random data where real data matters); the run goes on."""
+
+
+def gray_to_color(display: str) -> str:
+    """The warning for grayscale images given to a model that takes 3 channels."""
+    return (f"images in {display} are grayscale but the model takes 3 channels; repeating the grey channel "
+            "(check --data if the model expects color images)")
+
+
+def resized(display: str, stored: tuple[int, int], size: tuple[int, int]) -> str:
+    """The warning for images stored at (H, W) `stored` resized to the model's `size`."""
+    return (f"images in {display} are {stored[0]}x{stored[1]} but the model takes {size[0]}x{size[1]}; resizing them "
+            "(check --data if the model expects images of another size, or pass --input-shape)")
 
 
 @dataclass(frozen=True)

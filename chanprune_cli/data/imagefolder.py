@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
 from ..errors import UserError
-from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, pad_for
+from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, gray_to_color, pad_for, resized
 from .listing import is_hidden, visible_subdirs
 from .stats import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, resolve_stats
 
@@ -34,6 +34,7 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
 _COLOR_MODES = frozenset({"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 
 def _is_image_name(name: str) -> bool:
@@ -161,6 +162,7 @@ class ImageFolderDataset(ChanpruneDataset):
                 ),
                 stacklevel=3,
             )
+        model_shape = input_shape is not None  # else the data's own size, 3 channels: nothing is converted for a model
         if input_shape is None:
             sizes = set(self.sizes)
             if len(sizes) > 1:
@@ -183,6 +185,12 @@ class ImageFolderDataset(ChanpruneDataset):
                 ),
                 stacklevel=3,
             )
+        if model_shape and self._mode == "RGB" and first_mode in _GRAY_MODES:
+            warnings.warn(DataWarning(gray_to_color(display)), stacklevel=3)
+        stored = {(h, w) for w, h in self.sizes}
+        if len(stored) == 1 and any(s < t for s, t in zip(next(iter(stored)), input_shape[1:])):
+            # photos of many sizes are resized as a matter of course; one size, enlarged, is most likely other data
+            warnings.warn(DataWarning(resized(display, next(iter(stored)), input_shape[1:])), stacklevel=3)
         default = (GRAY_MEAN, GRAY_STD) if input_shape[0] == 1 else (IMAGENET_MEAN, IMAGENET_STD)
         self._set_stats(*resolve_stats(mean, std, input_shape[0], default))
         self._small = max(input_shape[1:]) <= SMALL_IMAGE_MAX

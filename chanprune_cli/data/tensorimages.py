@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, pad_for
+from .base import SMALL_IMAGE_MAX, ChanpruneDataset, DataWarning, TensorForm, crop_flip, gray_to_color, pad_for, resized
 from .stats import resolve_stats
 
 __all__ = ["TensorImageDataset"]
@@ -60,6 +60,10 @@ class TensorImageDataset(ChanpruneDataset):
             warnings.warn(DataWarning(
                 f"images in {display} are color but the model takes 1 channel; converting them to grayscale "
                 "(check --data if the model expects color images)"), stacklevel=3)
+        if channels == 1 and input_shape[0] == 3:
+            warnings.warn(DataWarning(gray_to_color(display)), stacklevel=3)
+        if native[1:] != input_shape[1:]:  # stored at their own size: another size is most likely other data
+            warnings.warn(DataWarning(resized(display, native[1:], input_shape[1:])), stacklevel=3)
         self.input_shape = input_shape
         self.train = train
         self._scale = scale

@@ -11,8 +11,9 @@ from ..engine.graph import build_graph
 from ..measure import model_size_bytes
 from ..prune.describe import LayerRow, group_rows, layer_rows
 from ..support.device import resolve_device
+from ..support.progress import busy
 from .opening import ModelOptions, open_model
-from .steps import DataOptions, check_json_report, seed_everything, warn
+from .steps import DataOptions, chance_warning, check_json_report, recipe_entry, seed_everything, warn
 
 if TYPE_CHECKING:
     from ..models import ArchSpec
@@ -50,16 +51,18 @@ class AnalyzeResult:
     seed: int | None = None
     accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches
     groups: list[dict[str, Any]] | None = None  # prune.describe.group_rows(graph)
+    warnings: list[str] = field(default_factory=list)  # e.g. data converted to the model's input, top-1 at chance
 
     @property
     def size_mb(self) -> float:
         return self.size_bytes / float(1 << 20)  # MiB, labelled MB as most tools do (measure.file_size_mb)
 
 
+@recipe_entry
 def analyze_checkpoint(checkpoint: str, options: AnalyzeOptions | None = None) -> AnalyzeResult:
     """Describe a checkpoint's model; with data, also its top-1/top-5, the data's classes matched to
     the model's outputs (by `options.model.classes`, else the recorded names; see `data.fit_classes`).
-    NaN/Inf weights are reported with a warning, not refused."""
+    NaN/Inf weights are reported with a warning, not refused; so is a top-1 no better than chance."""
     o = options or AnalyzeOptions()
     data = o.data.data
     check_json_report(o.json_report, o.force)
@@ -72,17 +75,22 @@ def analyze_checkpoint(checkpoint: str, options: AnalyzeOptions | None = None) -
     if bad is not None:  # analyze still reports the structure; score and prune refuse such a model
         warn(f"the model has NaN/Inf weights in {bad}; score and prune will refuse it")
     # Open the data before the slow analysis steps, so that bad data fails first.
-    loader = None if data is None else opened.loader(data, o.data, max_batches=o.data.calib_batches,
-                                                     labels=opened.labels())
-    macs = measure.count_macs(model, shape)
-    rows = layer_rows(model, measure.per_module_macs(model, shape))
-    groups = group_rows(build_graph(model, shape, through_layernorm=o.through_layernorm))
+    labels = opened.labels() if data is not None else None
+    loader = None if data is None else opened.loader(data, o.data, max_batches=o.data.calib_batches, labels=labels)
+    with busy("counting MACs per layer"):
+        macs = measure.count_macs(model, shape)
+        rows = layer_rows(model, measure.per_module_macs(model, shape))
+    with busy("tracing the channel graph"):
+        groups = group_rows(build_graph(model, shape, through_layernorm=o.through_layernorm))
 
     accuracy: dict[str, Any] | None = None
     if loader is not None:
         result = measure.evaluate(model, loader, dev, max_batches=o.data.calib_batches, progress=True)
         accuracy = {"top1": float(result["top1"]), "top5": float(result["top5"]), "images": int(result["images"]),
                     "data": data, "max_batches": o.data.calib_batches}
+        at_chance = chance_warning(accuracy["top1"], accuracy["images"], labels.outputs if labels else None, data)
+        if at_chance is not None:
+            warn(at_chance)
     return AnalyzeResult(checkpoint=checkpoint, source_format=opened.loaded.source_format, arch=opened.loaded.arch,
                          input_shape=shape, params=measure.count_params(model), macs=macs,
                          size_bytes=model_size_bytes(model), layers=rows, seed=o.data.seed, accuracy=accuracy,

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from .opening import ModelOptions, OpenedModel, open_model
-from .steps import DataOptions, check_distinct_outputs, check_json_report, seed_everything, warn
+from .steps import DataOptions, check_distinct_outputs, check_json_report, recipe_entry, seed_everything, warn
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -107,6 +107,7 @@ def check_plot(path: str | os.PathLike[str]) -> None:
                         f"use a file name ending in {', '.join(PLOT_FORMATS)}")
 
 
+@recipe_entry
 def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None = None) -> BenchResult:
     """Measure `checkpoints` (the first is the reference) and evaluate the gates. `model.classes`
     label the classes of the data; `model.output` picks the task output of models with several

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from .opening import ModelOptions, open_model
-from .steps import check_distinct_outputs, check_json_report
+from .steps import check_distinct_outputs, check_json_report, recipe_entry
 
 if TYPE_CHECKING:
     from ..models import ArchSpec
@@ -70,6 +70,7 @@ class ExportOutcome:
     exported: exporter.ExportResult  # path, format, spec_path, per-batch differences, passed, ...
 
 
+@recipe_entry
 def export_checkpoint(checkpoint: str, options: ExportOptions) -> ExportOutcome:
     """Export `checkpoint` as `options` say. The exported file is read back and run on the same
     random inputs as the PyTorch model at batch sizes 1 and 3; a difference above the tolerance is

@@ -41,7 +41,7 @@ from ..train import (
 )
 from ..train.schedules import make_schedule
 from .opening import ModelOptions, OpenedModel, Shape, load_model, model_out_path, open_model, select_task_output
-from .steps import check_json_report, say
+from .steps import check_json_report, recipe_entry, say
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "ScheduleOptions", "TrainConfig", "finetune_checkpoint"]
 
@@ -127,6 +127,7 @@ class FinetuneResult:
     train: TrainResult
 
 
+@recipe_entry
 def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show | None = None) -> FinetuneResult | None:
     """Fine-tune `checkpoint` as `options` say and save the result to `options.out`.
 

@@ -59,8 +59,11 @@ class ModelOptions:
     classes: ClassesArg | None = None  # the model's class names in output order
     output: str | None = None  # the task output of a model with several: an index or key, nested with dots
     device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # CPU threads torch runs the model on (None: torch's count)
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
         shape, mean, std = parse_inputs(self.input_shape, self.mean, self.std)
         object.__setattr__(self, "input_shape", shape)
         object.__setattr__(self, "mean", mean)

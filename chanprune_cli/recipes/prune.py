@@ -42,6 +42,7 @@ from .steps import (
     check_distinct_outputs,
     check_json_report,
     open_labelled,
+    recipe_entry,
     say,
     seed_everything,
     warn,
@@ -127,6 +128,7 @@ class PruneResult:
     macs_workload: dict[str, Any] | None = None
 
 
+@recipe_entry
 def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
     """Prune `checkpoint` as `options` say and save the result (see `PruneOptions`). Without
     `mean`/`std`/`input_shape`/`output`, those the checkpoint records are used (an input shape also

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..criteria.base import NEEDS_WEIGHTS
 from ..engine.allocate import AllocationOptions, allocate
 from ..engine.graph import build_graph
 from ..engine.scores import Scores
@@ -13,8 +14,9 @@ from ..prune.scoring import CriterionOptions, ResolvedCriterion, compute_scores,
 from ..support import distributed as D
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
+from ..support.progress import batches_total, busy
 from .opening import ModelOptions, open_model
-from .steps import DataOptions, check_distinct_outputs, check_json_report, seed_everything
+from .steps import DataOptions, check_distinct_outputs, check_json_report, recipe_entry, say, seed_everything
 
 __all__ = ["ResolvedCriterion", "ScoreOptions", "ScoreResult", "score_checkpoint"]
 
@@ -40,6 +42,8 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         AllocationOptions(ratio=self.ratio)  # the summary's ratio is checked as --ratio
+        # the name, its options and whether it gets the data it needs (the recipe checks the data's labels)
+        resolve_criterion(self.criterion, self.criterion_options, has_data=self.data.data is not None)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ScoreResult:
     scores: Scores
 
 
+@recipe_entry
 def score_checkpoint(checkpoint: str, options: ScoreOptions) -> ScoreResult | None:
     """Score every prunable channel with `options.criterion` (on the data when it needs calibration
     data) and save the scores. Without `mean`/`std`, those a chanprune checkpoint records are used;
@@ -74,9 +79,12 @@ def score_checkpoint(checkpoint: str, options: ScoreOptions) -> ScoreResult | No
 
     opened = open_model(checkpoint, o.model, data=data.data, refuse="score")
     model = opened.model.eval()
-    graph = build_graph(model, opened.input_shape, through_layernorm=o.through_layernorm)
+    with busy("tracing the channel graph"):
+        graph = build_graph(model, opened.input_shape, through_layernorm=o.through_layernorm)
     loader = None if data.data is None else opened.loader(data.data, data, max_batches=data.calib_batches,
                                                           labels=opened.criterion_labels(resolved))
+    if loader is not None and resolved.criterion is not None and resolved.criterion.requires(resolved.options) != NEEDS_WEIGHTS:
+        say(_scoring_line(o.criterion, loader, data))
     # Under torchrun the calibration batches are split over the processes and the scores reduced
     # (weighted by batches); rank 0 writes. A plain run is one process of one.
     with D.distributed_session(resolve_device(o.model.device)) as (env, run_device):
@@ -96,3 +104,14 @@ def score_checkpoint(checkpoint: str, options: ScoreOptions) -> ScoreResult | No
              "median": float(scores[g.id].median()), "max": float(scores[g.id].max()),
              "removed_at_ratio": len(removal.get(g.id, []))} for g in graph.prunable_groups()]
     return ScoreResult(checkpoint, out, resolved, o.ratio, rows, data_record, data.seed, scores)
+
+
+def _scoring_line(criterion: str, loader: Any, data: DataOptions) -> str:
+    """What a data-driven criterion is about to read: every image of the data unless --calib-batches
+    bounds it (a whole training set takes a long while)."""
+    batches = batches_total(loader, data.calib_batches)
+    images = len(loader.dataset) if batches is None or data.calib_batches is None else batches * data.batch_size
+    if data.calib_batches is None:
+        return (f"scoring with {criterion} on all {images:,} images of {data.data} ({batches} batches of "
+                f"{data.batch_size}); --calib-batches N scores on N random batches")
+    return f"scoring with {criterion} on {batches} random batches of {data.batch_size} images of {data.data}"

@@ -33,6 +33,7 @@ def document(result: AnalyzeResult) -> dict[str, Any]:
         body["groups"] = result.groups
     if result.accuracy is not None:
         body["accuracy"] = dict(result.accuracy)
+    body["warnings"] = list(result.warnings)
     return json_document("analyze", body, seed=result.seed)
 
 
