@@ -702,6 +702,13 @@ OPTION_CASES: list[tuple[str, Callable[[Ws], list[Any]], int, str]] = [
     ("analyze-bad-mean", lambda ws: ["analyze", ws.shared.good, *ARCH, "--data", "digits:test", "--mean", "abc"], 2, "--mean"),
     ("analyze-bad-device", lambda ws: ["analyze", ws.shared.good, *ARCH, "--data", "digits:test", "--device", "tpu"], 2,
      "unknown --device 'tpu'"),
+    ("init-ratio-out-of-range", lambda ws: ["init", "--ratio", "1.5", "--out", ws.o("chanprune.toml")], 2,
+     "--ratio must be between 0 and 1"),
+    ("init-unknown-criterion", lambda ws: ["init", "--criterion", "magic", "--out", ws.o("chanprune.toml")], 2,
+     "unknown criterion 'magic'"),
+    ("init-gate-not-positive", lambda ws: ["init", "--min-speedup", "0", "--out", ws.o("chanprune.toml")], 2,
+     "--min-speedup must be positive"),
+    ("init-bad-input-shape", lambda ws: ["init", "--input-shape", "3,32", "--out", ws.o("chanprune.toml")], 2, "C,H,W"),
     ("prune-batch-size-0", _prune("--ratio", "0.5", "--batch-size", "0"), 2, "--batch-size"),
     ("prune-unknown-option", _prune("--ratio", "0.5", "--ratios", "0.5"), 2, "No such option: --ratios"),
     ("unknown-command", lambda ws: ["shrink", ws.shared.good], 2, "No such command 'shrink'"),
@@ -941,6 +948,13 @@ RUN_VALUE_CASES: list[tuple[str, list[str], tuple[str, str], str]] = [
     ("set-shared-key", ["--set", "batch_size=big"], ("", ""), "--set batch_size = 'big'"),
     ("file-not-a-number", [], ("repeats = 1", 'repeats = "many"'), "pipeline.toml [bench] repeats = 'many'"),
     ("run-stages-not-names", ["--set", "run.stages=3"], ("", ""), "--set run.stages = 3"),
+    # values the commands' options objects check (their messages, after where the value was set)
+    ("set-ratio-out-of-range", ["--set", "prune.ratio=1.5"], ("", ""),
+     "--set prune.ratio = 1.5: --ratio must be between 0 and 1"),
+    ("set-unknown-criterion", ["--set", "score.criterion=magic"], ("", ""),
+     "--set score.criterion = 'magic': unknown criterion 'magic'"),
+    ("set-gate-not-positive", ["--set", "bench.min_speedup=0"], ("", ""), "--set bench.min_speedup = 0: --min-speedup must be"),
+    ("file-ratio-out-of-range", [], ("ratio = 0.5", "ratio = 2"), "pipeline.toml [prune] ratio = 2: --ratio must be"),
 ]
 
 

@@ -547,22 +547,20 @@ def test_default_outputs_and_their_permissions(digits_ckpt: Path, tmp_path: Path
     ckpt.write_bytes(digits_ckpt.read_bytes())
     old = os.umask(0o022)
     try:
-        # score writes to the working directory (the checkpoint's folder may be read-only)
+        # score, prune and finetune write to the working directory (the checkpoint's folder may be read-only)
         shared.chmod(0o555)
         try:
             scored = cli("score", str(ckpt), "--arch", "digits_cnn", "--criterion", "l1")
+            pruned = cli("prune", str(ckpt), "--arch", "digits_cnn", "--ratio", "0.5")
+            tuned = cli("finetune", "model.pruned.safetensors", "--data", "digits:train", "--max-steps", "1",
+                        "--batch-size", "16")
         finally:
             shared.chmod(0o755)
-        assert scored.exit_code == 0, scored.stderr
-        scores = Path("model.pt.l1.scores.safetensors")
-        assert scores.is_file() and not (shared / scores.name).exists()
-        # finetune, like prune, writes CKPT-STEM.<what>.safetensors next to the checkpoint
-        pruned = cli("prune", str(ckpt), "--arch", "digits_cnn", "--ratio", "0.5")
-        assert pruned.exit_code == 0, pruned.stderr
-        tuned = cli("finetune", str(shared / "model.pruned.safetensors"), "--data", "digits:train", "--max-steps", "1",
-                    "--batch-size", "16")
-        assert tuned.exit_code == 0, tuned.stderr
-        outputs = [scores, shared / "model.pruned.safetensors", shared / "model.pruned.finetuned.safetensors"]
+        for result in (scored, pruned, tuned):
+            assert result.exit_code == 0, result.stderr
+        outputs = [Path("model.pt.l1.scores.safetensors"), Path("model.pruned.safetensors"),
+                   Path("model.pruned.finetuned.safetensors")]
+        assert all(path.is_file() for path in outputs) and sorted(p.name for p in shared.iterdir()) == ["model.pt"]
         for path in outputs:  # every output honours the umask (safetensors were 0600)
             assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
     finally:

@@ -96,11 +96,14 @@ def test_prune_of_another_checkpoint_ignores_the_last_scores(project: Path) -> N
     assert (project / "other.pruned.safetensors").is_file()
 
 
-def test_prune_of_the_scored_checkpoint_reuses_its_scores(project: Path) -> None:
+def test_prune_of_the_scored_checkpoint_uses_the_default_and_says_which(project: Path) -> None:
+    """A checkpoint given explicitly is pruned as documented (--criterion l1 by default), not with
+    whatever an earlier `score` left here; the line says so and how to use those scores."""
     assert cli("score", "ckpt.pt", "--arch", "digits_cnn", "--criterion", "fpgm").exit_code == 0
-    result = cli("prune", "ckpt.pt", "--ratio", "0.25", "--out", "p.safetensors")
-    assert result.exit_code == 0, result.output
-    assert "fpgm scores" in result.stderr
+    result = cli("prune", "ckpt.pt", "--arch", "digits_cnn", "--ratio", "0.25", "--out", "p.safetensors", "--json", "-")
+    assert json_of(result)["criterion"] == "l1"
+    assert "scoring with l1, the default" in result.stderr
+    assert "pass --scores ckpt.pt.fpgm.scores.safetensors to use them" in result.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +266,19 @@ def test_run_resumes_after_a_failure(project: Path) -> None:
     assert status["analyze"] == status["score"] == "skipped"
     assert status["prune"] == status["finetune"] == status["bench"] == "ran"
 
+    # a run that fails leaves no earlier output that could pass for one of its own: not the reports and
+    # models of the stages after the one that ran, nor the summary
+    summary = project / "summary.json"
+    summary.write_text("{}")  # as an earlier run's --json summary
+    failed = cli("run", "pipe.toml", "--dir", "out", "--set", "prune.ratio=0.75", "--set", "finetune.data=missing-folder",
+                 "--json", str(summary))
+    assert failed.exit_code == 2 and "missing-folder" in failed.stderr
+    assert sorted(p.name for p in (project / "out").iterdir()) == [
+        "analyze.json", "prune.json", "pruned.safetensors", "run.json", "score.json", "scores.safetensors"]
+    assert not summary.exists()
+    removed = next(line for line in failed.stdout.splitlines() if line.startswith("[3/6] prune: removed "))
+    assert all(name in removed for name in ("finetuned.safetensors", "model.onnx", "bench.json")), removed
+
 
 def test_run_gate_failure_exits_3_and_keeps_the_reports(project: Path) -> None:
     (project / "pipe.toml").write_text(PIPELINE.format(finetune_data="digits:train")
@@ -348,6 +364,7 @@ def test_run_interrupted_in_finetune_resumes_it(project: Path) -> None:
     assert stopped.returncode == 130, stopped.stderr
     assert "Traceback" not in stopped.stderr
     hint = next(line for line in stopped.stderr.splitlines() if "to continue, type:" in line)
+    assert "--resume" not in stopped.stderr  # run has no such option: the line says how to continue the run
     assert "type: chanprune run pipe.toml --dir out " in hint and "--rerun" not in hint  # --rerun would start over
     state = project / "out" / "finetuned.state.pt"
     assert state.is_file() and not (project / "out" / "finetuned.safetensors").exists()
@@ -367,6 +384,42 @@ def test_run_interrupted_in_finetune_resumes_it(project: Path) -> None:
     assert restarted.exit_code == 0, restarted.output
     assert "finetuned.state.pt is from a run with other inputs or settings; starting over" in restarted.stdout
     assert json.loads((project / "out" / "finetune.json").read_text())["resumed_from"] is None
+
+
+def test_set_switches_the_target_as_a_flag_would(project: Path) -> None:
+    (project / "t.toml").write_text('checkpoint = "ckpt.pt"\narch = "digits_cnn"\n[prune]\nratio = 0.5\n'
+                                    '[run]\nstages = ["prune"]\n')
+    result = cli("run", "t.toml", "--dir", "out", "--set", "prune.target_flops=0.5")
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "out" / "prune.json").read_text())["requested"] == {"target_flops": 0.5}
+
+
+def test_finetune_export_and_bench_follow_the_newest_model(project: Path) -> None:
+    """Project memory beyond prune: given no checkpoint, finetune takes the model the last prune made
+    here, export and bench the newest model (bench against its original); each says so."""
+    assert cli("prune", "ckpt.pt", "--arch", "digits_cnn", "--ratio", "0.5").exit_code == 0
+    tuned = cli("finetune", "--data", "digits:train", "--max-steps", "1", "--batch-size", "16")
+    assert tuned.exit_code == 0, tuned.output
+    assert "using ckpt.pruned.safetensors, the model the last 'chanprune prune' here made" in tuned.stderr
+    exported = cli("export", "--out", "m.safetensors")
+    assert exported.exit_code == 0, exported.output
+    assert "using ckpt.pruned.finetuned.safetensors, the model the last 'chanprune finetune' here made" in exported.stderr
+    assert (project / "m.safetensors").is_file()
+    bench = cli("bench", "--arch", "digits_cnn", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--json", "-")
+    assert [Path(m["path"]).name for m in json_of(bench)["models"]] == ["ckpt.pt", "ckpt.pruned.finetuned.safetensors"]
+    assert "comparing ckpt.pt with ckpt.pruned.finetuned.safetensors" in bench.stderr
+
+
+def test_init_bounds_the_calibration_of_a_data_driven_criterion(project: Path) -> None:
+    """`run` would otherwise score every training image, for minutes, with nothing in the log."""
+    assert cli("init", "--criterion", "taylor", "--data", "digits:train", "--out", "taylor.toml").exit_code == 0
+    assert cli("init", "--criterion", "l1", "--out", "l1.toml").exit_code == 0
+    assert re.search(r"^calib_batches = 20 ", (project / "taylor.toml").read_text(), re.M)
+    assert re.search(r"^# calib_batches = 20$", (project / "l1.toml").read_text(), re.M)
+    scored = cli("score", "ckpt.pt", "--arch", "digits_cnn", "--criterion", "taylor", "--data", "digits:train")
+    assert scored.exit_code == 0, scored.output
+    assert re.search(r"scoring with taylor on all 1,43\d images of digits:train \(23 batches of 64\); --calib-batches N",
+                     scored.stderr), scored.stderr
 
 
 def test_run_config_mistakes(project: Path) -> None:

@@ -64,7 +64,12 @@ def bench(
                            deployment=deployment, max_acc_drop=max_acc_drop, min_speedup=min_speedup,
                            gate_batch=gate_batch, model=model, data=data, plot=plot, force=outputs.force,
                            json_report=outputs.json_report)
-    result = bench_checkpoints(checkpoints or [], options)
+    if not checkpoints:  # the original and the newest model made here, if any
+        from ..project.state import follow_last_model
+
+        followed = follow_last_model("bench")
+        checkpoints = [followed["original"], followed["path"]] if followed is not None else []
+    result = bench_checkpoints(checkpoints, options)
     report.show(result, outputs.json_report)  # every output is written before a gate fails the command
     failure = gate_failure(result.gates)
     if failure is not None:

@@ -47,6 +47,11 @@ def export(
 
     The exported file is read back (onnxruntime on the CPU, torch.jit.load on --device, or safetensors + load_state_dict without chanprune) and run on the same random inputs as the PyTorch model at batch sizes 1 and 3; it is exported at batch 2, so the batch axis is proven dynamic. A difference above --tolerance is an error (exit 1) and nothing is written.
     """
+    if ckpt is None:  # the newest model made here, if any
+        from ..project.state import follow_last_model
+
+        followed = follow_last_model("export")
+        ckpt = followed["path"] if followed is not None else None
     if ckpt is None:
         raise UserError("give a checkpoint to export: chanprune export CKPT --format onnx --out model.onnx")
     if out is None:

@@ -79,7 +79,7 @@ def finetune(
     log_every: Annotated[int, typer.Option("--log-every", metavar="STEPS", min=1, help="Log line interval when stderr is not a terminal.", rich_help_panel=RUN_PANEL)] = 50,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from <out>.state.pt (same options; same result as an uninterrupted run).", rich_help_panel=RUN_PANEL)] = False,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep <out>.last and <out>.state.pt after the run completes.", rich_help_panel=opt.OUTPUT_PANEL)] = False,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors next to the checkpoint).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Fine-tuned checkpoint (default: CKPT-STEM.finetuned.safetensors in the working directory).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     model: opt.ModelOptions = opt.MODEL,
     batch_size: opt.BatchSizeOpt = 64,
     workers: Annotated[Optional[int], typer.Option("--workers", metavar="N", min=0, help="Loader processes for decoding and augmentation (0: in the main process). Default: on CUDA one per spare CPU up to 8, on the CPU 0 (training uses every core). The result does not depend on it.", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
@@ -90,6 +90,11 @@ def finetune(
 ) -> None:
     """Fine-tune a model (SGD + warm-up/cosine, optional distillation), or prune it while training
     (asfp / sfp / cac / whitebox). Resumable, distributed under torchrun. --batch-size is the global batch."""
+    from ..project.state import follow_last_model, record_model
+
+    if ckpt is None:  # the newest model made here, if any
+        followed = follow_last_model("finetune")
+        ckpt = followed["path"] if followed is not None else None
     if ckpt is None:
         raise UserError("give a checkpoint to fine-tune: chanprune finetune CKPT --data TRAIN --out F.safetensors")
     if data is None:
@@ -119,9 +124,12 @@ def finetune(
     console = make_console(stderr=outputs.json_report == "-")
     try:
         result = finetune_checkpoint(ckpt, options, show=console.print)
-    except Stopped as stopped:  # the state is saved and the resume line printed: exit as the signal asks
+    except Stopped as stopped:  # the state is saved: say how to continue, exit as the signal asks
+        if not opt.in_run():  # a stage of `chanprune run`, which says how to continue the run
+            typer.echo("to continue, re-run the same command with --resume", err=True)
         raise typer.Exit(stopped.exit_code) from None
     if result is None:  # a torchrun process other than rank 0
         return
+    record_model("finetune", ckpt, str(result.paths.out))
     report.show(result, outputs.json_report)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 import typer
 from rich.markup import escape
 
+from .configfiles import get_current_context
 from .failures import debug_callback
 
 if TYPE_CHECKING:  # the objects of the groups below, imported when built: they import torch
@@ -30,6 +31,16 @@ if TYPE_CHECKING:  # the objects of the groups below, imported when built: they 
 MODEL_PANEL = "Model"
 DATA_PANEL = "Data"
 OUTPUT_PANEL = "Output"
+
+
+# ctx.meta (shared by nested contexts): set while `chanprune run` runs its stages
+IN_RUN_KEY = "chanprune.in_run"
+
+
+def in_run() -> bool:
+    """Whether the command runs as a stage of `chanprune run` (which says itself how to continue)."""
+    ctx = get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(IN_RUN_KEY))
 
 
 def examples(*pairs: tuple[str, str]) -> str:

@@ -79,7 +79,7 @@ TEMPLATE = """\
 [score]
 {criterion}
 {score_data}
-# calib_batches = 20
+{calib_batches}
 
 [prune]
 {amount}
@@ -143,7 +143,8 @@ def init(
     force: opt.ForceOpt = False,
     debug: opt.DebugOpt = False,
 ) -> None:
-    """Write a commented chanprune.toml for this directory (asks nothing; flags fill in the values)."""
+    """Write a commented chanprune.toml for this directory (asks nothing; flags fill in the values,
+    each checked as the command that reads it checks it: a bad one fails and nothing is written)."""
     import json
 
     from ..support.fsutil import check_output, write_text_atomic
@@ -153,13 +154,10 @@ def init(
     if max_acc_drop is not None and val_data is None:
         raise UserError("--max-acc-drop measures top-1 on held-out images: give them with --val-data "
                         "(the --data training images would overstate accuracy)")
+    reads_data = _check_init_values(arch, arch_kwargs, input_shape, criterion, ratio, target_flops, max_acc_drop,
+                                    min_speedup, val_data)
     check_output(out, force)
-    kwargs = None
-    if arch_kwargs is not None:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except ValueError:
-            raise UserError(f"--arch-kwargs is not a JSON object: {arch_kwargs!r}; e.g. '{{\"num_classes\": 10}}'") from None
+    kwargs = None if arch_kwargs is None else json.loads(arch_kwargs)
     from ..data import parse_shape
 
     shape = None if input_shape is None else "[" + ", ".join(str(n) for n in parse_shape(input_shape)) + "]"
@@ -175,6 +173,8 @@ def init(
         analyze_data=_line("data", val_data, '"data/val"                # top-1 of the original model'),
         criterion=_line("criterion", criterion if criterion is not None else "l1", '"l1"'),
         score_data=_line("data", data, '"data/train"              # data-driven criteria (taylor, ...)'),
+        calib_batches=("calib_batches = 20                # random batches a data-driven criterion reads (default: all)"
+                       if reads_data else "# calib_batches = 20"),
         amount=amount,
         prune_data=_line("data", data, '"data/train"              # BatchNorm re-estimation'),
         val_data=_line("val_data", val_data, '"data/val"'),
@@ -186,3 +186,28 @@ def init(
     )
     write_text_atomic(out, text)
     typer.echo(f"wrote {out}; check it with 'chanprune config', then e.g. 'chanprune run {out}'")
+
+
+def _check_init_values(arch: str | None, arch_kwargs: str | None, input_shape: str | None, criterion: str | None,
+                       ratio: float | None, target_flops: float | None, max_acc_drop: float | None,
+                       min_speedup: float | None, val_data: str | None) -> bool:
+    """Every value `init` was given, checked as the command that reads it from the file checks it,
+    with that command's message (naming the flag, as `init` takes the same ones). Returns whether
+    the criterion reads data (then the file bounds its calibration batches)."""
+    from ..criteria.base import NEEDS_WEIGHTS
+    from ..engine.allocate import AllocationOptions
+    from ..models import parse_arch
+    from ..prune.scoring import resolve_criterion
+    from ..recipes.bench import BenchOptions
+    from ..recipes.opening import ModelOptions
+    from ..recipes.steps import DataOptions
+
+    if arch is not None:
+        parse_arch(arch, arch_kwargs)
+    elif arch_kwargs is not None:
+        parse_arch("arch", arch_kwargs)  # the JSON alone
+    ModelOptions(arch=arch, arch_kwargs=arch_kwargs, input_shape=input_shape)
+    AllocationOptions(ratio=ratio if ratio is not None or target_flops is not None else 0.5, target_flops=target_flops)
+    BenchOptions(max_acc_drop=max_acc_drop, min_speedup=min_speedup, data=DataOptions(data=val_data))
+    resolved = resolve_criterion(criterion or "l1", None, has_data=True)  # the file may name its data later
+    return resolved.criterion is not None and resolved.criterion.requires(resolved.options) != NEEDS_WEIGHTS

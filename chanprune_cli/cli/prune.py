@@ -61,7 +61,7 @@ def prune(
     recalibrate_bn: Annotated[int, typer.Option("--recalibrate-bn", metavar="N", min=0, help="After surgery, re-estimate BatchNorm statistics on N batches of --data (0: off; needs --data).")] = 20,
     val_data: Annotated[Optional[str], typer.Option("--val-data", metavar="VAL", help="Report top-1 before pruning, after it, and after BN recalibration on this data.", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
     val_images: Annotated[Optional[int], typer.Option("--val-images", metavar="N", min=1, help="Evaluate --val-data on a fixed random subset of N images (drawn with --seed; the same images in all three passes).", rich_help_panel=opt.DATA_PANEL, show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors next to the checkpoint; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="PATH", help="Pruned checkpoint (default: CKPT-STEM.pruned.safetensors in the working directory; a whole pickled model, e.g. a YOLO .pt, is written back into its own container: CKPT-STEM.pruned.pt).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     model: opt.ModelOptions = opt.MODEL,
     data: opt.DataOptions = opt.DATA,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=opt.OUTPUT_PANEL)] = False,
@@ -85,7 +85,7 @@ def prune(
         raise UserError("no checkpoint given and no earlier 'chanprune score' in this directory; run e.g. "
                         "'chanprune score CKPT --criterion l1' then 'chanprune prune --ratio 0.5', "
                         "or 'chanprune prune CKPT --criterion l1 --ratio 0.5'")
-    from ..project.state import absolute, record
+    from ..project.state import absolute, record, record_model
     from ..recipes.prune import AllocationOptions, PruneOptions, prune_checkpoint
     from ..report import prune as report
 
@@ -100,18 +100,24 @@ def prune(
     if result.output is not None:  # a dry run leaves nothing for a later command to pick up
         record("prune", {"checkpoint": absolute(ckpt), "scores": absolute(scores_path),
                          "criterion": result.criterion.name, "out": absolute(result.output)})
+        record_model("prune", ckpt, result.output)
     report.show(result, outputs.json_report)
 
 
 def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:
-    """The last `chanprune score` here, when this prune should use it: no scores or criterion were
-    given and either no checkpoint or the one that was scored. Says so in one line."""
+    """The last `chanprune score` here, when this prune names no checkpoint, scores or criterion.
+    Says so in one line; so does a prune of the scored checkpoint, which scores with the default."""
     from ..project.state import read_state, same_file, shown
 
     last = read_state().get("score")
     if criterion is not None or scores_path is not None or not isinstance(last, dict):
         return None
-    if not last.get("checkpoint") or not last.get("scores") or (ckpt is not None and not same_file(ckpt, last["checkpoint"])):
+    if not last.get("checkpoint") or not last.get("scores"):
+        return None
+    if ckpt is not None:
+        if same_file(ckpt, last["checkpoint"]):
+            typer.echo(f"scoring with l1, the default; the last 'chanprune score' here made {last.get('criterion')} "
+                       f"scores of this checkpoint: pass --scores {shown(last['scores'])} to use them", err=True)
         return None
     typer.echo(f"using {shown(last['checkpoint'])} and its {last.get('criterion')} scores {shown(last['scores'])} "
                "from the last 'chanprune score' here (.chanprune/last.json)", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import typer
 from ..errors import UserError
 from . import options as opt
 from .app import app
-from .configfiles import check_settings, command_keys, config_files, invoke_command, option_args
+from .configfiles import check_settings, command_keys, config_files, invoke_command, option_args, option_keys
 
 
 @app.command(
@@ -62,7 +63,10 @@ def run(
     for name in chosen:  # every value of every stage, before the first stage runs
         check_settings(group.get_command(ctx.find_root(), name), resolved[name])
     planned = pipeline.plan(chosen, str(checkpoint), directory, settings)
+    _check_stages(ctx, planned, resolved)
     _check_summary_path(json_out, directory, planned)
+    if json_out is not None and json_out != "-":  # an earlier run's summary must not pass for this one's
+        Path(json_out).unlink(missing_ok=True)
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     again = ["chanprune", "run", config_path, "--dir", str(directory),
@@ -91,6 +95,40 @@ def _run_value(table: dict[str, Any], key: str) -> Any:
     return value
 
 
+def _check_stages(ctx: typer.Context, planned: list[Any], resolved: dict[str, Any]) -> None:
+    """Every stage's command checks its values as it would before running, all of them before the
+    first stage runs: each is invoked with its arguments and settings under `checking_options`,
+    where its recipe stops at its entry. A bad value fails naming where it was set."""
+    from ..recipes.steps import OptionsChecked, checking_options
+
+    root = ctx.find_root()
+    for stage in planned:
+        try:
+            with checking_options():
+                invoke_command(ctx, stage.name, stage.args, resolved[stage.name])
+        except OptionsChecked:
+            continue
+        except UserError as exc:
+            raise UserError(_named(str(exc), root.command.get_command(root, stage.name), stage.name,
+                                   resolved[stage.name])) from None
+
+
+def _named(message: str, command: Any, stage: str, settings: dict[str, Any]) -> str:
+    """A stage's error, prefixed with the settings it is about, as the user wrote them: those whose
+    option it names (`--set prune.ratio = 1.5: --ratio must be ...`), else those whose text value it
+    quotes (`unknown criterion 'magic'`); else with the stage."""
+    keys = option_keys(command)
+
+    def flagged(key: str) -> bool:
+        flags = [f for f in (*keys[key].opts, *keys[key].secondary_opts) if f.startswith("--")]
+        return any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) for flag in flags)
+
+    named = [key for key in settings if flagged(key)] or [
+        key for key, setting in settings.items() if isinstance(setting.value, str) and repr(setting.value) in message]
+    where = " and ".join(f"{settings[key].typed(key)} = {settings[key].value!r}" for key in named)
+    return f"{where or f'in the {stage} stage'}: {message}"
+
+
 def _check_summary_path(json_out: str | None, directory: Path, planned: list[Any]) -> None:
     """The summary (--json) is rewritten by every run; its folder must exist, or be the run directory
     this run creates, and it must not be one of the stages' own outputs."""
@@ -117,6 +155,7 @@ def _run_stages(ctx: typer.Context, config_path: str, planned: list[Any], direct
 
     if rerun:
         (directory / pipeline.RUN_STATE).unlink(missing_ok=True)
+    ctx.meta[opt.IN_RUN_KEY] = True
     console = make_console(stderr=json_out == "-")
     root = ctx.find_root()
     current: list[Any] = []

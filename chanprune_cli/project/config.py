@@ -9,7 +9,10 @@ options (`arch_kwargs` or `arch-kwargs` for `--arch-kwargs`). Files come from tw
 * explicit: `--config FILE`.
 
 Precedence: flag > `--config FILE` > discovered file > built-in default; inside one file a command's
-table beats the shared keys. Relative paths in a file are relative to the file, so a project's
+table beats the shared keys. Of options that exclude each other (`ratio`, `target_flops`,
+`target_latency`; `criterion`, `scores`), one set by a file of higher precedence drops the others
+set below it, as a flag drops them (so `--set prune.target_flops=0.5` over a file with `ratio`
+switches the target). Relative paths in a file are relative to the file, so a project's
 config works from any subdirectory. This module knows nothing about the CLI library: callers pass
 the keys a command accepts.
 """
@@ -39,6 +42,8 @@ NO_DISCOVERY_ENV = "CHANPRUNE_NO_PROJECT_CONFIG"
 
 # Keys whose values are file paths: resolved against the config file's folder.
 PATH_KEYS = frozenset({"checkpoint", "checkpoints", "data", "val_data", "scores", "teacher", "out", "json", "plot", "dir"})
+# Options of which a command takes one: setting one at a higher precedence drops the others.
+EXCLUSIVE_KEYS = (frozenset({"ratio", "target_flops", "target_latency"}), frozenset({"criterion", "scores"}))
 # Data sources that are not files (see data.py) stay as written.
 _NON_PATH_PREFIXES = ("synthetic:", "digits:")
 _NON_PATH_NAMES = ("digits", "-")
@@ -169,11 +174,14 @@ def resolve(command: str, files: list[ConfigFile], command_keys: Mapping[str, It
                 if key not in accepted.get(name, set()):
                     raise UserError(f"{f.label}: [{name}] has no option '{key}'{_did_you_mean(key, accepted.get(name, set()))}; "
                                     f"use one of: {', '.join(sorted(accepted.get(name, ())))}")
-        for key, value in f.shared.items():
-            if key in accepted[command]:
-                settings[key] = Setting(value, f.label, f.label)
-        for key, value in f.tables.get(command, {}).items():
-            settings[key] = Setting(value, f"{f.label} [{command}]", f.label, command)
+        given = {key: Setting(value, f.label, f.label) for key, value in f.shared.items() if key in accepted[command]}
+        given.update({key: Setting(value, f"{f.label} [{command}]", f.label, command)
+                      for key, value in f.tables.get(command, {}).items()})
+        for group in EXCLUSIVE_KEYS:
+            if group & given.keys():
+                for dropped in group - given.keys():
+                    settings.pop(dropped, None)
+        settings.update(given)
     return settings
 
 

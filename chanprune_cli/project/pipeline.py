@@ -4,11 +4,12 @@ Every stage is the real subcommand with its inputs and outputs placed in the run
 rest of its options come from the config file like for a single command. A stage is skipped when
 its outputs exist and its fingerprint (argument list, resolved settings, SHA-256 of its input
 files) equals the one recorded when it last succeeded, so re-running after a failure or an edit
-resumes where something changed. Outputs are written atomically by the commands themselves, so a
-failed stage leaves nothing that could be mistaken for a result. A stage that stops with a
-resumable state (finetune: Ctrl-C, SIGTERM or an error mid-training) is recorded with its
-fingerprint, and the next run with the same fingerprint continues it (`--resume`) instead of
-starting over.
+resumes where something changed. Before a stage runs, its outputs from an earlier run and those of
+every later stage that reads them are deleted, so a run that fails or is interrupted leaves no
+earlier result that could pass for one of this run (the commands write atomically, so a failed
+stage leaves nothing of its own either). A stage that stops with a resumable state (finetune:
+Ctrl-C, SIGTERM or an error mid-training) is recorded with its fingerprint, and the next run with
+the same fingerprint continues it (`--resume`) instead of starting over.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def plan(stages: Sequence[str], checkpoint: str, run_dir: Path, settings: Mappin
             if scores is not None and "criterion" in given:
                 raise UserError("in a run, 'criterion' belongs in [score] (prune uses the score stage's scores); "
                                 "move it out of [prune] / the top level")
-            if "ratio" not in given and "target_flops" not in given:
-                raise UserError("the prune stage needs ratio or target_flops in [prune]; e.g. add 'ratio = 0.5'")
+            if not {"ratio", "target_flops", "target_latency"} & set(given):
+                raise UserError("the prune stage needs ratio, target_flops or target_latency in [prune]; "
+                                "e.g. add 'ratio = 0.5'")
             pruned = str(d / "pruned.safetensors")
             source = ["--scores", scores] if scores is not None else []
             out.append(Stage(name, [model, *source, "--out", pruned, "--json", js, "--force"],
@@ -105,6 +107,18 @@ def plan(stages: Sequence[str], checkpoint: str, run_dir: Path, settings: Mappin
             models = [checkpoint] if model == checkpoint else [checkpoint, model]
             out.append(Stage(name, [*models, "--json", js, "--force"], models, [js]))
     return out
+
+
+def stale_outputs(stages: Sequence[Stage], index: int) -> list[str]:
+    """What running `stages[index]` makes stale: its own outputs and those of every later stage
+    that reads one of them, directly or through another."""
+    changing = set(stages[index].outputs)
+    stale = list(stages[index].outputs)
+    for later in stages[index + 1:]:
+        if changing & set(later.inputs):
+            changing |= set(later.outputs)
+            stale += later.outputs
+    return stale
 
 
 def file_digest(path: str) -> str | None:
@@ -158,6 +172,12 @@ def execute(stages: Sequence[Stage], run_dir: Path, settings: Mapping[str, Mappi
                 invoked = replace(stage, args=[*stage.args, "--resume"])
             else:  # its inputs or settings changed since: continuing would mix two runs
                 say(f"{tag}: {stage.resumable} is from a run with other inputs or settings; starting over")
+        removed = [path for path in stale_outputs(stages, i - 1) if os.path.exists(path)]
+        for path in removed:
+            os.remove(path)
+        later = [path for path in removed if path not in stage.outputs]
+        if later:
+            say(f"{tag}: removed {', '.join(later)}: made from this stage's earlier outputs")
         say(f"{tag}: {describe(invoked)}")
         start = time.perf_counter()
         try:

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from ..train import (
     threads,
 )
 from ..train.schedules import make_schedule
-from .opening import ModelOptions, OpenedModel, Shape, load_model, model_out_path, open_model, select_task_output
+from .opening import ModelOptions, OpenedModel, Shape, default_out_path, load_model, model_out_path, open_model, select_task_output
 from .steps import check_json_report, recipe_entry, say
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "ScheduleOptions", "TrainConfig", "finetune_checkpoint"]
@@ -87,8 +86,8 @@ class FinetuneOptions:
     the JSON report, checked before the slow steps."""
 
     data: str  # training data (any --data form)
-    out: str | None = None  # the fine-tuned model's file (None: CKPT-STEM.finetuned.safetensors next to the
-    # checkpoint, .pt for a whole pickled model); <out>.best, <out>.last and <out>.state.pt go beside it
+    out: str | None = None  # the fine-tuned model's file (None: CKPT-STEM.finetuned.safetensors in the working
+    # directory, .pt for a whole pickled model); <out>.best, <out>.last and <out>.state.pt go beside it
     val_data: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, steps, lr, batch size, seed, ...
     # distillation
@@ -105,6 +104,7 @@ class FinetuneOptions:
     json_report: str | None = None
 
     def __post_init__(self) -> None:
+        self.train.check()
         if self.teacher_arch_kwargs is not None and self.teacher_arch is None:
             raise UserError("--teacher-arch-kwargs needs --teacher-arch")
 
@@ -138,7 +138,7 @@ def finetune_checkpoint(checkpoint: str, options: FinetuneOptions, *, show: Show
     defaulted = o.out is None
     if defaulted:  # as prune names its output, so `finetune CKPT --data D` needs no --out; the suffix
         # follows the model once it is loaded, the state file beside it does not depend on it
-        o = dataclasses.replace(o, out=str(Path(checkpoint).with_name(Path(checkpoint).stem + ".finetuned.safetensors")))
+        o = dataclasses.replace(o, out=default_out_path(checkpoint, "finetuned"))
     assert o.out is not None
     check_json_report(o.json_report, o.force)
     o.train.check()

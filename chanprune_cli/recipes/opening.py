@@ -148,13 +148,19 @@ def load_model(checkpoint: str, options: ModelOptions) -> LoadedCheckpoint:
                            trust_pickle=options.trust_pickle)
 
 
+def default_out_path(checkpoint: str, kind: str, suffix: str = ".safetensors") -> str:
+    """CKPT-STEM.KIND.SUFFIX in the working directory, where every command writes by default: the
+    checkpoint's folder may be read-only or shared."""
+    return f"{Path(checkpoint).stem}.{kind}{suffix}"
+
+
 def model_out_path(out: str | None, checkpoint: str, kind: str, loaded: LoadedCheckpoint) -> str:
-    """Where a command writes its model: `out`, or CKPT-STEM.KIND next to the checkpoint with the
-    suffix `checkpoint.save_model` writes for `loaded` (.pt for a whole pickled model). A pickled
-    model cannot become a safetensors file, which fails here, before the slow steps."""
+    """Where a command writes its model: `out`, or `default_out_path` with the suffix
+    `checkpoint.save_model` writes for `loaded` (.pt for a whole pickled model). A pickled model
+    cannot become a safetensors file, which fails here, before the slow steps."""
     suffix = output_suffix(loaded)
     if out is None:
-        return str(Path(checkpoint).with_name(f"{Path(checkpoint).stem}.{kind}{suffix}"))
+        return default_out_path(checkpoint, kind, suffix)
     if suffix == ".pt":
         check_pickled_output(out)
     return out

@@ -67,7 +67,7 @@ class PruneOptions:
     `scores` file of `score_checkpoint`. With data, BatchNorm statistics are re-estimated on
     `recalibrate_bn` batches after surgery; with `val_data`, top-1 is measured (on a fixed random
     subset of `val_images` images, drawn with the seed). `out` (None: CHECKPOINT-STEM.pruned.safetensors
-    next to it, .pt for a whole pickled model, written back into its own container).
+    in the working directory, .pt for a whole pickled model, written back into its own container).
     `through_layernorm` makes channels behind a LayerNorm removable: the result is then approximate
     (measured, reported and warned about, not proven). `dry_run`: everything but writing the output.
     `json_report`: where the caller will write the JSON report, checked before the slow steps."""

@@ -481,7 +481,7 @@ class Trainer:
                     progress.pause()
                     where = self.outputs.state if self.outputs is not None else "memory"
                     self.log(f"stopped by {stop.signal_name or 'a signal'} after step {self.step}/{self.total_steps}; "
-                             f"state saved to {where}: re-run the same command with --resume to continue")
+                             f"state saved to {where}")  # how to continue: the command says (finetune, run)
                     raise stop.stopped()
                 if due_eval or due_save or self._sync_every == 1:
                     # Validation, saving and hooks are not training time (where the host is in step
