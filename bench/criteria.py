@@ -56,7 +56,7 @@ INNER_IGNORE = ("conv1", "layer*.*.conv2")
 TP_CRITERIA = ("tp-l1", "tp-l2", "tp-bn", "tp-lamp", "tp-fpgm", "tp-taylor", "tp-hessian", "tp-random")
 
 
-def loaders(args: argparse.Namespace, with_long: bool) -> tuple[Any, Any, Any, Any]:
+def loaders(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Calibration, recalibration and test loaders over *fixed* random subsets, iterated in order:
     every criterion sees the same calibration and recalibration batches and the same test images
     (a shuffling loader would draw a new subset on each pass, adding several points of noise)."""
@@ -72,12 +72,18 @@ def loaders(args: argparse.Namespace, with_long: bool) -> tuple[Any, Any, Any, A
         return Subset(dataset, order[:min(n, len(dataset))].tolist())
 
     common = {"input_shape": SHAPE, "mean": MEAN, "std": STD, "batch_size": args.batch_size, "seed": args.seed}
-    calib = make_loader(subset(train, args.calib_batches * args.batch_size, args.seed), **common)
-    recal = make_loader(subset(train, args.recal_batches * args.batch_size, args.seed + 1), **common)
-    test = make_loader(subset(test_set, args.eval_images, 1234), **{**common, "batch_size": 200})
-    # The 'whitebox-long' row: the same criterion with the mask training the method needs.
-    long = make_loader(subset(train, args.whitebox_long_batches * args.batch_size, args.seed), **common) if with_long else None
-    return calib, recal, test, long
+    calib_set = subset(train, args.calib_batches * args.batch_size, args.seed)
+    recal_set = subset(train, args.recal_batches * args.batch_size, args.seed + 1)
+    calib = make_loader(calib_set, **common)
+    recal = make_loader(recal_set, **common)
+    if args.evaluate_on == "validation":  # tuning: training images neither calibration nor recalibration saw
+        seen = set(calib_set.indices) | set(recal_set.indices)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234)).tolist()
+        test_set = Subset(train, [i for i in order if i not in seen][:args.eval_images])
+    else:
+        test_set = subset(test_set, args.eval_images, 1234)
+    test = make_loader(test_set, **{**common, "batch_size": 200})
+    return calib, recal, test
 
 
 def top1(model: nn.Module, test: Any) -> float:
@@ -88,7 +94,7 @@ def finish(model: nn.Module, pruned: nn.Module, recal: Any, test: Any, row: dict
     base = count_macs(model, SHAPE)
     row["macs_reduction_pct"] = round(100 * (1 - count_macs(pruned, SHAPE) / base), 2)
     row["params"] = count_params(pruned)
-    row["top1_pruned"] = top1(pruned, test)
+    row["top1_pruned"] = None if args.after_recalibration_only else top1(pruned, test)
     recalibrated = copy.deepcopy(pruned)
     recalibrate_bn(recalibrated, recal, torch.device("cpu"), args.recal_batches)
     row["top1_recalibrated"] = top1(recalibrated, test)
@@ -133,8 +139,7 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     start = time.perf_counter()
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
-    options = dict(kv.split("=", 1) for kv in opt_text.split(",") if kv)
-    criterion = "whitebox" if criterion == "whitebox-long" else criterion
+    options = dict(kv.split("=", 1) for kv in opt_text.replace(";", ",").split(",") if kv)  # several: "KEY=V;KEY=V"
     normalize = pruning.normalize_mode(args.normalize, criterion, options)
     # as `prune --rounds`: rescore between rounds after BN re-estimation on the recalibration batches
     allocation = AllocationOptions(target_flops=args.target_flops, cost_exponent=cost_exponent, normalize=normalize,
@@ -202,7 +207,8 @@ def torch_pruning(name: str, model: nn.Module, protocol: str, calib: Any, recal:
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: float, prov: dict[str, Any]) -> str:
     lines = [describe(prov), "",
-             f"Baseline top-1 {baseline:.2f} % on {args.eval_images} test images; target {args.target_flops:.0%} MACs removed; "
+             f"Baseline top-1 {baseline:.2f} % on {args.eval_images} {args.evaluate_on} images; "
+             f"target {args.target_flops:.0%} MACs removed; "
              f"calibration {args.calib_batches}×{args.batch_size} images, BN recalibration {args.recal_batches} batches.", "",
              f"(c) = {args.finetune_steps} fine-tune steps × {args.batch_size}, lr {args.finetune_lr}, "
              f"seed(s) {args.finetune_seeds} (mean ± sd over seeds), identical for every method.", "",
@@ -215,8 +221,12 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, baseline: flo
             tuned = f"{r['top1_finetuned']:.2f}" if "top1_finetuned" in r else "–"
             tuned += f" ± {r['top1_finetuned_sd']:.2f}" if "top1_finetuned_sd" in r else ""
             lines.append(f"| {r['protocol']} | {r['tool']} | {r['criterion']} | {r['macs_reduction_pct']:.1f} | {r['params']:,} | "
-                         f"{r['top1_pruned']:.2f} | {r['top1_recalibrated']:.2f} | {tuned} | {r['verified']} | {r['seconds']} |")
+                         f"{_pct(r['top1_pruned'])} | {r['top1_recalibrated']:.2f} | {tuned} | {r['verified']} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -230,6 +240,11 @@ def main() -> None:
     parser.add_argument("--recal-batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-images", type=int, default=2000, help="test images (a fixed random subset; 10000 = all)")
+    parser.add_argument("--evaluate-on", choices=("test", "validation"), default="test",
+                        help="validation: a fixed subset of the training split that calibration and recalibration do "
+                             "not use (for tuning defaults; report on test)")
+    parser.add_argument("--after-recalibration-only", action="store_true",
+                        help="measure (b) alone, not (a) right after pruning (half the evaluation time)")
     parser.add_argument("--protocols", default="inner,all")
     parser.add_argument("--criteria", default="all", help="comma list of ours, or 'all'")
     parser.add_argument("--tp-criteria", default=",".join(TP_CRITERIA), help="comma list, or 'none'")
@@ -238,8 +253,6 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-protocols", default="inner", help="protocols that get (c)")
     parser.add_argument("--finetune-seeds", default="0", help="comma list: (c) is repeated per seed, mean ± sd reported")
-    parser.add_argument("--whitebox-long-batches", type=int, default=150,
-                        help="extra row 'whitebox-long': White-Box masks trained this many steps (the paper trains epochs)")
     parser.add_argument("--cost-exponent", default="0", help="ours: prune --cost-exponent E (a comma list: a row per E)")
     parser.add_argument("--rounds", default="1", help="ours: prune --rounds N (a comma list: a row per N)")
     parser.add_argument("--normalize", choices=("auto", "mean", "none"), default="auto", help="ours: prune --normalize")
@@ -256,8 +269,8 @@ def main() -> None:
         return
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.checkpoint, arch=args.arch).model.eval()
-    ours_names = [*available(), "whitebox-long"] if args.criteria == "all" else args.criteria.split(",")
-    calib, recal, test, long_calib = loaders(args, with_long="whitebox-long" in ours_names)
+    ours_names = list(available()) if args.criteria == "all" else args.criteria.split(",")
+    calib, recal, test = loaders(args)
     baseline = top1(model, test)
     print(f"baseline top-1 {baseline:.2f} %", flush=True)
     tp_names = [] if args.tp_criteria == "none" else args.tp_criteria.split(",")
@@ -269,7 +282,7 @@ def main() -> None:
     for protocol in args.protocols.split(","):
         for fn, name in jobs:
             try:
-                row = fn(name, model, protocol, long_calib if name == "whitebox-long" else calib, recal, test, args)
+                row = fn(name, model, protocol, calib, recal, test, args)
             except Exception as exc:  # noqa: BLE001 -- a failing method is a result, not the end of the run
                 row = {"tool": "torch-pruning" if fn is torch_pruning else "chanprune", "criterion": name, "protocol": protocol,
                        "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
