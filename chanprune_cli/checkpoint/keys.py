@@ -3,6 +3,7 @@ a shared first segment), describing what does not fit, and loading what does."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -148,5 +149,19 @@ def fit_weights(model: nn.Module, sd: dict[str, torch.Tensor], p: Path, spec: Ar
     sd = _match_keys(sd, set(model.state_dict()))
     problem = fit_problems(model, sd)
     if problem:
-        raise UserError(f"weights in {p} do not fit --arch {spec}: {problem}; check --arch/--arch-kwargs")
+        raise UserError(f"weights in {p} do not fit --arch {spec}: {problem}; {_class_count_fix(model, sd, spec)}")
     load_into(model, sd)
+
+
+def _class_count_fix(model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec) -> str:
+    """What to do about weights that do not fit: the --arch-kwargs that builds the model with the
+    file's class count when its classifier (the last Linear) has another, else check the options."""
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    key = f"{heads[-1]}.weight" if heads else None
+    own = model.state_dict().get(key) if key is not None else None
+    theirs = sd.get(key) if key is not None else None
+    if own is None or theirs is None or own.dim() != 2 or theirs.dim() != 2 or own.shape[0] == theirs.shape[0]:
+        return "check --arch/--arch-kwargs"
+    kwargs = json.dumps({**spec.kwargs, "num_classes": int(theirs.shape[0])})
+    return (f"the file's classifier has {theirs.shape[0]} classes, the model's {own.shape[0]}: pass "
+            f"--arch-kwargs '{kwargs}'")

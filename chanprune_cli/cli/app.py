@@ -43,6 +43,7 @@ class _ChanpruneGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         for command in [self, *self.commands.values()]:
             _literal_help(command)
+            _flags_without_placeholder(command)
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         try:
@@ -89,6 +90,21 @@ def _literal_help(command: Any) -> None:
             text = getattr(holder, attribute, None)
             if isinstance(text, str):
                 setattr(holder, attribute, escape(text))
+
+
+def _flags_without_placeholder(command: Any) -> None:
+    """Flags take no value, so their help shows none (Typer would show `<bool>`): an empty metavar
+    for every flag the help lists, --help and the completion flags added later included."""
+    get_params = command.get_params
+
+    def params(ctx: Any) -> Any:
+        found = get_params(ctx)
+        for param in found:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return found
+
+    command.get_params = params
 
 
 app = typer.Typer(

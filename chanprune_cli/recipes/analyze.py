@@ -66,7 +66,7 @@ def analyze_checkpoint(checkpoint: str, options: AnalyzeOptions | None = None) -
     o = options or AnalyzeOptions()
     data = o.data.data
     check_json_report(o.json_report, o.force)
-    dev = resolve_device(o.model.device) if data is not None else None
+    dev = resolve_device(o.model.device)  # a device this machine lacks fails here, data or not
     seed_everything(o.data.seed)
 
     opened = open_model(checkpoint, o.model, data=data)

@@ -40,7 +40,7 @@ from ..train import (
 )
 from ..train.schedules import make_schedule
 from .opening import ModelOptions, OpenedModel, Shape, default_out_path, load_model, model_out_path, open_model, select_task_output
-from .steps import check_json_report, recipe_entry, say
+from .steps import check_json_report, recipe_entry, say, warn
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "ScheduleOptions", "TrainConfig", "finetune_checkpoint"]
 
@@ -125,6 +125,7 @@ class FinetuneResult:
     before: dict[str, int]  # params, macs
     after: dict[str, int]
     train: TrainResult
+    warnings: list[str] = field(default_factory=list)  # e.g. a run that ended far below its best validation
 
 
 @recipe_entry
@@ -215,6 +216,9 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         _announce(show_main, trainer, f"{checkpoint} → {paths.out}", student, before, where, o)
 
         result = trainer.fit()
+        fell = _fell_far_below(result.evals, s.name)
+        if fell is not None and env.is_main:
+            warn(fell)
         model = result.model
         after = {"params": count_params(model), "macs": count_macs(copy.deepcopy(model).cpu().eval(), shape)}
         final_entry = {**entry, "steps": result.steps, "validation": result.final, "best": result.best,
@@ -232,6 +236,21 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
             return None
         return FinetuneResult(checkpoint, paths, s.name, requested, o.teacher, cfg, env.world_size, str(device),
                               val_set is not None, before, after, result)
+
+
+def _fell_far_below(evals: Sequence[dict[str, Any]], schedule: str) -> str | None:
+    """The warning for a run whose last validation is far below its best one (by 10 points and a
+    quarter of it): too short for a schedule to recover from its removals, or diverged."""
+    rows = [row for row in evals if row.get("top1") is not None]
+    if len(rows) < 2:
+        return None
+    best, last = max(rows, key=lambda row: row["top1"]), rows[-1]
+    if last["top1"] >= min(best["top1"] - 10.0, 0.75 * best["top1"]):
+        return None
+    why = ("the run may be too short to recover from the schedule's removals (more epochs, or --prune-until below 1 "
+           "to fine-tune after them)" if schedule != "none" else "the run may have diverged (a lower --lr)")
+    return (f"top-1 ended at {last['top1']:.2f} %, far below the {best['top1']:.2f} % validated at epoch "
+            f"{best['epoch']:g}: {why}")
 
 
 def _student(checkpoint: str, opened: OpenedModel, o: FinetuneOptions, paths: OutputPaths) -> _Student:

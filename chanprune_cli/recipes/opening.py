@@ -23,8 +23,8 @@ from ..criteria.base import NEEDS_LABELS
 from ..data import ClassesArg, open_dataset, parse_classes, parse_floats, parse_shape, recorded_classes
 from ..errors import UserError
 from ..measure import logits_of, parse_task_output, set_task_output
-from ..models import ArchSpec, default_input_shape
-from .steps import DataOptions, Labels, eval_loader
+from ..models import ArchSpec, builtin_archs, default_input_shape
+from .steps import DataOptions, Labels, eval_loader, warn
 
 if TYPE_CHECKING:
     from torch import nn
@@ -168,18 +168,31 @@ def model_out_path(out: str | None, checkpoint: str, kind: str, loaded: LoadedCh
 
 def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint, data: str | None = None) -> Shape:
     """--input-shape, else the shape recorded in the checkpoint, else the architecture's default,
-    else the size of the samples of `data` (checked on one forward pass)."""
-    if explicit is not None:
-        return explicit
-    if loaded.input_shape is not None:
-        return tuple(loaded.input_shape)  # type: ignore[return-value]
+    else the size of the samples of `data` (checked on one forward pass). An --input-shape other
+    than the recorded one, or than a built-in architecture's (made for one size), is warned about."""
+    recorded = tuple(loaded.input_shape) if loaded.input_shape is not None else None
     shape = default_input_shape(loaded.arch)
+    if explicit is not None:
+        known = recorded or (tuple(shape) if shape is not None and loaded.arch is not None
+                             and loaded.arch.name in builtin_archs() else None)
+        if known is not None and explicit[0] == known[0] and tuple(explicit) != known:  # other channels fail to run
+            where = "the checkpoint records" if recorded else f"{loaded.arch.name} is made for"  # type: ignore[union-attr]
+            warn(f"--input-shape {_shape_text(explicit)} is not the {_shape_text(known)} {where}; MACs, scores and "
+                 f"accuracy are those of {_shape_text(explicit)} inputs (drop --input-shape to use "
+                 f"{_shape_text(known)})")
+        return explicit
+    if recorded is not None:
+        return recorded  # type: ignore[return-value]
     if shape is not None:
         return tuple(shape)  # type: ignore[return-value]
     if data is None:
         raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (the channels and size of "
                         "the images it takes), or --data to take it from the data")
     return _data_input_shape(data, loaded.model)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return ",".join(str(n) for n in shape)
 
 
 def _data_input_shape(data: str, model: nn.Module) -> Shape:

@@ -331,7 +331,8 @@ def _accuracy_and_recalibration(original: nn.Module, pruned: nn.Module,
     top1(pruned, "top1_pruned", "top-1 after pruning")
     if data is not None and recalibrate_bn > 0:
         result["recalibrated_bn_batches"] = recalibrate(pruned, batches(data, recalibrate_bn), device, recalibrate_bn)
-        top1(pruned, "top1_recalibrated", "top-1 after BN recalibration")
+        if result["recalibrated_bn_batches"]:  # 0: the model has no BatchNorm to re-estimate
+            top1(pruned, "top1_recalibrated", "top-1 after BN recalibration")
     pruned.cpu().eval()
     return result
 

@@ -131,5 +131,6 @@ def show_archs() -> None:
         table.add_row(name, description)
     console = make_console()
     console.print(table)
-    console.print("Also: [b]torchvision:NAME[/b] (any torchvision classification model) and "
-                  "[b]package.module:factory[/b] (your own model, importable from the working directory).")
+    console.print("Also: [b]torchvision:NAME[/b] (any torchvision classification model), [b]timm:NAME[/b] (any timm "
+                  "model; needs timm) and [b]package.module:factory[/b] (your own model, importable from the working "
+                  "directory).")

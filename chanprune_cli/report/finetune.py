@@ -29,7 +29,8 @@ def document(result: FinetuneResult) -> dict[str, Any]:
                       "images_per_second": run.images_per_second, "input": run.input_path, "workers": run.workers,
                       "compile": result.config.compile},
             "evals": run.evals, "final": run.final, "best": run.best,
-            "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans}
+            "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans,
+            "warnings": result.warnings}
     return json_document("finetune", body, seed=result.config.seed)
 
 

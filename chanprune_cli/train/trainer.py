@@ -376,7 +376,9 @@ class Trainer:
                           max_images=self.cfg.val_images)
         row = {"step": self.step, "epoch": round(epoch, 3), "train_loss": train_loss, "lr": self._last_lr,
                **result, "final_architecture": all(h.final_architecture for h in self.hooks), "best": False}
-        if row["final_architecture"] and (self.best is None or row["top1"] > self.best["top1"]):
+        # a schedule's architecture validated only at the end: that is the output, not the best of several
+        only_at_end = final and self.best is None and any(not r["final_architecture"] for r in self.evals)
+        if row["final_architecture"] and not only_at_end and (self.best is None or row["top1"] > self.best["top1"]):
             row["best"] = True
             self.best = dict(row)
             if self.outputs is not None and self.env.is_main:
