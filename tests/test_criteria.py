@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -611,7 +612,7 @@ def test_parse_criterion_opts_types_and_errors() -> None:
         parse_criterion_opts(info, ["bins=many"])
     with pytest.raises(UserError, match="takes no options"):
         parse_criterion_opts(get_criterion("random"), ["p=2"])
-    rows = {name: opts for name, _, opts, _ in criteria_table()}
+    rows = {name: opts for name, _, opts, _, _ in criteria_table()}
     assert set(rows) == set(available()) and "lam=0.05" in rows["whitebox"] and rows["random"] == "-"
     assert rows["l1"] == "side=out"
 
@@ -687,7 +688,7 @@ def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None
     with torch.no_grad():
         assert torch.allclose(rescaled(x), want, atol=1e-5, rtol=1e-4)
     # the criterion carries the factors sum_k M[k, c] / 2; prune applies them and still verifies
-    scores = get_criterion("whitebox").score(model, graph, make_data(2), CPU)
+    scores = get_criterion("whitebox").score(model, graph, make_data(2), CPU, rescale=True)
     factors = channel_scales(scores)
     assert set(factors) == set(scores) and all(torch.allclose(factors[g].abs() * 2, scores[g]) for g in scores)
     before = _state(model)
@@ -697,7 +698,7 @@ def test_whitebox_rescale_folds_the_masks_into_the_weights(mixed: tuple) -> None
     plain = pruning.prune(model, graph, scores, (3, 8, 8), criterion="whitebox", options=AllocationOptions(ratio=0.25),
                           rescale=False)
     assert "channel_rescale" not in plain.plan_record
-    assert not get_criterion("whitebox").score(model, graph, make_data(2), CPU, rescale=False).__dict__.get("channel_scale")
+    assert not get_criterion("whitebox").score(model, graph, make_data(2), CPU).__dict__.get("channel_scale")
 
 
 def test_prune_ranks_loss_unit_scores_unnormalised(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -722,3 +723,57 @@ def test_prune_ranks_loss_unit_scores_unnormalised(tmp_path, monkeypatch) -> Non
     assert docs["auto"]["normalize"] == "none" and docs["mean"]["normalize"] == "mean"
     widths = {mode: [(layer["name"], layer["out_after"]) for layer in doc["layers"]] for mode, doc in docs.items()}
     assert widths["auto"] != widths["mean"]
+
+
+def test_sensitivity_block_fisher_is_half_the_squared_gate_gradient(mixed: tuple) -> None:
+    """The Fisher over a channel's removal parameters: 1/2 E[(sum_q g_q w_q)^2] = 1/2 E[(dL/dgate)^2]."""
+    model, graph = mixed
+    data = make_data(3)
+    sens = get_criterion("sensitivity").score(model, graph, data, CPU)
+    taylor = get_criterion("taylor").score(model, graph, data, CPU)
+    assert set(sens) == set(taylor) and all(torch.allclose(sens[g], 0.5 * taylor[g]) for g in sens)
+    diagonal = get_criterion("sensitivity").score(model, graph, data, CPU, fisher="diagonal")
+    assert any(not torch.allclose(diagonal[g], sens[g]) for g in sens)
+
+
+def test_whitebox_cycles_its_batches_for_its_steps_and_warns_below_its_budget(mixed: tuple) -> None:
+    from chanprune_cli.data.base import DataWarning
+
+    model, graph = mixed
+    data = make_data(2)
+    seen: list[int] = []
+
+    def once() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # a one-shot iterator: replayed from memory
+        for i, batch in enumerate(data):
+            seen.append(i)
+            yield batch
+
+    with pytest.warns(DataWarning, match="need at least 100"):
+        from_iterator = whitebox_masks(model, graph, once(), CPU, steps=5)
+    with pytest.warns(DataWarning, match="need at least 100"):
+        from_list = whitebox_masks(model, graph, data, CPU, steps=5)
+    assert seen == [0, 1]  # drawn once, then replayed
+    assert all(torch.equal(from_iterator[g], from_list[g]) for g in from_list)
+    with pytest.warns(DataWarning, match="need at least 100"):
+        fewer = whitebox_masks(model, graph, data, CPU, steps=4, lr=0.0)  # lr 0: the masks stay where they start
+    assert all(torch.allclose(m, torch.full_like(m, 2 / (m.shape[0] + 1))) for m in fewer.values())
+
+
+def test_cac_ranks_loss_changes_across_groups_unless_told_per_group(mixed: tuple) -> None:
+    model, graph = mixed
+    cac = get_criterion("cac")
+    assert cac.in_loss_units({}) and not cac.in_loss_units({"units": "group"})
+    assert not cac.in_loss_units({"metric": "accuracy"})
+    data = make_data(3)
+    loss = cac.score(model, graph, data, CPU, mc_weight=0)  # the first-order part alone
+    group = cac.score(model, graph, data, CPU, mc_weight=0, units="group")
+    for g in loss:  # the loss change as estimated, or divided by its group's mean
+        assert torch.allclose(group[g], loss[g] / loss[g].abs().mean())
+    with pytest.raises(UserError, match="units must be one of loss, group"):
+        cac.score(model, graph, data, CPU, units="nats")
+
+
+def test_list_criteria_shows_each_budget() -> None:
+    costs = {name: cost for name, _, _, _, cost in criteria_table()}
+    assert costs["l1"] == "no pass over data" and "1 forward + backward per batch" in costs["taylor"]
+    assert "`steps`" in costs["whitebox"] and "`max_images`" in costs["hrank"]

@@ -31,6 +31,7 @@ from .gates import parse_options
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 NEEDS_WEIGHTS, NEEDS_DATA, NEEDS_LABELS = "weights", "data", "labels"
+WEIGHTS_ONLY = "no pass over data"
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Criterion(ABC):
     summary: ClassVar[str]
     needs: ClassVar[str] = NEEDS_WEIGHTS  # weights | data (unlabelled) | labels
     defaults: ClassVar[dict[str, Any]] = {}  # option -> default (`--criterion-opt KEY=VALUE`)
+    cost: ClassVar[str] = WEIGHTS_ONLY  # the data budget and the passes it costs (`--list-criteria`)
 
     def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
         """Whether the scores estimate the loss change of removing a channel in the same units in
@@ -82,13 +84,14 @@ C = TypeVar("C", bound=Criterion)
 
 
 def register(name: str, *, summary: str, needs: str = NEEDS_WEIGHTS,
-             defaults: dict[str, Any] | None = None) -> Callable[[type[C]], type[C]]:
+             defaults: dict[str, Any] | None = None, cost: str = WEIGHTS_ONLY) -> Callable[[type[C]], type[C]]:
     """Class decorator: the criterion `--criterion NAME` picks, what it needs (weights, data or
-    labels), its options with their defaults (`--criterion-opt KEY=VALUE`) and the summary
-    `chanprune criteria` shows."""
+    labels), its options with their defaults (`--criterion-opt KEY=VALUE`), the summary and the
+    budget with what it costs in passes over the calibration data that `score --list-criteria` shows."""
 
     def add(cls: type[C]) -> type[C]:
         cls.name, cls.summary, cls.needs, cls.defaults = name, summary, needs, defaults if defaults is not None else {}
+        cls.cost = cost
         _REGISTRY[name] = cls
         return cls
 
@@ -140,12 +143,12 @@ def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def criteria_table() -> list[tuple[str, str, str, str]]:
-    """(name, needs, options with defaults, summary) for every registered criterion."""
+def criteria_table() -> list[tuple[str, str, str, str, str]]:
+    """(name, needs, options with defaults, summary, budget and cost) for every registered criterion."""
     rows = []
     for name, cls in available().items():
         opts = " ".join(f"{k}={_shown(v)}" for k, v in cls.defaults.items()) or "-"
-        rows.append((name, cls.needs, opts, cls.summary))
+        rows.append((name, cls.needs, opts, cls.summary, cls.cost))
     return rows
 
 

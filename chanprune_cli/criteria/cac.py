@@ -63,7 +63,7 @@ from .gates import (
 )
 
 DEFAULTS: dict[str, Any] = {"drop_prob": 0.1, "mc_weight": "auto", "mc_halfway": 1000.0, "metric": "loss",
-                            "first_order": "abs", "paired": True, "amp": False}
+                            "first_order": "abs", "paired": True, "units": "loss", "amp": False}
 
 
 # The running sums, in the order of the estimator's one [9, channels] block: the rows each update
@@ -155,17 +155,21 @@ class CACEstimator:
         return out
 
     def scores(self, mc_weight: float | str = 0.5, metric: str = "loss", first_order: str = "abs",
-               mc_halfway: float = 1000.0) -> Scores:
+               mc_halfway: float = 1000.0, *, per_group: bool = True) -> Scores:
         """mc_weight * norm(MC) + (1 - mc_weight) * norm(first order); `mc_weight="auto"`: per
         channel n_off / (n_off + mc_halfway), n_off = samples in which the channel was off (the MC
-        difference's noise shrinks as 1/sqrt(n_off), so it earns its weight as evidence grows)."""
+        difference's noise shrinks as 1/sqrt(n_off), so it earns its weight as evidence grows).
+        norm divides by the group's mean absolute value with `per_group`; without it both parts stay
+        in the loss's units (the Monte-Carlo loss difference and the first-order loss change of
+        switching the gate off), comparable across groups as they are."""
         mc, fo = self.monte_carlo(metric), self.first_order_estimate(first_order)
+        norm = (lambda v: normalise(v, "mean")) if per_group else (lambda v: v.double())
         out: Scores = {}
         for gid in self.channels:
-            first = normalise(fo[gid], "mean")
+            first = norm(fo[gid])
             m = mc[gid]
             unseen = torch.isnan(m)
-            m = normalise(torch.where(unseen, torch.zeros_like(m), m), "mean")
+            m = norm(torch.where(unseen, torch.zeros_like(m), m))
             m = torch.where(unseen, first, m)
             if mc_weight == "auto":
                 n_off = self.n_off[gid].cpu()
@@ -177,11 +181,19 @@ class CACEstimator:
 
 
 @register("cac", needs=NEEDS_LABELS, defaults=DEFAULTS,
-          summary="loss change with the channel randomly gated off vs on (Monte-Carlo + first order; reconstructed)")
+          summary="loss change with the channel randomly gated off vs on (Monte-Carlo + first order; reconstructed)",
+          cost="1 forward + backward per batch, + 1 forward with paired=true")
 class CAC(Criterion):
+    def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
+        # Loss changes of switching a channel off, in every group alike (the error rate with
+        # metric=accuracy is another unit than the first-order part's: those are normalised per group).
+        opts = {**self.defaults, **(options or {})}
+        return str(opts["units"]) == "loss" and str(opts["metric"]) == "loss"
+
     def compute(self, run: ScoringRun) -> Scores:
         opts, device = run.options, run.device
         metric = choice(self.name, "metric", opts["metric"], ("loss", "accuracy"))
+        choice(self.name, "units", opts["units"], ("loss", "group"))
         first_order = choice(self.name, "first_order", opts["first_order"], ("abs", "signed"))
         mc_weight: float | str = opts["mc_weight"]
         if mc_weight != "auto":
@@ -213,4 +225,5 @@ class CAC(Criterion):
                 est.update(losses, logits.argmax(-1) == y, g, dict(zip(g, grads)),
                            clean_losses=clean_losses, clean_correct=clean_correct)
             gates.gates = {}
-        return est.scores(mc_weight, metric, first_order, mc_halfway=opts["mc_halfway"])
+        return est.scores(mc_weight, metric, first_order, mc_halfway=opts["mc_halfway"],
+                          per_group=not self.in_loss_units(dict(opts)))

@@ -3,6 +3,15 @@
 Filters close to the geometric median of their layer are the most replaceable. As in the paper's
 code, a filter's score is the sum of its Euclidean distances to the other filters of the layer;
 the lowest sums are removed. Multi-producer channels average over their producers.
+
+Where chanprune follows the authors (he-y/filter-pruning-geometric-median, pruning_cifar10.py
+`get_filter_similar`): the sum of Euclidean distances between flattened filters stands for the
+distance to the geometric median. Where it departs: the authors prune softly, re-selecting 40 % of
+every layer's filters (`--rate_dist 0.4`, `--rate_norm 1`) after each of 200 epochs of training
+(pre-trained ResNet-56: lr 0.01, steps at 60/120/160 x0.2, scripts/pruning_cifar10.sh); here the
+scores are one-shot, and a MACs target ranks them across layers (each divided by its layer's
+mean), which their fixed per-layer rate never does. The soft schedule is `finetune --schedule sfp`
+with the L2 norm (SFP, the same authors' previous paper).
 """
 
 from __future__ import annotations

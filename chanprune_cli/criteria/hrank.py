@@ -7,13 +7,27 @@ is computed with `torch.linalg.matrix_rank` (default tolerance: max(H, W) * eps 
 value). The score is the rank averaged over images: an all-zero (dead) map has rank 0 and is
 removed first. A residual class is measured where it is first produced in execution order
 (`points=first`, default) or averaged over every point that produces it (`points=all`, slower);
-a class hooked at several channels of one output (a grouped conv's coupled channels) averages them. Maps with a single spatial
-axis are L x 1 matrices, outputs without spatial axes 1 x 1 (rank 0 or 1). 3-d maps are
-reshaped to (D*H) x W.
+a class hooked at several channels of one output (a grouped conv's coupled channels) averages them.
+Maps with a single spatial axis are L x 1 matrices, outputs without spatial axes 1 x 1 (rank 0 or
+1). 3-d maps are reshaped to (D*H) x W.
 
-Cost: one SVD per channel per image, so the images are bounded by `max_images` (default 512; the
-paper uses 500) on top of what the caller passes. Options: max_images=512, relu=true,
-points=first|all, amp=false (bf16 autocast on CUDA; ranks are computed in float32).
+Where chanprune follows the authors (lmbxmu/HRank, rank_generation.py and main.py): the rank of
+each ReLU'd feature map by `matrix_rank` with its default tolerance, averaged over the images; the
+lowest ranks go. ~500 images (their `--limit 5` batches of 100): `max_images` 512.
+Where it departs: (1) the authors compute the ranks on the *test* split; chanprune reads the
+calibration data it is given (the test split is for measuring). (2) The authors do not rank
+across layers: every conv has a hand-set compress rate (ResNet-56: 0.1 for the stem, 0.6 for most
+inner convs, their README) and each layer is pruned and fine-tuned in turn (15 epochs, lr 0.01 at
+batch 128, divided by 10 at epochs 5 and 10). A MACs target needs one ranking over all layers: each
+layer's ranks are divided by their mean (`--normalize auto`). Ranks as fractions of the full rank
+min(H, W), ranked as they are, did worse (ResNet-20, inner channels, half the MACs, 16 x 64
+calibration images, BN-recalibrated, 1 000 held-out training images: 27.4 % vs 46.4 %). (3) A block's output channels are ranked
+after the residual addition and its ReLU in the authors' code; chanprune measures a residual class
+at its first producer's BatchNorm (`points=all`: every producer's).
+
+Cost: one SVD per channel per image, so the images are bounded by `max_images` (default 512) on
+top of what the caller passes. Options: max_images=512, relu=true, points=first|all, amp=false
+(bf16 autocast on CUDA; ranks are computed in float32).
 """
 
 from __future__ import annotations
@@ -44,7 +58,8 @@ def feature_ranks(feats: torch.Tensor) -> torch.Tensor:
 
 
 @register("hrank", needs=NEEDS_DATA, defaults=DEFAULTS,
-          summary="mean matrix rank of the channel's feature maps over calibration images (unlabelled)")
+          summary="mean matrix rank of the channel's feature maps over calibration images (unlabelled)",
+          cost="1 forward over at most `max_images` images (512) + 1 SVD per channel and image")
 class HRank(Criterion):
     def compute(self, run: ScoringRun) -> Scores:
         opts = run.options

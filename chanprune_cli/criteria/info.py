@@ -173,7 +173,8 @@ def info_components(model: nn.Module, graph: ChannelGraph, data: Iterable[Batch]
 
 
 @register("info", needs=NEEDS_WEIGHTS, defaults=DEFAULTS,  # uses calibration data when given
-          summary="information capacity (entropy) + independence (1 - mean |corr|); data-free without --data (reconstructed)")
+          summary="information capacity (entropy) + independence (1 - mean |corr|); data-free without --data (reconstructed)",
+          cost="1 forward per batch (every batch given, or `max_images`); none without --data")
 class Info(Criterion):
     def compute(self, run: ScoringRun) -> Scores:
         how = choice(self.name, "norm", run.options["norm"], ("mean", "minmax"))

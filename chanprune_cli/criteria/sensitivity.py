@@ -71,13 +71,15 @@ from .gates import (
     task_logits,
     working_model,
 )
+from .taylor import gate_gradients
 
 # The Hessian estimates below are the math of convolution and BatchNorm themselves.
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = nn.modules.batchnorm._BatchNorm
 
-DEFAULTS: dict[str, Any] = {"hessian": "fisher", "layer_allocation": False, "include_norm": True, "amp": False}
+DEFAULTS: dict[str, Any] = {"hessian": "fisher", "fisher": "block", "layer_allocation": False, "include_norm": True,
+                            "amp": False}
 
 
 def _producers(graph: ChannelGraph, groups: list[ChannelGroup]) -> set[str]:
@@ -320,7 +322,8 @@ def layer_sensitivity(model: nn.Module, graph: ChannelGraph, data: Iterable[Batc
 
 
 @register("sensitivity", needs=NEEDS_LABELS, defaults=DEFAULTS,
-          summary="second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)")
+          summary="second-order saliency 1/2*H*w^2 of the channel's weights (Fisher or activation Hessian; reconstructed)",
+          cost="1 forward + backward per batch (fisher); 1 forward (activation)")
 class Sensitivity(Criterion):
     def in_loss_units(self, options: dict[str, Any] | None = None) -> bool:
         # The Fisher saliency is a loss increase; the activation Hessian is each layer's own output error.
@@ -332,11 +335,19 @@ class Sensitivity(Criterion):
     def compute(self, run: ScoringRun) -> Scores:
         opts, graph = run.options, run.graph
         hessian = choice(self.name, "hessian", opts["hessian"], ("fisher", "activation"))
+        block = choice(self.name, "fisher", opts["fisher"], ("block", "diagonal")) == "block" and hessian == "fisher"
         assert run.data is not None
         groups = graph.prunable_groups()
-        with working_model(run.model, run.device) as net:
-            diag = _diagonals(net, graph, groups, run.data, run.device, hessian, opts["include_norm"], opts["amp"])
-            scores, weights = _saliencies(net, graph, groups, hessian, diag, opts["include_norm"])
+        if block:
+            # 1/2 E[(sum_q g_q w_q)^2] over the channel's removal parameters = 1/2 E[(dL/dgate)^2]
+            scores = {gid: 0.5 * v for gid, v in gate_gradients(run.model, graph, run.data, run.device, amp=opts["amp"],
+                                                                 description="sensitivity (fisher, block)").items()}
+            weights = (layer_sensitivity(run.model, graph, run.data, run.device, amp=opts["amp"])
+                       if opts["layer_allocation"] else dict.fromkeys(scores, 1.0))
+        else:
+            with working_model(run.model, run.device) as net:
+                diag = _diagonals(net, graph, groups, run.data, run.device, hessian, opts["include_norm"], opts["amp"])
+                scores, weights = _saliencies(net, graph, groups, hessian, diag, opts["include_norm"])
         result = WeightedScores()
         for gid, s in scores.items():
             result[gid] = s * weights[gid] if opts["layer_allocation"] else s

@@ -39,7 +39,7 @@ def show_criteria() -> None:
     from ..criteria.base import criteria_table
 
     table = Table(title="criteria (set options with --criterion-opt KEY=VALUE)")
-    for column in ("criterion", "needs", "options (defaults)", "what it measures"):
+    for column in ("criterion", "needs", "options (defaults)", "what it measures", "budget: passes over the data"):
         table.add_column(column, overflow="fold")
     for row in criteria_table():
         table.add_row(*row)
