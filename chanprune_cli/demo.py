@@ -62,7 +62,14 @@ def run_chanprune(args: list[str]) -> None:
 
 
 def train_stage(ctx: DemoContext) -> None:
-    """Train digits_cnn on digits:train with a fixed seed; save {'state_dict', 'arch'}."""
+    """Train digits_cnn on digits:train with a fixed seed; save {'state_dict', 'arch'}. A checkpoint
+    an earlier demo saved is kept: torch.save writes other bytes every time (a random archive id),
+    so retraining would make every stage of `chanprune run` see a new checkpoint and run again."""
+    path = ctx.out / f"{ARCH}.pt"
+    ctx.files["checkpoint"] = path
+    if path.is_file():
+        _say(f"  {path} exists: kept (delete it to train again)")
+        return
     import torch
 
     from .data import make_loader
@@ -91,10 +98,8 @@ def train_stage(ctx: DemoContext) -> None:
     finally:
         torch.set_num_threads(threads)
 
-    path = ctx.out / f"{ARCH}.pt"
     with atomic_path(path) as tmp:  # a plain state dict, the most common checkpoint form
         torch.save({"state_dict": model.state_dict(), "arch": ARCH}, tmp)
-    ctx.files["checkpoint"] = path
     _say(f"  saved {path}")
 
 
@@ -133,6 +138,7 @@ arch = "{ARCH}"
 mean = {MEAN}
 std = {STD}
 seed = {SEED}
+threads = 1                 # a tiny model: one CPU thread is fastest (every command takes --threads)
 
 [analyze]
 data = "digits:test"        # accuracy of the trained model
@@ -150,7 +156,6 @@ data = "digits:train"
 val_data = "digits:test"
 epochs = 3
 lr = 0.05
-threads = 1                 # a tiny model: one thread is fastest
 
 [export]
 format = "torchscript"      # checked with torch.jit.load before it is kept
@@ -158,7 +163,6 @@ format = "torchscript"      # checked with torch.jit.load before it is kept
 [bench]
 data = "digits:test"
 batch_sizes = "1,32"
-threads = 1
 max_acc_drop = 3.0          # a CI gate: exit 3 if the fine-tuned model lost more than 3 points
 """
 
