@@ -26,7 +26,27 @@ if [ -z "${CHANPRUNE_COMMIT:-}" ] && [ -f .gpu_check_data/commit ]; then
 fi
 # The data cache (extracted archives, decoded tensors) outside the repository.
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/chanprune-cache}
+# Then the seed methods' paper protocols (bench/papers.py) at a fraction of their epochs, each within
+# GPU_CHECK_PAPERS_S seconds (0 skips them; $OUT/papers/, $OUT/papers.log); the dry run bounds
+# every command to 2 steps.
+OUTDIR=${OUT:-gpu_check_out}
+papers() {
+    [ "${GPU_CHECK_PAPERS_S:-240}" = "0" ] && return 0
+    mkdir -p "$OUTDIR"
+    local method
+    for method in whitebox asfp; do
+        timeout "${GPU_CHECK_PAPERS_S:-240}" "$PY" bench/papers.py --method "$method" \
+            --checkpoint .gpu_check_data/resnet56-cifar10jpeg.pt --train .gpu_check_data/cifar10-jpeg-train.tar.gz \
+            --test .gpu_check_data/cifar10-jpeg-test.tar.gz --out "$OUTDIR/papers" "$@" >> "$OUTDIR/papers.log" 2>&1 \
+            || echo "papers $method: failed or timed out (see $OUTDIR/papers.log)"
+    done
+}
+rc=0
 if [ "${GPU_CHECK_QUICK:-0}" = "1" ]; then
-    exec "$PY" bench/gpu_check.py --quick --device cpu "$@"
+    "$PY" bench/gpu_check.py --quick --device cpu "$@" || rc=$?
+    papers --device cpu --smoke 2
+else
+    "$PY" bench/gpu_check.py "$@" || rc=$?
+    papers --device cuda --fraction 0.02
 fi
-exec "$PY" bench/gpu_check.py "$@"
+exit $rc

@@ -19,8 +19,9 @@ Two running estimates of "how much worse without channel c" are kept:
                our check (ResNet-20 on CIFAR-10, 10 % of every layer masked, no fine-tuning: 26 %
                top-1 vs 55 % random, 73 % for abs), hence the magnitude by default.
 
-importance = w * norm(MC) + (1 - w) * norm(first order), where norm divides by the group's mean
-absolute value (sign kept), so both parts weigh the same within a group. Channels never switched
+importance = w * norm(MC) + (1 - w) * norm(first order), where norm is the identity with
+`units=loss` (both parts are loss changes, see below) and divides by the group's mean absolute value
+(sign kept) with `units=group`, so both parts weigh the same within a group. Channels never switched
 off in the data fall back to the first-order estimate. The Monte-Carlo part needs many samples (it
 is a difference of two noisy means per channel), so by default (`mc_weight=auto`) its weight grows
 with the evidence: per channel w = n_off / (n_off + mc_halfway), n_off the samples in which the
@@ -28,18 +29,37 @@ channel was off, `mc_halfway` = 1000 (the two parts weigh equally after 1000 off
 10,000 images at drop_prob 0.1). Over a few calibration batches the first-order part carries the
 ranking; a training loop running the estimator for many steps (the method's dynamic schedule) is
 where the Monte-Carlo part takes over. A fixed `mc_weight` in [0, 1] overrides this. Measured
-(ResNet-56 on CIFAR-10 JPEG, inner channels, 50 % of the MACs removed, 16 x 64 calibration images,
+with `units=group` (ResNet-56 on CIFAR-10 JPEG, inner channels, 50 % of the MACs removed, 16 x 64 calibration images,
 top-1 % after BN recalibration on 1000 test images; ~102 off-samples per channel): fixed mc_weight
 0.5 (the former default) 71.4, 0.1 80.4, 0 (first order alone) 78.4; auto (w ~ 0.09) 79.0 in
 bench/criteria.py where random scores 60.1.
 
-The weights are frozen here (eval mode, BatchNorm running statistics); steps = batches given.
+Across groups (`units=loss`, default) both parts stay in the loss's units: the Monte-Carlo part is
+a loss difference and the first-order part the linearised loss change of switching the gate off,
+so the combination is ranked across layers as it is (`--normalize auto` gives none), and a
+residual-stream channel, whose gate switches it off in every block, keeps what it is worth.
+`units=group` divides each part by its group's mean instead (as `metric=accuracy` always does: an
+error rate and a loss change do not add). Measured (ResNet-20, half the MACs, 16 x 64 calibration
+images, BN-recalibrated, top-1 on 1 000 training images calibration never saw; random 34.0 / 24.8,
+l1 45.7 / 25.7 for inner channels / every group): units=loss 54.5 / 45.8, units=group 62.8 / 35.9.
+Every group prunable is the default of `prune`, and there the per-group scale lost 10 points.
+
+Where chanprune follows the paper (Chen et al., "Dynamical Channel Pruning by Conditional Accuracy
+Change for Deep Neural Networks", TNNLS 2021; no code was released, so the method section is all
+there is): per-sample random channel gates, the conditional accuracy change with a channel off vs
+on estimated as it trains, by a Monte-Carlo estimate and a first-order one, and DCPH (double the
+channels, prune half) as the `cac` schedule's `--dcph`. Where it departs: the paper estimates CAC
+during training from scratch and prunes early in that training (the `cac` schedule of `finetune`
+does that); as a criterion the weights are frozen (eval mode, BatchNorm running statistics) and the
+estimates come from the calibration batches alone (steps = batches given), and the first-order
+part is a magnitude (see above) where the paper's is signed.
 `CACEstimator` holds the running sums and is what a training loop reuses (draw gates with `draw`,
 run the model under `ChannelGates`, then `update` with the per-sample losses, correctness and gate
 gradients).
 
 Options: drop_prob=0.1, mc_weight=auto|0..1, mc_halfway=1000, metric=loss|accuracy,
-first_order=abs|signed, paired=true, amp=false. Deterministic given `seed` (the gates come from a generator seeded with it).
+first_order=abs|signed, paired=true, units=loss|group, amp=false. Deterministic given `seed` (the
+gates come from a generator seeded with it).
 """
 
 from __future__ import annotations

@@ -43,6 +43,19 @@ independence alone 36.8 and sigma=-1 (keep *correlated* channels) 63.6: in a tra
 the weakly correlated channels tend to be the noisy, weak ones. Without ReLU the default scores
 35.9, with `hist_range=channel` (no ReLU) 35.0, data-free 42.2.
 
+Where chanprune follows the paper (Tang et al., "Filter Pruning based on Information Capacity and
+Independence", 2023; no code was released): capacity as the entropy of a filter's information,
+independence as the filter's (lack of) correlation with the others of its layer, the score their
+sum with a balancing factor sigma; data-free without `--data`, from the filters' weights. Where it
+departs: the paper estimates a filter's capacity from its weights as a stand-in for the entropy of
+its feature map, which it found correlated with it; given calibration data chanprune measures the
+feature maps themselves, and their correlations for independence (the data-free path stays the
+weights'). Each part is divided by its layer's mean (the paper's normalisation is not known here)
+and a MACs target ranks the sums across layers, each layer divided by its mean. Measured with the
+defaults (ResNet-20, half the MACs, 16 x 64 calibration images, BN-recalibrated, top-1 on 1 000
+training images calibration never saw; random 34.0 / 24.8, l1 45.7 / 25.7 for inner channels /
+every group): 46.7 / 44.0.
+
 A residual class is measured where it is first produced (`points=first`) or averaged over all its
 points (`points=all`). Options: bins=32, sigma=1.0, norm=mean|minmax, samples=position|pooled,
 hist_range=layer|channel, relu=true, range_margin=0.0, points=first|all, max_images=0 (0 = all the

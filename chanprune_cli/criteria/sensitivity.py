@@ -1,10 +1,28 @@
 """`sensitivity`: second-order (OBD-style) saliency of a channel's weights. *Reconstructed.*
 
-Per weight q the saliency is 1/2 * H_qq * w_q^2 (the loss increase a diagonal quadratic model
-predicts when w_q is set to 0); a channel scores the sum over the weights that produce it: the
-filter rows (and bias entries) of every producer of its class.
+The saliency of removing weights w is the loss increase a quadratic model predicts, 1/2 w^T H w.
+`fisher=block` (default, with `hessian=fisher`): H is the empirical Fisher over the parameters
+whose zeroing removes the channel (its BatchNorm's gamma and beta where one follows its producers,
+else the producers' filter rows and biases), so the saliency is 1/2 E[(sum_q g_q w_q)^2] over
+calibration batches, which is 1/2 E[(dL/dgate)^2] of a gate on the channel's final value: one
+forward and backward per batch, half of `taylor`'s score.
+`fisher=diagonal`: per weight q the saliency is 1/2 * H_qq * w_q^2 (the loss increase a diagonal
+quadratic model predicts when w_q is set to 0); a channel scores the sum over the weights that
+produce it: the filter rows (and bias entries) of every producer of its class.
 
-`hessian=fisher` (default, needs labels): H_qq is the empirical Fisher diagonal, the mean over
+Where chanprune follows the method and where it departs: no code was released with the method,
+whose description gives the per-weight saliency 1/2 * H_qq * w_q^2 summed over a channel, H from
+the empirical Fisher or a label-free layer-wise Hessian, and layer sensitivity (the Hessian trace)
+to share a global target between layers. All of that is here (`fisher=diagonal`,
+`hessian=activation`, `layer_allocation`). The default departs from the diagonal: summing
+per-weight saliencies drops the cross terms between the parameters of one channel, which decide
+its removal, and ranked channels no better than chance (ResNet-20, inner channels, half the MACs,
+16 x 64 calibration images, BN-recalibrated, top-1 on 1 000 training images calibration never saw:
+diagonal 31.7 %, diagonal over the BatchNorm parameters alone 36.2 %, random 34.0 %, l1 45.7 %;
+the block over the removal parameters 55.1 %, the same ranking as `taylor`). A channel is the
+unit removed, so its block of the Fisher is the second-order model of its removal.
+
+`hessian=fisher`, `fisher=diagonal` (needs labels): H_qq is the empirical Fisher diagonal, the mean over
 calibration batches of the squared gradient of the batch-mean cross-entropy w.r.t. w_q. Squaring
 the *batch* gradient instead of per-sample gradients is the common cheap approximation (one
 backward per batch): near a trained minimum, where the mean gradient is small, it is about
@@ -34,8 +52,9 @@ increases and are ranked across groups as they are (`--normalize auto`), with th
 Hessian each group is first divided by its mean score. Uniform `--ratio`
 pruning ranks within each group and is unaffected.
 
-Options: hessian=fisher|activation, layer_allocation=false, include_norm=true (fisher: add the
-BatchNorm gamma/beta saliency), amp=false (bf16 autocast on CUDA; statistics kept in float32).
+Options: hessian=fisher|activation, fisher=block|diagonal, layer_allocation=false,
+include_norm=true (fisher=diagonal: add the BatchNorm gamma/beta saliency), amp=false (bf16
+autocast on CUDA; statistics kept in float32).
 """
 
 from __future__ import annotations
