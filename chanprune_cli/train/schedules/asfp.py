@@ -12,6 +12,20 @@ last interval the zeroed channels are removed physically by the surgery engine, 
 the masked model, and (with `--prune-until` < 1) the smaller model is fine-tuned for the rest of
 the run. `sfp` is the same with the constant rate P from the first interval on.
 
+Where chanprune follows the authors (he-y/soft-filter-pruning, pruning_cifar10_resnet.py and
+scripts/cifar10_resnet.sh, the SFP code; the ASFP code was not released, its rate is the paper's):
+each layer's filters ranked by L2 norm, the lowest zeroed at the end of every epoch
+(`--epoch_prune 1`) and left to train, the BatchNorm untouched, a fixed rate for SFP (40 % of the
+filters on ResNet-56, their README's row) and the asymptotic one for ASFP, then the zeroed
+filters cut out. Where it departs: the authors zero every conv's filters independently (the
+conv writing a residual stream too, whose zeroed rows the shortcut's channel then mixes back
+in); chanprune ranks a channel graph's class as one (a residual stream's channel scores the mean
+norm of its producers' filters and is zeroed in every producer at once), so what is zeroed is what
+the final surgery removes; `--target-flops` ranks the groups globally where their `--rate` is per
+layer. Their CIFAR runs train 200 epochs at lr 0.01 from the pre-trained model (steps ×0.2 at
+epochs 60/120/160 in the FPGM scripts of the same authors, batch 128, weight decay 5e-4);
+`bench/papers.py --method asfp` runs that with chanprune's warm-up + cosine schedule.
+
 "Zeroing a filter" (`engine.surgery.zero_producers`) sets the weight rows (and bias) of every producer of the
 channel to zero, as SFP does; the channel's BatchNorm is left alone so the filter receives
 gradients and can grow back. The final removal masks the whole channel (BatchNorm included,

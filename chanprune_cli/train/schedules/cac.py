@@ -8,6 +8,13 @@ momentum is carried through the same surgery), in equal steps of the target, unt
 width. Then the gates are removed and training continues on the final architecture. DCPH ("double
 channels, prune half") is set up by the CLI: a built-in architecture at twice its width, trained
 from initialisation, with half of the channels pruned.
+
+This is the paper's own setting (Chen et al., TNNLS 2021: gates drawn while the network trains,
+unimportant channels pruned early in training, DCPH); no code was released, so the estimator, the
+removal steps and their timing (`--cac-rounds`, `--prune-until`) are chanprune's. Each group's
+scores are divided by their mean before the global ranking (`mc_weight` 0.5 fixed), as the
+criterion's `units=group`; the criterion's default ranks loss changes as they are, which was
+measured on one-shot pruning only.
 """
 
 from __future__ import annotations

@@ -9,6 +9,15 @@ by one global ranking to the target (floor 30 % per layer unless --min-keep is g
 surviving channels' BatchNorm (or producer) affine parameters are rescaled by Σ_k M[k, c] / 2,
 the removal is verified, and the rest of the run fine-tunes the smaller model with its own
 warm-up + cosine learning-rate schedule.
+
+Against the authors' code (zyxxmu/White-Box; criteria/whitebox.py says more): they train masks and
+weights together for 30 epochs from a random initialisation, then prune by global voting with a
+30 % floor and fine-tune for 300 epochs. Here the masks train on the frozen, already trained
+weights for the first `until` of the run (λ 5e-3, plain SGD) and are folded into the BatchNorm as
+the authors do. In one-shot pruning (the criterion) that fold cost accuracy once frozen weights had
+seen the masks train for a few hundred steps, so the criterion leaves it off by default; here the
+fine-tuning that follows retrains the weights around it (not measured). `bench/papers.py --method
+whitebox` runs the authors' protocol through the criterion.
 """
 
 from __future__ import annotations
