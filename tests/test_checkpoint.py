@@ -291,6 +291,50 @@ def test_trusted_pickle_of_unimportable_class(tmp_path: Path, monkeypatch: pytes
     one_line_error(info)
 
 
+def test_trusted_pickle_of_a_package_that_is_not_installed_names_it_and_its_version(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint dict records the version of the library that made it (ultralytics' do): the
+    one line names that package and version."""
+    package = tmp_path / "code" / "yolofake_8c1f"
+    (package / "nn").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "nn" / "__init__.py").write_text("import torch.nn as nn\nclass Net(nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    import yolofake_8c1f.nn  # type: ignore[import-not-found]
+
+    torch.save({"model": yolofake_8c1f.nn.Net(2, 2), "version": "9.9.9", "train_args": {}}, tmp_path / "net.pt")
+    for name in ("yolofake_8c1f", "yolofake_8c1f.nn"):
+        monkeypatch.delitem(sys.modules, name)
+    (package / "nn" / "__init__.py").unlink()
+    (package / "__init__.py").unlink()
+    (package / "nn").rmdir()
+    package.rmdir()
+    with pytest.raises(UserError) as info:
+        load_checkpoint(tmp_path / "net.pt", trust_pickle=True)
+    line = one_line_error(info)
+    assert "saved with yolofake_8c1f 9.9.9, which is not installed" in line
+    assert "pip install 'yolofake_8c1f==9.9.9'" in line
+
+
+def test_a_training_checkpoint_is_read_from_its_ema_and_written_without_optimizer_state(
+        tmp_path: Path, digits: nn.Module, x_digits: torch.Tensor) -> None:
+    """ultralytics' last.pt: 'model' None, the model under 'ema', an optimizer state; ultralytics
+    loads the EMA, so chanprune reads that one and writes the result under 'model'."""
+    from chanprune_cli.checkpoint import save_model
+
+    state = torch.optim.SGD(digits.parameters(), lr=0.1, momentum=0.9).state_dict()
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 3, "model": None, "ema": digits, "optimizer": state, "train_args": {"task": "classify"},
+                "updates": 7}, path)
+    loaded = load_checkpoint(path, trust_pickle=True)
+    assert loaded.arch is None and same_outputs(loaded.model, digits, x_digits)
+    out = tmp_path / "out.pt"
+    save_model(out, loaded.model, loaded, input_shape=(1, 8, 8), history=[], plans=[])
+    raw = torch.load(out, weights_only=False)
+    assert isinstance(raw["model"], nn.Module) and raw["ema"] is None and raw["optimizer"] is None
+    assert raw["epoch"] == 3 and raw["updates"] == 7 and raw["train_args"] == {"task": "classify"}
+
+
 def test_trust_pickle_still_prefers_safe_load(tmp_path: Path, digits: nn.Module, x_digits: torch.Tensor) -> None:
     torch.save(digits.state_dict(), tmp_path / "sd.pt")
     ckpt = load_checkpoint(tmp_path / "sd.pt", arch="digits_cnn", trust_pickle=True)

@@ -4,10 +4,14 @@ model is written back.
 Such a model has no architecture chanprune can rebuild (its classes live in the user's library),
 so the result cannot be a chanprune safetensors file. It is written the way it came: the same
 container (ultralytics' `{'model': DetectionModel, 'train_args': ..., ...}` dict, or a bare
-module) with the pruned module in place of the original, in the original floating dtype, plus one
+module) with the pruned module under 'model', in the original floating dtype, plus one
 `'chanprune'` entry holding the same JSON metadata a chanprune file records (plans, history,
-input shape). It loads again with `chanprune ... --trust-pickle`, with `torch.load(path,
-weights_only=False)`, and with the library that made it (e.g. `ultralytics.YOLO(path)`).
+input shape). What no longer fits the pruned module is dropped (set to None): any other module
+(an EMA copy; ultralytics' training checkpoints keep the model there alone, and it is the one
+read and pruned) and optimizer states; every other entry is kept as it was (ultralytics'
+`train_args` with the task, metrics, version, date). It loads again with `chanprune ...
+--trust-pickle`, with `torch.load(path, weights_only=False)`, and with the library that made it
+(e.g. `ultralytics.YOLO(path)`, which predicts, validates and exports it with its task).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ __all__ = ["PICKLE_METADATA_KEY", "PickledOrigin", "check_pickled_output", "floa
            "read_pickled_metadata", "save_pickled_model"]
 
 PICKLE_METADATA_KEY = "chanprune"
-_MODEL_KEYS = ("model", "net", "module")
+_MODEL_KEYS = ("model", "net", "module", "ema")
 
 
 @dataclass
@@ -78,6 +82,11 @@ def pickled_metadata(input_shape: Any, history: list[dict[str, Any]], plans: lis
             "tool_version": tool_version, "torch_version": torch.__version__}
 
 
+def _is_optimizer_state(value: Any) -> bool:
+    """`optimizer.state_dict()`: shaped by the parameters it was made for."""
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
 def check_pickled_output(path: str) -> None:
     """A whole pickled model is written back as a pickle: never to a .safetensors path."""
     if path.lower().endswith(".safetensors"):
@@ -99,9 +108,10 @@ def save_pickled_model(path: str | os.PathLike[str], model: nn.Module, origin: P
     else:
         obj = dict(origin.container)
         for key, value in obj.items():
-            if isinstance(value, nn.Module):
-                obj[key] = None  # a second copy (an EMA) of the unpruned model would not fit the plans
-        obj[origin.key or "model"] = module
+            # a second copy (an EMA) of the unpruned model, or optimizer state, would not fit the plans
+            if isinstance(value, nn.Module) or _is_optimizer_state(value):
+                obj[key] = None
+        obj["model" if origin.key in (None, "ema") else origin.key] = module
         obj[PICKLE_METADATA_KEY] = text
     with atomic_path(out) as tmp:
         torch.save(obj, tmp)

@@ -7,6 +7,7 @@ import argparse
 import pickle
 import re
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,56 @@ def _check_zip_sizes(p: Path) -> None:
         )
 
 
+_MISSING_ATTRIBUTE = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
+
+
+def _unimportable(p: Path, exc: Exception) -> str:
+    """The one line for a trusted pickle naming code that cannot be imported here: the package
+    (and the version the file says made it, ultralytics' checkpoints record it) when the code
+    belongs to an installed or recorded package, else where to run from."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        missing = exc.name
+    else:
+        found = _MISSING_ATTRIBUTE.search(str(exc))
+        missing = f"{found.group(2)}.{found.group(1)}" if found else ""
+    package = missing.split(".")[0]
+    recorded = _recorded_version(p)
+    try:
+        installed: str | None = metadata.version(package) if package else None
+    except metadata.PackageNotFoundError:
+        installed = None
+    if not package or (recorded is None and installed is None):
+        return f"{p} refers to code that cannot be imported ({first_line(exc)}); run from the directory that contains it"
+    made = f"{package} {recorded}" if recorded else package
+    fix = f"pip install '{package}=={recorded}'" if recorded else f"pip install {package}"
+    if installed is None:
+        return f"{p} was saved with {made}, which is not installed here; install it ({fix}) to load this whole pickled model"
+    return (f"{p} was saved with {made}, whose {missing} cannot be imported with the {package} {installed} installed "
+            f"here ({first_line(exc)}); install the version that saved it ({fix})")
+
+
+def _recorded_version(p: Path) -> str | None:
+    """The 'version' string a checkpoint dict records (ultralytics writes its own), read from the
+    pickle's opcodes without running them; None when there is none."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                data = zf.read(name) if name is not None else b""
+        else:
+            data = p.read_bytes()
+        strings = [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
+        for key, value in zip(strings, strings[1:]):  # a dict's string key, then its string value
+            if key == "version" and re.fullmatch(r"\d+(\.\d+)+\S*", value):
+                return value
+    except Exception:  # noqa: BLE001  (a damaged pickle: the caller's message stands without a version)
+        return None
+    return None
+
+
 def torch_load(p: Path, trust_pickle: bool) -> Any:
     """The object a torch.save file holds, on CPU. UserError on damage or untrusted pickled code."""
     with p.open("rb") as f:
@@ -115,7 +166,6 @@ def torch_load(p: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=False, pickle_module=moved_classes)
     except (ModuleNotFoundError, AttributeError) as exc:
-        raise UserError(f"{p} refers to code that cannot be imported ({first_line(exc)}); "
-                        "run from the directory that contains it") from None
+        raise UserError(_unimportable(p, exc)) from None
     except Exception as exc:  # noqa: BLE001  (unpickling runs the file's own code: any error means a bad file)
         raise UserError(f"{p} is corrupt or not a PyTorch checkpoint ({first_line(exc)})") from None

@@ -35,11 +35,14 @@ def _holds_tensors(obj: Mapping[Any, Any]) -> bool:
 
 
 def find_module(obj: Any) -> nn.Module | None:
-    """The pickled module itself, or one stored under a 'model' / 'net' / 'module' key."""
+    """The pickled module itself, or one stored under a 'model' / 'net' / 'module' key; in
+    ultralytics' training checkpoints (a 'train_args' entry), the 'ema' module first, as
+    ultralytics itself loads them (its last.pt holds the model there alone)."""
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, Mapping):
-        for key in ("model", "net", "module"):
+        keys = ("ema", "model", "net", "module") if "train_args" in obj else ("model", "net", "module")
+        for key in keys:
             if isinstance(obj.get(key), nn.Module):
                 return obj[key]
     return None
