@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -777,3 +778,16 @@ def test_list_criteria_shows_each_budget() -> None:
     costs = {name: cost for name, _, _, _, cost in criteria_table()}
     assert costs["l1"] == "no pass over data" and "1 forward + backward per batch" in costs["taylor"]
     assert "`steps`" in costs["whitebox"] and "`max_images`" in costs["hrank"]
+
+
+def test_hrank_says_when_residual_streams_are_ranked() -> None:
+    from chanprune_cli.data.base import DataWarning
+
+    model = build_model(parse_arch("cifar_resnet20")).eval()
+    data = make_data(1, batch=2, shape=(3, 32, 32), classes=10)
+    with pytest.warns(DataWarning, match=r"hrank ranks the channels of 1 residual stream\(s\) \(conv1\)"):
+        get_criterion("hrank").score(model, build_graph(model, (3, 32, 32)), data, CPU)
+    inner = build_graph(model, (3, 32, 32), ignore=("conv1", "layer*.*.conv2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        get_criterion("hrank").score(model, inner, data, CPU)
