@@ -1,4 +1,4 @@
-"""The prepared GPU check: every GPU measurement the project needs, in one run of about 8 minutes.
+"""The prepared GPU check: every GPU measurement the project needs, in one run of about 10 minutes.
 
 Run by `bench/gpu_check.sh` on a machine with one CUDA GPU (see README, "The GPU check"); the data
 comes from `.gpu_check_data/` (made here by `bench/gpu_check_prepare.sh`), never from ../shared.
@@ -17,6 +17,9 @@ runs out of time is recorded as such and the next one runs):
   latency     `chanprune bench` of the ResNet-56 pair, and of a ResNet-50 with 50 % of the MACs
               removed with and without `--round-to 8`: fp32 without autotuning (as measured
               before) vs bf16 channels-last with cuDNN autotuning, batch 1/64/256
+  latency_target  `prune --target-latency 0.5` of the ResNet-50 as deployed (bf16, channels-last,
+              cuDNN autotuning, `--round-to auto`) at batch 1 and at batch 256, each pair re-timed by
+              `chanprune bench` at batch 1 and 256: never slower at batch 1, ≥ 1.7x at batch 256
   scoring     `bench/criteria_speed.py` on CUDA: each criterion's cost relative to forward+backward
   decode      large JPEG images (ImageNet-sized, made here), a ResNet-50 fine-tuned at 224 px: the
               loader path (decode and augment in workers) vs `--device-decode` (nvJPEG), input
@@ -63,15 +66,18 @@ class Budget:
     finetune: int = 120
     export: int = 25
     latency: int = 100
+    latency_target: int = 130
     scoring: int = 45
     decode: int = 45
-    total: int = 480
+    total: int = 600
     epochs: int = 10
     batch: int = 256
     calib_batches: int = 16
     throughput_steps: int = 150
     r50_shape: str = "3,224,224"
     batch_sizes: str = "1,64,256"
+    target_batch: int = 256  # latency_target: the large latency batch
+    deployed: bool = True  # latency_target: bf16, channels-last (the CPU dry run times fp32)
     latency_time: float = 1.5
     criteria_batches: int = 16
     criteria_arch: str = "cifar_resnet56"
@@ -82,11 +88,13 @@ class Budget:
     decode_steps: int = 15
 
 
-QUICK = Budget(tests=120, prune=300, throughput=300, finetune=300, export=120, latency=420, scoring=300,
-               total=3000, epochs=1, batch=16, calib_batches=2, throughput_steps=3, r50_shape="3,64,64",
+QUICK = Budget(tests=120, prune=300, throughput=300, finetune=300, export=120, latency=420, latency_target=600,
+               scoring=300, total=3600, target_batch=4, deployed=False, epochs=1, batch=16, calib_batches=2,
+               throughput_steps=3, r50_shape="3,64,64",
                batch_sizes="1,4", latency_time=0.2, criteria_batches=2, criteria_arch="cifar_resnet20",
                eval_batches=2, decode=300, decode_images=40, decode_size=96, decode_batch=8, decode_steps=3)
-PHASES = ("env", "tests", "prune", "throughput", "finetune", "export", "latency", "scoring", "decode", "suite")
+PHASES = ("env", "tests", "prune", "throughput", "finetune", "export", "latency", "latency_target", "scoring", "decode",
+          "suite")
 
 
 @dataclass
@@ -247,9 +255,10 @@ def phase_export(check: Check, model: Path, work: Path) -> None:
         check.facts["export"] = {"status": result["status"], "check": report.get("check", report.get("verification"))}
 
 
-def _bench(check: Check, name: str, models: list[str], arch: str, extra: list[str], work: Path, limit: float) -> None:
+def _bench(check: Check, name: str, models: list[str], arch: str, extra: list[str], work: Path, limit: float,
+           phase: str = "latency") -> None:
     report = work / f"{name.replace(' ', '-')}.json"
-    check.run("latency", chanprune("bench", *models, "--arch", arch, "--device", check.device, "--batch-sizes",
+    check.run(phase, chanprune("bench", *models, "--arch", arch, "--device", check.device, "--batch-sizes",
                                    check.budget.batch_sizes, "--max-time", str(check.budget.latency_time), "--json",
                                    str(report), "--force", *extra), limit)
     doc = json_of(report)
@@ -271,10 +280,8 @@ def phase_latency(check: Check, r56_pair: list[str], work: Path) -> None:
         _bench(check, "r56 fp32", r56_pair, "cifar_resnet56", [*plain, *data], work, b.latency / 5)
         _bench(check, "r56 deployed", r56_pair, "cifar_resnet56", fast, work, b.latency / 8)
     # ResNet-50 (random weights: latency does not depend on them), 50 % of the MACs removed by l1.
-    base = work / "r50.pt"
-    made = check.run("latency", [sys.executable, "-c", "import sys, torch, torchvision; torch.manual_seed(0); "
-                                 "torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])", str(base)], 60)
-    if made["status"] != "ok":
+    base = _resnet50(check, work, "latency")
+    if base is None:
         return
     models = [str(base)]
     for round_to in ("1", "8"):
@@ -288,6 +295,43 @@ def phase_latency(check: Check, r56_pair: list[str], work: Path) -> None:
     shape = ["--input-shape", b.r50_shape]
     _bench(check, "r50 fp32", models, "torchvision:resnet50", [*plain, *shape], work, b.latency / 4)
     _bench(check, "r50 deployed", models, "torchvision:resnet50", [*fast, *shape], work, b.latency / 4)
+
+
+def _resnet50(check: Check, work: Path, phase: str) -> Path | None:
+    """A torchvision ResNet-50 with random weights (latency does not depend on them), made once."""
+    base = work / "r50.pt"
+    if base.exists():
+        return base
+    made = check.run(phase, [sys.executable, "-c", "import sys, torch, torchvision; torch.manual_seed(0); "
+                             "torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])", str(base)], 60)
+    return base if made["status"] == "ok" else None
+
+
+def phase_latency_target(check: Check, work: Path) -> None:
+    """`prune --target-latency 0.5` of the ResNet-50 as deployed, at batch 1 and at the large batch;
+    each pair re-timed by `bench` at both batch sizes."""
+    b = check.budget
+    base = _resnet50(check, work, "latency_target")
+    if base is None:
+        return
+    deployed = ["--latency-dtype", "bf16", "--latency-channels-last"] if b.deployed else []
+    timed = ["--dtype", "bf16", "--channels-last"] if b.deployed else []
+    batches = f"1,{b.target_batch}"
+    for batch in (1, b.target_batch):
+        out, report = work / f"r50-latency-b{batch}.safetensors", work / f"r50-latency-b{batch}.json"
+        step = check.run("latency_target", chanprune(
+            "prune", str(base), "--arch", "torchvision:resnet50", "--input-shape", b.r50_shape, "--criterion", "l1",
+            "--target-latency", "0.5", "--latency-batch", str(batch), "--round-to", "auto", *deployed, "--device",
+            check.device, "--out", str(out), "--json", str(report), "--force"), b.latency_target / 3)
+        doc = json_of(report)
+        if doc is not None:
+            check.facts.setdefault("latency_target", {})[f"batch {batch}"] = {
+                "status": step["status"], "latency": doc.get("latency"), "macs": [doc["before"]["macs"], doc["after"]["macs"]],
+                "warnings": doc.get("warnings")}
+        if step["status"] == "ok":
+            _bench(check, f"r50 latency target 0.5 at batch {batch}", [str(base), str(out)], "torchvision:resnet50",
+                   [*timed, "--input-shape", b.r50_shape, "--batch-sizes", batches], work, b.latency_target / 6,
+                   "latency_target")
 
 
 def phase_scoring(check: Check) -> None:
@@ -478,6 +522,15 @@ def markdown(doc: dict[str, Any]) -> str:
             for batch, lat in m["latency_ms"].items():
                 lines.append(f"| {m['path']} | {m['macs'] / 1e6:.1f} M | {batch} | {lat['median']:.3f} | "
                              f"{m['speedup'].get(batch, 0):.2f}x | {'' if acc is None else f'{acc:.2f}'} |")
+    for name, t in (doc.get("latency_target") or {}).items():
+        lat = t.get("latency") or {}
+        attempts = ", ".join(f"{a['ratio']:.3f}" for a in lat.get("attempts", []))
+        lines += ["", f"## prune --target-latency 0.5, ResNet-50 at {name} ({t.get('status')})", "",
+                  f"{lat.get('runtime')} on {lat.get('device_name')}, {lat.get('dtype')}, channels-last "
+                  f"{lat.get('channels_last')}: measured {lat.get('ratio')} of the original "
+                  f"({lat.get('before_ms')} → {lat.get('after_ms')} ms; predicted {lat.get('predicted_ms')} ms); "
+                  f"attempts {attempts}; MACs {t['macs'][0] / 1e9:.2f} → {t['macs'][1] / 1e9:.2f} G; "
+                  f"warnings {t.get('warnings')}"]
     s = doc.get("scoring")
     if s and s.get("rows"):
         lines += ["", "## Scoring cost (`bench/criteria_speed.py`)", "", "    " + s["header"]] + [f"    {r}" for r in s["rows"]]
@@ -548,6 +601,9 @@ def main() -> int:
         model = finetuned or pruned
         pair = [str(check.data / "resnet56-cifar10jpeg.pt"), str(model)] if model is not None else []
         phase_latency(check, pair, work)
+        check.write()
+    if "latency_target" in chosen:
+        phase_latency_target(check, work)
         check.write()
     if "scoring" in chosen:
         phase_scoring(check)

@@ -3,7 +3,7 @@
 # repository root, with .whl/ and .gpu_check_data/ carried (both made here by
 # bench/gpu_check_prepare.sh):
 #
-#     bash bench/gpu_check.sh                 # one CUDA GPU, about 8 minutes; writes $OUT/gpu_check.{md,json,log}
+#     bash bench/gpu_check.sh                 # one CUDA GPU, about 10 minutes; writes $OUT/gpu_check.{md,json,log}
 #     GPU_CHECK_QUICK=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh   # the CPU dry run, tiny budgets (./gpu_check_out/)
 #
 # PYTHON: the interpreter (default python3, the lent machine's). Extra arguments go to bench/gpu_check.py.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from chanprune_cli.cli import app
-from chanprune_cli.deploy import benchmark
+from chanprune_cli.deploy import benchmark, runtimes
 from chanprune_cli.models import build_model, parse_arch
 
 ARCH = ("--arch", "digits_cnn")
@@ -95,7 +96,7 @@ def test_json_fields_and_comparison_with_the_reference(ckpts: dict[str, Path], t
     assert {k: timing.pop(k) for k in ("warmup", "repeats", "max_time_s")} == {"warmup": 1, "repeats": 3, "max_time_s": 10.0}
     assert timing.pop("device_name")
     assert timing == {"dtype": "fp32", "channels_last": False, "cudnn_benchmark": False, "compile": False,
-                      "cudnn_allow_tf32": None}
+                      "cudnn_allow_tf32": None, "runtime": "torch", "interleaved": True}
     assert doc["data"]["source"] == "digits:test" and doc["data"]["images"] == 359
     assert doc["gates"] == [] and doc["passed"] is True and isinstance(doc["warnings"], list)
 
@@ -187,6 +188,32 @@ def test_violated_gates_exit_3_name_the_gate_and_keep_the_json(ckpts: dict[str, 
     assert "FAILED" in result.stdout  # the table was printed too
 
 
+def test_max_latency_ratio_gate(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """The pruned model's latency over the reference's, at the gate batch: a generous limit passes, an
+    impossible one fails with exit 3 after the report is written."""
+    passed = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--max-latency-ratio", "100")
+    assert passed.exit_code == 0, passed.stderr
+    out = tmp_path / "b.json"
+    failed = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--max-latency-ratio", "0.0001", "--json", out)
+    assert failed.exit_code == 3, failed.stderr
+    assert "1 gate(s) failed: --max-latency-ratio 0.0001: " in _error_line(failed.stderr)
+    [gate] = json.loads(out.read_text())["gates"]
+    assert gate["name"] == "max-latency-ratio" and gate["batch_size"] == 4 and gate["passed"] is False
+    doc = json.loads(out.read_text())
+    medians = [m["latency_ms"]["4"]["median"] for m in doc["models"]]
+    assert gate["value"] == pytest.approx(medians[1] / medians[0])
+
+
+def test_onnxruntime_times_the_checked_export(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ort.json"
+    result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--runtime", "onnxruntime", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["timing"]["runtime"] == "onnxruntime" and doc["timing"]["interleaved"] is True
+    assert all(m["latency_ms"]["1"]["repeats"] == 3 for m in doc["models"])
+    assert "onnxruntime, fp32" in " ".join(result.stdout.split())
+
+
 def test_one_failed_gate_of_two(ckpts: dict[str, Path]) -> None:
     result = cli("bench", ckpts["good"], ckpts["broken"], *ARCH, *DATA, *FAST, "--max-acc-drop", "1",
                  "--min-speedup", "0.001")
@@ -197,6 +224,7 @@ def test_one_failed_gate_of_two(ckpts: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize(("extra", "fragment"), [
     (("--min-speedup", "1.5"), "--min-speedup compares models with the first checkpoint"),
+    (("--max-latency-ratio", "0.8"), "--max-latency-ratio compares models with the first checkpoint"),
     (("--max-acc-drop", "1", "--data", "digits:test"), "give at least two checkpoints"),
 ])
 def test_gates_need_two_models(ckpts: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], fragment: str) -> None:
@@ -217,6 +245,10 @@ def test_gates_need_two_models(ckpts: dict[str, Path], tmp_path: Path, extra: tu
     (("--repeats", "0"), "--repeats"),
     (("--threads", "0"), "--threads"),
     (("--plot", "chart.gif"), "unknown image type '.gif'; use a file name ending in .png"),
+    (("--max-latency-ratio", "0"), "--max-latency-ratio must be positive"),
+    (("--runtime", "tflite"), "--runtime must be one of torch, onnxruntime, tensorrt"),
+    (("--runtime", "tensorrt", "--device", "cpu"), "--runtime tensorrt needs a CUDA GPU"),
+    (("--runtime", "onnxruntime", "--dtype", "bf16"), "runs the float32 ONNX export"),
 ])
 def test_bad_bench_options_fail_before_loading(load_spy: list[str], ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                extra: tuple[str, ...], fragment: str) -> None:
@@ -315,17 +347,20 @@ def test_cuda_deployed_latency(dtype: str) -> None:
 
 def test_a_pruned_model_slower_than_its_reference_is_said(ckpts: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real = benchmark.time_model
+    real = runtimes.LatencyTarget.prepare
     full = sum(p.numel() for p in build_model(parse_arch("digits_cnn")).parameters())
 
-    def pruned_made_slow(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        result = real(model, *args, **kwargs)
-        if sum(p.numel() for p in model.parameters()) < full:  # the pruned one: 1000x its real time
-            result = {k: v * 1000 if k.endswith("_ms") else v / 1000 if k == "images_per_second" else v
-                      for k, v in result.items()}
-        return result
+    def pruned_made_slow(self: runtimes.LatencyTarget, model: torch.nn.Module, shape: Any) -> Any:
+        runner_for = real(self, model, shape)
+        if sum(p.numel() for p in model.parameters()) == full:
+            return runner_for
 
-    monkeypatch.setattr(benchmark, "time_model", pruned_made_slow)
+        def slow(batch: int) -> Any:  # the pruned one: 20 ms more per run than it needs
+            run = runner_for(batch)
+            return lambda: (run(), time.sleep(0.02))
+        return slow
+
+    monkeypatch.setattr(runtimes.LatencyTarget, "prepare", pruned_made_slow)
     out = tmp_path / "bench.json"
     result = cli("bench", ckpts["good"], ckpts["pruned"], *ARCH, *FAST, "--device", "cpu", "--json", out)  # the CPU's cause
     assert result.exit_code == 0, result.stderr

@@ -310,6 +310,7 @@ def test_an_absolute_target_is_a_fraction_of_the_measured_original() -> None:
 def test_slower_models_are_named() -> None:
     target = LatencyTarget(batch=32)
     assert slower_warning(5.0, 4.0, target) is None
+    assert slower_warning(5.0, 5.1, target) is None and slower_warning(5.0, 5.0, target, 1.2) is None  # noise
     line = slower_warning(5.0, 5.5, target)
     assert line is not None and "slower than the original on torch (cpu, batch 32): 5.5 ms vs 5 ms" in line
 

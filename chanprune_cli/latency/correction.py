@@ -34,13 +34,15 @@ from ..prune import pruning
 from ..prune.scoring import ResolvedCriterion
 from .table import LatencyTables, pruned
 
-__all__ = ["ACCEPT", "TOLERANCE", "Attempt", "LatencyResult", "PairTimer", "PairTiming", "prune_to_latency",
+__all__ = ["ACCEPT", "CHECK_TIMING", "TOLERANCE", "Attempt", "LatencyResult", "PairTimer", "PairTiming", "prune_to_latency",
            "slower_warning"]
 
 TOLERANCE = 0.02  # a measured ratio this close to the target ends the corrections
 ACCEPT = 0.05  # the closest attempt must be at least this close, else the target is not met
 MAX_ATTEMPTS = 6
 PAIR_TIMING = Timing(warmup=3, repeats=40, max_time=6.0)
+CHECK_TIMING = Timing(warmup=2, repeats=20, max_time=2.0)  # "never slower": every saved plan, briefly
+SLOWER = 1.05  # a measured ratio above this is slower than timing noise explains
 
 
 class PairTimer:
@@ -193,9 +195,9 @@ def _next_budget(attempts: Sequence[Attempt], ratio: float, budget: float) -> fl
 
 
 def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget, ratio: float | None = None) -> str | None:
-    """One line when the pruned model runs slower than the original on `target`: by the measured
-    `ratio` when given, else by the medians (None: it does not)."""
-    if (ratio if ratio is not None else after_ms / before_ms) <= 1:
+    """One line when the pruned model runs slower than the original on `target`, by more than timing
+    noise (`SLOWER`): by the measured `ratio` when given, else by the medians (None: it does not)."""
+    if (ratio if ratio is not None else after_ms / before_ms) <= SLOWER or after_ms <= before_ms:
         return None
     return (f"the pruned model is slower than the original on {target.runtime} ({target.device}, batch {target.batch}): "
             f"{after_ms:.3g} ms vs {before_ms:.3g} ms; prune with --target-latency to plan for this target, or "

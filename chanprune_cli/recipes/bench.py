@@ -1,5 +1,6 @@
 """The `bench` recipe: params, MACs, size, latency, throughput and accuracy of models side by side,
-compared with the first (the reference), and the CI gates evaluated (deploy/benchmark.py)."""
+compared with the first (the reference), and the CI gates evaluated (deploy/benchmark.py). The
+models are timed round by round (A, B, A, B, ...) on the runtime they ship in (deploy/runtimes.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rich.markup import escape
 from ..checkpoint import nonfinite_summary
 from ..data import make_loader
 from ..deploy import benchmark
+from ..deploy.runtimes import RUNTIMES, LatencyTarget, Timing, interleaved_runs
 from ..errors import UserError
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
@@ -38,9 +40,11 @@ class BenchOptions:
     `chanprune bench`. `batch_sizes` ("1,32" or a sequence) are timed, each `repeats` times after
     `warmup` runs (at most about `max_time` seconds per model and batch size), on `threads` CPU
     threads (None: torch's current count), as `deployment` says (precision, channels-last, cuDNN
-    autotuning, torch.compile); accuracy (with `data.data`) in float32. Gates: `max_acc_drop`
-    (top-1 points lost, needs data) and `min_speedup` (at `gate_batch`, default the largest batch
-    size). `plot` and `json_report`: where the caller will draw the figure and write the JSON
+    autotuning, torch.compile), in `runtime` ("torch", "onnxruntime": each model exported to a
+    temporary ONNX file, checked as `export` checks it; "tensorrt" on CUDA); accuracy (with
+    `data.data`) in float32. Gates: `max_acc_drop` (top-1 points lost, needs data), `min_speedup` and
+    `max_latency_ratio` (model latency / reference latency) at `gate_batch`, default the largest
+    batch size. `plot` and `json_report`: where the caller will draw the figure and write the JSON
     report (report/), checked before the slow steps."""
 
     batch_sizes: str | Sequence[int] = "1,32"  # parsed: sorted, without duplicates
@@ -52,6 +56,8 @@ class BenchOptions:
     max_acc_drop: float | None = None
     min_speedup: float | None = None
     gate_batch: int | None = None
+    runtime: str = "torch"
+    max_latency_ratio: float | None = None
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     plot: str | None = None
@@ -64,7 +70,8 @@ class BenchOptions:
         if self.gate_batch is not None and self.gate_batch not in sizes:
             raise UserError(f"--gate-batch {self.gate_batch} is not one of --batch-sizes {text}; pick one of them")
         object.__setattr__(self, "batch_sizes", sizes)
-        for name, value in (("--max-acc-drop", self.max_acc_drop), ("--min-speedup", self.min_speedup)):
+        for name, value in (("--max-acc-drop", self.max_acc_drop), ("--min-speedup", self.min_speedup),
+                            ("--max-latency-ratio", self.max_latency_ratio)):
             if value is not None and not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number, got {value}")
         if self.max_acc_drop is not None:
@@ -74,6 +81,11 @@ class BenchOptions:
                 raise UserError("--max-acc-drop needs accuracy: pass --data")
         if self.min_speedup is not None and self.min_speedup <= 0:
             raise UserError(f"--min-speedup must be positive (a latency ratio such as 1.5), got {self.min_speedup:g}")
+        if self.max_latency_ratio is not None and self.max_latency_ratio <= 0:
+            raise UserError(f"--max-latency-ratio must be positive (a model's latency over the reference's, such as "
+                            f"0.6), got {self.max_latency_ratio:g}")
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         self.deployment.check()
 
 
@@ -117,6 +129,9 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
     o = options or BenchOptions()
     _check_outputs(checkpoints, o)
     dev = resolve_device(o.model.device)
+    threads = o.threads if o.threads is not None else torch.get_num_threads()
+    target = LatencyTarget(runtime=o.runtime, device=str(dev), threads=threads, deployment=o.deployment, flag="--runtime")
+    target.check()
     precision = benchmark.precision_warning(o.deployment.dtype, dev)
     if precision is not None:
         warn(precision)
@@ -138,18 +153,18 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
             with _status(f"evaluating model {i + 1}/{n}: {result.path}"):
                 result.accuracy = benchmark.accuracy(model.model, _fresh_loader(first_loader, o.data), dev, calib_batches)
         data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"]}  # type: ignore[index]
-    threads = o.threads if o.threads is not None else torch.get_num_threads()
-    _time(results, [m.model for m in opened], opened[0].input_shape, o, threads, dev)
+    _time(results, [m.model for m in opened], opened[0].input_shape, o, target)
     comparisons = [benchmark.compare(results[0], r) for r in results]
     gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=o.max_acc_drop, min_speedup=o.min_speedup,
-                                     gate_batch=_gate_batch(o))
+                                     gate_batch=_gate_batch(o), max_latency_ratio=o.max_latency_ratio)
     slower = benchmark.slowdowns(results, comparisons, dev)
     for line in slower:
         warn(line)
     return BenchResult(
         models=results, comparisons=comparisons, gates=gates, device=str(dev), threads=threads,
         batch_sizes=list(o.batch_sizes), timing={"warmup": o.warmup, "repeats": o.repeats, "max_time_s": o.max_time,
-                                                 **o.deployment.to_json(dev)},
+                                                 **o.deployment.to_json(dev), "runtime": o.runtime,
+                                                 "interleaved": True},
         gate_batch=_gate_batch(o), data=data_info, seed=o.data.seed, plot=o.plot, warnings=slower)
 
 
@@ -161,7 +176,8 @@ def _check_outputs(checkpoints: Sequence[str], o: BenchOptions) -> None:
     """What depends on the checkpoints given, and the outputs: checked before anything is loaded."""
     if not checkpoints:
         raise UserError("give at least one checkpoint: chanprune bench REFERENCE [MODEL...]")
-    for name, value in (("--max-acc-drop", o.max_acc_drop), ("--min-speedup", o.min_speedup)):
+    for name, value in (("--max-acc-drop", o.max_acc_drop), ("--min-speedup", o.min_speedup),
+                        ("--max-latency-ratio", o.max_latency_ratio)):
         if value is not None and len(checkpoints) < 2:
             raise UserError(f"{name} compares models with the first checkpoint (the reference); give at least two checkpoints")
     check_json_report(o.json_report, o.force)
@@ -204,18 +220,24 @@ def _open_all(checkpoints: Sequence[str], o: BenchOptions) -> list[OpenedModel]:
 
 
 def _time(results: list[benchmark.ModelResult], models: list[Any], shape: tuple[int, int, int], o: BenchOptions,
-          threads: int, device: torch.device) -> None:
-    """Every model timed at every batch size, as deployed (`deploy.benchmark.Deployment`)."""
+          target: LatencyTarget) -> None:
+    """Every model timed at every batch size as deployed on `target`, round by round (A, B, A, B, ...):
+    `max_time` bounds each model's share of a batch size's rounds."""
     n = len(models)
-    timed = []
+    prepared = []
     for i, (result, model) in enumerate(zip(results, models)):
-        with _status(f"preparing model {i + 1}/{n} for timing ({o.deployment.dtype}): {result.path}"):
-            timed.append(benchmark.deployed(model, o.deployment, device, shape))
+        with _status(f"preparing model {i + 1}/{n} for timing ({o.runtime}, {o.deployment.dtype}): {result.path}"):
+            prepared.append(target.prepare(model, shape))
+    tuned = o.deployment.autotune(target.torch_device) or o.deployment.compile
+    timing = Timing(warmup=max(o.warmup, 2) if tuned else o.warmup, repeats=o.repeats,
+                    max_time=o.max_time * n if o.max_time else None, settle=1 if tuned else 0)
     for b in o.batch_sizes:
-        for i, (result, model) in enumerate(zip(results, timed)):
-            with _status(f"timing model {i + 1}/{n} at batch {b}: {result.path}"):
-                result.latency[b] = benchmark.time_model(model, shape, b, device, warmup=o.warmup, repeats=o.repeats,
-                                                         threads=threads, max_time=o.max_time, settings=o.deployment)
+        with _status(f"timing {n} model(s) at batch {b}, round by round"):
+            runners = [p(b) for p in prepared]
+            with target.timing():
+                times, warmup = interleaved_runs(runners, timing)
+        for result, ms in zip(results, times):
+            result.latency[b] = benchmark.latency_summary(ms, b, target.thread_count, warmup)
 
 
 def _fresh_loader(first: DataLoader, data: DataOptions) -> DataLoader:

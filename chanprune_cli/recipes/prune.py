@@ -1,6 +1,8 @@
 """The `prune` recipe: score (in one or more rounds) or read scores, remove channels, verify the
 result against the masked original, re-estimate BatchNorm statistics, and save a chanprune file
-whose history records how it was made."""
+whose history records how it was made. Every plan is timed against the original on the latency
+target before it is saved (a slower one is warned about); `--target-latency` plans with the
+target's latency tables and corrects until the measured ratio meets it (`chanprune_cli.latency`)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,16 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import save_model, tool_version
 from ..checkpoint.chanprune_format import with_normalization, with_task_output
 from ..data import make_loader
+from ..deploy.runtimes import LatencyTarget
 from ..engine.allocate import AllocationOptions, unmatched_layer_ratios
 from ..engine.graph import ChannelGraph, build_graph, match_ignored
+from ..engine.latency import LatencyBudget, LatencyGoal
 from ..engine.scores import Scores
 from ..engine.surgery import VerifyResult
 from ..errors import UserError
+from ..latency.correction import CHECK_TIMING, LatencyResult, PairTimer, goal_ratio, prune_to_latency, slower_warning
+from ..latency.steps import build_tables, check_batch, checked_target, latency_record, staircases
+from ..latency.table import LatencyTables
 from ..measure import evaluate
 from ..prune import pruning
 from ..prune.describe import group_rows
@@ -35,6 +42,7 @@ from ..prune.scoring import (
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..support.progress import batches_total, progress_bar
+from .bench import check_plot
 from .opening import ModelOptions, OpenedModel, model_out_path, open_model
 from .steps import (
     DataOptions,
@@ -70,7 +78,12 @@ class PruneOptions:
     in the working directory, .pt for a whole pickled model, written back into its own container).
     `through_layernorm` makes channels behind a LayerNorm removable: the result is then approximate
     (measured, reported and warned about, not proven). `dry_run`: everything but writing the output.
-    `json_report`: where the caller will write the JSON report, checked before the slow steps."""
+    `json_report`: where the caller will write the JSON report, checked before the slow steps.
+    `latency`: the target the plan is timed on against the original (`--latency-runtime`,
+    `--latency-batch`, ...; its device is `model.device`, its threads, unless it sets them,
+    `model.threads`); with `allocation.target_latency` also what
+    the plan is made for. `plot`: where the caller will draw the latency staircases of the costliest
+    groups (report/plots.py), checked before the slow steps."""
 
     allocation: AllocationOptions
     criterion: str | None = None
@@ -87,6 +100,8 @@ class PruneOptions:
     force: bool = False
     json_report: str | None = None
     dry_run: bool = False
+    latency: LatencyTarget = field(default_factory=LatencyTarget)
+    plot: str | None = None
 
     def __post_init__(self) -> None:
         if self.criterion is not None and self.scores is not None:
@@ -126,6 +141,11 @@ class PruneResult:
     # set when MACs before and after count different workloads (a detector's proposals): which layers,
     # and the pruned model's MACs on the original's workload
     macs_workload: dict[str, Any] | None = None
+    # runtime, device, batch, threads, before_ms, after_ms, predicted_ms (see latency.steps.latency_record)
+    latency: dict[str, Any] | None = None
+    staircases: list[dict[str, Any]] | None = None  # with --plot: latency vs width of the costliest groups
+    plot: str | None = None  # where the caller draws them (report/plots.py)
+    warnings: list[str] = field(default_factory=list)  # e.g. a pruned model slower than the original
 
 
 @recipe_entry
@@ -138,9 +158,17 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
     check_json_report(o.json_report, o.force)
     if o.out is not None and not o.dry_run:  # a dry run writes no output, so an existing file is no obstacle
         check_output(o.out, o.force)
-    check_distinct_outputs(("--out", o.out), ("--json", o.json_report))
+    if o.plot is not None:
+        check_plot(o.plot)
+        check_output(o.plot, o.force)
+    check_distinct_outputs(("--out", o.out), ("--json", o.json_report), ("--plot", o.plot))
     resolved = _criterion(o)
-    allocation = dataclasses.replace(o.allocation, normalize=resolved.normalize_mode(o.allocation.normalize))
+    dev = resolve_device(o.model.device)
+    target = checked_target(o.latency if o.latency.threads is not None else
+                            dataclasses.replace(o.latency, threads=o.model.threads), dev)
+    round_to = target.favoured_multiple() if o.allocation.round_to == "auto" else o.allocation.round_to
+    allocation = dataclasses.replace(o.allocation, normalize=resolved.normalize_mode(o.allocation.normalize),
+                                     round_to=round_to)
     seed_everything(o.data.seed)
 
     data = o.data.data
@@ -148,10 +176,10 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
     out = model_out_path(o.out, checkpoint, "pruned", opened.loaded)  # a pickled model's output is a .pt
     if not o.dry_run:
         check_output(out, o.force)
-    check_distinct_outputs(("--out", out), ("--json", o.json_report))
+    check_distinct_outputs(("--out", out), ("--json", o.json_report), ("--plot", o.plot))
     model, shape = opened.model.eval(), opened.input_shape
+    check_batch(model, shape, target.batch)
     graph = _channel_graph(model, shape, allocation, o.through_layernorm)
-    dev = resolve_device(o.model.device)
     # opened before the slow steps: validation labels the model cannot output fail here
     validation = None if o.val_data is None else _validation_loader(opened, o.val_data, o.val_images, o.data)
 
@@ -159,11 +187,13 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
         # a fresh loader draws the same seeded batches every time (every round, the final recalibration)
         return None if source is None else opened.loader(source, o.data, max_batches=max_batches, labels=labels)
 
-    channel_scores, removed = _scores(o, opened, graph, resolved, allocation, batches, dev)
-    with _busy("removing channels and verifying the result against the masked original" if o.verify
-               else "removing channels"):
-        outcome = pruning.prune(model, graph, channel_scores, shape, criterion=resolved, options=allocation,
-                                removed=removed, check=o.verify)
+    tables = None
+    if allocation.target_latency is not None or o.plot is not None:
+        with _busy(f"timing the layers on {target.runtime} for the latency tables"):
+            tables = build_tables(model, graph, shape, target, say)
+    channel_scores, removed = _scores(o, opened, graph, resolved, allocation, batches, dev, _first_budget(allocation, tables))
+    outcome, latency, warnings = _prune(model, graph, channel_scores, shape, resolved, allocation, removed, o.verify,
+                                        target, tables)
     accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, o.recalibrate_bn, dev)
     if validation is not None and o.val_images is not None:
         accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
@@ -175,14 +205,57 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
         if allocation.layer_ratio else None
     if not o.dry_run:
         entry = _history_entry(o, resolved, allocation, outcome, checked, accuracy, layer_ratios, workload)
+        if allocation.target_latency is not None:  # what the plan was made for, and what it measured
+            entry["latency"] = {k: latency[k] for k in ("runtime", "device", "batch", "threads", "dtype", "channels_last",
+                                                        "before_ms", "after_ms", "predicted_ms", "target_ratio")}
         meta = with_task_output(with_normalization(opened.loaded.meta, opened.mean, opened.std), opened.task_output)
         save_model(out, outcome.model, opened.loaded, input_shape=shape, history=[*opened.loaded.history, entry],
                    plans=[*opened.loaded.plans, outcome.plan_record], meta=meta, force=o.force)
     blocked = [{"name": g["name"], "channels": g["channels"], "reason": g["reason"]}
                for g in group_rows(graph) if not g["prunable"]]
+    curves = staircases(tables, outcome.allocation.plan) if tables is not None and o.plot is not None else None
     return PruneResult(checkpoint, None if o.dry_run else out, resolved, allocation.normalize, allocation.rounds,
                        outcome.allocation.requested, layer_ratios, outcome.before, outcome.after, outcome.layers, checked,
-                       blocked, accuracy or None, o.data.seed, outcome.model, o.dry_run, outcome.approximations, workload)
+                       blocked, accuracy or None, o.data.seed, outcome.model, o.dry_run, outcome.approximations, workload,
+                       latency, curves, o.plot, warnings)
+
+
+def _first_budget(allocation: AllocationOptions, tables: LatencyTables | None) -> LatencyBudget | None:
+    """The predicted budget a latency target starts from (the rounds before the last plan to it)."""
+    goal = allocation.target_latency
+    if not isinstance(goal, LatencyGoal) or tables is None:
+        return None
+    return LatencyBudget(tables.model, goal_ratio(goal, tables.original_ms) * tables.model.predict({}))
+
+
+def _prune(model: nn.Module, graph: ChannelGraph, scores: Scores, shape: tuple[int, int, int], resolved: ResolvedCriterion,
+           allocation: AllocationOptions, removed: dict[int, list[int]], verify: bool, target: LatencyTarget,
+           tables: LatencyTables | None) -> tuple[pruning.PruneOutcome, dict[str, Any], list[str]]:
+    """The verified pruning, its latency record (timed against the original on `target`), and a
+    warning when it runs slower than the original."""
+    result: LatencyResult | None = None
+    busy = "removing channels and verifying the result against the masked original" if verify else "removing channels"
+    with _busy(f"timing the original on {target.runtime}"):
+        timer = PairTimer(model, shape, target) if allocation.target_latency is not None else \
+            PairTimer(model, shape, target, CHECK_TIMING)
+    if allocation.target_latency is not None:
+        assert tables is not None  # built for the target
+        with _busy(f"pruning to the latency target, timing each candidate on {target.runtime}"):
+            result = prune_to_latency(model, graph, scores, shape, criterion=resolved, options=allocation, tables=tables,
+                                      time_candidate=timer, removed=removed, check=verify, progress=say)
+        kept = result.attempt
+        outcome, before_ms, after_ms, ratio = result.outcome, kept.before_ms, kept.after_ms, kept.ratio
+    else:
+        with _busy(busy):
+            outcome = pruning.prune(model, graph, scores, shape, criterion=resolved, options=allocation, removed=removed,
+                                    check=verify)
+        with _busy(f"timing the pruned model against the original on {target.runtime}"):
+            before_ms, after_ms, ratio = timer(outcome.model)
+    warning = slower_warning(before_ms, after_ms, target, ratio)
+    if warning is not None:
+        warn(warning)
+    record = latency_record(target, before_ms, after_ms, ratio, tables=tables, plan=outcome.allocation.plan, result=result)
+    return outcome, record, [] if warning is None else [warning]
 
 
 def _criterion(o: PruneOptions) -> ResolvedCriterion:
@@ -217,7 +290,7 @@ def _channel_graph(model: nn.Module, shape: tuple[int, int, int], allocation: Al
 
 def _scores(o: PruneOptions, opened: OpenedModel, graph: ChannelGraph, resolved: ResolvedCriterion,
             allocation: AllocationOptions, batches: Callable[..., DataLoader | None],
-            device: torch.device) -> tuple[Scores, dict[int, list[int]]]:
+            device: torch.device, latency: LatencyBudget | None) -> tuple[Scores, dict[int, list[int]]]:
     """The scores to prune by (read from --scores, or computed in `allocation.rounds` rounds) and the
     channels earlier rounds chose."""
     model = opened.model
@@ -237,7 +310,7 @@ def _scores(o: PruneOptions, opened: OpenedModel, graph: ChannelGraph, resolved:
 
     # BN statistics matter only to criteria that read activations
     refreshing = data is not None and o.recalibrate_bn > 0 and resolved.reads_activations
-    return score_in_rounds(model, graph, rescore, allocation, refresh=refresh if refreshing else None)
+    return score_in_rounds(model, graph, rescore, allocation, refresh=refresh if refreshing else None, latency=latency)
 
 
 def _warn_about(outcome: pruning.PruneOutcome, checked: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -82,11 +82,12 @@ def render(result: BenchResult, console: Console) -> None:
 
     timing = result.timing
     where = f"{result.device} ({escape(str(timing['device_name']))})" if timing.get("device_name") else result.device
-    settings = [timing.get("dtype", "fp32")] + [label for key, label in (
+    runtime = [] if timing.get("runtime", "torch") == "torch" else [str(timing["runtime"])]
+    settings = runtime + [timing.get("dtype", "fp32")] + [label for key, label in (
         ("channels_last", "channels-last"), ("cudnn_benchmark", "cuDNN autotuned"), ("compile", "torch.compile"))
         if timing.get(key)]
-    lat = names_and_numbers(f"latency on {where}{threads}  ·  {', '.join(settings)}  ·  median (p90) of timed runs after "
-                            "warm-up", "model", "batch", "median ms", "p90 ms", "images/s", "runs", "speed-up", "MACs ratio",
+    lat = names_and_numbers(f"latency on {where}{threads}  ·  {', '.join(settings)}  ·  median (p90) of runs timed round "
+                            "by round after warm-up", "model", "batch", "median ms", "p90 ms", "images/s", "runs", "speed-up", "MACs ratio",
                             "speed-up ÷ MACs ratio")
     for i, (m, c) in enumerate(zip(result.models, result.comparisons)):
         for b in sorted(m.latency):

@@ -1,4 +1,5 @@
-"""The `chanprune bench --plot` figure: one image instead of two tables.
+"""The `--plot` figures: `chanprune bench`'s (one image instead of two tables) and `chanprune
+prune`'s latency staircases (`write_latency_staircases`).
 
 Top: every layer's channel width before (the reference, or for a single pruned chanprune file its
 unpruned architecture) and after pruning. With several models, below it: top-1 vs MACs (with
@@ -151,3 +152,34 @@ def _latency(ax: Any, report: BenchResult, labels: list[str]) -> None:
     ax.set_ylabel("latency / reference latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+
+
+def write_latency_staircases(curves: list[dict[str, Any]], title: str, path: str | os.PathLike[str]) -> None:
+    """`chanprune prune --plot`: the latency of each costly group's layers vs its kept width (the
+    staircase of the target's tables), with the plan's width marked; one panel per group."""
+    check_plot(path)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..support.fsutil import atomic_path
+
+    columns = min(3, max(1, len(curves)))
+    rows = max(1, math.ceil(len(curves) / columns))
+    fig = Figure(figsize=(4.3 * columns, 3.2 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=11)
+    for i, curve in enumerate(curves):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        widths, ms = curve["widths"], curve["ms"]
+        ax.step(widths, ms, where="post", color=_COLORS[0], linewidth=1.2)
+        kept = curve["kept"]
+        at = ms[widths.index(kept)] if kept in widths else None
+        ax.axvline(kept, color=_COLORS[1], linestyle="--", linewidth=1)
+        if at is not None:
+            ax.plot([kept], [at], "o", color=_COLORS[1])
+        ax.set_title(f"{curve['group']}: {kept} of {widths[0]} kept", fontsize=9)
+        ax.set_xlabel("channels kept")
+        ax.set_ylabel("ms (its layers)")
+        ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lower().lstrip("."), dpi=120)

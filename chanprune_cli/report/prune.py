@@ -1,5 +1,6 @@
 """`chanprune prune`'s report: per-layer widths, params and MACs before and after, the
-verification, blocked groups and accuracy; and its JSON document."""
+verification, blocked groups, accuracy and latency on the target; its JSON document; and
+(`--plot`) the latency staircases of the costliest groups (plots.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ _DRY_RUN = "(dry run: nothing written)"
 
 def show(result: PruneResult, json_report: str | None) -> None:
     publish(lambda console: render(result, console), lambda: document(result), json_report)
+    if result.plot is not None and result.staircases is not None:
+        from .plots import write_latency_staircases
+
+        latency = result.latency or {}
+        write_latency_staircases(result.staircases, f"chanprune prune  ·  {result.checkpoint}  ·  {latency.get('runtime')} "
+                                 f"on {latency.get('device')}, batch {latency.get('batch')}", result.plot)
 
 
 def _reduction(before: int, after: int) -> float:
@@ -53,6 +60,9 @@ def document(result: PruneResult) -> dict[str, Any]:
         "rounds": result.rounds,
         "approximations": result.approximations,
         "macs_workload": result.macs_workload,  # null unless the MACs depend on the input
+        "latency": result.latency,
+        "warnings": result.warnings,
+        "plot": result.plot,
     })
     return json_document("prune", body, seed=result.seed)
 
@@ -77,6 +87,8 @@ def render(result: PruneResult, console: Console) -> None:
     console.print(f"MACs       {human_count(before['macs'])} → {human_count(after['macs'])} "
                   f"(-{_reduction(before['macs'], after['macs']):.1f} %, fvcore)")
     _render_verify(result.verify, console)
+    if result.latency is not None:
+        _render_latency(result.latency, console)
     if result.blocked:
         console.print(f"blocked    {len(result.blocked)} group(s) kept whole: "
                       + "; ".join(f"{b['name']} ({b['reason']})" for b in result.blocked[:4])
@@ -89,8 +101,22 @@ def render(result: PruneResult, console: Console) -> None:
                       + f" ({len(groups)} group(s) matched)")
     if result.accuracy is not None and "val_images" in result.accuracy:
         console.print(f"val images {result.accuracy['val_images']:,} of --val-data (--val-images, drawn with --seed)")
+    if result.plot is not None and result.staircases is not None:
+        console.print(f"plot       {escape(result.plot)}")
     if result.dry_run:
         console.print("dry run    nothing written (no --out file, no .chanprune/last.json entry)")
+
+
+def _render_latency(latency: dict[str, Any], console: Console) -> None:
+    cpu = str(latency["device"]).startswith("cpu")
+    threads = f", {latency['threads']} thread{'' if latency['threads'] == 1 else 's'}" if cpu else ""
+    predicted = f"; predicted {latency['predicted_ms']:.3g} ms" if latency.get("predicted_ms") is not None else ""
+    target = f"; target {latency['target_ratio']:.3g}" if latency.get("target_ratio") is not None else ""
+    ratio = latency["ratio"]
+    mark = "[red]slower[/red]" if ratio is not None and ratio > 1 else f"{ratio:.3f} of the original"
+    console.print(f"latency    {latency['before_ms']:.3g} → {latency['after_ms']:.3g} ms ({mark}{target}{predicted}) on "
+                  f"{latency['runtime']}, {escape(str(latency['device']))}, batch {latency['batch']}{threads}, "
+                  f"{latency['dtype']}")
 
 
 def _render_verify(verify: dict[str, Any] | None, console: Console) -> None:
