@@ -74,7 +74,7 @@ def test_yolo_checkpoint_prunes_and_reloads_everywhere(tmp_path: Path, monkeypat
     result = ok(cli("prune", yolo_checkpoint, "--trust-pickle", "--input-shape", "3,96,96", "--target-flops", "0.3",
                     "--json", json_path))
     doc = json.loads(json_path.read_text())
-    out = yolo_checkpoint.with_name("yolov8n.pruned.pt")  # the default: a pickle, next to the checkpoint
+    out = Path("yolov8n.pruned.pt")  # the default: a pickle, in the working directory
     assert doc["output"] == str(out) and out.is_file()
     assert doc["achieved"]["macs_reduction_pct"] >= 15
     assert doc["verify"]["passed"] and doc["verify"]["approximate"] is False
@@ -530,17 +530,17 @@ def test_whole_pickled_classifier_through_every_command(tmp_path: Path) -> None:
     trust = ("--trust-pickle",)
     one_error(cli("prune", tmp_path / "whole.pt", *trust, "--ratio", "0.5"), "--input-shape C,H,W")
     ok(cli("prune", tmp_path / "whole.pt", *trust, "--input-shape", "1,8,8", "--ratio", "0.5"))
-    pruned = tmp_path / "whole.pruned.pt"
+    pruned = Path("whole.pruned.pt")  # the default: the working directory
     raw = torch.load(pruned, weights_only=False)
     assert isinstance(raw["model"], nn.Module) and json.loads(raw["chanprune"])["input_shape"] == [1, 8, 8]
 
     # the recorded input shape serves every later command; the fine-tuned model stays a pickle
     ok(cli("finetune", pruned, *trust, "--data", "digits:train", "--val-data", "digits:test", "--max-steps", "2",
            "--batch-size", "8", "--eval-every", "1", "--val-images", "16"))
-    finetuned = tmp_path / "whole.pruned.finetuned.pt"
+    finetuned = Path("whole.pruned.finetuned.pt")
     loaded = load_checkpoint(finetuned, trust_pickle=True)
     assert loaded.origin is not None and [h["command"] for h in loaded.history] == ["prune", "finetune"]
-    assert tmp_path.joinpath("whole.pruned.finetuned.best.pt").is_file()
+    assert Path("whole.pruned.finetuned.best.pt").is_file()
     ok(cli("bench", tmp_path / "whole.pt", finetuned, *trust, "--input-shape", "1,8,8", "--batch-sizes", "1",
            "--warmup", "0", "--repeats", "1"))
     ok(cli("export", finetuned, *trust, "--out", tmp_path / "m.onnx"))
