@@ -23,6 +23,11 @@ Gates (for CI): `max-acc-drop` compares each model's top-1 with the reference's 
 positive = worse); `min-speedup` compares measured latency, reference median / model median, at one
 batch size; `max-latency-ratio` the other way round, model median / reference median. Every
 non-reference model is gated; the command exits 3 when any gate fails.
+
+Noise: models timed round by round give one speed-up per round. When the middle 80 % of those
+(p10 to p90) spans more than `NOISY_SPREAD`, the machine's load moved the models unequally and the
+speed-up is unreliable: `noisy_timings` says so, and a speed-up gate whose limit lies in that range
+is marked `noisy` (its verdict may flip on a re-run) rather than passing or failing silently.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
     from ..models import ArchSpec
 
 MIN_REPEATS = 5  # the fewest timed runs a time-bounded measurement keeps
+NOISY_SPREAD = 1.5  # rounds' speed-ups whose p90 exceeds their p10 by more than this make a ratio unreliable
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TUNED_WARMUP = 2  # with autotuning or compilation, the first run tunes/compiles and the second runs the result
 
@@ -303,6 +309,13 @@ class Comparison:
     speedup: dict[int, float]  # batch size -> reference median latency / model median latency
     top1_change: float | None  # model − reference, percentage points (negative: worse)
     top5_change: float | None
+    # batch size -> p10 and p90 of the round-by-round speed-ups (models timed interleaved)
+    speedup_range: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def noisy(self, batch_size: int) -> bool:
+        """The rounds' speed-ups at `batch_size` spread too wide for the median's to be relied on."""
+        lo, hi = self.speedup_range.get(batch_size, (1.0, 1.0))
+        return hi > NOISY_SPREAD * lo
 
     def speedup_vs_macs_ratio(self, batch_size: int) -> float | None:
         """Measured speed-up / MACs ratio: 1.0 means the model is as much faster as it does less work."""
@@ -317,6 +330,8 @@ class Comparison:
             "speedup_vs_macs_ratio": {str(b): self.speedup_vs_macs_ratio(b) for b in sorted(self.speedup)},
             "top1_change": self.top1_change,
             "top5_change": self.top5_change,
+            "speedup_range": {str(b): list(v) for b, v in sorted(self.speedup_range.items())},
+            "noisy": sorted(b for b in self.speedup_range if self.noisy(b)),
         }
 
 
@@ -356,7 +371,28 @@ def compare(reference: ModelResult, model: ModelResult) -> Comparison:
     if reference.accuracy is not None and model.accuracy is not None:
         top1 = model.accuracy["top1"] - reference.accuracy["top1"]
         top5 = model.accuracy["top5"] - reference.accuracy["top5"]
-    return Comparison(_ratio(reference.macs, model.macs), _ratio(reference.params, model.params), speedup, top1, top5)
+    ranges = {}
+    for b, r in model.latency.items():
+        ours, theirs = r.get("runs_ms"), reference.latency.get(b, {}).get("runs_ms")
+        if ours and theirs and len(ours) == len(theirs):  # timed round by round: one speed-up per round
+            rounds = sorted(_ratio(a, m) for a, m in zip(theirs, ours))
+            ranges[b] = (measure.percentile(rounds, 10.0), measure.percentile(rounds, 90.0))
+    return Comparison(_ratio(reference.macs, model.macs), _ratio(reference.params, model.params), speedup, top1, top5,
+                      ranges)
+
+
+def noisy_timings(results: Sequence[ModelResult], comparisons: Sequence[Comparison]) -> list[str]:
+    """One line for each model and batch size whose rounds' speed-ups spread too wide to rely on."""
+    lines = []
+    for result, comp in zip(results[1:], comparisons[1:]):
+        for b in sorted(b for b in comp.speedup_range if comp.noisy(b)):
+            lo, hi = comp.speedup_range[b]
+            tails = ", ".join(f"{name} p90 {r.latency[b]['p90_ms']:.3g} ms vs median {r.latency[b]['median_ms']:.3g}"
+                              for name, r in (("reference", results[0]), ("model", result)))
+            lines.append(f"{result.path} at batch {b}: timings too noisy to rely on its {comp.speedup[b]:.2f}x speed-up "
+                         f"(the rounds' speed-ups range {lo:.2f}x to {hi:.2f}x, p10 to p90; {tails}); time it on a "
+                         "quieter machine, with fewer --threads or a longer --max-time")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,10 +411,13 @@ class Gate:
     value: float
     passed: bool
     batch_size: int | None = None  # min-speedup, max-latency-ratio: the batch size compared
+    # min-speedup, max-latency-ratio: the limit lies within the rounds' spread (p10-p90) of a noisy timing
+    noisy: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "limit": self.limit, "value": self.value,
-                "passed": self.passed, "batch_size": self.batch_size}
+                "passed": self.passed, "batch_size": self.batch_size,
+                "noisy": None if self.noisy is None else list(self.noisy)}
 
     def describe(self) -> str:
         """One line: the gate, the measured value and, when failed, by how much."""
@@ -389,9 +428,16 @@ class Gate:
         if self.name == "max-latency-ratio":
             text = (f"--max-latency-ratio {self.limit:g}: {self.model} takes {self.value:.3f} of the reference's latency "
                     f"at batch {self.batch_size}")
-            return text + ("" if self.passed else f", {self.value - self.limit:.3f} over the limit")
+            return text + ("" if self.passed else f", {self.value - self.limit:.3f} over the limit") + self._noise()
         text = f"--min-speedup {self.limit:g}: {self.model} is {self.value:.2f}x as fast as the reference at batch {self.batch_size}"
-        return text + ("" if self.passed else f", {self.limit - self.value:.2f}x short")
+        return text + ("" if self.passed else f", {self.limit - self.value:.2f}x short") + self._noise()
+
+    def _noise(self) -> str:
+        if self.noisy is None:
+            return ""
+        lo, hi = self.noisy
+        return (f" (noisy: the rounds' values range {lo:.3g} to {hi:.3g} around the limit; a re-run may "
+                f"{'fail' if self.passed else 'pass'})")
 
 
 def evaluate_gates(results: Sequence[ModelResult], comparisons: Sequence[Comparison], *,
@@ -406,12 +452,22 @@ def evaluate_gates(results: Sequence[ModelResult], comparisons: Sequence[Compari
         if min_speedup is not None and gate_batch is not None and gate_batch in comp.speedup:
             value = comp.speedup[gate_batch]
             gates.append(Gate("min-speedup", result.path, float(min_speedup), value, value >= min_speedup,
-                              batch_size=gate_batch))
+                              batch_size=gate_batch, noisy=_spanned(comp, gate_batch, min_speedup)))
         if max_latency_ratio is not None and gate_batch is not None and gate_batch in comp.speedup:
             value = 1 / comp.speedup[gate_batch] if comp.speedup[gate_batch] else math.inf
+            spanned = _spanned(comp, gate_batch, 1 / max_latency_ratio)
             gates.append(Gate("max-latency-ratio", result.path, float(max_latency_ratio), value,
-                              value <= max_latency_ratio, batch_size=gate_batch))
+                              value <= max_latency_ratio, batch_size=gate_batch,
+                              noisy=None if spanned is None else (1 / spanned[1], 1 / spanned[0])))
     return gates
+
+
+def _spanned(comp: Comparison, batch_size: int, speedup_limit: float) -> tuple[float, float] | None:
+    """The rounds' speed-up range at `batch_size` when it is noisy and holds the limit, else None."""
+    if not comp.noisy(batch_size):
+        return None
+    lo, hi = comp.speedup_range[batch_size]
+    return (lo, hi) if lo <= speedup_limit <= hi else None
 
 
 def gate_failure(gates: Sequence[Gate]) -> str | None:

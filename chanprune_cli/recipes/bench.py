@@ -157,7 +157,7 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
     comparisons = [benchmark.compare(results[0], r) for r in results]
     gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=o.max_acc_drop, min_speedup=o.min_speedup,
                                      gate_batch=_gate_batch(o), max_latency_ratio=o.max_latency_ratio)
-    slower = benchmark.slowdowns(results, comparisons, dev)
+    slower = benchmark.slowdowns(results, comparisons, dev) + benchmark.noisy_timings(results, comparisons)
     for line in slower:
         warn(line)
     return BenchResult(
@@ -237,7 +237,7 @@ def _time(results: list[benchmark.ModelResult], models: list[Any], shape: tuple[
             with target.timing():
                 times, warmup = interleaved_runs(runners, timing)
         for result, ms in zip(results, times):
-            result.latency[b] = benchmark.latency_summary(ms, b, target.thread_count, warmup)
+            result.latency[b] = {**benchmark.latency_summary(ms, b, target.thread_count, warmup), "runs_ms": ms}
 
 
 def _fresh_loader(first: DataLoader, data: DataOptions) -> DataLoader:
