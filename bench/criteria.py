@@ -140,12 +140,13 @@ def ours(name: str, model: nn.Module, protocol: str, calib: Any, recal: Any, tes
     graph = build_graph(model, SHAPE, ignore=INNER_IGNORE if protocol == "inner" else ())
     criterion, _, opt_text = name.partition(":")  # "l1:side=both" -> criterion options
     options = dict(kv.split("=", 1) for kv in opt_text.replace(";", ",").split(",") if kv)  # several: "KEY=V;KEY=V"
+    seed = int(options.pop("seed", args.seed))  # "random:seed=1": a row per seed, the images unchanged
     normalize = pruning.normalize_mode(args.normalize, criterion, options)
     # as `prune --rounds`: rescore between rounds after BN re-estimation on the recalibration batches
     allocation = AllocationOptions(target_flops=args.target_flops, cost_exponent=cost_exponent, normalize=normalize,
                                    rounds=rounds)
     scores, removed = score_in_rounds(
-        model, graph, lambda m: compute_scores(m, graph, criterion, calib, torch.device("cpu"), seed=args.seed, options=options),
+        model, graph, lambda m: compute_scores(m, graph, criterion, calib, torch.device("cpu"), seed=seed, options=options),
         allocation, refresh=(lambda m: recalibrate_bn(m, recal, torch.device("cpu"), args.recal_batches))
         if get_criterion(criterion).requires(options) != NEEDS_WEIGHTS else None)
     outcome = pruning.prune(model, graph, scores, SHAPE, criterion=criterion, options=allocation, criterion_options=options,
