@@ -224,7 +224,7 @@ def test_user_errors(case: str, contains: str, digits_ckpt: Path, tmp_path: Path
         "weights_do_not_fit": ["analyze", ck, "--arch", "cifar_resnet20"],
         "pickle_untrusted": ["analyze", str(pickled)],
         "empty_data_dir": ["analyze", ck, "--arch", "digits_cnn", "--data", str(tmp_path / "empty")],
-        "bad_input_shape": ["analyze", ck, "--arch", "digits_cnn", "--input-shape", "3,32"],
+        "bad_input_shape": ["analyze", ck, "--arch", "digits_cnn", "--input-shape", "3,32,32,1"],
         "bad_mean": ["analyze", ck, "--arch", "digits_cnn", "--data", "digits:test", "--mean", "abc"],
     }[case]
     result = cli(*args)

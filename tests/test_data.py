@@ -76,10 +76,11 @@ def test_parse_helpers() -> None:
     assert parse_floats("0.5, 0.25,1") == (0.5, 0.25, 1.0)
     assert parse_shape("3,32,32") == (3, 32, 32)
     assert parse_shape("1x8x8") == (1, 8, 8)
+    assert parse_shape("1,1024") == (1, 1024) and parse_shape("1024") == (1024,)  # 1-D signals: C,L and L
     for bad in ("", "a,b", "0.5,,1", "nan"):
         with pytest.raises(UserError):
             parse_floats(bad, name="mean")
-    for bad in ("3,32", "3,0,32", "a,b,c", "3,32,32,1"):
+    for bad in ("", "3,0,32", "a,b,c", "3,32,32,1", "0"):
         with pytest.raises(UserError):
             parse_shape(bad)
 
@@ -477,7 +478,8 @@ def test_synthetic_is_deterministic() -> None:
     c = open_dataset("synthetic:1,8,8:3:20")
     assert len(c) == 20 and c.num_classes == 3 and max(c.targets) < 3
     assert open_dataset("synthetic", input_shape=(2, 4, 4)).input_shape == (2, 4, 4)
-    for bad in ("synthetic", "synthetic:3x16", "synthetic:3x8x8:x", "synthetic:3x8x8:0", "synthetic:3x8x8:2:3:4"):
+    assert open_dataset("synthetic:2x64")[0][0].shape == (2, 64)  # 1-D signals: CxL
+    for bad in ("synthetic", "synthetic:3x16x16x2", "synthetic:3x8x8:x", "synthetic:3x8x8:0", "synthetic:3x8x8:2:3:4"):
         with pytest.raises(UserError):
             open_dataset(bad)
     with pytest.raises(UserError, match="input shape"):

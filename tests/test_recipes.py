@@ -125,7 +125,7 @@ def test_options_are_checked_when_made(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="expected GLOB=R"):
         AllocationOptions(ratio=0.5, layer_ratio="=0.5")
     with pytest.raises(UserError, match="C,H,W"):
-        ModelOptions(input_shape="3,32")
+        ModelOptions(input_shape="3,32,32,1")
     with pytest.raises(UserError, match="--mean"):
         ModelOptions(mean="abc")
     with pytest.raises(UserError, match="give an output index or key"):

@@ -93,7 +93,7 @@ def load_checkpoint(
         recorded = read_pickled_metadata(obj)
         shape = recorded.get("input_shape")
         return LoadedCheckpoint(model=module.eval(), arch=None, source_format="pickle",
-                                input_shape=tuple(shape) if isinstance(shape, list) and len(shape) == 3 else None,
+                                input_shape=tuple(shape) if isinstance(shape, list) and 1 <= len(shape) <= 3 else None,
                                 history=list(recorded.get("history") or []), plans=list(recorded.get("plans") or []),
                                 meta=dict(recorded.get("meta") or {}), origin=origin_of(obj, original, dtype))
     if arch is None:

@@ -154,7 +154,7 @@ def load_chanprune(p: Path, tensors: dict[str, torch.Tensor], raw: str, *, arch:
         raise UserError(f"{p}: chanprune metadata is malformed (module_shapes is not an object){_DAMAGED}")
     input_shape = doc.get("input_shape")
     if input_shape is not None:
-        if not (isinstance(input_shape, list) and len(input_shape) == 3 and all(isinstance(d, int) and d > 0 for d in input_shape)):
+        if not (isinstance(input_shape, list) and 1 <= len(input_shape) <= 3 and all(isinstance(d, int) and d > 0 for d in input_shape)):
             raise UserError(f"{p}: chanprune metadata has an invalid input_shape {input_shape!r}{_DAMAGED}")
         input_shape = tuple(input_shape)
     history, plans, meta = doc.get("history") or [], doc.get("plans") or [], doc.get("meta") or {}

@@ -1,4 +1,4 @@
-"""Image arrays saved with NumPy: a `.npz` of images and labels, or a `.npy` of images alone.
+"""Arrays saved with NumPy: a `.npz` of images (or 1-D signals) and labels, or a `.npy` of them alone.
 
 Owns the accepted keys and layouts and their checks:
 
@@ -6,7 +6,9 @@ Owns the accepted keys and layouts and their checks:
   under `labels` (or `y`), optionally the class names under `classes` (label i is `classes[i]`);
 * `.npy` (`np.save`): images only, one class (unlabelled calibration data);
 * images N×H×W (grayscale), N×H×W×C (channels last, as NumPy and PIL hold them) or N×C×H×W, with
-  C = 1 or 3; uint8 (0-255) or floats in [0, 1].
+  C = 1 or 3; uint8 (0-255) or floats in [0, 1];
+* 1-D signals N×L or N×C×L (audio frames, sensor series) for a model whose input shape is L or C,L
+  (or, with no input shape known, an N×L array): any numbers, used as given (`signals.py`).
 
 Read with `allow_pickle=False`: an array file never runs code.
 """
@@ -23,6 +25,7 @@ import torch
 
 from ..errors import UserError
 from .base import DataWarning
+from .signals import SignalDataset
 from .stats import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from .tensorimages import TensorImageDataset
 
@@ -87,11 +90,20 @@ def _as_nchw(images: np.ndarray, display: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     if images.ndim == 4 and images.shape[1] in (1, 3):
         return torch.from_numpy(np.ascontiguousarray(images))
-    raise UserError(f"{display}: images have shape {images.shape}; expected {_LAYOUTS}")
+    raise UserError(f"{display}: images have shape {images.shape}; expected {_LAYOUTS} (1-D signals N×L or N×C×L "
+                    "need --input-shape L or C,L)")
 
 
-def open_arrays(path: Path, display: str, *, input_shape: tuple[int, int, int] | None, mean: Any, std: Any,
-                train: bool) -> TensorImageDataset:
+def _signals(values: np.ndarray, display: str, labels: torch.Tensor, classes: list[str], **kw: Any) -> SignalDataset:
+    """N×L or N×C×L numbers as 1-D signals, used as given."""
+    if values.ndim not in (2, 3) or not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise UserError(f"{display}: 1-D signals must be numbers of shape N×L or N×C×L, got {values.dtype} of shape "
+                        f"{values.shape}; check --data or --input-shape")
+    return SignalDataset(display, torch.from_numpy(np.ascontiguousarray(values)), labels, classes, **kw)
+
+
+def open_arrays(path: Path, display: str, *, input_shape: tuple[int, ...] | None, mean: Any, std: Any,
+                train: bool) -> TensorImageDataset | SignalDataset:
     """A `.npz`/`.npy` file (see the module docstring) as a data set."""
     arrays = _load(path, display)
     images = _pick(arrays, IMAGE_KEYS, display, "images")
@@ -121,6 +133,9 @@ def open_arrays(path: Path, display: str, *, input_shape: tuple[int, int, int] |
         classes = [str(c) for c in names.tolist()]
     else:
         classes = [str(i) for i in range(count)]
+    if (len(input_shape) < 3) if input_shape is not None else images.ndim == 2:
+        return _signals(images, display, torch.from_numpy(labels.astype(np.int64)), classes,
+                        input_shape=input_shape, mean=mean, std=std, train=train)
     tensor = _as_nchw(images, display)
     if images.dtype != np.uint8 and float(images.max()) > 1.5:
         warnings.warn(DataWarning(f"{display}: float images reach {float(images.max()):g}, but floats are read as "

@@ -83,6 +83,9 @@ def open_dataset(
     if not text:
         raise UserError(f"empty --data; give {ACCEPTED_FORMS}")
     lower = text.lower()
+    if shape is not None and len(shape) < 3 and not (is_synthetic(text) or is_array_file(Path(text))):
+        raise UserError(f"the model takes 1-D inputs ({','.join(map(str, shape))}) but --data {text} holds images; give "
+                        "it 1-D signals as NumPy arrays (.npz/.npy, N×L or N×C×L)")
     if is_synthetic(text):
         return open_synthetic(text, shape)
     if lower == "digits" or lower.startswith("digits:"):

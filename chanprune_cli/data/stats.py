@@ -1,7 +1,7 @@
 """Normalisation statistics and the text forms of shapes and numbers.
 
-Owns the default mean/std of each source kind, parsing `--input-shape` / `--mean` / `--std`
-text, and resolving the mean/std a data set uses for its channel count.
+Owns the default mean/std of each source kind, parsing `--input-shape` (images C,H,W; 1-D signals
+C,L or L) / `--mean` / `--std` text, and resolving the mean/std a data set uses for its channel count.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "IMAGENET_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "SHAPE_FORMS",
     "as_shape",
     "parse_floats",
     "parse_shape",
@@ -48,28 +49,29 @@ def parse_floats(text: str, *, name: str = "value") -> tuple[float, ...]:
     return values
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """Parse "3,32,32" (or "3x32x32") into a (C, H, W) tuple of positive ints."""
+SHAPE_FORMS = "C,H,W (images), C,L or L (1-D signals)"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """Parse "3,32,32" (or "3x32x32"), "1,1024" or "1024" into a shape of positive ints: (C, H, W)
+    for images, (C, L) or (L,) for 1-D signals (Conv1d models; (L,) for a model that takes N×L)."""
     parts = [p.strip() for p in re.split(r"[,xX×]", str(text).strip())]
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         dims = ()
-    if len(dims) != 3 or any(d <= 0 for d in dims):
-        raise UserError(f"input shape {text!r}: expected three positive integers C,H,W, e.g. 3,32,32")
-    return dims  # type: ignore[return-value]
+    if not 1 <= len(dims) <= 3 or any(d <= 0 for d in dims):
+        raise UserError(f"input shape {text!r}: expected {SHAPE_FORMS} as positive integers, e.g. 3,32,32 or 1,1024")
+    return dims
 
 
-def as_shape(value: Sequence[int] | str | None) -> tuple[int, int, int] | None:
+def as_shape(value: Sequence[int] | str | None) -> tuple[int, ...] | None:
     """An input shape given as text or numbers, checked; None stays None."""
     if value is None:
         return None
     if isinstance(value, str):
         return parse_shape(value)
-    dims = tuple(int(v) for v in value)
-    if len(dims) != 3 or any(d <= 0 for d in dims):
-        raise UserError(f"input shape {tuple(value)}: expected three positive integers C,H,W")
-    return dims  # type: ignore[return-value]
+    return parse_shape(",".join(str(int(v)) for v in value))
 
 
 def _as_floats(value: Sequence[float] | str | None, name: str) -> tuple[float, ...] | None:

@@ -32,7 +32,7 @@ class SyntheticDataset(ChanpruneDataset):
 
     kind = "synthetic"
 
-    def __init__(self, shape: tuple[int, int, int], num_classes: int, length: int, seed: int) -> None:
+    def __init__(self, shape: tuple[int, ...], num_classes: int, length: int, seed: int) -> None:
         super().__init__(f"synthetic:{'x'.join(map(str, shape))}:{num_classes}:{length}")
         self.input_shape = shape
         self.classes = [str(i) for i in range(num_classes)]
@@ -40,7 +40,8 @@ class SyntheticDataset(ChanpruneDataset):
         g = torch.Generator().manual_seed(seed)
         self.targets = torch.randint(0, num_classes, (length,), generator=g).tolist()
         # Already zero-mean unit-variance: no normalisation is applied.
-        self._set_stats((0.0,) * shape[0], (1.0,) * shape[0])
+        channels = shape[0] if len(shape) > 1 else 1  # (L,): one channel
+        self._set_stats((0.0,) * channels, (1.0,) * channels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if not 0 <= index < len(self.targets):
@@ -58,7 +59,7 @@ def is_synthetic(source: str) -> bool:
 
 def open_synthetic(spec: str, input_shape: tuple[int, int, int] | None) -> SyntheticDataset:
     """Parse `synthetic:CxHxW[:K[:N]]`; a missing shape is taken from `input_shape`."""
-    usage = "use synthetic:CxHxW[:K[:N]], e.g. synthetic:3x32x32:10:256"
+    usage = "use synthetic:CxHxW[:K[:N]] (1-D inputs: CxL or L), e.g. synthetic:3x32x32:10:256"
     fields = spec.split(":")[1:]
     if not fields or not fields[0].strip():
         if input_shape is None:

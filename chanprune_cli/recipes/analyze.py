@@ -49,7 +49,7 @@ class AnalyzeResult:
     size_bytes: int
     layers: list[LayerRow]
     seed: int | None = None
-    accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches
+    accuracy: dict[str, Any] | None = None  # top1, top5 (0-100), images, data, max_batches, normalization
     groups: list[dict[str, Any]] | None = None  # prune.describe.group_rows(graph)
     warnings: list[str] = field(default_factory=list)  # e.g. data converted to the model's input, top-1 at chance
 
@@ -87,7 +87,8 @@ def analyze_checkpoint(checkpoint: str, options: AnalyzeOptions | None = None) -
     if loader is not None:
         result = measure.evaluate(model, loader, dev, max_batches=o.data.calib_batches, progress=True)
         accuracy = {"top1": float(result["top1"]), "top5": float(result["top5"]), "images": int(result["images"]),
-                    "data": data, "max_batches": o.data.calib_batches}
+                    "data": data, "max_batches": o.data.calib_batches,
+                    "normalization": {"mean": list(loader.dataset.mean), "std": list(loader.dataset.std)}}
         at_chance = chance_warning(accuracy["top1"], accuracy["images"], labels.outputs if labels else None, data)
         if at_chance is not None:
             warn(at_chance)

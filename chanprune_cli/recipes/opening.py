@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelOptions"]
 
-Shape = tuple[int, int, int]
+Shape = tuple[int, ...]  # (C, H, W) for images, (C, L) or (L,) for 1-D signals
 Floats = tuple[float, ...]
-ShapeArg = str | Sequence[int]  # "3,32,32" (as --input-shape) or (3, 32, 32)
+ShapeArg = str | Sequence[int]  # "3,32,32" or "1,1024" (as --input-shape) or (3, 32, 32)
 FloatsArg = str | Sequence[float]  # "0.5,0.5,0.5" (as --mean/--std) or (0.5, 0.5, 0.5)
 
 
@@ -74,7 +74,7 @@ class ModelOptions:
 
 def parse_inputs(input_shape: ShapeArg | None, mean: FloatsArg | None,
                  std: FloatsArg | None) -> tuple[Shape | None, Floats | None, Floats | None]:
-    """The model-input options parsed: (C, H, W) and the normalisation mean/std (None: not given)."""
+    """The model-input options parsed: (C, H, W), (C, L) or (L,), and the normalisation mean/std (None: not given)."""
     def text(value: str | Sequence[float]) -> str:
         # sequences go through the same parser as the command line, so they are checked alike
         return value if isinstance(value, str) else ",".join(str(v) for v in value)
@@ -175,7 +175,8 @@ def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint, data: 
     if explicit is not None:
         known = recorded or (tuple(shape) if shape is not None and loaded.arch is not None
                              and loaded.arch.name in builtin_archs() else None)
-        if known is not None and explicit[0] == known[0] and tuple(explicit) != known:  # other channels fail to run
+        if (known is not None and len(explicit) == len(known) and explicit[0] == known[0]  # other forms fail to run
+                and tuple(explicit) != known):
             where = "the checkpoint records" if recorded else f"{loaded.arch.name} is made for"  # type: ignore[union-attr]
             warn(f"--input-shape {_shape_text(explicit)} is not the {_shape_text(known)} {where}; MACs, scores and "
                  f"accuracy are those of {_shape_text(explicit)} inputs (drop --input-shape to use "
@@ -187,7 +188,7 @@ def resolve_input_shape(explicit: Shape | None, loaded: LoadedCheckpoint, data: 
         return tuple(shape)  # type: ignore[return-value]
     if data is None:
         raise UserError("cannot tell this model's input shape; pass --input-shape C,H,W (the channels and size of "
-                        "the images it takes), or --data to take it from the data")
+                        "the images it takes; C,L or L for 1-D signals), or --data to take it from the data")
     return _data_input_shape(data, loaded.model)
 
 
@@ -196,14 +197,15 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def _data_input_shape(data: str, model: nn.Module) -> Shape:
-    """The (C, H, W) of `data`'s samples as stored (MNIST 1x28x28, an image folder's common size)."""
+    """The shape of `data`'s samples as stored (MNIST 1x28x28, an image folder's common size, the L or
+    C,L of 1-D signals)."""
     from ..checkpoint.messages import first_line
 
     with warnings.catch_warnings():  # what is wrong with the data is said once, when it is opened for use
         warnings.simplefilter("ignore")
         shape: Shape = tuple(open_dataset(data).input_shape)  # type: ignore[assignment]
     try:
-        _forward(model, shape)
+        _run(model, shape)
     except Exception as exc:  # noqa: BLE001  (any failure of the forward at that size: said in one line)
         raise UserError(f"the model does not run on {'x'.join(map(str, shape))} inputs, the size of the samples of "
                         f"--data {data} ({first_line(exc)}); pass --input-shape C,H,W") from None
@@ -222,6 +224,17 @@ def select_task_output(loaded: LoadedCheckpoint, explicit: str | None, input_sha
 
 
 def _forward(model: nn.Module, input_shape: Shape) -> Any:
+    """`_run`, where a model that does not run at that shape fails in one line."""
+    from ..checkpoint.messages import first_line
+
+    try:
+        return _run(model, input_shape)
+    except Exception as exc:  # noqa: BLE001  (the user's model at a shape it may not take: any error)
+        raise UserError(f"the model does not run on inputs of shape {_shape_text(input_shape)} ({type(exc).__name__}: "
+                        f"{first_line(exc)}); check --input-shape (C,H,W for images, C,L or L for 1-D signals)") from None
+
+
+def _run(model: nn.Module, input_shape: Shape) -> Any:
     """One eval-mode forward pass of a batch of zeros (the model's mode restored)."""
     param = next(model.parameters(), None)
     was_training = model.training

@@ -82,6 +82,10 @@ def render(result: AnalyzeResult, console: Console) -> None:
         console.print(f"top-1      {acc['top1']:.2f} %")
         console.print(f"top-5      {acc['top5']:.2f} %")
         console.print(f"images     {acc['images']:,} ({acc.get('data', '')})")
+        norm = acc.get("normalization")
+        if norm is not None:
+            values = ", ".join(f"{name} {','.join(f'{v:g}' for v in norm[name])}" for name in ("mean", "std"))
+            console.print(f"inputs     (x - mean) / std with {values}")
 
 
 def _kernel_text(row: LayerRow) -> str:
