@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
@@ -104,8 +106,24 @@ def test_yolo_checkpoint_prunes_and_reloads_everywhere(tmp_path: Path, monkeypat
     # a detector cannot be fine-tuned with cross-entropy on labelled images: one line, before training
     line = one_error(cli("finetune", out, "--trust-pickle", "--data", "synthetic:3x96x96:3:8", "--max-steps", "1"),
                      "finetune trains classifiers")
-    assert "own training code" in line and "2 outputs" in line
+    assert "--teacher ORIGINAL" in line and "2 outputs" in line
     assert not out.with_name("yolov8n.pruned.finetuned.pt").exists()
+
+    # recovered without labels from the original on a folder of images: still ultralytics' own file
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+    tuned_json = tmp_path / "finetune.json"
+    ok(cli("finetune", out, "--trust-pickle", "--teacher", yolo_checkpoint, "--data", images, "--max-steps", "2",
+           "--batch-size", "4", "--device", "cpu", "--json", tuned_json))
+    tuned = json.loads(tuned_json.read_text())
+    assert tuned["distillation"]["loss"] == "relative-l2" and tuned["distillation"]["held_out_images"] == 1
+    assert tuned["teacher_gap"]["before"] > 0 and tuned["teacher_gap"]["after"] is not None
+    tuned_out = Path(tuned["output"])
+    raw = torch.load(tuned_out, weights_only=False)
+    assert raw["train_args"]["imgsz"] == 96 and json.loads(raw["chanprune"])["history"][-1]["command"] == "finetune"
+    assert sum(p.numel() for p in YOLO(str(tuned_out)).model.parameters()) == doc["after"]["params"]
 
 
 def test_ultralytics_paths_the_trace_does_not_run_see_the_pruned_widths(monkeypatch: pytest.MonkeyPatch) -> None:

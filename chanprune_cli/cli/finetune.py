@@ -50,11 +50,12 @@ def finetune(
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", metavar="S", help="Label smoothing of the cross-entropy (0: off).", rich_help_panel=TRAIN_PANEL)] = 0.0,
     grad_clip: Annotated[Optional[float], typer.Option("--grad-clip", metavar="NORM", help="Clip the global gradient norm.", rich_help_panel=TRAIN_PANEL, show_default=False)] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop (pad 4 at 32 px) + flip for small images, random-resized crop + flip for large ones (no flip for digits).", rich_help_panel=TRAIN_PANEL)] = True,
-    teacher: Annotated[Optional[str], typer.Option("--teacher", metavar="CKPT", help="Distil from this model (usually the unpruned original): (1-α)·CE + α·T²·KL(teacher ‖ student) at temperature T.", rich_help_panel=KD_PANEL, show_default=False)] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", metavar="CKPT", help="Distil from this model (usually the unpruned original): (1-α)·CE + α·T²·KL(teacher ‖ student) at temperature T. Without labels (a model with no class logits: detector, segmenter, YOLO, several outputs; or --data without class folders): the teacher's outputs alone, each output's squared error relative to the teacher's scale, summed; the teacher gap is reported.", rich_help_panel=KD_PANEL, show_default=False)] = None,
     teacher_arch: Annotated[Optional[str], typer.Option("--teacher-arch", metavar="ARCH", help="Architecture of a --teacher state dict (default: the student's base architecture).", rich_help_panel=KD_PANEL, show_default=False)] = None,
     teacher_arch_kwargs: Annotated[Optional[str], typer.Option("--teacher-arch-kwargs", metavar="JSON", help="Factory kwargs for --teacher-arch.", rich_help_panel=KD_PANEL, show_default=False)] = None,
     kd_alpha: Annotated[float, typer.Option("--kd-alpha", metavar="α", help="Weight of the distillation term.", rich_help_panel=KD_PANEL)] = 0.5,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature", metavar="T", help="Softmax temperature of the distillation term.", rich_help_panel=KD_PANEL)] = 4.0,
+    distil_features: Annotated[Optional[list[str]], typer.Option("--distil-features", metavar="GLOB", help="Label-free distillation: also match the outputs of the modules matching GLOB (repeatable; backbone or neck stages), each like an output; where pruning narrowed one, a 1x1 projection is trained along and dropped after.", rich_help_panel=KD_PANEL, show_default=False)] = None,
     schedule: Annotated[str, typer.Option("--schedule", metavar="none|asfp|sfp|cac|whitebox", help="Prune while training: asfp: asymptotic soft filter pruning (rate P·(1−4^(−t/D)), filters re-selected every interval, removed at the end); sfp: the same at a constant rate; cac: online conditional-accuracy-change gates removing channels early in training (reconstructed); whitebox: class-wise masks trained on frozen weights, global-voting removal and BN rescaling, then fine-tuning.", rich_help_panel=SCHEDULE_PANEL)] = "none",
     ratio: Annotated[Optional[float], typer.Option("--ratio", metavar="R", help="Schedule target: remove this fraction of the channels of every prunable group.", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", metavar="F", help="Schedule target: remove this fraction of the MACs (global ranking).", rich_help_panel=SCHEDULE_PANEL, show_default=False)] = None,
@@ -118,7 +119,8 @@ def finetune(
                               prune_until=prune_until, cac_rounds=cac_rounds, drop_prob=drop_prob, dcph=dcph,
                               mask_lambda=mask_lambda, min_keep=min_keep, round_to=round_to, ignore=ignore or ())
     options = FinetuneOptions(data, out=out, val_data=val_data, train=cfg, teacher=teacher, teacher_arch=teacher_arch,
-                              teacher_arch_kwargs=teacher_arch_kwargs, schedule=pruning, model=model, threads=model.threads,
+                              teacher_arch_kwargs=teacher_arch_kwargs, distil_features=distil_features or (),
+                              schedule=pruning, model=model, threads=model.threads,
                               resume=resume, keep_state=keep_state, force=outputs.force,
                               json_report=outputs.json_report)
     console = make_console(stderr=outputs.json_report == "-")

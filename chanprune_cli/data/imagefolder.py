@@ -116,22 +116,27 @@ class ImageFolderDataset(ChanpruneDataset):
         mean: Sequence[float] | str | None,
         std: Sequence[float] | str | None,
         train: bool,
+        unlabelled: bool = False,
     ) -> None:
+        """`unlabelled`: a folder of images without class folders is read too, as images without
+        labels (no classes, every target 0), instead of refused."""
         super().__init__(display)
         if input_shape is not None and input_shape[0] not in (1, 3):
             raise UserError(f"images can be loaded with 1 or 3 channels, not {input_shape[0]}")
         self.root = _resolve_image_root(path)
         self.classes = _class_names(self.root)
+        flat = False
         if not self.classes:
             with os.scandir(self.root) as it:
                 flat = any(_is_image_name(e.name) for e in it)
-            if flat:
+            if flat and not unlabelled:
                 raise UserError(
                     f"{display} holds images but no class folders; put them in {display}/<class>/ "
                     "(one folder named anything will do for unlabelled calibration data)"
                 )
-            raise UserError(f"no images found in {display} (expected {display}/<class>/<image>)")
-        candidates: list[tuple[str, int]] = [
+            if not flat:
+                raise UserError(f"no images found in {display} (expected {display}/<class>/<image>)")
+        candidates: list[tuple[str, int]] = [(f, 0) for f in _list_images(self.root)] if flat else [
             (f, label) for label, name in enumerate(self.classes) for f in _list_images(self.root / name)
         ]
         if not candidates:

@@ -3,7 +3,8 @@
 `--data` accepts:
 
 * an ImageFolder directory (`root/<class>/<image>`), or a directory holding one split folder
-  (`root/test/<class>/<image>`);
+  (`root/test/<class>/<image>`); where the caller takes images without labels (`unlabelled`,
+  label-free distillation), also a folder of images without class folders;
 * a `.tar` / `.tar.gz` / `.tgz` (also `.tar.bz2`, `.tar.xz`) of such a folder, extracted once into
   `$XDG_CACHE_HOME/chanprune/datasets/<content hash>/`;
 * a directory of MNIST IDX files (`t10k-images-idx3-ubyte[.gz]` + labels, or `train-*`), or the
@@ -40,7 +41,7 @@ ACCEPTED_FORMS = (
 )
 
 
-def _open_directory(path: Path, display: str, **kw: Any) -> ChanpruneDataset:
+def _open_directory(path: Path, display: str, unlabelled: bool, **kw: Any) -> ChanpruneDataset:
     idx = find_idx(path)
     if idx:
         train = kw["train"]
@@ -60,7 +61,7 @@ def _open_directory(path: Path, display: str, **kw: Any) -> ChanpruneDataset:
     # Imported here: it pulls in torchvision (about a second), which the other sources never need.
     from .imagefolder import ImageFolderDataset
 
-    return ImageFolderDataset(path, display=display, **kw)
+    return ImageFolderDataset(path, display=display, unlabelled=unlabelled, **kw)
 
 
 def open_dataset(
@@ -70,8 +71,11 @@ def open_dataset(
     mean: Sequence[float] | str | None = None,
     std: Sequence[float] | str | None = None,
     train: bool = False,
+    unlabelled: bool = False,
 ) -> ChanpruneDataset:
     """Open a `--data` source (see the module docstring) as a data set of (C×H×W float, label).
+    `unlabelled`: a folder (or archive) of images without class folders opens as images without
+    labels (no classes, every target 0) instead of being refused.
 
     `mean`/`std` None means the source's own default (ImageNet for RGB images, MNIST statistics for
     IDX files, training-split statistics for digits, none for synthetic). `train=True` adds random
@@ -91,7 +95,7 @@ def open_dataset(
     if lower == "digits" or lower.startswith("digits:"):
         return open_digits(lower, train, input_shape=shape, mean=mean, std=std)
     path = Path(text).expanduser()
-    kw: dict[str, Any] = {"input_shape": shape, "mean": mean, "std": std, "train": train}
+    kw: dict[str, Any] = {"input_shape": shape, "mean": mean, "std": std, "train": train, "unlabelled": unlabelled}
     if not path.exists():
         scheme = re.match(r"^([a-z][a-z0-9+.-]*):", lower)
         if scheme and len(scheme.group(1)) > 1:  # one letter would be a Windows drive
@@ -101,6 +105,7 @@ def open_dataset(
         return _open_directory(path, text, **kw)
     if is_archive(path):
         return _open_directory(extract_archive_cached(path, text), text, **kw)
+    del kw["unlabelled"]  # only folders of images can be without labels here
     if is_array_file(path):
         return open_arrays(path, text, **kw)
     if IDX_RE.match(path.name) and "images" in path.name.lower():

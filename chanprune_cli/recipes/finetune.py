@@ -2,6 +2,11 @@
 pruning while training (a schedule of train/schedules/), and save the result as a chanprune file
 (a whole pickled model: back into its own container, `checkpoint.save_model`).
 
+With a teacher, a model without class logits (a detector, a segmenter, YOLO, a model with several
+outputs), or a classifier given images without labels (a folder of images without class folders),
+is distilled without labels (`train.distill`): the loss is the teacher's outputs alone, and the
+teacher gap is measured on held-out images (--val-data, else a part of --data set aside).
+
 `FinetuneOptions` holds what the command's options set: the model (`ModelOptions`), the training
 knobs (a `train.TrainConfig`), the teacher and the pruning schedule (`ScheduleOptions`).
 """
@@ -12,10 +17,11 @@ import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from ..checkpoint import refuse_nonfinite, save_model, tool_version
 from ..checkpoint.chanprune_format import with_normalization, with_task_output
@@ -38,6 +44,7 @@ from ..train import (
     model_from_state,
     threads,
 )
+from ..train.distill import Distillation
 from ..train.schedules import make_schedule
 from .opening import ModelOptions, OpenedModel, Shape, default_out_path, load_model, model_out_path, open_model, select_task_output
 from .steps import check_json_report, recipe_entry, say, warn
@@ -94,6 +101,7 @@ class FinetuneOptions:
     teacher: str | None = None
     teacher_arch: str | None = None
     teacher_arch_kwargs: str | dict[str, Any] | None = None
+    distil_features: Sequence[str] = ()  # label-free distillation: module globs whose outputs are matched too
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     # the run
@@ -107,6 +115,9 @@ class FinetuneOptions:
         self.train.check()
         if self.teacher_arch_kwargs is not None and self.teacher_arch is None:
             raise UserError("--teacher-arch-kwargs needs --teacher-arch")
+        object.__setattr__(self, "distil_features", tuple(self.distil_features))
+        if self.distil_features and self.teacher is None:
+            raise UserError("--distil-features matches a teacher's features: give --teacher")
 
 
 @dataclass
@@ -125,6 +136,7 @@ class FinetuneResult:
     before: dict[str, int]  # params, macs
     after: dict[str, int]
     train: TrainResult
+    distillation: dict[str, Any] | None = None  # label-free: what was matched, the held-out images
     warnings: list[str] = field(default_factory=list)  # e.g. a run that ended far below its best validation
 
 
@@ -179,9 +191,24 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
             check_output(paths.out, o.force)
         shape = opened.input_shape
         student = _student(checkpoint, opened, o, paths)
-        classes = _num_classes(student.model, shape)  # before the data: a model that is no classifier fails first
-        train_set, val_set, meta = _datasets(o, opened, classes)
+        # before the data: a model that is no classifier fails first, unless a teacher can distil it
+        classes = _num_classes(student.model, shape, required=o.teacher is None)
+        train_set = open_dataset(o.data, input_shape=shape, mean=opened.mean, std=opened.std, train=cfg.augment,
+                                 unlabelled=o.teacher is not None)
+        label_free = o.teacher is not None and (classes is None or train_set.num_classes == 0)
         teacher = _teacher(o, opened, classes)
+        data: _DistillationData | None = None
+        distillation: Distillation | None = None
+        if label_free:
+            assert teacher is not None
+            data = _distillation_data(o, opened, classes, train_set)
+            val_set, meta = data.val_set, data.meta
+            distillation = Distillation(logits=classes is not None, temperature=cfg.kd_temperature,
+                                        output=o.model.output, features=o.distil_features, held_out=data.held_out)
+            distillation.prepare(student.model, teacher, torch.zeros(2, *shape), seed=cfg.seed)
+        else:
+            assert classes is not None
+            val_set, meta = _labelled_data(o, opened, classes, train_set)
         s = o.schedule
         hook = make_schedule(s.name, input_shape=shape, ratio=s.ratio, target_flops=s.target_flops,
                              interval=s.prune_every, until=s.prune_until, min_keep=s.min_keep, round_to=s.round_to,
@@ -194,14 +221,20 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
                  "kd": {"alpha": cfg.kd_alpha, "temperature": cfg.kd_temperature} if o.teacher else None,
                  "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
                  "dcph": s.dcph or None}
+        distilled = None if data is None or distillation is None else {
+            **distillation.describe(), "held_out": data.held_out_from, "held_out_images": len(data.held_out)}
+        if distilled is not None:
+            entry = {**entry, "kd": None, "distillation": distilled}
         info = CheckpointInfo(arch=student.spec, input_shape=shape, history=student.history, plans=student.plans,
                               meta=meta, entry=entry, origin=opened.loaded.origin)
 
         def on_eval(row: dict[str, Any]) -> None:
             mark = "  [green]best[/green]" if row["best"] else ""
             loss = f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-"
-            show_main(f"epoch {row['epoch']:.2f}  step {row['step']}  train loss {loss}  "
-                      f"val top-1 {row['top1']:.2f} %  top-5 {row['top5']:.2f} %  val loss {row['loss']:.4f}{mark}")
+            val = (f"  val top-1 {row['top1']:.2f} %  top-5 {row['top5']:.2f} %  val loss {row['loss']:.4f}"
+                   if "top1" in row else "")
+            gap = f"  teacher gap {row['teacher_gap']:.4f}" if "teacher_gap" in row else ""
+            show_main(f"epoch {row['epoch']:.2f}  step {row['step']}  train loss {loss}{val}{gap}{mark}")
 
         def log(text: str) -> None:
             if env.is_main:
@@ -209,7 +242,8 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
 
         trainer = Trainer(student.model, train_set, cfg, device=device, val_set=val_set, teacher=teacher,
                           hooks=[hook] if hook is not None else [], env=env, outputs=paths, ckpt=info, log=log,
-                          on_eval=on_eval)
+                          on_eval=on_eval, distillation=distillation,
+                          train_indices=data.train_indices if data is not None else None)
         if student.state is not None:
             trainer.restore(student.state)
         where = f"{env.world_size} processes ({env.backend})" if env.distributed else str(device)
@@ -224,6 +258,8 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         final_entry = {**entry, "steps": result.steps, "validation": result.final, "best": result.best,
                        "before": before, "after": after, "schedules": result.hook_summaries,
                        "train_images_per_second": result.images_per_second, "tool_version": tool_version()}
+        if result.teacher_gap is not None:
+            final_entry["teacher_gap"] = result.teacher_gap
         if env.is_main:
             save_model(paths.out, model, dataclasses.replace(opened.loaded, arch=student.spec), input_shape=shape,
                        history=[*student.history, final_entry], plans=[*student.plans, *result.plans], meta=meta,
@@ -235,7 +271,7 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         if not env.is_main:
             return None
         return FinetuneResult(checkpoint, paths, s.name, requested, o.teacher, cfg, env.world_size, str(device),
-                              val_set is not None, before, after, result)
+                              val_set is not None, before, after, result, distilled)
 
 
 def _fell_far_below(evals: Sequence[dict[str, Any]], schedule: str) -> str | None:
@@ -270,6 +306,8 @@ def _student(checkpoint: str, opened: OpenedModel, o: FinetuneOptions, paths: Ou
         history = [{"command": "finetune", "dcph": True, "from": str(checkpoint), "arch": loaded.arch.to_json(),
                     "note": "2x-wide architecture trained from initialisation (weights of the checkpoint unused)"}]
         plans = []
+    if not any(p.requires_grad for p in model.parameters()):
+        model.requires_grad_(True)  # saved for inference with every weight frozen (ultralytics' final checkpoints)
     state = None
     if o.resume:
         state = load_train_state(paths.state)
@@ -281,21 +319,56 @@ def _student(checkpoint: str, opened: OpenedModel, o: FinetuneOptions, paths: Ou
     return _Student(model, spec, history, plans, state)
 
 
-def _datasets(o: FinetuneOptions, opened: OpenedModel, classes: int) -> tuple[Any, Any, dict[str, Any]]:
-    """The training and validation sets labelled as the model's outputs, and the metadata the
-    result records (the class names it was trained with, so that later commands match data to
-    them; the normalisation and task output)."""
+def _labelled_data(o: FinetuneOptions, opened: OpenedModel, classes: int, train_set: Any) -> tuple[Any, dict[str, Any]]:
+    """The validation set, and the training and validation sets' labels checked against the
+    model's outputs; the metadata the result records (the class names it was trained with, so
+    that later commands match data to them; the normalisation and task output)."""
     shape, mean, std = opened.input_shape, opened.mean, opened.std
-    train_set = open_dataset(o.data, input_shape=shape, mean=mean, std=std, train=o.train.augment)
     val_set = open_dataset(o.val_data, input_shape=shape, mean=mean, std=std, train=False) if o.val_data else None
     for dataset in (train_set, val_set) if val_set is not None else (train_set,):
         fit_classes(dataset, classes, opened.classes, recorded=recorded_classes(opened.loaded.meta))
         check_labels(dataset, classes)
     meta = with_classes(opened.loaded.meta, train_set.classes) if train_set.num_classes == classes else opened.loaded.meta
-    return train_set, val_set, with_task_output(with_normalization(meta, mean, std), opened.task_output)
+    return val_set, with_task_output(with_normalization(meta, mean, std), opened.task_output)
 
 
-def _teacher(o: FinetuneOptions, opened: OpenedModel, classes: int) -> nn.Module | None:
+_HELD_OUT_MAX = 256  # images set aside from --data for the teacher gap when there is no --val-data
+
+
+@dataclass
+class _DistillationData:
+    """What label-free distillation reads besides its training images: the held-out images of the
+    teacher gap (`held_out_from`: "val-data", or "data" for a part of --data the run does not
+    train on, `train_indices` the rest), labelled validation data for a classifier's top-1."""
+
+    held_out: Any
+    held_out_from: str
+    train_indices: list[int] | None
+    val_set: Any
+    meta: dict[str, Any]
+
+
+def _distillation_data(o: FinetuneOptions, opened: OpenedModel, classes: int | None, train_set: Any) -> _DistillationData:
+    shape, mean, std = opened.input_shape, opened.mean, opened.std
+    meta = with_task_output(with_normalization(opened.loaded.meta, mean, std), opened.task_output)
+    if o.val_data:
+        held_out = open_dataset(o.val_data, input_shape=shape, mean=mean, std=std, train=False, unlabelled=True)
+        val_set = None
+        if classes is not None and held_out.num_classes:  # a classifier's labelled validation: top-1 too
+            fit_classes(held_out, classes, opened.classes, recorded=recorded_classes(opened.loaded.meta))
+            check_labels(held_out, classes)
+            val_set = held_out
+        return _DistillationData(held_out, "val-data", None, val_set, meta)
+    n = len(train_set)
+    k = min(_HELD_OUT_MAX, max(1, n // 10))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(o.train.seed))[:k]
+    held = set(chosen.tolist())
+    images = copy.copy(train_set)
+    images.train = False  # the held-out images as they are, not augmented
+    return _DistillationData(Subset(images, sorted(held)), "data", [i for i in range(n) if i not in held], None, meta)
+
+
+def _teacher(o: FinetuneOptions, opened: OpenedModel, classes: int | None) -> nn.Module | None:
     """The --teacher model (its architecture: --teacher-arch, else the student's base one)."""
     if o.teacher is None:
         return None
@@ -303,8 +376,9 @@ def _teacher(o: FinetuneOptions, opened: OpenedModel, classes: int) -> nn.Module
                            trust_pickle=o.model.trust_pickle)
     loaded = load_model(o.teacher, options)
     select_task_output(loaded, o.model.output, opened.input_shape)  # --output, else the teacher's recorded one
-    if _num_classes(loaded.model, opened.input_shape) != classes:
-        raise UserError(f"the teacher outputs {_num_classes(loaded.model, opened.input_shape)} classes, the student {classes}")
+    theirs = _num_classes(loaded.model, opened.input_shape, required=False)
+    if classes is not None and theirs != classes:  # other models: their outputs are matched leaf by leaf
+        raise UserError(f"the teacher outputs {theirs} classes, the student {classes}")
     refuse_nonfinite(loaded.model, "distil from")
     return loaded.model
 
@@ -326,22 +400,33 @@ def _announce(show: Show, trainer: Trainer, what: str, student: _Student, before
     show(f"  input: {inputs}; {trainer.workers} loader worker(s)" + (", torch.compile" if cfg.compile else ""))
 
 
-def _num_classes(model: nn.Module, shape: Shape) -> int:
+def _num_classes(model: nn.Module, shape: Shape, *, required: bool) -> int | None:
+    """The number of class logits of the model's task output. None when it has none (a detector,
+    e.g. YOLO, or a dense model: no (batch, classes) output; several outputs and no --output),
+    unless `required` (training on labels), which then raises a UserError saying how to recover it."""
+    output = _forward(model, shape)
+    if task_output_of(model) is None and not any(t.dim() == 2 for t in _tensors(output)):
+        return None if not required else _not_a_classifier(describe_outputs(output))
+    try:
+        out = logits_of(output, model)
+    except UserError:
+        if required:
+            raise
+        return None
+    if out.dim() != 2:
+        return None if not required else _not_a_classifier(f"task output {describe_outputs(out)}")
+    return int(out.shape[1])
+
+
+def _forward(model: nn.Module, shape: Shape) -> Any:
+    """The model's output for two zero images, in eval mode."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            output = model(torch.zeros(2, *shape))
+            return model(torch.zeros(2, *shape))
     finally:
         model.train(was)
-    # A detector (e.g. YOLO) or a dense model has no (batch, classes) output: cross-entropy on labelled
-    # images cannot train it, whichever output --output picks.
-    if task_output_of(model) is None and not any(t.dim() == 2 for t in _tensors(output)):
-        _not_a_classifier(describe_outputs(output))
-    out = logits_of(output, model)
-    if out.dim() != 2:
-        _not_a_classifier(f"task output {describe_outputs(out)}")
-    return int(out.shape[1])
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -351,7 +436,7 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     return [t for v in values for t in _tensors(v)]
 
 
-def _not_a_classifier(what: str) -> None:
-    raise UserError(f"finetune trains classifiers (cross-entropy on labelled images) but this model returns {what}, "
-                    "no (batch, classes) logits; use the model's own training code to fine-tune a detector or other "
-                    "model (see the README, 'Whole pickled models')")
+def _not_a_classifier(what: str) -> NoReturn:
+    raise UserError(f"finetune trains classifiers on labelled images, but this model returns {what}, no (batch, classes) "
+                    "logits; recover it without labels by distilling it from the model it was pruned from: --teacher "
+                    "ORIGINAL (--data: any images of its task, a folder without class folders will do)")

@@ -1,5 +1,6 @@
 """`chanprune finetune`'s report: the validations, steps, throughput, the size change of a
-pruning schedule, the final accuracy and the saved files; and its JSON document."""
+pruning schedule, the final accuracy (label-free distillation: the teacher gap before and after)
+and the saved files; and its JSON document."""
 
 from __future__ import annotations
 
@@ -31,19 +32,26 @@ def document(result: FinetuneResult) -> dict[str, Any]:
             "evals": run.evals, "final": run.final, "best": run.best,
             "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans,
             "warnings": result.warnings}
+    if result.distillation is not None:  # label-free distillation: what was matched, how close it came
+        body["distillation"] = result.distillation
+        body["teacher_gap"] = run.teacher_gap
     return json_document("finetune", body, seed=result.config.seed)
 
 
 def render(outcome: FinetuneResult, console: Console) -> None:
     result, before, after, paths = outcome.train, outcome.before, outcome.after, outcome.paths
     if result.evals:
+        labelled, gaps = "top1" in result.evals[-1], "teacher_gap" in result.evals[-1]
         table = Table(title="validation", title_justify="left")
-        for col in ("epoch", "step", "train loss", "top-1 %", "top-5 %", "val loss", ""):
+        columns = ("epoch", "step", "train loss", *(("top-1 %", "top-5 %", "val loss") if labelled else ()),
+                   *(("teacher gap",) if gaps else ()), "")
+        for col in columns:
             table.add_column(col, justify="right" if col else "left")
         for row in result.evals:
             table.add_row(f"{row['epoch']:.2f}", str(row["step"]),
                           f"{row['train_loss']:.4f}" if row.get("train_loss") is not None else "-",
-                          f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}",
+                          *((f"{row['top1']:.2f}", f"{row['top5']:.2f}", f"{row['loss']:.4f}") if labelled else ()),
+                          *((f"{row['teacher_gap']:.4f}",) if gaps else ()),
                           "best" if row.get("best") else "")
         console.print(table)
     console.print(f"steps      {result.steps} ({result.epochs_done:.2f} epochs)"
@@ -58,7 +66,16 @@ def render(outcome: FinetuneResult, console: Console) -> None:
         if verify:
             console.print(f"{name:<10} removed physically; verify max |diff| {verify['max_abs_diff']:.3g} "
                           f"≤ {verify['tolerance']:.3g}: {'passed' if verify['passed'] else 'FAILED'}")
-    if result.final is not None:
+    if result.final is not None and "top1" in result.final:
         console.print(f"final      top-1 {result.final['top1']:.2f} %  top-5 {result.final['top5']:.2f} %")
-    console.print(f"saved      {paths.out}" + (f" (best: {paths.best}, top-1 {result.best['top1']:.2f} % at step {result.best['step']})"
-                                                if result.best is not None and outcome.validated else ""))
+    gap = result.teacher_gap
+    if gap is not None and gap["before"] is not None and gap["after"] is not None:
+        held = outcome.distillation or {}
+        console.print(f"teacher gap {gap['before']:.4f} → {gap['after']:.4f} (mean relative L2 distance to the teacher's "
+                      f"outputs on {held.get('held_out_images')} held-out images, 0: the same)")
+    console.print(f"saved      {paths.out}" + (f" (best: {paths.best}, {_best(result.best)} at step {result.best['step']})"
+                                                if result.best is not None and (outcome.validated or gap) else ""))
+
+
+def _best(row: dict[str, Any]) -> str:
+    return f"top-1 {row['top1']:.2f} %" if "top1" in row else f"teacher gap {row['teacher_gap']:.4f}"

@@ -2,7 +2,8 @@
 
 The package follows one run: `config` (TrainConfig), `sampling` (seeded batches and
 augmentation), `optim` (losses, SGD groups, warm-up + cosine, momentum through surgery),
-`precision` (AMP), `hooks` (the interface of training-time schedules, `schedules/`),
+`precision` (AMP), `distill` (label-free distillation: the teacher's outputs, the teacher gap),
+`hooks` (the interface of training-time schedules, `schedules/`),
 `validation`, `outputs` (file names, checkpoint records), `state` (the resumable state file),
 `process` (stop on SIGINT/SIGTERM, thread count), `trainer` (the loop) and `smoke` (a one-step
 trainability check). This module re-exports the names used elsewhere.
@@ -15,6 +16,7 @@ not at the top: they import torchvision (seconds), and `chanprune run` imports t
 from __future__ import annotations
 
 from .config import TrainConfig
+from .distill import Distillation
 from .hooks import Hook
 from .optim import WarmupCosine, build_optimizer, kd_loss
 from .outputs import CheckpointInfo, OutputPaths
@@ -27,6 +29,7 @@ from .validation import validate
 
 __all__ = [
     "CheckpointInfo",
+    "Distillation",
     "Hook",
     "OutputPaths",
     "TrainConfig",

@@ -18,7 +18,7 @@ across epoch ends. `--workers` defaults to `default_workers`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -71,11 +71,13 @@ def tensor_images_for(dataset: Any, *, device: torch.device, workers: int, wante
 
 class TrainInputs:
     """The batches of one run on the device: `batches(start, stop)` yields (inputs, labels) for the
-    global steps start..stop-1 (this rank's share of each global batch)."""
+    global steps start..stop-1 (this rank's share of each global batch), drawn from the samples
+    `indices` (default: all)."""
 
     def __init__(self, dataset: Any, *, batch_size: int, steps_per_epoch: int, seed: int, workers: int,
-                 device: torch.device, env: D.DistEnv, tensor: bool | None, device_decode: bool = False) -> None:
-        self.dataset = dataset
+                 device: torch.device, env: D.DistEnv, tensor: bool | None, device_decode: bool = False,
+                 indices: Sequence[int] | None = None) -> None:
+        self.dataset, self.indices = dataset, indices
         self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
         self.workers, self.device, self.env = workers, device, env
         self.decoder: DeviceJpegDecoder | None = None
@@ -95,8 +97,9 @@ class TrainInputs:
         return "tensor" if self.images is not None else "device-decode" if self.decoder is not None else "loader"
 
     def _sampler(self, start: int, stop: int) -> RunBatches:
-        return RunBatches(len(self.dataset), self.batch_size, self.steps_per_epoch, seed=self.seed, start=start,
-                          stop=stop, rank=self.env.rank, world=self.env.world_size)
+        n = len(self.indices) if self.indices is not None else len(self.dataset)
+        return RunBatches(n, self.batch_size, self.steps_per_epoch, seed=self.seed, start=start, stop=stop,
+                          rank=self.env.rank, world=self.env.world_size, indices=self.indices)
 
     def _loader(self, dataset: Any, sampler: RunBatches, collate: Any, workers: int) -> Iterator[Any]:
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,

@@ -5,7 +5,7 @@ processes it is split over."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,13 +49,15 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
     Global batch k is positions [k·G, (k+1)·G) of a permutation seeded by (seed, epoch); rank r of
     W takes its r-th slice of G/W samples. Resuming at step s of an epoch just starts at k = s.
+    `indices`: the samples to draw from (n of them; default 0..n-1), the rest held out.
     """
 
     def __init__(self, n: int, global_batch: int, *, seed: int, epoch: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
+                 rank: int = 0, world: int = 1, shuffle: bool = True, indices: Sequence[int] | None = None) -> None:
         self.n, self.global_batch, self.seed, self.epoch = n, global_batch, seed, epoch
         self.start, self.stop, self.rank, self.world, self.shuffle = start, stop, rank, world, shuffle
         self.local = global_batch // world
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long) if indices is not None else None
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
@@ -66,6 +68,8 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             perm = torch.randperm(self.n, generator=g)
         else:
             perm = torch.arange(self.n)
+        if self.indices is not None:
+            perm = self.indices[perm]
         key = mix_seed(self.seed, self.epoch, 0xA5)
         for k in range(self.start, self.stop):
             base = k * self.global_batch + self.rank * self.local
@@ -109,9 +113,9 @@ class RunBatches(Sampler[list[tuple[int, int]]]):
     run, so its workers start once and prefetch across epoch ends."""
 
     def __init__(self, n: int, global_batch: int, steps_per_epoch: int, *, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, indices: Sequence[int] | None = None) -> None:
         self.n, self.global_batch, self.steps_per_epoch, self.seed = n, global_batch, steps_per_epoch, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.start, self.stop, self.rank, self.world, self.indices = start, stop, rank, world, indices
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
@@ -123,7 +127,7 @@ class RunBatches(Sampler[list[tuple[int, int]]]):
             first = epoch * self.steps_per_epoch
             end = min(self.steps_per_epoch, self.stop - first)
             yield from EpochBatches(self.n, self.global_batch, seed=self.seed, epoch=epoch, start=step - first,
-                                    stop=end, rank=self.rank, world=self.world)
+                                    stop=end, rank=self.rank, world=self.world, indices=self.indices)
             step = first + end
 
 

@@ -11,7 +11,9 @@ What one run does, in order:
 * optional `torch.compile` of the forward passes (`--compile`, without schedules);
 * optimisation: `optim.build_optimizer` (SGD, weight decay on conv/linear weights only) under the
   `optim.WarmupCosine` schedule, optional label smoothing, optional knowledge distillation from a
-  teacher (`optim.kd_loss`, weighted with cross-entropy), optional gradient clipping;
+  teacher (`optim.kd_loss`, weighted with cross-entropy), optional gradient clipping; or, without
+  labels, distillation alone (`distill.Distillation`: the teacher's outputs, any model), with the
+  teacher gap measured on held-out images at every validation;
 * on CUDA: mixed precision (bf16, or fp16 with a gradient scaler) and channels-last memory;
 * under torchrun: DistributedDataParallel (NCCL on GPUs, gloo on CPUs), validation sharded over
   ranks, only rank 0 prints and writes;
@@ -48,6 +50,7 @@ from ..support import distributed as D
 from ..support.fsutil import atomic_path
 from ..support.progress import StepProgress
 from .config import TrainConfig
+from .distill import Distillation, set_inference_layers
 from .hooks import Hook
 from .inputs import TrainInputs, default_workers, tensor_images_for
 from .optim import WarmupCosine, build_optimizer, carry_momentum, kd_loss
@@ -78,6 +81,7 @@ class TrainResult:
     plans: list[dict[str, Any]]
     input_path: str = "loader"  # "tensor" (images on the device), "loader" (decoded per step) or "device-decode"
     workers: int = 0
+    teacher_gap: dict[str, float | None] | None = None  # label-free distillation: {before, after}
 
     @property
     def images_per_second(self) -> float:
@@ -91,8 +95,15 @@ class Trainer:
                  val_set: Dataset[Any] | None = None, teacher: nn.Module | None = None,
                  hooks: Sequence[Hook] = (), env: D.DistEnv | None = None,
                  outputs: OutputPaths | None = None, ckpt: CheckpointInfo | None = None,
-                 log: Callable[[str], None] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None,
+                 distillation: Distillation | None = None, train_indices: Sequence[int] | None = None) -> None:
+        """`distillation` (with `teacher`): train on the distillation loss alone, no labels read
+        (`distill.Distillation`, already prepared); `train_indices`: the samples of `train_set` to
+        train on (the others held out), default all."""
         cfg.check()
+        if distillation is not None and (teacher is None or hooks):
+            raise UserError("label-free distillation trains on a teacher's outputs alone: give --teacher, and no "
+                            "--schedule (the schedules read labels or class logits)")
         self.cfg = cfg
         self.device = device
         self.env = env or D.current()
@@ -111,7 +122,7 @@ class Trainer:
         self.teacher_channels_last = self.channels_last or device.type == "cpu"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.local_batch = D.local_batch(cfg.batch_size, self.env)
-        n = len(train_set)  # type: ignore[arg-type]
+        n = len(train_indices) if train_indices is not None else len(train_set)  # type: ignore[arg-type]
         self.steps_per_epoch = n // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"the training data has {n} samples, fewer than one batch of {cfg.batch_size}; "
@@ -129,7 +140,7 @@ class Trainer:
         self.workers = cfg.workers if cfg.workers is not None else default_workers(device)
         self.inputs = TrainInputs(train_set, batch_size=cfg.batch_size, steps_per_epoch=self.steps_per_epoch,
                                   seed=cfg.seed, workers=self.workers, device=device, env=self.env,
-                                  tensor=cfg.tensor_cache, device_decode=cfg.device_decode)
+                                  tensor=cfg.tensor_cache, device_decode=cfg.device_decode, indices=train_indices)
         # --tensor-cache insists for the training data only; validation data uses it when it can.
         self.val_images = None if val_set is None else tensor_images_for(
             val_set, device=device, workers=self.workers, wanted=None if cfg.tensor_cache else cfg.tensor_cache,
@@ -138,8 +149,15 @@ class Trainer:
         # (which read the model or its gradients every step anyway).
         self._sync_every = SYNC_EVERY if device.type == "cuda" and not self.hooks else 1
         self.teacher = teacher
+        self.distillation = distillation
+        self.gap_before: float | None = None
         if teacher is not None:
-            teacher.to(device).eval()
+            teacher.to(device)
+            if distillation is not None:  # the student's training-mode outputs, inference-mode layers
+                set_inference_layers(teacher)
+                distillation.projections.to(device)
+            else:
+                teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
             if self.teacher_channels_last:
@@ -174,7 +192,10 @@ class Trainer:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        model.train()
+        if self.distillation is not None and self.distillation.frozen_statistics:
+            set_inference_layers(model)  # computes in training what it is measured on: the teacher's function
+        else:
+            model.train()
 
     def _wrap(self) -> None:
         if self.env.distributed:
@@ -189,7 +210,8 @@ class Trainer:
                 self.teacher_forward = _compiled(self.teacher)
 
     def _hook_groups(self) -> list[dict[str, Any]]:
-        return [g for h in self.hooks for g in h.param_groups(self)]
+        groups = [g for h in self.hooks for g in h.param_groups(self)]
+        return groups + (self.distillation.param_groups() if self.distillation is not None else [])
 
     def rebuild_optimizer(self) -> None:
         """A fresh optimizer for the current parameters (hooks' groups included)."""
@@ -230,6 +252,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng,
             "hooks": {h.name: h.state_dict() for h in self.hooks},
+            **({"distillation": {**self.distillation.state_dict(), "gap_before": self.gap_before}}
+               if self.distillation is not None else {}),
             "evals": list(self.evals),
             "best": self.best,
             "train_images": self.train_images,
@@ -252,6 +276,9 @@ class Trainer:
         if hooks_then != hooks_now:
             raise UserError(f"the state was saved with schedule(s) {sorted(hooks_then) or ['none']}, "
                             f"now {sorted(hooks_now) or ['none']}; use the same --schedule")
+        if ("distillation" in state) != (self.distillation is not None):
+            then = "label-free distillation" if "distillation" in state else "training on labels"
+            raise UserError(f"the state was saved by {then}; repeat the original command line with --resume")
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from `state` (the model must already have the saved weights and shapes)."""
@@ -259,6 +286,10 @@ class Trainer:
         hooks = state.get("hooks") or {}
         for h in self.hooks:
             h.load_state_dict(hooks.get(h.name) or {})
+        if self.distillation is not None:
+            self.distillation.load_state_dict(state["distillation"])
+            self.distillation.projections.to(self.device)
+            self.gap_before = state["distillation"].get("gap_before")
         self.step = int(state["step"])
         self.resumed_from = self.step
         self.scheduler.load_state_dict(state["scheduler"])
@@ -324,6 +355,8 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         for h in self.hooks:
             h.before_forward(self, x, y)
+        if self.distillation is not None:
+            return self._optimize(self._distillation_loss(x), None, y)
         with autocast(self.device, self.amp_dtype):
             logits = logits_of(self.ddp_model(x), self.model)
         logits = logits.float()
@@ -342,6 +375,22 @@ class Trainer:
             extra = h.extra_loss(self, logits, y)
             if extra is not None:
                 loss = loss + extra
+        return self._optimize(loss, logits, y)
+
+    def _distillation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The label-free loss of one batch: the student's outputs against the teacher's."""
+        assert self.distillation is not None and self.teacher is not None
+        with autocast(self.device, self.amp_dtype):
+            output = self.ddp_model(x)
+        tx = x.contiguous(memory_format=torch.channels_last) if self.teacher_channels_last and x.dim() == 4 else x
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            t_output = self.teacher_forward(tx)
+        return self.distillation.loss(self.model, self.teacher, output, t_output, self.env)
+
+    def _optimize(self, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        """Backward, the hooks' gradient reads, clipping and the optimizer step; returns the loss
+        detached (`logits`: the task output the hooks read, None in label-free distillation,
+        which has no hooks)."""
         self._last_lr = self.scheduler.apply(self.optimizer, self.step)
         if self.weights_frozen:  # a hook trains only its own parameters for now
             for g in self.optimizer.param_groups:
@@ -351,12 +400,15 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        for h in self.hooks:
-            h.after_backward(self, logits.detach(), y)
-        if cfg.grad_clip is not None:
+        if logits is not None:
+            for h in self.hooks:
+                h.after_backward(self, logits.detach(), y)
+        if self.distillation is not None:
+            self.distillation.sync_gradients(self.env)
+        if self.cfg.grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -367,18 +419,36 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, *, epoch: float, train_loss: float | None, final: bool = False) -> dict[str, Any] | None:
-        if self.val_set is None:
+    def teacher_gap(self) -> float | None:
+        """The teacher gap on the held-out images (label-free distillation; None otherwise)."""
+        if self.distillation is None or self.teacher is None:
             return None
-        bs = self.cfg.eval_batch_size or max(self.local_batch, 128)
-        result = validate(self.model, self.val_images or self.val_set, self.device, batch_size=bs, workers=self.workers,
-                          env=self.env, channels_last=self.channels_last, amp_dtype=self.amp_dtype,
-                          max_images=self.cfg.val_images)
+        return self.distillation.gap(self.model, self.teacher, self.device, batch_size=self._eval_batch(),
+                                     workers=self.workers, env=self.env, channels_last=self.channels_last,
+                                     teacher_channels_last=self.teacher_channels_last, amp_dtype=self.amp_dtype,
+                                     max_images=self.cfg.val_images)
+
+    def _eval_batch(self) -> int:
+        return self.cfg.eval_batch_size or max(self.local_batch, 128)
+
+    def evaluate(self, *, epoch: float, train_loss: float | None, final: bool = False) -> dict[str, Any] | None:
+        """Validate (top-1 on labelled --val-data) and, in label-free distillation, measure the
+        teacher gap; the best row so far (highest top-1, else lowest gap) is saved as <out>.best."""
+        gap = self.teacher_gap()
+        if self.val_set is None and gap is None:
+            return None
+        result: dict[str, Any] = {}
+        if self.val_set is not None:
+            result = validate(self.model, self.val_images or self.val_set, self.device, batch_size=self._eval_batch(),
+                              workers=self.workers, env=self.env, channels_last=self.channels_last,
+                              amp_dtype=self.amp_dtype, max_images=self.cfg.val_images)
+        if gap is not None:
+            result["teacher_gap"] = gap
         row = {"step": self.step, "epoch": round(epoch, 3), "train_loss": train_loss, "lr": self._last_lr,
                **result, "final_architecture": all(h.final_architecture for h in self.hooks), "best": False}
         # a schedule's architecture validated only at the end: that is the output, not the best of several
         only_at_end = final and self.best is None and any(not r["final_architecture"] for r in self.evals)
-        if row["final_architecture"] and not only_at_end and (self.best is None or row["top1"] > self.best["top1"]):
+        if row["final_architecture"] and not only_at_end and (self.best is None or _better(row, self.best)):
             row["best"] = True
             self.best = dict(row)
             if self.outputs is not None and self.env.is_main:
@@ -432,6 +502,13 @@ class Trainer:
         return self._progress_text()
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            if self.distillation is not None:
+                self.distillation.release()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         if self.resumed_from is None:
             torch.manual_seed(cfg.seed)
@@ -449,6 +526,8 @@ class Trainer:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
         self._wrap()
+        if self.distillation is not None and self.resumed_from is None:
+            self.gap_before = self.teacher_gap()
         progress = StepProgress("training", self.total_steps, completed=self.step, log_every=cfg.log_every,
                                 enabled=cfg.progress and self.env.is_main)
         with StopRequest() as stop, progress:
@@ -498,7 +577,16 @@ class Trainer:
                            train_seconds=self.train_seconds, resumed_from=self.resumed_from,
                            hook_summaries={h.name: h.summary() for h in self.hooks},
                            plans=[p for h in self.hooks for p in h.plans()], input_path=self.inputs.kind,
-                           workers=self.workers)
+                           workers=self.workers,
+                           teacher_gap=None if self.distillation is None else
+                           {"before": self.gap_before, "after": final["teacher_gap"] if final else None})
+
+
+def _better(row: Mapping[str, Any], best: Mapping[str, Any]) -> bool:
+    """Higher top-1 where validated on labels, else a smaller teacher gap."""
+    if "top1" in row:
+        return bool(row["top1"] > best["top1"])
+    return bool(row["teacher_gap"] < best["teacher_gap"])
 
 
 def _compiled(module: nn.Module) -> Any:

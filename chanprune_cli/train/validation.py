@@ -5,6 +5,7 @@ device until the end (no host sync per batch); a data set held as one tensor on 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,12 +22,10 @@ from .precision import autocast
 from .sampling import collate_labels
 
 
-@torch.inference_mode()
-def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: torch.device, *, batch_size: int = 256,
-             workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
-             amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
-    """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
-    env = env or D.current()
+def held_out_batches(dataset: Dataset[Any] | TensorImages, device: torch.device, *, batch_size: int, workers: int,
+                     env: D.DistEnv, max_images: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of `dataset` (or of a fixed random subset of `max_images`) in batches of
+    (images, labels), on the host for a loader, on the device for a `TensorImages`."""
     n = len(dataset)  # type: ignore[arg-type]
     chosen = list(range(n))
     if max_images is not None and max_images < n:
@@ -34,18 +33,25 @@ def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: tor
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]
         chosen = sorted(perm.tolist())
     indices = chosen[env.rank::env.world_size]
-    batches: Any
     if isinstance(dataset, TensorImages):
-        batches = (dataset.batch(torch.tensor(indices[i:i + batch_size], dtype=torch.long))
-                   for i in range(0, len(indices), batch_size))
-        label_max = [int(dataset.targets.max())] if len(dataset) else []  # every label, checked once
-    else:
-        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals if workers > 0 else None)
-        batches = iterate_with_workers(loader)
-        label_max = None  # each batch's, on the host before the transfer
-    was_training = model.training
+        return (dataset.batch(torch.tensor(indices[i:i + batch_size], dtype=torch.long))
+                for i in range(0, len(indices), batch_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_labels, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if workers > 0 else None)
+    return iterate_with_workers(loader)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: torch.device, *, batch_size: int = 256,
+             workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
+             amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
+    """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
+    env = env or D.current()
+    batches = held_out_batches(dataset, device, batch_size=batch_size, workers=workers, env=env, max_images=max_images)
+    # the labels' maximum: of every label at once for a TensorImages, else of each batch on the host
+    label_max = ([int(dataset.targets.max())] if len(dataset) else []) if isinstance(dataset, TensorImages) else None
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: some may train, others not
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct1, correct5, loss
     counted = 0
@@ -70,7 +76,8 @@ def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: tor
                                  F.cross_entropy(logits, y, reduction="sum").double()])
             counted += int(y.numel())
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     sums = torch.cat([sums.cpu(), torch.tensor([float(counted)], dtype=torch.float64)])
     D.all_reduce_sum_(sums, env)
     images = int(sums[3])
