@@ -9,11 +9,13 @@ nothing over the multiple above it); between grid points the latency is interpol
 measured points stay as measured, including a width slower than a narrower one.
 
 `LatencyModel`: the predicted latency of any plan of one channel graph, the sum of its layers'
-tables at the plan's kept widths plus the *remainder* (norms, activations, adds, pooling, layers
-without a table): the whole model's measured latency minus its layers' sum, measured at full width
-and at a thinned width, and interpolated linearly in the fraction of the rest's MACs a plan keeps
-(`Remainder`). The tables are built by measuring (`chanprune_cli.latency`); this module only reads
-them.
+tables at the plan's kept widths, times a `scale`, plus the *remainder* (norms, activations, adds,
+pooling, layers without a table): the whole model's measured latency minus its layers' scaled sum,
+measured at full width and at a thinned width, and interpolated linearly in the fraction of the
+rest's MACs a plan keeps (`Remainder`). The scale is 1 unless the tables claim more time, or more
+time saved, than the whole model measures (isolated layers timed slower than they run inside the
+model: `calibrated`); no prediction is negative. The tables are built by measuring
+(`chanprune_cli.latency`); this module only reads them.
 """
 
 from __future__ import annotations
@@ -188,11 +190,10 @@ def layer_axes(graph: ChannelGraph) -> dict[str, tuple[LayerAxis, ...]]:
 
 @dataclass(frozen=True)
 class Remainder:
-    """The rest of the model (whole measured − layers' sum) as a function of the fraction of the
-    rest's MACs a plan keeps: `full_ms` at 1, and, when measured, `thinned_ms` at `thinned_rest`;
+    """The rest of the model (whole measured − layers' scaled sum) as a function of the fraction of
+    the rest's MACs a plan keeps: `full_ms` at 1, and, when measured, `thinned_ms` at `thinned_rest`;
     linear through them (never growing as widths shrink: a thinned model measured slower is noise),
-    constant without a second point. It can be negative: a runtime that fuses norms and activations
-    into the convolutions runs the whole model faster than its layers alone."""
+    constant without a second point, and never below 0 (`calibrated` makes both points at least 0)."""
 
     full_ms: float
     thinned_ms: float | None = None
@@ -201,9 +202,36 @@ class Remainder:
     def at(self, rest: torch.Tensor | float) -> torch.Tensor:
         rest = torch.as_tensor(rest, dtype=torch.float64)
         if self.thinned_ms is None or self.thinned_rest is None or not 0 <= self.thinned_rest < 1:
-            return torch.full_like(rest, self.full_ms)
+            return torch.full_like(rest, max(0.0, self.full_ms))
         slope = max(0.0, (self.full_ms - self.thinned_ms) / (1 - self.thinned_rest))
-        return self.full_ms - slope * (1 - rest)
+        return torch.clamp(self.full_ms - slope * (1 - rest), min=0.0)
+
+
+def calibrated(full_ms: float, thinned_ms: float, layers_full: float, layers_thinned: float,
+               thinned_rest: float) -> tuple[float, Remainder]:
+    """The tables' scale and the remainder that make the prediction the whole model's measurements:
+    `full_ms` at full width (tables summing to `layers_full`) and `thinned_ms` thinned (`layers_thinned`).
+
+    The scale is the largest at most 1 that leaves the remainder at least 0 at both points and no
+    larger thinned than full: tables that sum to more than the whole model (isolated layers run
+    slower than inside it: a busy machine, other kernels, caches) or that save more time than the
+    whole model saves are scaled down to it, so predictions are never negative and differences
+    between plans are as large as the whole model measures. A thinned model measured no faster
+    than the full one (noise) leaves only the full point: the remainder is then constant."""
+    if layers_full <= 0:
+        return 1.0, Remainder(max(0.0, full_ms))
+    limits = [1.0, full_ms / layers_full]
+    thinned_counts = thinned_ms < full_ms and layers_thinned < layers_full
+    if thinned_counts:
+        if layers_thinned > 0:
+            limits.append(thinned_ms / layers_thinned)
+        limits.append((full_ms - thinned_ms) / (layers_full - layers_thinned))
+    scale = max(min(limits), 0.0)
+    if scale <= 0:  # a whole model measured at no time: nothing to scale to
+        return 1.0, Remainder(0.0)
+    if not thinned_counts:
+        return scale, Remainder(full_ms - scale * layers_full)
+    return scale, Remainder(full_ms - scale * layers_full, thinned_ms - scale * layers_thinned, thinned_rest)
 
 
 def module_macs(cost: ModuleCost, name: str, removed: Mapping[tuple[str, str], Units]) -> Units:
@@ -221,12 +249,16 @@ def module_macs(cost: ModuleCost, name: str, removed: Mapping[tuple[str, str], U
 
 
 class LatencyModel:
-    """Predicted latency (ms) of any plan of `graph`: its layers' `tables` at the kept widths plus the
-    `remainder`. Layers of the graph without a table count in the rest (their MACs scale the remainder)."""
+    """Predicted latency (ms) of any plan of `graph`: its layers' `tables` at the kept widths, times
+    `scale` (`calibrated`), plus the `remainder`. Layers of the graph without a table count in the
+    rest (their MACs scale the remainder)."""
 
-    def __init__(self, graph: ChannelGraph, tables: Mapping[str, LayerTable], remainder: Remainder) -> None:
+    def __init__(self, graph: ChannelGraph, tables: Mapping[str, LayerTable], remainder: Remainder,
+                 scale: float = 1.0) -> None:
+        if not scale > 0:
+            raise ValueError(f"a latency model's scale must be positive, got {scale}")
         axes = layer_axes(graph)
-        self.graph, self.tables, self.remainder = graph, dict(tables), remainder
+        self.graph, self.tables, self.remainder, self.scale = graph, dict(tables), remainder, scale
         self.axes: dict[str, tuple[LayerAxis, ...]] = {}
         for name, table in self.tables.items():
             if name not in axes:
@@ -267,7 +299,7 @@ class LatencyModel:
     def combine(self, layers_ms: Units, rest_macs: Units) -> torch.Tensor:
         """The prediction from the layers' sum and the rest's MACs (see `Remainder`)."""
         rest = torch.as_tensor(rest_macs, dtype=torch.float64) / self.rest_before if self.rest_before else 1.0
-        return torch.as_tensor(layers_ms, dtype=torch.float64) + self.remainder.at(rest)
+        return self.scale * torch.as_tensor(layers_ms, dtype=torch.float64) + self.remainder.at(rest)
 
     def predict(self, removed: Mapping[tuple[str, str], Units]) -> float:
         """The predicted latency with the slots `removed` (by (module, kind), as `removed_slots` counts) gone."""
@@ -330,5 +362,5 @@ def width_curve(model: LatencyModel, plan: Mapping[int, Sequence[int]], group_id
     merged: dict[tuple[str, str], Units] = {**base, **trial}
     ms = model.layers_ms(merged, [m for m in model.modules_reading(list(counts)) if m in model.tables])
     widths = [group.channels - k for k in range(len(order) + 1)]
-    values = torch.as_tensor(ms, dtype=torch.float64).expand(len(widths)).tolist()
+    values = (model.scale * torch.as_tensor(ms, dtype=torch.float64)).expand(len(widths)).tolist()
     return widths, values

@@ -8,7 +8,12 @@ and the ratio is the median of the round-by-round ratios: two runs side by side 
 the moment, so the ratio holds on a machine whose load changes. A measured ratio off the
 target by more than `tolerance` moves the budget: in proportion at first, then by the secant
 through the attempts on either side of the target (removing more when the candidate was too slow,
-giving back when it was faster than asked). At most `max_attempts` attempts; the one closest to
+giving back when it was faster than asked). A first budget below every prediction starts from the
+fastest plan predicted (the runtime may reach what the tables do not). A budget whose plan was
+timed already (the tables'
+staircase is coarser than the move) counts as measured at that plan's ratio and moves on, untimed:
+inside the bracket as above, else by a step that doubles each time (`MAX_MOVES` in all). At most
+`max_attempts` timed attempts; the one closest to
 the target is kept, and is pruned again, verified, by `prune.pruning.prune` (the allocation is
 deterministic, so it is the plan that was timed). A target that no attempt comes within `accept`
 of is a `UserError` that says how close it got and what stopped it, before anything is written.
@@ -40,6 +45,8 @@ __all__ = ["ACCEPT", "CHECK_TIMING", "TOLERANCE", "Attempt", "LatencyResult", "P
 TOLERANCE = 0.02  # a measured ratio this close to the target ends the corrections
 ACCEPT = 0.05  # the closest attempt must be at least this close, else the target is not met
 MAX_ATTEMPTS = 6
+MAX_MOVES = 12  # untimed budget moves past plans timed already
+FIRST_PUSH = 0.1  # the first such move, as a fraction of the budget (doubling)
 PAIR_TIMING = Timing(warmup=3, repeats=40, max_time=6.0)
 CHECK_TIMING = Timing(warmup=2, repeats=20, max_time=2.0)  # "never slower": every saved plan, briefly
 SLOWER = 1.05  # a measured ratio above this is slower than timing noise explains
@@ -80,10 +87,11 @@ class Attempt:
     before_ms: float
     after_ms: float
     ratio: float
+    predicted_ratio: float = 1.0  # the prediction as a fraction of the original's predicted latency
 
     def to_json(self) -> dict[str, float]:
-        return {"budget_ms": self.budget_ms, "predicted_ms": self.predicted_ms, "before_ms": self.before_ms,
-                "after_ms": self.after_ms, "ratio": self.ratio}
+        return {"budget_ms": self.budget_ms, "predicted_ms": self.predicted_ms, "predicted_ratio": self.predicted_ratio,
+                "before_ms": self.before_ms, "after_ms": self.after_ms, "ratio": self.ratio}
 
 
 @dataclass
@@ -128,43 +136,59 @@ def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int,
     latency = tables.model
     ratio = goal_ratio(goal, tables.original_ms)
     planning = dataclasses.replace(options, normalize=criterion.normalize_mode(options.normalize))
-    budget, step, repeats = ratio * latency.predict({}), 0.0, 0
+    original_ms = latency.predict({})
+    budget = ratio * original_ms
     attempts: list[Attempt] = []
     plans: list[dict[int, list[int]]] = []
-    stopped = f"{max_attempts} corrections did not come within {tolerance:g} of it (timing noise: a busy machine?)"
-    for _ in range(max_attempts):
+    known: list[Known] = []  # every budget tried: timed, or its plan timed already
+    moves, floor_tried = 0, False
+    stopped = None
+    while len(attempts) < max_attempts:
         try:
             plan = allocate(graph, scores, planning, removed=removed, latency=LatencyBudget(latency, budget)).plan
         except LatencyUnreachable as exc:
-            if not attempts:
-                raise
-            stopped = str(exc)
-            break
-        if plan in plans:  # the budget moved within one step of the staircase: move it as far again
-            repeats += 1
-            if repeats > 2 or not step:
-                stopped = "the plan stopped changing as the budget moved (every group at its floor, or the tables " \
+            if floor_tried or not exc.closest_ms < exc.original_ms:
+                if not attempts:
+                    raise
+                stopped = str(exc)
+                break
+            # the prediction cannot reach the budget, the runtime may: time the fastest plan predicted
+            floor_tried, budget = True, exc.closest_ms * (1 + 1e-9)
+            continue
+        if plan in plans:  # the budget moved within one step of the staircase: move on, untimed
+            moves += 1
+            same = attempts[plans.index(plan)]
+            known.append(Known(budget, same.predicted_ratio, same.ratio))
+            following = _next_budget(known, ratio, original_ms, push=min(FIRST_PUSH * 2 ** (moves - 1), 0.9))
+            if following is None or moves > MAX_MOVES:
+                stopped = "the attempts on either side of the target are one plan apart" if _bracket(known, ratio) else \
+                          "the plan stopped changing as the budget moved (every group at its floor, or the tables " \
                           "cannot tell the widths apart)"
                 break
-            budget += step
+            budget = following
             continue
-        repeats = 0
         timed = PairTiming(*time_candidate(pruned(model, graph, plan)))
         measured = timed.ratio if timed.ratio is not None else timed.after_ms / timed.before_ms
-        attempt = Attempt(budget, latency.predict_plan(plan), timed.before_ms, timed.after_ms, measured)
+        predicted = latency.predict_plan(plan)
+        attempt = Attempt(budget, predicted, timed.before_ms, timed.after_ms, measured,
+                          predicted / original_ms if original_ms > 0 else 1.0)
         attempts.append(attempt)
         plans.append(plan)
+        known.append(Known(budget, attempt.predicted_ratio, measured))
         if progress is not None:
             progress(f"latency attempt {len(attempts)}: {attempt.after_ms:.3g} ms vs the original's {attempt.before_ms:.3g} "
-                     f"ms: {attempt.ratio:.3f} of it (target {ratio:.3f}; predicted {attempt.predicted_ms:.3g} ms)")
+                     f"ms: {attempt.ratio:.3f} of it (target {ratio:.3f}; predicted {attempt.predicted_ratio:.3f}, "
+                     f"{attempt.predicted_ms:.3g} ms)")
         if abs(attempt.ratio - ratio) <= tolerance:
             break
-        following = _next_budget(attempts, ratio, budget)
+        following = _next_budget(known, ratio, original_ms)
         if following is None:
             stopped = "the attempts on either side of the target are one plan apart"
             break
-        budget, step = following, following - budget
+        budget = following
     best = min(attempts, key=lambda a: abs(a.ratio - ratio))
+    if stopped is None:
+        stopped = f"{max_attempts} corrections did not come within {tolerance:g} of it (timing noise: a busy machine?)"
     if abs(best.ratio - ratio) > accept:
         raise UserError(f"--target-latency {goal.describe()} was not met: the closest pruned model measured "
                         f"{best.ratio:.3f} of the original's latency ({best.after_ms:.3g} vs {best.before_ms:.3g} ms), "
@@ -175,23 +199,47 @@ def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int,
     return LatencyResult(outcome, goal, ratio, best, attempts)
 
 
-def _next_budget(attempts: Sequence[Attempt], ratio: float, budget: float) -> float | None:
-    """The budget to try next: between the closest attempts on either side of the target by their
-    secant, else scaled by target / measured (None: no move would change anything)."""
-    below = [a for a in attempts if a.ratio < ratio]
-    above = [a for a in attempts if a.ratio > ratio]
-    if below and above:
-        lo = max(below, key=lambda a: a.ratio)  # the closest on either side
-        hi = min(above, key=lambda a: a.ratio)
-        if hi.budget_ms != lo.budget_ms and hi.ratio != lo.ratio:
-            t = (ratio - lo.ratio) / (hi.ratio - lo.ratio)
-            t = min(max(t, 0.1), 0.9)  # stay inside the bracket
-            return lo.budget_ms + t * (hi.budget_ms - lo.budget_ms)
+class Known(NamedTuple):
+    """A budget tried: the predicted and measured ratios of its plan (timed then, or before)."""
+
+    budget_ms: float
+    predicted: float
+    measured: float
+
+
+def _bracket(known: Sequence[Known], ratio: float) -> tuple[Known, Known] | None:
+    """The largest budget known to measure faster than the target and the smallest known to measure
+    slower (None: the target is not between two known budgets yet)."""
+    below = [k for k in known if k.measured < ratio]
+    above = [k for k in known if k.measured > ratio]
+    if not below or not above:
         return None
-    last = attempts[-1]
-    if last.ratio <= 0:
-        return None
-    return budget * ratio / last.ratio
+    return max(below), min(above)
+
+
+def _next_budget(known: Sequence[Known], ratio: float, original_ms: float, push: float | None = None) -> float | None:
+    """The budget to try after the last of `known`: inside the bracket around the target by the
+    secant through its ends; else, when the last budget gave a plan timed already, moved by the
+    fraction `push`; else the time the last plan saved, as predicted, scaled by the saving asked
+    over the saving measured (the prediction's range need not be the runtime's). None: no move
+    would change anything."""
+    bracket = _bracket(known, ratio)
+    if bracket is not None:
+        lo, hi = bracket
+        if hi.budget_ms - lo.budget_ms <= 1e-6 * max(abs(hi.budget_ms), 1e-9) or hi.measured == lo.measured:
+            return None
+        t = (ratio - lo.measured) / (hi.measured - lo.measured)
+        t = min(max(t, 0.1), 0.9)  # stay inside the bracket
+        return lo.budget_ms + t * (hi.budget_ms - lo.budget_ms)
+    last = known[-1]
+    if push is not None:
+        return last.budget_ms * (1 - push) if last.measured > ratio else last.budget_ms * (1 + push)
+    if last.measured >= 1 or last.predicted >= 1:  # nothing saved to scale: in proportion to the budget
+        return last.budget_ms * ratio / last.measured if last.measured > 0 else None
+    predicted = 1 - (1 - ratio) * (1 - last.predicted) / (1 - last.measured)
+    if last.measured < ratio:  # giving back: at most half of what the last plan saved
+        predicted = min(predicted, (1 + last.predicted) / 2)
+    return max(predicted, 0.0) * original_ms
 
 
 def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget, ratio: float | None = None) -> str | None:

@@ -59,14 +59,20 @@ def latency_record(target: LatencyTarget, before_ms: float, after_ms: float, rat
                    tables: LatencyTables | None,
                    plan: Mapping[int, Sequence[int]], result: LatencyResult | None) -> dict[str, Any]:
     """The prune report's `latency`: where it was timed, the original and pruned medians (interleaved)
-    and the measured ratio (`correction.PairTiming`), and, with tables, the prediction for the plan;
+    and the measured ratio (`correction.PairTiming`), and, with tables, the prediction for the plan
+    (in ms as the tables' whole-model timing saw the machine, and as a fraction of the original's
+    prediction: what compares with the measured ratio when the machine's load has changed since);
     with a latency target, the attempts."""
+    predicted = tables.model.predict_plan(plan) if tables is not None else None
     record: dict[str, Any] = {**target.to_json(), "before_ms": before_ms, "after_ms": after_ms,
-                              "ratio": ratio,
-                              "predicted_ms": tables.model.predict_plan(plan) if tables is not None else None}
+                              "ratio": ratio, "predicted_ms": predicted}
     if tables is not None:
+        original = tables.model.predict({})
+        record["predicted_ratio"] = float(predicted or 0.0) / original if original > 0 else None
         record["tables"] = {"layers": tables.layers, "timed": tables.measured, "cached": tables.cached,
-                            "seconds": round(tables.seconds, 3), "cache": tables.cache, "without_table": tables.rest}
+                            "seconds": round(tables.seconds, 3), "cache": tables.cache, "without_table": tables.rest,
+                            "original_ms": tables.original_ms, "thinned_ms": tables.thinned_ms,
+                            "scale": tables.model.scale}
     if result is not None:
         record["target_ratio"] = result.goal_ratio
         record["attempts"] = [a.to_json() for a in result.attempts]
