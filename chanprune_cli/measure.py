@@ -229,6 +229,13 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     return int(_flop_analysis(model, input_shape).total())
 
 
+def macs_by_module(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs of every module, containers included ("" is the whole model), by qualified name: what
+    each spent on one input of shape `input_shape` (fvcore), all its calls together."""
+    by_module = _flop_analysis(model, input_shape).by_module()
+    return {name: int(by_module.get(name, 0)) for name, _ in model.named_modules()}
+
+
 def per_module_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """MACs of every leaf module, by qualified name (0 for leaves fvcore does not count).
 

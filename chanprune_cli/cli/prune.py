@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import UserError
+from ..errors import GateFailed, UserError
 from . import options as opt
 from .app import app
 from .configfiles import prefer_flags
@@ -84,6 +84,7 @@ def prune(
     plot: Annotated[Optional[str], typer.Option("--plot", metavar="PNG", help="Draw the latency-vs-width staircase of the costliest layer groups with the plan's widths (.png, .svg or .pdf; needs matplotlib; times the latency tables when --target-latency did not).", rich_help_panel=opt.OUTPUT_PANEL, show_default=False)] = None,
     model: opt.ModelOptions = opt.MODEL,
     data: opt.DataOptions = opt.DATA,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 3 when --target-flops is missed by more than a point of the MACs (the output and the report are still written; without it, a warning says by how much and what stopped it).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan (per-layer widths, params, MACs; verified, with BN recalibration and top-1 as asked) and write nothing: no --out file, no .chanprune/last.json entry; the report and --json still are.", rich_help_panel=opt.OUTPUT_PANEL)] = False,
     outputs: opt.Outputs = opt.OUTPUTS,
     config: opt.ConfigOpt = None,
@@ -127,6 +128,8 @@ def prune(
                          "criterion": result.criterion.name, "out": absolute(result.output)})
         record_model("prune", ckpt, result.output)
     report.show(result, outputs.json_report)
+    if strict and result.target_missed is not None:
+        raise GateFailed(result.target_missed)
 
 
 def _from_last_score(ckpt: str | None, criterion: str | None, scores_path: str | None) -> dict[str, Any] | None:

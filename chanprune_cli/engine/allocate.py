@@ -320,7 +320,10 @@ def _check_scores(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], alive
 
 class MacsEstimator:
     """MACs as a function of the kept channels: conv/linear layers and norms, as fvcore counts them
-    (`measure.count_macs`; its pooling and upsampling, under 1 % on torchvision's models, are not)."""
+    (`measure.count_macs`; its pooling and upsampling, under 1 % on torchvision's models, are not).
+    A layer whose work depends on the input (a detector's heads, a layer called once per feature
+    level) costs what the graph's trace saw on its last call until the costs are fitted to the
+    original's counted workload (`prune.workload.fit_costs`, which `prune` does before allocating)."""
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph

@@ -35,6 +35,9 @@ class VerifyResult:
     by_layers: bool = False  # outputs differ only through discontinuous post-processing (see verify)
     scale: float = 0.0  # max |masked original output|: the tolerance is rtol * max(1, scale)
     failure: str | None = None  # the pruned model could not run: the error (worst_layer: the module it came from)
+    # "empty" | "constant" when the masked original's outputs were (a detector with no detections on
+    # the random input): equal outputs then prove nothing, the layers compared one by one do
+    outputs_degenerate: str | None = None
 
     @property
     def relative_diff(self) -> float:
@@ -305,4 +308,14 @@ def verify(original: nn.Module, graph: ChannelGraph, plan: Plan, pruned: nn.Modu
     layers_ok = layers.worst is None
     by_layers = not passed and layers_ok and _compare(flatten_outputs(ref_again), flatten_outputs(substituted), rtol)[2]
     return VerifyResult(diff, tolerance, (passed and layers_ok) or by_layers, len(ref_out), layers.compared,
-                        None if layers_ok else layers.worst[1], by_layers, scale)
+                        None if layers_ok else layers.worst[1], by_layers, scale, outputs_degenerate=_degenerate(ref_out))
+
+
+def _degenerate(outputs: Sequence[torch.Tensor]) -> str | None:
+    """"empty" when no output holds a value, "constant" when every value is one number, else None."""
+    values = [t.reshape(-1) for t in outputs if t.numel()]
+    if not values:
+        return "empty"
+    if all(bool((v == values[0][0]).all()) for v in values):
+        return "constant"
+    return None

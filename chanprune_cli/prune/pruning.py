@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +20,9 @@ from ..engine.points import rescale_channels
 from ..engine.scores import channel_scales
 from ..engine.surgery import Plan, VerifyResult, prune_model, verify
 from ..errors import ChanpruneError
-from ..measure import count_params, per_module_macs
+from ..measure import count_params
 from .scoring import ResolvedCriterion, recorded_criterion
+from .workload import CountedWork, count_work, fit_costs, on_reference_workload
 
 
 @dataclass
@@ -40,26 +40,26 @@ class PruneOutcome:
 
 @dataclass
 class Workload:
-    """The conv/linear layers whose MACs after pruning are not what their kept channels explain:
-    the model ran them on a different number of positions (a detector's region proposals depend
-    on its weights), so `after["macs"]` counts another workload than `before["macs"]`.
-    `macs_same_workload`: the pruned model's MACs on the original's workload (each such layer's
-    MACs before, scaled by its kept channels)."""
+    """How the MACs of a model whose work depends on its input compare: `before` and `after` count
+    both models on the original's workload (`original`, see `prune.workload`); `own` counts the
+    pruned model on its own (its own proposals and detections), and `changed` names the layers
+    whose work differs there (layer, own MACs / MACs on the original's workload)."""
 
-    changed: list[tuple[str, float]]  # (layer, measured / expected MACs), most changed first
-    macs_same_workload: int
+    original: CountedWork
+    changed: list[tuple[str, float]]
+    own: CountedWork
 
 
-def snapshot(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
-    """Totals (params, MACs) and the conv/linear layers with channel counts, params and MACs."""
-    macs = per_module_macs(model, input_shape)
+def snapshot(model: nn.Module, work: CountedWork) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Totals (params, MACs) and the conv/linear layers with channel counts, params and MACs, the
+    MACs as `work` counted them."""
     rows = {}
     for name, m in model.named_modules():
         shape = layer_shape(m)  # the layer rules say which modules are conv/linear layers
         if shape is not None and shape.kind in ("conv", "linear"):
             rows[name] = {"name": name, "type": type(m).__name__, "in": shape.in_channels, "out": shape.out_channels,
-                          "groups": shape.groups, "params": count_params(m), "macs": macs.get(name, 0)}
-    return {"params": count_params(model), "macs": sum(macs.values())}, rows
+                          "groups": shape.groups, "params": count_params(m), "macs": work.macs.get(name, 0)}
+    return {"params": count_params(model), "macs": work.total}, rows
 
 
 def plan_record(graph: ChannelGraph, allocation: Allocation, criterion: str) -> dict[str, Any]:
@@ -108,7 +108,8 @@ def normalize_mode(choice: str, criterion: str, options: Mapping[str, Any] | Non
 def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tensor], input_shape: Sequence[int], *,
           criterion: str | ResolvedCriterion, options: AllocationOptions,
           criterion_options: Mapping[str, Any] | None = None, removed: Mapping[int, Sequence[int]] | None = None,
-          check: bool = True, rescale: bool = True, latency: LatencyBudget | None = None) -> PruneOutcome:
+          check: bool = True, rescale: bool = True, latency: LatencyBudget | None = None,
+          work: CountedWork | None = None) -> PruneOutcome:
     """Prune a copy of `model` by `scores`, allocated as `options` say; the original is left untouched.
 
     Scores that carry per-channel factors (White-Box's BN rescale, `criteria.base.channel_scales`)
@@ -122,14 +123,20 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
     made with; it settles `options.normalize` "auto" (`ResolvedCriterion.normalize_mode`).
     `removed` are channels chosen by earlier rounds (`rounds.score_in_rounds`), kept in the plan.
     `latency`: the predicted milliseconds an `options.target_latency` plan must fit (`chanprune_cli.latency`).
+    `work`: the original's MACs on the example input (`workload.count_work`; counted here when not
+    given); `graph`'s costs are fitted to it (`workload.fit_costs`) before allocating. The MACs
+    before and after compare on that workload (`PruneOutcome.workload` says how, where it matters).
     """
     if not isinstance(criterion, ResolvedCriterion):
         criterion = recorded_criterion(criterion, criterion_options)
     refuse_nonfinite(model, "prune")
     normalize = criterion.normalize_mode(options.normalize)
+    if work is None:
+        work = count_work(model, input_shape)
+    fit_costs(graph, work)
     allocation = allocate(graph, scores, dataclasses.replace(options, normalize=normalize), removed=removed,
                           latency=latency)
-    before, before_layers = snapshot(model, input_shape)
+    before, before_layers = snapshot(model, work)
     scales = channel_scales(scores) if rescale else {}
     source = model
     if scales:
@@ -137,7 +144,7 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         rescale_channels(source, graph, scales)
     pruned, result = pruned_copy(source, graph, allocation.plan, input_shape, check=check)
     approximations = graph.approximations(allocation.plan)
-    after, after_layers = snapshot(pruned, input_shape)
+    after, after_layers, workload = _after(model, work, pruned, input_shape)
     layers = [{"name": n, "type": b["type"], "in_before": b["in"], "out_before": b["out"],
                "in_after": after_layers[n]["in"], "out_after": after_layers[n]["out"],
                "params_before": b["params"], "params_after": after_layers[n]["params"],
@@ -148,24 +155,17 @@ def prune(model: nn.Module, graph: ChannelGraph, scores: Mapping[int, torch.Tens
         record["channel_rescale"] = True
     if approximations:
         record["approximate"] = approximations
-    return PruneOutcome(pruned, allocation, result, before, after, layers, record, approximations,
-                        workload_check(before, before_layers, after_layers))
+    return PruneOutcome(pruned, allocation, result, before, after, layers, record, approximations, workload)
 
 
-def workload_check(before: Mapping[str, int], before_layers: Mapping[str, Mapping[str, Any]],
-                   after_layers: Mapping[str, Mapping[str, Any]]) -> Workload | None:
-    """None when every conv/linear layer's MACs changed exactly as its kept channels say (removing
-    channels leaves spatial sizes alone); else the layers that did not (see `Workload`)."""
-    changed, excess = [], 0
-    for name, b in before_layers.items():
-        a = after_layers.get(name)
-        if a is None or not b["macs"] or not (b["in"] and b["out"] and a["in"] and a["out"]):
-            continue
-        expected = b["macs"] * (a["out"] * a["in"] / a["groups"]) / (b["out"] * b["in"] / b["groups"])
-        excess += b["macs"] - expected
-        if abs(a["macs"] - expected) > 0.01 * expected + 1:
-            changed.append((name, a["macs"] / expected))
-    if not changed:
-        return None
-    changed.sort(key=lambda item: -abs(math.log(max(item[1], 1e-12))))
-    return Workload(changed, int(round(before["macs"] - excess)))
+def _after(original: nn.Module, work: CountedWork, pruned: nn.Module, input_shape: Sequence[int]
+           ) -> tuple[dict[str, int], dict[str, dict[str, Any]], Workload | None]:
+    """The pruned model's totals and layers; counted on the original's workload (and the `Workload`
+    said) when that differs from its own or the model is a two-stage detector."""
+    own = count_work(pruned, input_shape, nominal=False)
+    matched = on_reference_workload(original, work, pruned, own.macs)
+    if not (matched.changed or work.detector or work.nominal is not None):
+        return snapshot(pruned, own) + (None,)
+    on_original = CountedWork({**own.macs, **{k: int(round(v)) for k, v in matched.leaves.items()}, "": matched.total})
+    totals, rows = snapshot(pruned, on_original)
+    return totals, rows, Workload(work, matched.changed, own)

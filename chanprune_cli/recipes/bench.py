@@ -21,6 +21,7 @@ from ..data import make_loader
 from ..deploy import benchmark
 from ..deploy.runtimes import RUNTIMES, LatencyTarget, Timing, interleaved_runs
 from ..errors import UserError
+from ..prune.workload import count_work, on_reference_workload
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from .opening import ModelOptions, OpenedModel, open_model
@@ -147,6 +148,7 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
     for i, (path, model) in enumerate(zip(checkpoints, opened)):
         with _status(f"counting MACs of model {i + 1}/{n}: {path}"):
             results.append(benchmark.describe(model.loaded, path, model.input_shape))
+    _on_reference_workload(results, [m.model for m in opened], opened[0].input_shape)
     data_info: dict[str, Any] | None = None
     if first_loader is not None:
         for i, (result, model) in enumerate(zip(results, opened)):
@@ -166,6 +168,28 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
                                                  **o.deployment.to_json(dev), "runtime": o.runtime,
                                                  "interleaved": True},
         gate_batch=_gate_batch(o), data=data_info, seed=o.data.seed, plot=o.plot, warnings=slower)
+
+
+def _on_reference_workload(results: list[benchmark.ModelResult], models: Sequence[torch.nn.Module],
+                           shape: tuple[int, ...]) -> None:
+    """The MACs of models whose work depends on their input (a detector's proposals and detections)
+    counted on the reference's workload, as `prune` counts them, and said in one line each."""
+    if len(models) < 2:
+        return
+    with _status("counting the MACs on the reference's workload"):
+        work = count_work(models[0], shape)
+        counted = []
+        for model in models[1:]:
+            own = count_work(model, shape, nominal=False)
+            counted.append((own, on_reference_workload(models[0], work, model, own.macs)))
+    if not (work.detector or work.nominal is not None or any(matched.changed for _, matched in counted)):
+        return
+    results[0].macs = work.total
+    statement = work.statement().replace("the original's", "the reference's")
+    for result, (own, matched) in zip(results[1:], counted):
+        result.macs = matched.total
+        warn(f"{result.path}: MACs counted {statement}: {matched.total:,} (its own workload: {own.total:,}), "
+             f"the reference's {work.total:,}")
 
 
 def _gate_batch(o: BenchOptions) -> int:

@@ -18,7 +18,7 @@ from ..data import make_loader
 from ..deploy.runtimes import LatencyTarget
 from ..engine.allocate import AllocationOptions, unmatched_layer_ratios
 from ..engine.graph import ChannelGraph, build_graph, match_ignored
-from ..engine.latency import LatencyBudget, LatencyGoal
+from ..engine.latency import LatencyBudget, LatencyGoal, module_macs
 from ..engine.scores import Scores
 from ..engine.surgery import VerifyResult
 from ..errors import UserError
@@ -39,6 +39,7 @@ from ..prune.scoring import (
     recorded_criterion,
     resolve_criterion,
 )
+from ..prune.workload import CountedWork, count_work, fit_costs
 from ..support.device import resolve_device
 from ..support.fsutil import check_output
 from ..support.progress import batches_total, progress_bar
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 __all__ = ["AllocationOptions", "PruneOptions", "PruneResult", "prune_checkpoint"]
+
+TARGET_SLACK = 0.01  # --target-flops met within a point of the MACs
 
 
 @dataclass(frozen=True)
@@ -138,14 +141,15 @@ class PruneResult:
     dry_run: bool = False
     # why the result is not exact (--through-layernorm removals): measured, not proven; empty when exact
     approximations: list[str] = field(default_factory=list)
-    # set when MACs before and after count different workloads (a detector's proposals): which layers,
-    # and the pruned model's MACs on the original's workload
+    # set when the MACs depend on the input (a detector's proposals and detections): the original's
+    # workload, on which before and after are counted, and the pruned model's MACs on its own
     macs_workload: dict[str, Any] | None = None
     # runtime, device, batch, threads, before_ms, after_ms, predicted_ms (see latency.steps.latency_record)
     latency: dict[str, Any] | None = None
     staircases: list[dict[str, Any]] | None = None  # with --plot: latency vs width of the costliest groups
     plot: str | None = None  # where the caller draws them (report/plots.py)
     warnings: list[str] = field(default_factory=list)  # e.g. a pruned model slower than the original
+    target_missed: str | None = None  # --target-flops not met within a point: by how much, and what stopped it
 
 
 @recipe_entry
@@ -180,6 +184,9 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
     model, shape = opened.model.eval(), opened.input_shape
     check_batch(model, shape, target.batch)
     graph = _channel_graph(model, shape, allocation, o.through_layernorm)
+    with _busy("counting the original's MACs"):
+        work = count_work(model, shape)
+    fit_costs(graph, work)  # the allocation plans on the original's workload
     # opened before the slow steps: validation labels the model cannot output fail here
     validation = None if o.val_data is None else _validation_loader(opened, o.val_data, o.val_images, o.data)
 
@@ -193,12 +200,13 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
             tables = build_tables(model, graph, shape, target, say)
     channel_scores, removed = _scores(o, opened, graph, resolved, allocation, batches, dev, _first_budget(allocation, tables))
     outcome, latency, warnings = _prune(model, graph, channel_scores, shape, resolved, allocation, removed, o.verify,
-                                        target, tables)
+                                        target, tables, work)
     accuracy = _accuracy_and_recalibration(model, outcome.model, batches, data, validation, o.recalibrate_bn, dev)
     if validation is not None and o.val_images is not None:
         accuracy["val_images"] = len(validation.dataset)  # type: ignore[arg-type]
     checked = None if outcome.verify is None else _verify_record(outcome.verify, outcome.approximations)
     workload = _warn_about(outcome, checked)
+    missed = _target_missed(allocation, outcome, graph)
     by_id = {g.id: g.name for g in graph.groups}
     layer_ratios = {"patterns": allocation.layer_ratio,
                     "groups": {by_id[gid]: r for gid, r in outcome.allocation.layer_ratios.items()}} \
@@ -217,7 +225,7 @@ def prune_checkpoint(checkpoint: str, options: PruneOptions) -> PruneResult:
     return PruneResult(checkpoint, None if o.dry_run else out, resolved, allocation.normalize, allocation.rounds,
                        outcome.allocation.requested, layer_ratios, outcome.before, outcome.after, outcome.layers, checked,
                        blocked, accuracy or None, o.data.seed, outcome.model, o.dry_run, outcome.approximations, workload,
-                       latency, curves, o.plot, warnings)
+                       latency, curves, o.plot, warnings, missed)
 
 
 def _first_budget(allocation: AllocationOptions, tables: LatencyTables | None) -> LatencyBudget | None:
@@ -230,7 +238,7 @@ def _first_budget(allocation: AllocationOptions, tables: LatencyTables | None) -
 
 def _prune(model: nn.Module, graph: ChannelGraph, scores: Scores, shape: tuple[int, int, int], resolved: ResolvedCriterion,
            allocation: AllocationOptions, removed: dict[int, list[int]], verify: bool, target: LatencyTarget,
-           tables: LatencyTables | None) -> tuple[pruning.PruneOutcome, dict[str, Any], list[str]]:
+           tables: LatencyTables | None, work: CountedWork) -> tuple[pruning.PruneOutcome, dict[str, Any], list[str]]:
     """The verified pruning, its latency record (timed against the original on `target`), and a
     warning when it runs slower than the original."""
     result: LatencyResult | None = None
@@ -248,7 +256,7 @@ def _prune(model: nn.Module, graph: ChannelGraph, scores: Scores, shape: tuple[i
     else:
         with _busy(busy):
             outcome = pruning.prune(model, graph, scores, shape, criterion=resolved, options=allocation, removed=removed,
-                                    check=verify)
+                                    check=verify, work=work)
         with _busy(f"timing the pruned model against the original on {target.runtime}"):
             before_ms, after_ms, ratio = timer(outcome.model)
     warning = slower_warning(before_ms, after_ms, target, ratio)
@@ -321,16 +329,54 @@ def _warn_about(outcome: pruning.PruneOutcome, checked: dict[str, Any] | None) -
                     else "not measured: --no-verify")
         warn(f"the pruned model is approximate: removing channels behind a LayerNorm changed its statistics ({measured}); "
              "re-estimate BatchNorm statistics (--data, --recalibrate-bn) and fine-tune it (chanprune finetune) before use")
+    if checked is not None and checked.get("outputs") is not None and not checked.get("layers_compared"):
+        warn(f"verification compared only {checked['outputs']} outputs (no detections on the random input) and no "
+             "layer output: it proves nothing about this model; check the pruned model on inputs it detects in")
     if outcome.workload is None:
         return None
-    workload = _workload_record(outcome.workload, outcome.before["macs"])
-    name, factor = outcome.workload.changed[0]
-    warn(f"this model's MACs depend on its input: after pruning {len(outcome.workload.changed)} layer(s) ran on a "
-         f"different number of positions (e.g. {name}: {factor:.2f}x the MACs its kept channels explain; a "
-         "detector's region proposals change with its weights), so 'MACs after' counts another workload. On the "
-         f"original's workload the pruned model has {workload['macs_after']:,} MACs "
-         f"(-{workload['macs_reduction_pct']:.1f} %); parameters compare exactly")
+    workload = _workload_record(outcome.workload, outcome.before["macs"], outcome.after["macs"])
+    if outcome.workload.changed:
+        name, factor = outcome.workload.changed[0]
+        warn(f"this model's MACs depend on its input: after pruning {len(outcome.workload.changed)} layer(s) ran on a "
+             f"different number of positions (e.g. {name}: {factor:.2f}x the MACs its kept channels explain; a "
+             f"detector's region proposals change with its weights). Before and after are counted "
+             f"{outcome.workload.original.statement()}: {workload['macs_after']:,} MACs after pruning "
+             f"({-workload['macs_reduction_pct']:+.1f} %); on its own workload the pruned model counts "
+             f"{workload['own_macs_after']:,} ({-workload['own_macs_reduction_pct']:+.1f} %)")
     return workload
+
+
+def _target_missed(allocation: AllocationOptions, outcome: pruning.PruneOutcome, graph: ChannelGraph) -> str | None:
+    """--target-flops not met within a point: a warning line saying by how much and what stopped it
+    (None: met, or another target)."""
+    target = allocation.target_flops
+    before, after = outcome.before["macs"], outcome.after["macs"]
+    if target is None or not before:
+        return None
+    achieved = 1 - after / before
+    if achieved >= target - TARGET_SLACK:
+        return None
+    costed = _costed_macs(graph)
+    planned = 1 - outcome.allocation.estimated_macs_after / outcome.allocation.estimated_macs_before \
+        if outcome.allocation.estimated_macs_before else 0.0
+    uncosted = 1 - costed / before
+    if planned >= target - TARGET_SLACK and uncosted > 0:
+        why = (f"the plan removes {planned:.1%} of the MACs the channel graph costs, but {uncosted:.1%} of the model's "
+               f"MACs are in modules it does not cost (pooling, upsampling, ops outside layers)")
+    else:
+        blocked = [g.name for g in graph.groups if not g.prunable]
+        why = (f"the allocation stopped at {planned:.1%}: the channel groups' --min-keep {allocation.min_keep:g} and "
+               f"--round-to {allocation.round_to} floors" + (f", and {len(blocked)} group(s) kept whole (e.g. "
+                                                             f"{blocked[0]}; see chanprune analyze)" if blocked else ""))
+    text = (f"--target-flops {target:g} missed: {achieved:.1%} of the MACs removed, {100 * (target - achieved):.1f} points "
+            f"short; {why}")
+    warn(text)
+    return text
+
+
+def _costed_macs(graph: ChannelGraph) -> int:
+    """The original's MACs in the modules the channel graph costs (fitted to the original's workload)."""
+    return sum(int(module_macs(cost, name, {})) for name, cost in graph.costs.items())
 
 
 def _history_entry(o: PruneOptions, resolved: ResolvedCriterion, allocation: AllocationOptions,
@@ -352,10 +398,17 @@ def _history_entry(o: PruneOptions, resolved: ResolvedCriterion, allocation: All
     return entry
 
 
-def _workload_record(workload: pruning.Workload, macs_before: int) -> dict[str, Any]:
-    return {"changed_layers": {name: round(factor, 4) for name, factor in workload.changed},
-            "macs_after": workload.macs_same_workload,
-            "macs_reduction_pct": round(100 * (1 - workload.macs_same_workload / macs_before), 2) if macs_before else 0.0}
+def _workload_record(workload: pruning.Workload, macs_before: int, macs_after: int) -> dict[str, Any]:
+    """`macs_workload` in the JSON and the history: the workload both counts are on, and the pruned
+    model's MACs on its own workload beside them."""
+    def pct(after: int) -> float:
+        return round(100 * (1 - after / macs_before), 2) if macs_before else 0.0
+
+    return {**workload.original.record(),
+            "changed_layers": {name: round(factor, 4) for name, factor in workload.changed},
+            "macs_after": macs_after, "macs_reduction_pct": pct(macs_after),
+            "own_macs_after": workload.own.total, "own_macs_reduction_pct": pct(workload.own.total),
+            "own_proposals": workload.own.proposals, "own_detections": workload.own.detections}
 
 
 def _check_scores_layernorm(path: str, scored: bool, pruning: bool) -> None:
@@ -371,7 +424,8 @@ def _check_scores_layernorm(path: str, scored: bool, pruning: bool) -> None:
 def _verify_record(result: VerifyResult, approximations: Sequence[str]) -> dict[str, Any]:
     """The verification as reports and histories record it (`relative_diff`: see VerifyResult)."""
     return {"max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "passed": result.passed,
-            "approximate": bool(approximations), "relative_diff": result.relative_diff}
+            "approximate": bool(approximations), "relative_diff": result.relative_diff,
+            "outputs": result.outputs_degenerate, "layers_compared": result.layers_compared}
 
 
 def _validation_loader(opened: OpenedModel, source: str, images: int | None, data: DataOptions) -> DataLoader:

@@ -32,6 +32,11 @@ def _reduction(before: int, after: int) -> float:
     return round(100.0 * (1 - after / before), 4) if before else 0.0
 
 
+def _change(before: int, after: int) -> str:
+    """The change from `before` to `after` in percent with one sign: "-6.9 %", "+64.4 %"."""
+    return f"{-_reduction(before, after):+.1f} %"
+
+
 def document(result: PruneResult) -> dict[str, Any]:
     """The JSON document of `chanprune prune`."""
     before, after = result.before, result.after
@@ -62,6 +67,7 @@ def document(result: PruneResult) -> dict[str, Any]:
         "macs_workload": result.macs_workload,  # null unless the MACs depend on the input
         "latency": result.latency,
         "warnings": result.warnings,
+        "target_missed": result.target_missed,
         "plot": result.plot,
     })
     return json_document("prune", body, seed=result.seed)
@@ -82,10 +88,19 @@ def render(result: PruneResult, console: Console) -> None:
                       f"{human_count(r['macs_before'])} → {human_count(r['macs_after'])}", style="" if changed else "dim")
     print_table(console, table)
     console.print(f"requested  {', '.join(f'{k} {v:g}' for k, v in result.requested.items())}")
-    console.print(f"params     {before['params']:,} → {after['params']:,} "
-                  f"(-{_reduction(before['params'], after['params']):.1f} %)")
+    console.print(f"params     {before['params']:,} → {after['params']:,} ({_change(before['params'], after['params'])})")
+    workload = result.macs_workload
+    statement = f", {escape(workload['statement'])}" if workload is not None else ""
     console.print(f"MACs       {human_count(before['macs'])} → {human_count(after['macs'])} "
-                  f"(-{_reduction(before['macs'], after['macs']):.1f} %, fvcore)")
+                  f"({_change(before['macs'], after['macs'])}, fvcore{statement})")
+    if workload is not None:
+        own = f"{workload['own_proposals']} proposals, " if workload.get("own_proposals") is not None else ""
+        own += f"{workload['own_detections']} detections, " if workload.get("own_detections") is not None else ""
+        console.print(f"[dim]note       on its own workload ({own}as the example input drives it) the pruned model "
+                      f"counts {human_count(workload['own_macs_after'])} "
+                      f"({_change(before['macs'], workload['own_macs_after'])}); not comparable with the line above[/dim]")
+    if result.target_missed is not None:
+        console.print(f"[yellow]target     {escape(result.target_missed)}[/yellow]")
     _render_verify(result.verify, console)
     if result.latency is not None:
         _render_latency(result.latency, console)
@@ -129,6 +144,12 @@ def _render_verify(verify: dict[str, Any] | None, console: Console) -> None:
         mark = "[green]passed[/green]" if verify["passed"] else "[red]FAILED[/red]"
         console.print(f"verify     {mark}: max |pruned − masked original| = {verify['max_abs_diff']:.2e} "
                       f"(tolerance {verify['tolerance']:.1e}, float64)")
+        if verify.get("outputs") is not None:
+            layers = verify.get("layers_compared") or 0
+            proof = (f"the proof is the {layers} layer outputs compared one by one on the same input" if layers else
+                     "[yellow]no layer output was compared: this proves nothing[/yellow]")
+            console.print(f"           the model's outputs were {verify['outputs']} on the random input "
+                          f"(no detections); {proof}")
 
 
 def _render_accuracy(accuracy: dict[str, Any], console: Console) -> None:
