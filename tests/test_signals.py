@@ -1,8 +1,9 @@
 """CNNs that do not take RGB images, through the real command line: a torchcrepe-like pitch CNN
 (Conv1d layers on N×1024 audio frames, 360 sigmoid outputs) and a two-channel Conv1d classifier
-(N×2×256) are analysed, pruned, exported and benchmarked with their own input shapes (`--input-shape
-L` and `C,L`), on NumPy arrays used as given: no 0-255 scaling or warning, no image statistics, no
-resizing, and the normalisation used recorded in the JSON.
+(N×2×256) are analysed, pruned, fine-tuned (with the loss their outputs call for: `--loss`),
+exported and benchmarked with their own input shapes (`--input-shape L` and `C,L`), on NumPy arrays
+used as given: no 0-255 scaling or warning, no image statistics, no resizing, and the normalisation
+used recorded in the JSON.
 
 The models are written to the test's working directory and imported as `pkg.mod:factory`; nothing
 is downloaded."""
@@ -16,10 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from chanprune_cli.cli import app
 from chanprune_cli.data import open_dataset
+from chanprune_cli.errors import UserError
+from chanprune_cli.train.losses import TaskLoss, choose_loss
 
 runner = CliRunner()
 
@@ -97,9 +101,12 @@ def models(tmp_path: Path) -> dict[str, Path]:
     torch.save(namespace["pitch"]().state_dict(), "pitch.pt")
     torch.save(namespace["two_channel"]().state_dict(), "series.pt")
     rng = np.random.default_rng(0)
-    # audio frames: floats far beyond 0-1 (they are not images), pitch-bin labels
-    np.savez("frames.npz", x=(3 * rng.standard_normal((48, 1024))).astype(np.float32),
-             y=rng.integers(0, 360, 48))
+    # audio frames: a tone of one of 8 pitches each (pitch bin 45 k), with noise; floats far beyond
+    # 0-1 (they are not images)
+    pitch = np.arange(64) % 8
+    t = np.arange(1024) / 1024
+    tones = 3 * np.sin(2 * np.pi * (8 + 6 * pitch[:, None]) * t + rng.uniform(0, 6.3, (64, 1)))
+    np.savez("frames.npz", x=(tones + 0.3 * rng.standard_normal((64, 1024))).astype(np.float32), y=45 * pitch)
     np.savez("series.npz", x=rng.standard_normal((40, 2, 256)).astype(np.float32), y=np.arange(40) % 4)
     return {"pitch": Path("pitch.pt"), "series": Path("series.pt")}
 
@@ -108,7 +115,7 @@ def test_a_pitch_cnn_on_audio_frames_prunes_exports_and_benches(models: dict[str
     arch = ("--arch", "signal_nets:pitch")
     analyzed = json.loads(ok(cli("analyze", "pitch.pt", *arch, "--data", "frames.npz", "--json", "-")).stdout)
     assert analyzed["input_shape"] == [1024]  # taken from the frames: N×1024 arrays take --input-shape 1024
-    assert analyzed["accuracy"]["images"] == 48 and analyzed["warnings"] == []
+    assert analyzed["accuracy"]["images"] == 64 and analyzed["warnings"] == []
     assert analyzed["accuracy"]["normalization"] == {"mean": [0.0], "std": [1.0]}  # used as given
     assert [g["prunable"] for g in analyzed["groups"]].count(True) == 3
 
@@ -121,7 +128,21 @@ def test_a_pitch_cnn_on_audio_frames_prunes_exports_and_benches(models: dict[str
     # the pruned file records its input shape: nothing to repeat
     again = json.loads(ok(cli("analyze", out, *arch, "--json", "-")).stdout)
     assert again["input_shape"] == [1024] and again["model"]["macs"] == pruned["after"]["macs"]
-    exported = json.loads(ok(cli("export", out, *arch, "--out", "pitch.onnx", "--json", "-")).stdout)
+
+    # sigmoid outputs: binary cross-entropy, said (cross-entropy over them would stay at ln 360)
+    tuned = cli("finetune", out, *arch, "--data", "frames.npz", "--val-data", "frames.npz", "--epochs", "10",
+                "--batch-size", "16", "--lr", "2", "--threads", "1", "--json", "ft.json")
+    assert tuned.exit_code == 0, tuned.output
+    assert ("loss: bce on probabilities, because the outputs lie in [0, 1] without summing to 1 (a sigmoid: each "
+            "output its own yes/no); --loss ce|bce|mse to choose") in " ".join(tuned.stderr.split())
+    doc = json.loads(Path("ft.json").read_text())
+    assert doc["loss"]["name"] == "bce" and doc["config"]["loss"] == "auto"
+    first, last = doc["evals"][0], doc["evals"][-1]
+    assert last["loss"] < 0.5 * first["loss"] and last["top1"] > 40, doc["evals"]  # it learns (chance: 12.5 %)
+    tuned_out = Path("pitch.pruned.finetuned.safetensors")
+    assert json.loads(ok(cli("analyze", tuned_out, *arch, "--json", "-")).stdout)["input_shape"] == [1024]
+
+    exported = json.loads(ok(cli("export", tuned_out, *arch, "--out", "pitch.onnx", "--json", "-")).stdout)
     assert exported["input_shape"] == [1024] and Path("pitch.onnx").is_file()
     benched = cli("bench", "pitch.pt", out, *arch, "--batch-sizes", "1", "--warmup", "0", "--repeats", "2",
                   "--threads", "1", "--data", "frames.npz", "--json", "-")
@@ -166,3 +187,22 @@ def test_signal_mistakes_are_one_line_errors(models: dict[str, Path]) -> None:
                       "holds signals of shape 512 but the model takes 1024")
     assert "never resized" in line
     error_line(cli("analyze", "pitch.pt", *arch, "--input-shape", "1024,1,1,1"), "expected C,H,W (images), C,L or L")
+
+
+def test_the_loss_follows_the_outputs() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 3.0, -2.0]])
+    labels = torch.tensor([0, 1])
+    assert choose_loss("auto", logits) == TaskLoss("ce", False, "the outputs are logits")
+    softmax = choose_loss("auto", logits.softmax(-1))
+    assert (softmax.name, softmax.probabilities) == ("ce", True)
+    assert softmax(logits.softmax(-1), labels).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    sigmoid = choose_loss("auto", logits.sigmoid())
+    assert (sigmoid.name, sigmoid.probabilities) == ("bce", True)
+    target = F.one_hot(labels, 3).float()
+    assert sigmoid(logits.sigmoid(), labels).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-5)
+    assert choose_loss("ce", logits.sigmoid()) == TaskLoss("ce", False, "--loss")  # as asked: the outputs as logits
+    mse = choose_loss("mse", logits)
+    assert mse(logits, labels).item() == pytest.approx(F.mse_loss(logits, target).item())
+    with pytest.raises(UserError, match="--loss must be one of auto, ce, bce, mse"):
+        choose_loss("l1", logits)

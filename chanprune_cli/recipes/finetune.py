@@ -45,6 +45,7 @@ from ..train import (
     threads,
 )
 from ..train.distill import Distillation
+from ..train.losses import TaskLoss, choose_loss
 from ..train.schedules import make_schedule
 from .opening import ModelOptions, OpenedModel, Shape, default_out_path, load_model, model_out_path, open_model, select_task_output
 from .steps import check_json_report, recipe_entry, say, warn
@@ -137,6 +138,7 @@ class FinetuneResult:
     after: dict[str, int]
     train: TrainResult
     distillation: dict[str, Any] | None = None  # label-free: what was matched, the held-out images
+    loss: TaskLoss | None = None  # on labels: the task loss and why (None in label-free distillation)
     warnings: list[str] = field(default_factory=list)  # e.g. a run that ended far below its best validation
 
 
@@ -199,6 +201,7 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         teacher = _teacher(o, opened, classes)
         data: _DistillationData | None = None
         distillation: Distillation | None = None
+        task_loss: TaskLoss | None = None
         if label_free:
             assert teacher is not None
             data = _distillation_data(o, opened, classes, train_set)
@@ -209,6 +212,7 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         else:
             assert classes is not None
             val_set, meta = _labelled_data(o, opened, classes, train_set)
+            task_loss = _task_loss(o, student.model, train_set, teacher)
         s = o.schedule
         hook = make_schedule(s.name, input_shape=shape, ratio=s.ratio, target_flops=s.target_flops,
                              interval=s.prune_every, until=s.prune_until, min_keep=s.min_keep, round_to=s.round_to,
@@ -243,7 +247,7 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         trainer = Trainer(student.model, train_set, cfg, device=device, val_set=val_set, teacher=teacher,
                           hooks=[hook] if hook is not None else [], env=env, outputs=paths, ckpt=info, log=log,
                           on_eval=on_eval, distillation=distillation,
-                          train_indices=data.train_indices if data is not None else None)
+                          train_indices=data.train_indices if data is not None else None, task_loss=task_loss)
         if student.state is not None:
             trainer.restore(student.state)
         where = f"{env.world_size} processes ({env.backend})" if env.distributed else str(device)
@@ -271,7 +275,29 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
         if not env.is_main:
             return None
         return FinetuneResult(checkpoint, paths, s.name, requested, o.teacher, cfg, env.world_size, str(device),
-                              val_set is not None, before, after, result, distilled)
+                              val_set is not None, before, after, result, distilled, loss=task_loss)
+
+
+def _task_loss(o: FinetuneOptions, model: nn.Module, train_set: Any, teacher: nn.Module | None) -> TaskLoss:
+    """The loss on labels (`--loss`; `auto`: from the model's outputs on a few training samples, as
+    they are, not augmented), said in one line when it is not cross-entropy on logits."""
+    samples = copy.copy(train_set)
+    samples.train = False  # unaugmented, and the training set's random draws left as they are
+    x = torch.stack([samples[i][0] for i in range(min(16, len(samples)))])
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            chosen = choose_loss(o.train.loss, logits_of(model(x), model))
+    finally:
+        model.train(was)
+    if teacher is not None and o.train.kd_alpha > 0 and (chosen.name != "ce" or chosen.probabilities):
+        raise UserError(f"--teacher on labelled data adds the teacher's logits by KL divergence, which needs --loss ce "
+                        f"on logits, but the loss is {chosen.name} ({chosen.why}); pass --kd-alpha 0, or drop --teacher")
+    if (chosen.name != "ce" or chosen.probabilities) and D.current().is_main:
+        say(f"loss: {chosen.name}{' on probabilities' if chosen.probabilities else ''}, because {chosen.why}"
+            + ("; --loss ce|bce|mse to choose" if chosen.why != "--loss" else ""))
+    return chosen
 
 
 def _fell_far_below(evals: Sequence[dict[str, Any]], schedule: str) -> str | None:

@@ -31,7 +31,7 @@ def document(result: FinetuneResult) -> dict[str, Any]:
                       "compile": result.config.compile},
             "evals": run.evals, "final": run.final, "best": run.best,
             "before": result.before, "after": result.after, "schedules": run.hook_summaries, "plans": run.plans,
-            "warnings": result.warnings}
+            "loss": None if result.loss is None else result.loss.to_json(), "warnings": result.warnings}
     if result.distillation is not None:  # label-free distillation: what was matched, how close it came
         body["distillation"] = result.distillation
         body["teacher_gap"] = run.teacher_gap

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from .losses import LOSSES
 
 # Config fields that change the result: a resumed run must use the same values.
 RESULT_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                  "decay_norm_and_bias", "warmup", "min_lr", "label_smoothing", "kd_alpha",
-                 "kd_temperature", "amp", "grad_clip", "seed", "augment")
+                 "kd_temperature", "amp", "grad_clip", "seed", "augment", "loss")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     grad_clip: float | None = None     # max global gradient norm
     seed: int = 0
     augment: bool = True               # random crop + flip (small images) / random-resized crop + flip
+    loss: str = "auto"                 # auto | ce | bce | mse: the task loss on labels (train.losses)
     workers: int | None = None         # loader processes (None: inputs.default_workers for the device)
     tensor_cache: bool | None = None   # small images as one tensor on the device (None: when possible)
     device_decode: bool = False        # large JPEG images decoded on the device (data.devicejpeg)
@@ -74,6 +76,8 @@ class TrainConfig:
             raise UserError(f"--kd-alpha must be in [0, 1], got {self.kd_alpha}")
         if not self.kd_temperature > 0:
             raise UserError(f"--kd-temperature must be positive, got {self.kd_temperature}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise UserError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

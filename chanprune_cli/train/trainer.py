@@ -10,7 +10,8 @@ What one run does, in order:
   losses of the steps since the last one are checked there (a non-finite loss names its step);
 * optional `torch.compile` of the forward passes (`--compile`, without schedules);
 * optimisation: `optim.build_optimizer` (SGD, weight decay on conv/linear weights only) under the
-  `optim.WarmupCosine` schedule, optional label smoothing, optional knowledge distillation from a
+  `optim.WarmupCosine` schedule, the task loss on labels (`losses.TaskLoss`: cross-entropy, binary
+  cross-entropy or squared error), optional label smoothing, optional knowledge distillation from a
   teacher (`optim.kd_loss`, weighted with cross-entropy), optional gradient clipping; or, without
   labels, distillation alone (`distill.Distillation`: the teacher's outputs, any model), with the
   teacher gap measured on held-out images at every validation;
@@ -39,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
@@ -53,6 +53,7 @@ from .config import TrainConfig
 from .distill import Distillation, set_inference_layers
 from .hooks import Hook
 from .inputs import TrainInputs, default_workers, tensor_images_for
+from .losses import TaskLoss
 from .optim import WarmupCosine, build_optimizer, carry_momentum, kd_loss
 from .outputs import CheckpointInfo, OutputPaths
 from .precision import autocast, resolve_amp
@@ -96,15 +97,18 @@ class Trainer:
                  hooks: Sequence[Hook] = (), env: D.DistEnv | None = None,
                  outputs: OutputPaths | None = None, ckpt: CheckpointInfo | None = None,
                  log: Callable[[str], None] | None = None, on_eval: Callable[[dict[str, Any]], None] | None = None,
-                 distillation: Distillation | None = None, train_indices: Sequence[int] | None = None) -> None:
+                 distillation: Distillation | None = None, train_indices: Sequence[int] | None = None,
+                 task_loss: TaskLoss | None = None) -> None:
         """`distillation` (with `teacher`): train on the distillation loss alone, no labels read
         (`distill.Distillation`, already prepared); `train_indices`: the samples of `train_set` to
-        train on (the others held out), default all."""
+        train on (the others held out), default all; `task_loss`: the loss on labels (`losses.choose_loss`;
+        default cross-entropy on logits)."""
         cfg.check()
         if distillation is not None and (teacher is None or hooks):
             raise UserError("label-free distillation trains on a teacher's outputs alone: give --teacher, and no "
                             "--schedule (the schedules read labels or class logits)")
         self.cfg = cfg
+        self.task_loss = task_loss or TaskLoss()
         self.device = device
         self.env = env or D.current()
         self.train_set = train_set
@@ -365,7 +369,7 @@ class Trainer:
             if y.numel() and int(y.max()) >= logits.shape[-1]:
                 raise UserError(f"training data has labels up to {int(y.max())} but the model outputs "
                                 f"{logits.shape[-1]} classes; check --data and the checkpoint")
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        loss = self.task_loss(logits, y, label_smoothing=cfg.label_smoothing)
         if self.teacher is not None and cfg.kd_alpha > 0:
             tx = x.contiguous(memory_format=torch.channels_last) if self.teacher_channels_last and x.dim() == 4 else x
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
@@ -441,7 +445,7 @@ class Trainer:
         if self.val_set is not None:
             result = validate(self.model, self.val_images or self.val_set, self.device, batch_size=self._eval_batch(),
                               workers=self.workers, env=self.env, channels_last=self.channels_last,
-                              amp_dtype=self.amp_dtype, max_images=self.cfg.val_images)
+                              amp_dtype=self.amp_dtype, max_images=self.cfg.val_images, loss=self.task_loss)
         if gap is not None:
             result["teacher_gap"] = gap
         row = {"step": self.step, "epoch": round(epoch, 3), "train_loss": train_loss, "lr": self._last_lr,

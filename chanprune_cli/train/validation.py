@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,6 +17,7 @@ from ..data.tensorcache import TensorImages
 from ..errors import UserError
 from ..measure import logits_of
 from ..support import distributed as D
+from .losses import TaskLoss
 from .precision import autocast
 from .sampling import collate_labels
 
@@ -45,8 +45,11 @@ def held_out_batches(dataset: Dataset[Any] | TensorImages, device: torch.device,
 @torch.inference_mode()
 def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: torch.device, *, batch_size: int = 256,
              workers: int = 0, env: D.DistEnv | None = None, channels_last: bool = False,
-             amp_dtype: torch.dtype | None = None, max_images: int | None = None) -> dict[str, float | int]:
-    """Top-1/top-5 (percent), mean cross-entropy and image count; sharded over ranks and summed."""
+             amp_dtype: torch.dtype | None = None, max_images: int | None = None,
+             loss: TaskLoss | None = None) -> dict[str, float | int]:
+    """Top-1/top-5 (percent), mean `loss` (default cross-entropy) and image count; sharded over
+    ranks and summed."""
+    loss = loss or TaskLoss()
     env = env or D.current()
     batches = held_out_batches(dataset, device, batch_size=batch_size, workers=workers, env=env, max_images=max_images)
     # the labels' maximum: of every label at once for a TensorImages, else of each batch on the host
@@ -73,7 +76,7 @@ def validate(model: nn.Module, dataset: Dataset[Any] | TensorImages, device: tor
             k = min(5, logits.shape[1])
             hits = logits.topk(k, dim=1).indices.eq(y[:, None])
             sums += torch.stack([hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                                 F.cross_entropy(logits, y, reduction="sum").double()])
+                                 loss(logits, y, reduction="sum").double()])
             counted += int(y.numel())
     finally:
         for m, training in modes:
