@@ -13,10 +13,19 @@ For each model (random init; norms randomised so a wrong slice shows in verify):
   prediction heads ignored (as its detection/YOLO examples do), then one forward. Outcome: ok with
   MACs removed / error.
 
-Each (model, tool) runs in its own subprocess with a timeout.
+Each (model, tool) runs in its own subprocess with a timeout. The YOLO rows are every ultralytics
+task head and generation its bundled yamls build (`--models yolo` for those alone); chanprune's are
+also loaded back by `ultralytics.YOLO(path)`, which must report the checkpoint's task.
 
     python bench/zoo.py --json bench/out/zoo.json --markdown bench/out/zoo.md
     python bench/zoo.py --models fasterrcnn_mobilenet_v3_large_fpn,yolov8n --size 160
+    python bench/zoo.py --models yolo --size 320 --markdown bench/out/yolo.md
+
+Against another ultralytics release (breakage shows before users see it): a venv with that release
+and this checkout, its interpreter given as `--python` (needs the package index):
+
+    python -m venv /tmp/u83 && /tmp/u83/bin/pip install "ultralytics==8.3.*" torch-pruning==1.6.1 fvcore -e .
+    python bench/zoo.py --models yolo --size 320 --python /tmp/u83/bin/python --markdown bench/out/yolo-8.3.md
 """
 
 from __future__ import annotations
@@ -36,7 +45,20 @@ from typing import Any
 from provenance import describe, provenance
 
 REPO = Path(__file__).resolve().parents[1]
-YOLO = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml"}
+# name: (bundled yaml, task); the smallest scale of each generation and head
+YOLO = {
+    "yolov3-tiny": ("yolov3-tiny.yaml", "detect"), "yolov5nu": ("yolov5nu.yaml", "detect"),
+    "yolov6n": ("yolov6n.yaml", "detect"), "yolov8n": ("yolov8n.yaml", "detect"),
+    "yolov8n-seg": ("yolov8n-seg.yaml", "segment"), "yolov8n-pose": ("yolov8n-pose.yaml", "pose"),
+    "yolov8n-obb": ("yolov8n-obb.yaml", "obb"), "yolov8n-cls": ("yolov8n-cls.yaml", "classify"),
+    "yolov9t": ("yolov9t.yaml", "detect"), "yolov10n": ("yolov10n.yaml", "detect"), "yolo11n": ("yolo11n.yaml", "detect"),
+    "yolo11n-seg": ("yolo11n-seg.yaml", "segment"), "yolo11n-pose": ("yolo11n-pose.yaml", "pose"),
+    "yolo11n-obb": ("yolo11n-obb.yaml", "obb"), "yolo11n-cls": ("yolo11n-cls.yaml", "classify"),
+    "yolo12n": ("yolo12n.yaml", "detect"), "yolo26n": ("yolo26n.yaml", "detect"),
+    "yolo26n-seg": ("yolo26n-seg.yaml", "segment"), "yolo26n-pose": ("yolo26n-pose.yaml", "pose"),
+    "yolo26n-obb": ("yolo26n-obb.yaml", "obb"), "yolo26n-cls": ("yolo26n-cls.yaml", "classify"),
+    "rtdetr-l": ("rtdetr-l.yaml", "detect"),
+}
 
 
 def all_models() -> list[str]:
@@ -54,9 +76,13 @@ def build(name: str) -> Any:
     torch.manual_seed(0)
     if name in YOLO:
         os.environ.setdefault("YOLO_OFFLINE", "1")
-        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.nn import tasks
 
-        model = DetectionModel(YOLO[name], verbose=False)
+        yaml, task = YOLO[name]
+        cls = {"detect": tasks.RTDETRDetectionModel if yaml.startswith("rtdetr") else tasks.DetectionModel,
+               "segment": tasks.SegmentationModel, "pose": tasks.PoseModel, "obb": tasks.OBBModel,
+               "classify": tasks.ClassificationModel}[task]
+        model = cls(yaml, verbose=False)
     else:
         from chanprune_cli.models import build_model, parse_arch
 
@@ -83,7 +109,8 @@ def ours(name: str, size: int, ratio: float, work: Path) -> dict[str, Any]:
     model = build(name)
     if name in YOLO:
         ckpt = work / f"{name}.pt"
-        torch.save({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "train_args": {"imgsz": size}}, ckpt)
+        torch.save({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None,
+                    "train_args": {"model": YOLO[name][0], "task": YOLO[name][1], "imgsz": size}}, ckpt)
         args = [str(ckpt), "--trust-pickle"]
         out = work / f"{name}.pruned.pt"
     else:
@@ -111,7 +138,13 @@ def ours(name: str, size: int, ratio: float, work: Path) -> dict[str, Any]:
     same = ran and count_params(reloaded) == doc["after"]["params"]
     plain = None
     if name in YOLO:
+        from ultralytics import YOLO as Ultralytics
+
         plain = type(torch.load(out, weights_only=False)["model"]).__name__
+        same = same and Ultralytics(str(out)).task == YOLO[name][1]
+        import ultralytics
+
+        plain = f"{plain} (ultralytics {ultralytics.__version__})"
     # A detector's later stages run on as many proposals as its weights let through: where prune says
     # the workloads differ, compare on the original's (its macs_workload figure).
     workload = doc.get("macs_workload")
@@ -161,8 +194,9 @@ def torch_pruning(name: str, size: int, ratio: float) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_limit_gb: float) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--one", tool, name, "--size", str(size), "--ratio", str(ratio)]
+def run_one(tool: str, name: str, size: int, ratio: float, timeout: float, mem_limit_gb: float,
+            python: str = sys.executable) -> dict[str, Any]:
+    cmd = [python, __file__, "--one", tool, name, "--size", str(size), "--ratio", str(ratio)]
     limit = int(mem_limit_gb * 2**30)
 
     def cap_memory() -> None:  # a runaway (Torch-Pruning passed 15 GB on yolo11n) fails alone
@@ -205,7 +239,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, prov: dict[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="all")
+    parser.add_argument("--models", default="all", help="all, yolo (the ultralytics family), or names separated by commas")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter each model runs under (a venv with another ultralytics release)")
     parser.add_argument("--size", type=int, default=224, help="input side (square)")
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--timeout", type=float, default=900)
@@ -225,7 +261,7 @@ def main() -> int:
         return 0
     prov = provenance()
     print(describe(prov), flush=True)
-    names = all_models() if args.models == "all" else args.models.split(",")
+    names = all_models() if args.models == "all" else list(YOLO) if args.models == "yolo" else args.models.split(",")
     earlier: dict[str, dict[str, Any]] = {}
     if args.tp_from:
         doc = json.loads(Path(args.tp_from).read_text())
@@ -234,12 +270,14 @@ def main() -> int:
         earlier = {r["model"]: r["torch_pruning"] for r in doc["rows"] if r["torch_pruning"]["outcome"] != "skipped"}
     rows = []
     for name in names:
-        row = {"model": name, "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout, args.mem_limit_gb),
+        row = {"model": name,
+               "chanprune": run_one("chanprune", name, args.size, args.ratio, args.timeout, args.mem_limit_gb, args.python),
                "torch_pruning": {"outcome": "skipped"} if args.no_tp else earlier.get(name) or
-               run_one("tp", name, args.size, args.ratio, args.timeout, args.mem_limit_gb)}
+               run_one("tp", name, args.size, args.ratio, args.timeout, args.mem_limit_gb, args.python)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     settings = {"size": args.size, "ratio": args.ratio, "timeout": args.timeout, "mem_limit_gb": args.mem_limit_gb,
+                "python": args.python,
                 "tp_rows_from": args.tp_from}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
