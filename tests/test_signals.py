@@ -149,6 +149,7 @@ def test_a_pitch_cnn_on_audio_frames_prunes_exports_and_benches(models: dict[str
     assert benched.exit_code == 0, benched.output  # (timings on a busy machine may warn)
     bench = json.loads(benched.stdout)
     assert [m["input_shape"] for m in bench["models"]] == [[1024], [1024]]
+    assert bench["data"]["normalization"] == {"mean": [0.0], "std": [1.0]}
 
 
 def test_a_two_channel_series_model_with_its_normalisation(models: dict[str, Path]) -> None:

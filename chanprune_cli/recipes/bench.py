@@ -154,7 +154,8 @@ def bench_checkpoints(checkpoints: Sequence[str], options: BenchOptions | None =
         for i, (result, model) in enumerate(zip(results, opened)):
             with _status(f"evaluating model {i + 1}/{n}: {result.path}"):
                 result.accuracy = benchmark.accuracy(model.model, _fresh_loader(first_loader, o.data), dev, calib_batches)
-        data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"]}  # type: ignore[index]
+        data_info = {"source": data, "max_batches": calib_batches, "images": results[0].accuracy["images"],  # type: ignore[index]
+                     "normalization": {"mean": list(first_loader.dataset.mean), "std": list(first_loader.dataset.std)}}
     _time(results, [m.model for m in opened], opened[0].input_shape, o, target)
     comparisons = [benchmark.compare(results[0], r) for r in results]
     gates = benchmark.evaluate_gates(results, comparisons, max_acc_drop=o.max_acc_drop, min_speedup=o.min_speedup,
