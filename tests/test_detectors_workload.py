@@ -283,3 +283,35 @@ def test_every_detector_and_segmenter_on_one_workload(tmp_path: Path, monkeypatc
     _check_one_workload(doc, GOALS[goal], result.stdout)
     if "rcnn" in name:
         assert doc["macs_workload"] is not None and doc["macs_workload"]["proposals"] > 0
+
+
+class _SharedHead(nn.Module):
+    """One head over two feature levels, as RetinaNet's and an RPN's: its work is both calls'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, 2, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.stem(x))
+        b = torch.relu(self.down(a))
+        return self.head(a).mean((2, 3)) + self.head(b).mean((2, 3))
+
+
+def test_the_graphs_costs_are_fitted_to_every_call_a_layer_makes() -> None:
+    from chanprune_cli.engine.graph import build_graph
+    from chanprune_cli.engine.latency import module_macs
+    from chanprune_cli.prune.workload import count_work, fit_costs
+
+    model = _SharedHead().eval()
+    graph = build_graph(model, (3, 8, 8))
+    recorded = dict(graph.costs)
+    work = count_work(model, (3, 8, 8))
+    fit_costs(graph, work)
+    assert work.macs["head"] == (64 + 16) * 8 * 4  # both levels, 1x1 kernel
+    assert module_macs(graph.costs["head"], "head", {}) == work.macs["head"]
+    assert module_macs(recorded["head"], "head", {}) < work.macs["head"]  # the trace's last call alone
+    assert all(graph.costs[n] == recorded[n] for n in ("stem", "down"))  # called once: left as recorded
+    assert work.proposals is None and work.statement() == "on the original's workload"
