@@ -104,7 +104,8 @@ def test_tables_that_agree_with_the_model_are_kept_as_measured() -> None:
 
 def test_a_remainder_never_goes_below_zero() -> None:
     assert float(Remainder(-3.0).at(0.5)) == 0.0
-    assert float(Remainder(1.0, 0.1, 0.5).at(0.0)) == 0.0  # extrapolated below the thinned point
+    assert float(Remainder(1.0, 0.1, 0.5).at(0.0)) == pytest.approx(0.1)  # held below the thinned point
+    assert float(Remainder(1.0, 0.1, 0.5).at(0.75)) == pytest.approx(0.55)
     with pytest.raises(ValueError, match="scale must be positive"):
         LatencyModel(build_graph(Net().eval(), SHAPE), {}, Remainder(0.0), scale=0.0)
 
@@ -229,10 +230,10 @@ def test_a_full_width_point_far_slower_than_its_work_is_timed_again() -> None:
     assert seen[2] == 1  # points in proportion to their work are timed once
 
 
-def test_table_points_are_the_fastest_run(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_table_points_are_the_median_run_as_the_whole_models_are(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tables_module, "time_interleaved", lambda runners, timing: [[5.0, 1.0, 9.0] for _ in runners])
     spec = LayerSpec("conv2d", "conv", 4, 4, 1, (1, 1), (1, 1), (0, 0), (1, 1), False, "zeros", (3, 3))
-    assert tables_module._time_points(spec, [{"out": 2}, {}], LatencyTarget(threads=1)) == [1.0, 1.0]
+    assert tables_module._time_points(spec, [{"out": 2}, {}], LatencyTarget(threads=1)) == [5.0, 5.0]
 
 
 def test_attempts_record_the_predicted_ratio() -> None:

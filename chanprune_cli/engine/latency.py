@@ -193,7 +193,9 @@ class Remainder:
     """The rest of the model (whole measured − layers' scaled sum) as a function of the fraction of
     the rest's MACs a plan keeps: `full_ms` at 1, and, when measured, `thinned_ms` at `thinned_rest`;
     linear through them (never growing as widths shrink: a thinned model measured slower is noise),
-    constant without a second point, and never below 0 (`calibrated` makes both points at least 0)."""
+    held at `thinned_ms` below the thinned point (what did not shrink down to it, such as each
+    operation's fixed cost, is not assumed to shrink further), constant without a second point, and
+    never below 0 (`calibrated` makes both points at least 0)."""
 
     full_ms: float
     thinned_ms: float | None = None
@@ -204,7 +206,7 @@ class Remainder:
         if self.thinned_ms is None or self.thinned_rest is None or not 0 <= self.thinned_rest < 1:
             return torch.full_like(rest, max(0.0, self.full_ms))
         slope = max(0.0, (self.full_ms - self.thinned_ms) / (1 - self.thinned_rest))
-        return torch.clamp(self.full_ms - slope * (1 - rest), min=0.0)
+        return torch.clamp(self.full_ms - slope * (1 - torch.clamp(rest, min=self.thinned_rest)), min=0.0)
 
 
 def calibrated(full_ms: float, thinned_ms: float, layers_full: float, layers_thinned: float,

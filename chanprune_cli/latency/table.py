@@ -3,11 +3,13 @@
 Every conv/linear layer of the channel graph is timed in isolation, with random weights, at its
 real input size and the target's batch size, on a grid of kept widths per axis a plan can change
 (`engine.latency.layer_axes`): multiples of the width the runtime favours, about `GRID_POINTS` of
-them from the narrowest to the full width. A point is the fastest of its timed runs (a busy
-machine only ever adds time). A point slower than the next wider one, or slower than the next
-narrower one by more than their work explains (`_SUPERLINEAR`), is timed again, up to `RETIMES`
-times, and the fastest time stands; what is still slower is the runtime's staircase and is kept.
-Layers of the same signature share one table.
+them from the narrowest to the full width. A point is the median of its timed runs, as the whole
+model's latency is (the two must see the machine alike: on a loaded machine the fastest runs of
+isolated layers summed to a third of the whole model's median). A point slower than the next
+wider one, or slower than the next narrower one by more than their work explains
+(`_SUPERLINEAR`), is timed again, up to `RETIMES` times, and the fastest of its medians stands;
+what is still slower is the runtime's staircase and is kept. Layers of the same signature share
+one table.
 
 The rest of the model (norms, activations, adds, pooling) is the *remainder*: the whole model
 timed at full width and uniformly thinned (half of every prunable group's channels), minus its
@@ -50,7 +52,7 @@ from ..support.fsutil import write_text_atomic
 __all__ = ["GRID_POINTS", "LatencyTables", "LayerSpec", "axis_grid", "build_latency_model", "cache_file", "layer_specs"]
 
 GRID_POINTS = 8  # grid points per axis (and the full width)
-CACHE_VERSION = 2  # 2: points are the fastest run, outliers timed again
+CACHE_VERSION = 3  # 3: outliers timed again
 LAYER_TIMING = Timing(warmup=2, repeats=7, max_time=None)
 WHOLE_TIMING = Timing(warmup=3, repeats=40, max_time=6.0)
 RETIMES = 2  # passes over the suspect points
@@ -227,7 +229,7 @@ def _time_points(spec: LayerSpec, points: Sequence[Mapping[str, int]], target: L
             tensor.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
         runners = [target.layer_runner(spec.module(units, full), spec.input_shape(units)) for units in points]
     with target.timing():
-        return [min(t) for t in time_interleaved(runners, LAYER_TIMING)]
+        return [median_ms(t) for t in time_interleaved(runners, LAYER_TIMING)]
 
 
 def measure_table(spec: LayerSpec, axes: Sequence[LayerAxis], grid: Sequence[Sequence[int]], align: Sequence[int],
