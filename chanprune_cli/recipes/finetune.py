@@ -226,7 +226,8 @@ def _run(checkpoint: str, o: FinetuneOptions, defaulted: bool, show: Show | None
                  "config": cfg.result_fields(), "world_size": env.world_size, "device": str(device),
                  "dcph": s.dcph or None}
         distilled = None if data is None or distillation is None else {
-            **distillation.describe(), "held_out": data.held_out_from, "held_out_images": len(data.held_out)}
+            **distillation.describe(), "held_out": data.held_out_from,
+            "held_out_images": min(len(data.held_out), cfg.val_images or len(data.held_out))}  # --val-images caps them
         if distilled is not None:
             entry = {**entry, "kd": None, "distillation": distilled}
         info = CheckpointInfo(arch=student.spec, input_shape=shape, history=student.history, plans=student.plans,
