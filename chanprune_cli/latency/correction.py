@@ -65,16 +65,20 @@ class PairTimer:
         runner = self.target.model_runner(candidate, self.input_shape)
         with self.target.timing():
             before, after = time_interleaved([self.original, runner], self.timing)
-        return PairTiming(median_ms(before), median_ms(after), statistics.median(b / a for a, b in zip(before, after)))
+        ratios = [b / a for a, b in zip(before, after)]
+        low = statistics.quantiles(ratios, n=10)[0] if len(ratios) > 1 else ratios[0]
+        return PairTiming(median_ms(before), median_ms(after), statistics.median(ratios), low)
 
 
 class PairTiming(NamedTuple):
     """An original and a candidate timed side by side: medians (ms) and the candidate's latency as a
-    fraction of the original's (the median of the round-by-round ratios; None: after / before)."""
+    fraction of the original's (the median of the round-by-round ratios; None: after / before), and
+    the 10th percentile of those ratios (`low`: above 1, the candidate was slower in 9 rounds of 10)."""
 
     before_ms: float
     after_ms: float
     ratio: float | None = None
+    low: float | None = None
 
 
 @dataclass
@@ -242,10 +246,15 @@ def _next_budget(known: Sequence[Known], ratio: float, original_ms: float, push:
     return max(predicted, 0.0) * original_ms
 
 
-def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget, ratio: float | None = None) -> str | None:
+def slower_warning(before_ms: float, after_ms: float, target: LatencyTarget, ratio: float | None = None,
+                   low: float | None = None) -> str | None:
     """One line when the pruned model runs slower than the original on `target`, by more than timing
-    noise (`SLOWER`): by the measured `ratio` when given, else by the medians (None: it does not)."""
+    noise: by more than `SLOWER` in the measured `ratio` when given, else in the medians, and, given
+    the rounds' `low` ratio, in 9 rounds of 10 (a busy machine spreads equal models' rounds around
+    1). None: it does not."""
     if (ratio if ratio is not None else after_ms / before_ms) <= SLOWER or after_ms <= before_ms:
+        return None
+    if low is not None and low <= 1:
         return None
     return (f"the pruned model is slower than the original on {target.runtime} ({target.device}, batch {target.batch}): "
             f"{after_ms:.3g} ms vs {before_ms:.3g} ms; prune with --target-latency to plan for this target, or "

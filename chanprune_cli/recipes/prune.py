@@ -252,14 +252,14 @@ def _prune(model: nn.Module, graph: ChannelGraph, scores: Scores, shape: tuple[i
             result = prune_to_latency(model, graph, scores, shape, criterion=resolved, options=allocation, tables=tables,
                                       time_candidate=timer, removed=removed, check=verify, progress=say)
         kept = result.attempt
-        outcome, before_ms, after_ms, ratio = result.outcome, kept.before_ms, kept.after_ms, kept.ratio
+        outcome, before_ms, after_ms, ratio, low = result.outcome, kept.before_ms, kept.after_ms, kept.ratio, None
     else:
         with _busy(busy):
             outcome = pruning.prune(model, graph, scores, shape, criterion=resolved, options=allocation, removed=removed,
                                     check=verify, work=work)
         with _busy(f"timing the pruned model against the original on {target.runtime}"):
-            before_ms, after_ms, ratio = timer(outcome.model)
-    warning = slower_warning(before_ms, after_ms, target, ratio)
+            before_ms, after_ms, ratio, low = timer(outcome.model)
+    warning = slower_warning(before_ms, after_ms, target, ratio, low)
     if warning is not None:
         warn(warning)
     record = latency_record(target, before_ms, after_ms, ratio, tables=tables, plan=outcome.allocation.plan, result=result)
