@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--augment", action="store_true",
+                        help="train on finetune's crops and flips (default off: with them the gap grew, BENCHMARKS.md)")
     parser.add_argument("--gap-images", type=int, default=256, help="held-out images the teacher gap is measured on")
     parser.add_argument("--target-flops", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=2)
@@ -87,6 +89,7 @@ def main() -> None:
     code = chanprune(["finetune", str(pruned), *common, "--teacher", str(teacher), "--data", data,
                       "--max-steps", str(args.steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
                       "--grad-clip", str(args.grad_clip), "--val-images", str(args.gap_images),
+                      "--augment" if args.augment else "--no-augment",
                       "--device", "cpu", "--out", str(tuned), "--json", str(args.out / "finetune.json")])
     assert code == 0, "finetune failed"
     seconds = time.perf_counter() - started
