@@ -573,26 +573,6 @@ def cli(*args: object) -> Any:
     return runner.invoke(app, [str(a) for a in args], env={"CHANPRUNE_DEBUG": None})
 
 
-@pytest.fixture(scope="module")
-def digits_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits_cnn trained for a few seconds (about 96 % on digits:test), as a state dict."""
-    from chanprune_cli.models import build_model, parse_arch
-    from chanprune_cli.train import TrainConfig, Trainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = build_model(parse_arch("digits_cnn"))
-        Trainer(model, open_dataset("digits:train", train=True),
-                TrainConfig(max_steps=80, lr=0.05, progress=False, save_every=None), device=torch.device("cpu")).fit()
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("model") / "digits.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
-
-
 def _digit_images(digits: range) -> tuple[np.ndarray, np.ndarray]:
     """The digits:test images of `digits` as uint8 8×8 arrays, and their labels."""
     ds = open_dataset("digits:test")

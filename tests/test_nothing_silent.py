@@ -17,7 +17,6 @@ import torch
 from typer.testing import CliRunner
 
 from chanprune_cli.cli import app
-from chanprune_cli.data import open_dataset
 from chanprune_cli.models import build_model, parse_arch
 
 runner = CliRunner()
@@ -32,31 +31,12 @@ def warnings_of(result: Any) -> list[str]:
     return [line.removeprefix("warning: ") for line in result.stderr.splitlines() if line.startswith("warning: ")]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits_cnn trained for a few seconds (about 96 % on digits:test)."""
-    from chanprune_cli.train import TrainConfig, Trainer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = build_model(parse_arch("digits_cnn"))
-        Trainer(model, open_dataset("digits:train", train=True),
-                TrainConfig(max_steps=80, lr=0.05, progress=False, save_every=None), device=torch.device("cpu")).fit()
-    finally:
-        torch.set_num_threads(threads)
-    path = tmp_path_factory.mktemp("trained") / "digits.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
-
-
-def test_a_schedule_that_ends_far_below_its_best_validation_warns(trained: Path, tmp_path: Path) -> None:
+def test_a_schedule_that_ends_far_below_its_best_validation_warns(digits_model: Path, tmp_path: Path) -> None:
     """ASFP removes its channels at the end of the run: 30 steps are too few to recover. The run says
     so, and writes no `.best`: the pruned architecture was validated only once, at the end (the
     earlier, better validations are of the unpruned one)."""
     out = tmp_path / "asfp.safetensors"
-    result = cli("finetune", trained, "--arch", "digits_cnn", "--data", "digits:train", "--val-data", "digits:test",
+    result = cli("finetune", digits_model, "--arch", "digits_cnn", "--data", "digits:train", "--val-data", "digits:test",
                  "--schedule", "asfp", "--target-flops", "0.8", "--max-steps", "30", "--eval-every", "10", "--lr", "0.001",
                  "--threads", "1", "--out", out, "--json", tmp_path / "asfp.json")
     (line,) = [w for w in warnings_of(result) if w.startswith("top-1 ended")]
