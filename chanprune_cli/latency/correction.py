@@ -37,6 +37,7 @@ from ..engine.latency import LatencyBudget, LatencyGoal, LatencyUnreachable
 from ..errors import UserError
 from ..prune import pruning
 from ..prune.scoring import ResolvedCriterion
+from ..prune.workload import CountedWork
 from .table import LatencyTables, pruned
 
 __all__ = ["ACCEPT", "CHECK_TIMING", "TOLERANCE", "Attempt", "LatencyResult", "PairTimer", "PairTiming", "prune_to_latency",
@@ -128,13 +129,14 @@ def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int,
                      input_shape: Sequence[int], *, criterion: ResolvedCriterion, options: AllocationOptions,
                      tables: LatencyTables, time_candidate: Callable[[nn.Module], tuple[float, ...]],
                      removed: Mapping[int, Sequence[int]] | None = None, check: bool = True,
-                     tolerance: float = TOLERANCE, accept: float = ACCEPT, max_attempts: int = MAX_ATTEMPTS,
+                     work: CountedWork | None = None, tolerance: float = TOLERANCE, accept: float = ACCEPT,
+                     max_attempts: int = MAX_ATTEMPTS,
                      progress: Callable[[str], None] | None = None) -> LatencyResult:
     """`model` pruned to `options.target_latency` as measured by `time_candidate` (see the module doc).
 
     `time_candidate(pruned)` returns a `PairTiming` (or its first fields) for the original and `pruned`
     timed interleaved (`PairTimer`);
-    `tables`: the target's latency model of `model`. `criterion`, `removed`, `check`: as `pruning.prune`."""
+    `tables`: the target's latency model of `model`. `criterion`, `removed`, `check`, `work`: as `pruning.prune`."""
     goal = options.target_latency
     assert isinstance(goal, LatencyGoal)  # AllocationOptions parses it
     latency = tables.model
@@ -199,7 +201,7 @@ def prune_to_latency(model: nn.Module, graph: ChannelGraph, scores: Mapping[int,
                         f"target {ratio:.3f}; {stopped}; nothing was written. Ask for less, lower --min-keep, or time "
                         "on a quieter machine")
     outcome = pruning.prune(model, graph, scores, input_shape, criterion=criterion, options=options, removed=removed,
-                            check=check, latency=LatencyBudget(latency, best.budget_ms))
+                            check=check, work=work, latency=LatencyBudget(latency, best.budget_ms))
     return LatencyResult(outcome, goal, ratio, best, attempts)
 
 

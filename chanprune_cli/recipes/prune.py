@@ -250,7 +250,7 @@ def _prune(model: nn.Module, graph: ChannelGraph, scores: Scores, shape: tuple[i
         assert tables is not None  # built for the target
         with _busy(f"pruning to the latency target, timing each candidate on {target.runtime}"):
             result = prune_to_latency(model, graph, scores, shape, criterion=resolved, options=allocation, tables=tables,
-                                      time_candidate=timer, removed=removed, check=verify, progress=say)
+                                      time_candidate=timer, removed=removed, check=verify, work=work, progress=say)
         kept = result.attempt
         outcome, before_ms, after_ms, ratio, low = result.outcome, kept.before_ms, kept.after_ms, kept.ratio, None
     else:
